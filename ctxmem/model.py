@@ -1,0 +1,207 @@
+"""A decoder-only Transformer whose key/value cache stores keys *before* rotation.
+
+Shapes: B batch, T new tokens, P cached (past) slots, S = P + T slots, H query heads,
+Hkv key/value heads, D head_dim, V vocab.
+
+Keys are rotated at attention time with positions derived from the slot mask (position of a slot =
+number of valid slots before it in its row). That one rule gives the StreamingLLM sink cache its
+cache-relative positions (Xiao et al. 2023, §3.2: "positions within the cache"), makes left padding
+transparent, and lets eviction be a plain gather of slots.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (B, Hkv, S, D) keys before rotation, values
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in fp32 whatever the activation dtype, as Llama does, so bf16 stays stable
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, S) -> cos, sin (B, 1, S, D) in fp32, half-split layout (as Hugging Face Llama)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(d, d, bias=cfg.bias)
+        self.wk = nn.Linear(d, kv, bias=cfg.bias)
+        self.wv = nn.Linear(d, kv, bias=cfg.bias)
+        self.wo = nn.Linear(d, d, bias=cfg.bias)  # the output projection Wᴼ
+
+    def forward(self, x: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor | None,
+                allowed: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, Hkv, S, D), still unrotated
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        if cfg.pos == "rope":
+            cos, sin = rope_cos_sin(q_pos, cfg.head_dim, cfg.rope_theta)
+            q = apply_rope(q, cos, sin)
+            cos, sin = rope_cos_sin(k_pos if k_pos is not None else q_pos, cfg.head_dim, cfg.rope_theta)
+            k = apply_rope(k, cos, sin)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        if rep > 1:  # grouped-query attention: query head h reads key/value head h // rep
+            S = k.shape[2]
+            k = k[:, :, None].expand(B, cfg.n_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.n_heads, S, cfg.head_dim)
+            v = v[:, :, None].expand(B, cfg.n_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.n_heads, S, cfg.head_dim)
+        p = cfg.dropout if self.training else 0.0
+        # softmax(Q Kᵀ / sqrt(D)) V
+        if allowed is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, cfg.d_model)
+        return self.wo(y), present
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.ffn
+        if cfg.ffn == "swiglu":
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        act = F.relu if self.kind == "relu" else F.gelu
+        return self.w_down(act(self.w_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, q_pos, k_pos, allowed, past):
+        a, present = self.attn(self.attn_norm(x), q_pos, k_pos, allowed, past)
+        x = x + self.drop(a)
+        x = x + self.drop(self.ffn(self.ffn_norm(x)))
+        return x, present
+
+
+def slot_positions(mask: torch.Tensor) -> torch.Tensor:
+    """mask (B, S) of valid slots -> position of each slot (B, S): valid slots before it."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_allowed(mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """mask (B, S) -> (B, 1, T, S) bool: new token i (slot S-T+i) may read slot j if j is valid and j <= its slot.
+
+    A token always reads its own slot, so a padding query never has an all-masked row (NaN)."""
+    S = mask.shape[1]
+    slots = torch.arange(S, device=mask.device)
+    q_slots = slots[S - n_new:]
+    causal = slots[None, :] <= q_slots[:, None]  # (T, S)
+    allowed = causal[None] & mask.bool()[:, None, :]
+    allowed = allowed | (slots[None, :] == q_slots[:, None])[None]
+    return allowed[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.checkpoint_blocks = False  # activation checkpointing, switched on by training code
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)  # GPT-2: scale residual writes by depth
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = residual_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past: list[KV] | None = None,
+                use_cache: bool = False):
+        """input_ids (B, T); positions (B, T) of the new tokens; attention_mask (B, P+T) valid slots;
+        past: per layer (k, v) each (B, Hkv, P, D). Returns logits (B, T, V) [, present per layer]."""
+        B, T = input_ids.shape
+        P = past[0][0].shape[2] if past else 0
+        if attention_mask is None and P == 0:
+            k_pos, allowed = None, None  # plain causal training/prefill path
+            q_pos = positions if positions is not None else torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, P + T, dtype=torch.bool, device=input_ids.device)
+            k_pos = slot_positions(attention_mask)
+            q_pos = positions if positions is not None else k_pos[:, P:]
+            allowed = attention_allowed(attention_mask, T)
+        x = self.tok_emb(input_ids)
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb(q_pos)
+        x = self.drop(x)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            layer_past = past[i] if past else None
+            if self.checkpoint_blocks and self.training:
+                x, present = checkpoint(block, x, q_pos, k_pos, allowed, layer_past, use_reentrant=False)
+            else:
+                x, present = block(x, q_pos, k_pos, allowed, layer_past)
+            presents.append(present)
+        logits = self.lm_head(self.norm(x))
+        return (logits, presents) if use_cache else logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

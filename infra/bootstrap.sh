@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up .venv with ctxmem and its whole stack (torch, deepspeed, onnx, onnxruntime, ray, mlflow).
+# Idempotent: a second run only checks. Usage: bash infra/bootstrap.sh
+#
+# torch is installed first and on its own so that no later package can pull a multi-GB CUDA
+# build onto a CPU machine: CPU machines get torch==2.13.0 (CPU build); machines with an NVIDIA
+# driver get the default (CUDA) build and onnxruntime-gpu. Override with CTXMEM_TORCH="torch==X".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${CTXMEM_VENV:-.venv}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  flavour=gpu; torch_spec=${CTXMEM_TORCH:-"torch>=2.5,<=2.14.1"}
+else
+  flavour=cpu; torch_spec=${CTXMEM_TORCH:-"torch==2.13.0"}
+fi
+
+stamp="$VENV/.ctxmem-$flavour-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
+if [ -f "$stamp" ]; then
+  echo "[bootstrap] $VENV is up to date ($flavour)" >&2
+  exit 0
+fi
+
+echo "[bootstrap] creating $VENV for $flavour ($torch_spec)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip >&2
+"$VENV/bin/python" -m pip install -q "$torch_spec" >&2
+"$VENV/bin/python" -m pip install -q -e ".[all,$flavour]" >&2
+rm -f "$VENV"/.ctxmem-* && touch "$stamp"
+echo "[bootstrap] ready: $VENV/bin/ctxmem --help" >&2

@@ -1,0 +1,38 @@
+"""Shared test set-up: everything on loopback, caches in one reusable folder, tiny models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+# Local Ray binds 127.0.0.1 only; test traffic never leaves loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# DeepSpeed JIT-builds ops (shm_comm) once; CI and tests reuse the build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own store
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised `tiny` model with the byte tokenizer, saved as a ctxmem checkpoint."""
+    import torch
+
+    from ctxmem.checkpoint import save_checkpoint
+    from ctxmem.config import preset
+    from ctxmem.model import Transformer
+    from ctxmem.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    save_checkpoint(out, model, tok)
+    return out
