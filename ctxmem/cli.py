@@ -16,7 +16,8 @@ STAGES = (
     ("ctxmem.core_cli", "generate, info, import-hf, export-hf"),
     ("ctxmem.training.cli", "data, train"),
     ("ctxmem.export.cli", "export, registry, eval"),
-    ("ctxmem.serving.cli", "serve, demo"),
+    ("ctxmem.serving.cli", "serve"),
+    ("ctxmem.serving.demo", "demo"),
 )
 
 

@@ -1,0 +1,292 @@
+"""Context-memory policies: what the KV cache keeps when a stream outgrows the window.
+
+The seed article's loop asks "is the input too long?". Each policy answers it explicitly:
+
+* ``full``      - the ordinary cache. Past the model's context it raises ContextOverflowError.
+* ``sink``      - StreamingLLM (Xiao et al. 2023, arXiv:2309.17453): keep the first ``sinks``
+                  tokens plus the ``window`` most recent, evict the middle. Keys are cached before
+                  rotation and re-rotated by slot order, so positions never exceed sinks+window and
+                  the cost per token stays constant however long the stream.
+* ``recompute`` - when the window is full drop the oldest ``chunk`` tokens and re-run prefill
+                  over what is kept (works for absolute positions too). ``chunk=1`` is the
+                  paper's "sliding window with re-computation" baseline.
+
+The bookkeeping (which slots to keep, which positions to give) is numpy over the slot mask, and
+the cache itself is touched only through a backend's ``CacheOps`` - so the PyTorch and the ONNX
+Runtime paths run this same code. Shapes: B rows, S slots, T new tokens, K kept slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+POLICIES = ("full", "sink", "recompute")
+
+
+class ContextOverflowError(ValueError):
+    """The ``full`` policy was asked to hold more tokens than the model's context."""
+
+
+class MemoryConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    policy: str = "full"
+    window: int | None = None  # sink: recent tokens kept; recompute: tokens kept in all. None = derive from context
+    sinks: int = 4  # sink: first tokens always kept (the "attention sinks")
+    chunk: int = 1  # recompute: tokens dropped at a time
+
+    def resolve(self, max_seq_len: int, uses_rope: bool = True) -> "MemoryConfig":
+        """Validate against a model and fill in the default window."""
+        if self.policy not in POLICIES:
+            raise MemoryConfigError(f"unknown memory policy {self.policy!r}; choose one of {POLICIES}")
+        if self.policy == "full":
+            return replace(self, window=max_seq_len, sinks=0)
+        if self.policy == "sink":
+            if not uses_rope:
+                raise MemoryConfigError("the sink policy re-assigns positions inside the cache, which needs rotary "
+                                        "positions; this model has learned absolute positions - use --policy recompute")
+            if self.sinks < 0:
+                raise MemoryConfigError(f"sinks must be >= 0, got {self.sinks}")
+            window = self.window if self.window is not None else max_seq_len - self.sinks
+            if window < 1 or window + self.sinks > max_seq_len:
+                raise MemoryConfigError(f"sinks ({self.sinks}) + window ({window}) must be between 1 and the model's "
+                                        f"context ({max_seq_len}): positions inside the cache may not exceed it")
+            return replace(self, window=window)
+        window = self.window if self.window is not None else max_seq_len
+        if not 2 <= window <= max_seq_len:
+            raise MemoryConfigError(f"recompute window must be in [2, {max_seq_len}] (the model's context), got {window}")
+        if not 1 <= self.chunk < window:
+            raise MemoryConfigError(f"recompute chunk must be in [1, window), got {self.chunk}")
+        return replace(self, sinks=0)
+
+    @property
+    def capacity(self) -> int:
+        """Most valid tokens the cache holds at once (after resolve)."""
+        return self.window + (self.sinks if self.policy == "sink" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "window": self.window, "sinks": self.sinks, "chunk": self.chunk}
+
+
+class CacheOps(Protocol):
+    """Array operations a backend gives the memory; ``past`` is a per-layer list of (k, v) (B, Hkv, S, D)."""
+
+    def take(self, past: Any, idx: np.ndarray) -> Any: ...  # idx (B, K) slots per row
+    def select(self, past: Any, rows: np.ndarray) -> Any: ...  # rows (B',)
+    def concat(self, pasts: Sequence[Any]) -> Any: ...  # along batch; equal S
+
+
+class Backend(Protocol):
+    """A model runtime (PyTorch, ONNX Runtime) seen from the memory and the generation loop."""
+
+    max_seq_len: int
+    vocab_size: int
+    uses_rope: bool
+    ops: CacheOps
+
+    def forward(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Any,
+                last_only: bool) -> tuple[np.ndarray, Any]:
+        """ids, positions (B, T) int64; mask (B, S+T) bool; past None or S slots.
+        Returns logits float32 (B, V) if last_only else (B, T, V), and the cache of S+T slots."""
+        ...
+
+
+@dataclass
+class MemoryState:
+    """One batch of sequences in the cache. ``tokens`` mirrors the slots (needed by recompute)."""
+
+    past: Any = None
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), dtype=bool))  # (B, S)
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), dtype=np.int64))  # (B, S)
+    evicted: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # (B,)
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # (B,) tokens ever fed
+
+    @classmethod
+    def empty(cls, batch: int) -> "MemoryState":
+        return cls(None, np.zeros((batch, 0), bool), np.zeros((batch, 0), np.int64),
+                   np.zeros(batch, np.int64), np.zeros(batch, np.int64))
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def slots(self) -> int:
+        return self.mask.shape[1]
+
+    def lengths(self) -> np.ndarray:
+        """Valid tokens per row (B,)."""
+        return self.mask.sum(axis=1)
+
+    def kept_tokens(self, row: int) -> list[int]:
+        return self.tokens[row][self.mask[row]].tolist()
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> ids (B, T) and valid (B, T), padded on the left so every row ends at column T-1."""
+    width = max((len(r) for r in rows), default=0)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    valid = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = np.asarray(r, dtype=np.int64)
+            valid[i, width - len(r):] = True
+    return ids, valid
+
+
+def keep_first_and_last(mask: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the slots of the first ``first`` and last ``last`` valid tokens, in slot order.
+
+    mask (B, S) -> idx (B, K), kept (B, K); rows keeping fewer are left-padded (idx 0, kept False)."""
+    picks = []
+    for row in mask:
+        valid = np.flatnonzero(row)
+        if len(valid) > first + last:
+            valid = np.concatenate((valid[:first], valid[len(valid) - last:])) if last else valid[:first]
+        picks.append(valid)
+    width = max(len(p) for p in picks)
+    idx = np.zeros((len(picks), width), dtype=np.int64)
+    kept = np.zeros((len(picks), width), dtype=bool)
+    for i, p in enumerate(picks):
+        idx[i, width - len(p):] = p
+        kept[i, width - len(p):] = True
+    return idx, kept
+
+
+class ContextMemory:
+    """Feeds tokens through a backend under one policy; the only place eviction happens."""
+
+    def __init__(self, backend: Backend, config: MemoryConfig = MemoryConfig()):
+        self.backend = backend
+        self.config = config.resolve(backend.max_seq_len, backend.uses_rope)
+
+    # ---- public -----------------------------------------------------------------------------
+    def start(self, batch: int = 1) -> MemoryState:
+        return MemoryState.empty(batch)
+
+    def feed(self, state: MemoryState, rows: Sequence[Sequence[int]] | np.ndarray,
+             valid: np.ndarray | None = None) -> np.ndarray:
+        """Append tokens to every row (rows of different lengths are left-padded) and return the
+        logits after each row's last token, float32 (B, V). Evicts first when the policy says so."""
+        if isinstance(rows, np.ndarray):
+            ids = rows.astype(np.int64)
+            valid = np.ones_like(ids, dtype=bool) if valid is None else valid.astype(bool)
+        else:
+            if len(rows) != state.batch:
+                raise ValueError(f"fed {len(rows)} rows to a state of {state.batch}")
+            ids, valid = left_pad(rows)
+        if ids.shape[1] == 0:
+            raise ValueError("nothing to feed: every row is empty")
+        cfg = self.config
+        if cfg.policy == "full":
+            need = state.lengths() + valid.sum(axis=1)
+            if need.max() > cfg.capacity:
+                raise ContextOverflowError(
+                    f"{int(need.max())} tokens do not fit the model's context of {cfg.capacity} under the 'full' "
+                    "policy; shorten the input, lower max_new_tokens, or choose policy 'sink' (attention sinks + "
+                    "rolling window, constant cost per token) or 'recompute' (re-prefill a sliding window)")
+            return self._forward(state, ids, valid)
+        # sink / recompute: feed in pieces that fit beside what is kept
+        piece = cfg.window if cfg.policy == "sink" else max(1, cfg.window - cfg.chunk)
+        logits = None
+        for start in range(0, ids.shape[1], piece):
+            part_ids, part_valid = ids[:, start:start + piece], valid[:, start:start + piece]
+            self._make_room(state, part_ids.shape[1])
+            step_logits = self._forward(state, part_ids, part_valid)
+            # a row whose piece is all padding keeps the logits it had
+            has = part_valid.any(axis=1)
+            logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
+        return logits
+
+    def select(self, state: MemoryState, rows: Sequence[int]) -> MemoryState:
+        """The sub-batch of ``rows`` (e.g. the sequences still running)."""
+        r = np.asarray(rows, dtype=np.int64)
+        past = self.backend.ops.select(state.past, r) if state.past is not None else None
+        return MemoryState(past, state.mask[r], state.tokens[r], state.evicted[r], state.seen[r])
+
+    def merge(self, states: Sequence[MemoryState]) -> MemoryState:
+        """One batch from several (continuous batching): shorter caches are left-padded with masked slots."""
+        states = [s for s in states if s.batch]
+        if any(s.past is None for s in states):
+            raise ValueError("merge needs states that have been fed (prefill each sequence first)")
+        width = max(s.slots for s in states)
+        padded = [self._pad_to(s, width) for s in states]
+        return MemoryState(self.backend.ops.concat([s.past for s in padded]),
+                           np.concatenate([s.mask for s in padded]), np.concatenate([s.tokens for s in padded]),
+                           np.concatenate([s.evicted for s in padded]), np.concatenate([s.seen for s in padded]))
+
+    def compact(self, state: MemoryState) -> MemoryState:
+        """Drop slots that no row uses any more (padding left by finished rows or eviction)."""
+        if state.past is None:
+            return state
+        used = state.mask.any(axis=0)
+        if used.all():
+            return state
+        idx = np.broadcast_to(np.flatnonzero(used), (state.batch, int(used.sum()))).copy()
+        return self._take(state, idx, np.take_along_axis(state.mask, idx, axis=1))
+
+    # ---- internals --------------------------------------------------------------------------
+    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        before = state.lengths()
+        positions = before[:, None] + np.cumsum(valid, axis=1) - 1
+        positions = np.maximum(positions, 0).astype(np.int64)
+        mask = np.concatenate((state.mask, valid), axis=1)
+        logits, state.past = self.backend.forward(ids, positions, mask, state.past, last_only=True)
+        state.mask = mask
+        state.tokens = np.concatenate((state.tokens, ids), axis=1)
+        state.seen = state.seen + valid.sum(axis=1)
+        return logits
+
+    def _make_room(self, state: MemoryState, incoming: int) -> None:
+        cfg = self.config
+        lengths = state.lengths()
+        if state.past is None or lengths.max() + incoming <= cfg.capacity:
+            return
+        if cfg.policy == "sink":
+            idx, kept = keep_first_and_last(state.mask, cfg.sinks, cfg.capacity - cfg.sinks - incoming)
+            new = self._take(state, idx, kept)
+            new.evicted = state.evicted + lengths - new.lengths()
+            state.__dict__.update(new.__dict__)
+            return
+        # recompute: keep the newest tokens and re-run prefill over exactly those
+        keep = cfg.window - max(cfg.chunk, incoming)
+        idx, kept = keep_first_and_last(state.mask, 0, keep)
+        tokens = np.take_along_axis(state.tokens, idx, axis=1)
+        evicted = state.evicted + lengths - kept.sum(axis=1)
+        seen = state.seen
+        fresh = MemoryState.empty(state.batch)
+        self._forward(fresh, tokens, kept)
+        fresh.evicted, fresh.seen = evicted, seen
+        state.__dict__.update(fresh.__dict__)
+
+    def _take(self, state: MemoryState, idx: np.ndarray, kept: np.ndarray) -> MemoryState:
+        return MemoryState(self.backend.ops.take(state.past, idx), kept,
+                           np.take_along_axis(state.tokens, idx, axis=1), state.evicted.copy(), state.seen.copy())
+
+    def _pad_to(self, state: MemoryState, width: int) -> MemoryState:
+        extra = width - state.slots
+        if extra == 0:
+            return state
+        idx = np.concatenate((np.zeros((state.batch, extra), np.int64),
+                              np.broadcast_to(np.arange(state.slots), (state.batch, state.slots))), axis=1)
+        kept = np.concatenate((np.zeros((state.batch, extra), bool), state.mask), axis=1)
+        return self._take(state, idx, kept)
+
+
+# ---- cache operations for the two array libraries ----------------------------------------------
+class NumpyCacheOps:
+    def take(self, past, idx):
+        gather = idx[:, None, :, None]  # (B, 1, K, 1) broadcasts over heads and head_dim
+        return [(np.take_along_axis(k, gather, axis=2), np.take_along_axis(v, gather, axis=2)) for k, v in past]
+
+    def select(self, past, rows):
+        return [(k[rows], v[rows]) for k, v in past]
+
+    def concat(self, pasts):
+        return [(np.concatenate([p[i][0] for p in pasts]), np.concatenate([p[i][1] for p in pasts]))
+                for i in range(len(pasts[0]))]

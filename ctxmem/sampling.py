@@ -1,0 +1,79 @@
+"""Token sampling over float32 numpy logits, shared by the PyTorch and ONNX Runtime engines."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class GenerationConfigError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; CTRL-style (divide positive logits, multiply negative)
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
+    stop_token_ids: list[int] | None = None  # None = the tokenizer's end tokens
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+        )
+        for name, ok, what in checks:
+            if not ok:
+                raise GenerationConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise GenerationConfigError("stop must be a list of non-empty strings")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Sampler:
+    """Picks the next token for one sequence; owns that sequence's random generator."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int] | np.ndarray | None = None) -> int:
+        """logits (V,) float32 -> token id."""
+        cfg = self.config
+        logits = logits.astype(np.float64, copy=True)
+        if cfg.repetition_penalty != 1.0 and history is not None and len(history):
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            seen = seen[seen < logits.shape[0]]
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
+        if cfg.temperature == 0:
+            return int(np.argmax(logits))
+        logits /= cfg.temperature
+        if cfg.top_k and cfg.top_k < logits.shape[0]:
+            kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            cut = int(np.searchsorted(cumulative, cfg.top_p)) + 1
+            keep = np.zeros_like(probs, dtype=bool)
+            keep[order[:cut]] = True
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(probs.shape[0], p=probs))
