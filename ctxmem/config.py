@@ -119,8 +119,8 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ConfigError(f"model_type={model_type!r} is not a Llama-family model (llama, mistral, qwen2)")
-        scaling = hf.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise ConfigError(f"rope_scaling {scaling} is not supported; only plain RoPE imports exactly")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise ConfigError("attention_bias/mlp_bias Llama variants are not supported")
