@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name, _ in STAGES:
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:  # a stage whose optional extras are not installed
-            if err.name and err.name.startswith("ctxmem"):
+        except ModuleNotFoundError as err:
+            # a stage whose optional extras are not installed (or not built yet) adds no commands
+            if err.name and err.name.startswith("ctxmem") and err.name != module_name:
                 raise
+            logging.getLogger("ctxmem.cli").debug("stage %s unavailable: %s", module_name, err)
             continue
         module.register(sub)
     return parser

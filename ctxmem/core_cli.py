@@ -101,7 +101,10 @@ def cmd_generate(args) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
-        prompt_ids = ChatTemplate(generator.tokenizer).render(messages, add_generation_prompt=True)
+        template = ChatTemplate(generator.tokenizer)
+        prompt_ids = template.render(messages, add_generation_prompt=True)
+        # plain-text templates (tokenizers without our chat tokens) end a turn with a text marker
+        config = replace(config, stop=list(dict.fromkeys([*config.stop, *template.stop_strings])))
     else:
         prompt_ids = generator.encode(prompt)
     mem = generator.memory_config

@@ -126,8 +126,11 @@ class Generator:
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        if not ids:
-            ids = [self.tokenizer.bos_id]
+        if not ids:  # an empty prompt starts from the beginning-of-text token where there is one
+            start = next((t for t in (self.tokenizer.bos_id, self.tokenizer.eos_id) if t is not None), None)
+            if start is None:
+                raise ValueError("the prompt is empty and this tokenizer has no BOS/EOS token to start from")
+            ids = [start]
         bad = [i for i in ids if not 0 <= i < self.backend.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary of {self.backend.vocab_size}")

@@ -1,0 +1,77 @@
+"""The `ctxmem` command line: help for every option, generate pipes, errors are one clear line."""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctxmem.cli import build_parser
+
+CTXMEM = [str(Path(sys.executable).parent / "ctxmem")]
+
+
+def subcommands(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for inner_name, inner in subcommands(sub):
+                    yield f"{name} {inner_name}", inner
+
+
+def test_every_option_of_every_command_has_help():
+    commands = dict(subcommands(build_parser()))
+    assert {"generate", "info", "import-hf", "export-hf"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.description or sub.format_usage(), name
+        for action in sub._actions:
+            if action.dest in ("help",) or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help.strip(), f"`ctxmem {name}` option {action.option_strings or action.dest} has no help"
+
+
+def test_generate_prints_only_the_continuation_on_stdout(tiny_checkpoint):
+    run = subprocess.run(CTXMEM + ["generate", "--model", str(tiny_checkpoint), "--prompt", "Hello",
+                                   "--max-new-tokens", "8", "--seed", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    from ctxmem.generation import load_generator
+    from ctxmem.sampling import GenerationConfig
+
+    expected = load_generator(tiny_checkpoint).generate(["Hello"], GenerationConfig(max_new_tokens=8))[0].text
+    assert run.stdout == expected + "\n"
+    assert "generated" in run.stderr and "policy=full" in run.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin_and_slides_with_the_sink_policy(tiny_checkpoint):
+    run = subprocess.run(CTXMEM + ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "200",
+                                   "--policy", "sink", "--window", "32", "--sinks", "4"],
+                         input="x" * 300, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "policy=sink window=32 sinks=4 prompt_tokens=300" in run.stderr
+
+
+def test_overlong_prompt_under_full_policy_is_one_clear_error_line(tiny_checkpoint):
+    run = subprocess.run(CTXMEM + ["generate", "--model", str(tiny_checkpoint), "--prompt", "y" * 500],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("error: prompt (500 tokens)")
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--model", "does/not/exist", "--prompt", "x"], "is not a directory"),
+    (["generate", "--model", "{ckpt}", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "--model", "{ckpt}", "--prompt", "x", "--policy", "sink", "--window", "500"], "must be between 1 and the model's context"),
+])
+def test_bad_generate_arguments_fail_with_a_message(tiny_checkpoint, argv, message):
+    argv = [a.replace("{ckpt}", str(tiny_checkpoint)) for a in argv]
+    run = subprocess.run(CTXMEM + argv, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_info_lists_presets_and_describes_a_checkpoint(tiny_checkpoint):
+    run = subprocess.run(CTXMEM + ["info"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "gpt-124m" in run.stdout and "torch" in run.stdout
+    run = subprocess.run(CTXMEM + ["info", "--model", str(tiny_checkpoint)], capture_output=True, text=True, timeout=120)
+    assert '"kind": "checkpoint"' in run.stdout and '"ByteTokenizer"' in run.stdout
