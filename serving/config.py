@@ -1,0 +1,129 @@
+"""Typed settings of the serving stack: one pydantic model per layer, validated where they are built.
+
+    ServeArgs              the application builder's arguments (`build_app`, `serve run` YAML `args:`)
+      .engine  EngineConfig       scheduler, KV reuse, memory policy, ONNX Runtime knobs; sent to each
+                                  engine replica as its `user_config`, so `reconfigure` can change it live
+      .engine_deployment / .ingress_deployment  DeploymentOptions   replicas, resources, autoscaling
+
+Nothing here imports Ray, so the engine and the HTTP layer are testable without a cluster.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_KEYS_ENV = "CTXMEM_API_KEYS"  # comma-separated; read where the builder runs
+DEFAULT_STORE = "sqlite:///" + str(Path(os.environ.get("CTXMEM_HOME", Path.home() / ".cache" / "ctxmem")) / "sessions.sqlite")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MemoryOverrides(_Strict):
+    """A memory policy for the server (defaults to the model's saved one, see EngineConfig.memory)."""
+
+    policy: Literal["full", "sink", "recompute"] | None = None
+    window: int | None = Field(default=None, ge=1)
+    sinks: int | None = Field(default=None, ge=0)
+    chunk: int | None = Field(default=None, ge=1)
+
+
+class EngineConfig(_Strict):
+    """One engine replica: what it serves and how it batches. Runtime knobs: `reconfigure` applies them."""
+
+    model: str = Field(description="export dir (ONNX Runtime), checkpoint dir (PyTorch fallback), "
+                                   "runs:/RUN/PATH or models:/NAME@ALIAS (resolved through the MLflow registry)")
+    provider: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where ONNX Runtime has it, else CPU
+    intra_op_threads: int | None = Field(default=None, ge=1)  # None: 1 on CPU (one replica per core slice)
+    max_batch_size: int = Field(default=32, ge=1)  # rows decoded together; 1 = batching off
+    max_queued: int = Field(default=256, ge=1)  # waiting requests beyond this get 429
+    prefill_token_budget: int = Field(default=512, ge=1)  # prompt tokens admitted per scheduler step
+    kv_reuse: bool = True  # keep recent conversations' KV state (off: every turn re-prefills)
+    kv_cache_mb: float = Field(default=256.0, ge=0)  # LRU bound on kept conversation states
+    kv_cache_sessions: int = Field(default=1024, ge=0)
+    memory: MemoryOverrides | None = None  # None: the model's saved policy, upgraded from 'full' to sink
+    reload_nonce: int = 0  # bump (YAML user_config) to make replicas re-resolve a registry alias
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve deployment options that the builder applies with `.options()`; YAML `deployments:`
+    entries override them in turn."""
+
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_queued_requests: int | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] | None = None
+    health_check_period_s: float | None = None
+    graceful_shutdown_timeout_s: float | None = None
+
+    def as_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ServeArgs(_Strict):
+    """Arguments of `ctxmem.serving.app:build_app` (YAML `args:` or `ctxmem serve` flags)."""
+
+    model: str | None = None  # None: $CTXMEM_MODEL; copied into engine.model
+    model_name: str | None = None  # the id clients put in `model`; default derived from the spec
+    api_keys: list[str] = Field(default_factory=list)  # plus $CTXMEM_API_KEYS; empty = no auth
+    api_key_hashes: list[str] = Field(default_factory=list)  # sha256 hex, filled by resolve(); keys never ship
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
+    session_store: str = DEFAULT_STORE  # sqlite:///PATH | actor://NAME | memory://
+    engine: EngineConfig | None = None
+    engine_deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        max_ongoing_requests=256, ray_actor_options={"num_cpus": 1}))
+    ingress_deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0.25}))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_model(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            model = data.get("model") or os.environ.get("CTXMEM_MODEL")
+            engine = dict(data.get("engine") or {})
+            if model and not engine.get("model"):
+                engine["model"] = model
+            if engine:
+                data["engine"] = engine
+            data["model"] = model or engine.get("model")
+        return data
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("model_name must not be empty")
+        return v
+
+    def resolve(self) -> "ServeArgs":
+        """Fill the derived fields: engine.model, model_name, api key hashes (plain keys dropped)."""
+        if self.engine is None or not self.engine.model:
+            raise ValueError("no model: pass `model` (export dir, checkpoint dir or models:/NAME@ALIAS) "
+                             "or set CTXMEM_MODEL")
+        keys = list(self.api_keys) + [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        hashes = sorted(set(self.api_key_hashes) | {hash_key(k) for k in keys})
+        return self.model_copy(update={"api_keys": [], "api_key_hashes": hashes,
+                                       "model_name": self.model_name or default_model_name(self.engine.model)})
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def default_model_name(spec: str) -> str:
+    """models:/ctxmem-tiny@champion -> ctxmem-tiny; /path/to/export -> export."""
+    if spec.startswith("models:/"):
+        rest = spec[len("models:/"):]
+        return rest.split("@")[0].split("/")[0] or "ctxmem"
+    if spec.startswith("runs:/"):
+        return "ctxmem-" + spec[len("runs:/"):].split("/")[0][:8]
+    return Path(spec.rstrip("/")).name or "ctxmem"
