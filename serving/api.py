@@ -1,0 +1,426 @@
+"""The OpenAI-compatible HTTP API as a FastAPI app over an `EngineClient`.
+
+`build_api` knows nothing about Ray: the ingress deployment passes a client that reaches engine
+replicas through a Serve handle; tests and `bench/` can pass `LocalEngineClient` (an in-process
+engine). Endpoints:
+
+    POST /v1/completions, /v1/chat/completions    (stream: true -> server-sent events, then [DONE])
+    POST /v1/sessions/{id}/messages               the server holds the history; send only the new message
+    GET|DELETE /v1/sessions/{id}
+    GET  /v1/models, /health, /metrics            (/health and /metrics need no API key)
+    POST /admin/reload                            re-resolve the model alias on every engine replica
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .config import ServeArgs, hash_key
+from .errors import APIError, bad_request
+from .metrics import Registry, merge, render
+from .store import ConversationStore, StoreConflict
+
+log = logging.getLogger("ctxmem.serving.api")
+RETRIES = 3  # attempts when the engine replica dies before anything reached the client
+
+
+class EngineUnavailable(Exception):
+    """The engine replica died or could not be reached; safe to retry if nothing was sent yet."""
+
+
+class EngineClient(Protocol):
+    def stream(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]: ...
+    async def info(self) -> dict[str, Any]: ...
+    async def snapshots(self) -> list[dict]: ...
+    async def reload(self) -> list[dict]: ...
+
+
+class LocalEngineClient:
+    """An Engine in this process (tests, bench, development)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def stream(self, request):
+        return self.engine.generate(request)
+
+    async def info(self):
+        if not self.engine.healthy():
+            raise EngineUnavailable("engine scheduler is not running")
+        return self.engine.info()
+
+    async def snapshots(self):
+        return [self.engine.metrics.snapshot()]
+
+    async def reload(self):
+        return [await asyncio.to_thread(self.engine.reload)]
+
+
+def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, metrics: Registry | None = None,
+              peer_snapshots: Callable[[], Awaitable[list[dict]]] | None = None) -> FastAPI:
+    """args must be resolved (`ServeArgs.resolve()`): model_name and key hashes filled in."""
+    metrics = metrics or Registry()
+    app = FastAPI(title="ctxmem", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    api = _API(engine, args, store, metrics, peer_snapshots)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 404:
+            msg = f"unknown request URL: {request.method} {request.url.path}"
+        elif err.status_code == 405:
+            msg = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            msg = str(err.detail)
+        return JSONResponse(APIError(err.status_code, msg, code=None).body(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, err: RequestValidationError):
+        return JSONResponse(bad_request(f"invalid request: {err.errors()[:1]}").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", code="internal_error").body(),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.inc("ctxmem_requests_total", labels={"endpoint": _endpoint(request), "status": "500"})
+            raise
+        metrics.inc("ctxmem_requests_total", labels={"endpoint": _endpoint(request), "status": str(response.status_code)})
+        return response
+
+    @app.get("/health")
+    async def health():
+        try:
+            info = await asyncio.wait_for(engine.info(), timeout=10)
+        except Exception as err:  # noqa: BLE001
+            return JSONResponse({"status": "unavailable", "error": str(err)[:200]}, status_code=503)
+        return {"status": "ok", "model": args.model_name, "engine": info}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return PlainTextResponse(await api.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        api.auth(request)
+        return {"object": "list", "data": [{"id": args.model_name, "object": "model", "created": api.created,
+                                            "owned_by": "ctxmem"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        api.auth(request)
+        api.check_model(model_id, param="model_id")
+        return {"id": args.model_name, "object": "model", "created": api.created, "owned_by": "ctxmem"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await api.generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await api.generate(request, "chat")
+
+    @app.post("/v1/sessions/{sid}/messages")
+    async def session_message(sid: str, request: Request):
+        return await api.session_message(sid, request)
+
+    @app.get("/v1/sessions/{sid}")
+    async def session_get(sid: str, request: Request):
+        api.auth(request)
+        sid = P.session_id(sid, None)
+        row = await asyncio.to_thread(store.get, sid)
+        if row is None:
+            raise APIError(404, f"no conversation {sid!r}", param="session_id", code="session_not_found")
+        return {"id": sid, "object": "session", "turns": row["turns"], "messages": row["messages"]}
+
+    @app.delete("/v1/sessions/{sid}")
+    async def session_delete(sid: str, request: Request):
+        api.auth(request)
+        sid = P.session_id(sid, None)
+        deleted = await asyncio.to_thread(store.delete, sid)
+        if not deleted:
+            raise APIError(404, f"no conversation {sid!r}", param="session_id", code="session_not_found")
+        return {"id": sid, "object": "session.deleted", "deleted": True}
+
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        api.auth(request)
+        return {"replicas": await engine.reload()}
+
+    return app
+
+
+def _endpoint(request: Request) -> str:
+    path = request.url.path
+    if path.startswith("/v1/sessions/"):
+        return "/v1/sessions"
+    if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/admin/reload"):
+        return path
+    return "other"
+
+
+class _API:
+    def __init__(self, engine: EngineClient, args: ServeArgs, store: ConversationStore, metrics: Registry,
+                 peer_snapshots):
+        self.engine, self.args, self.store, self.metrics = engine, args, store, metrics
+        self.peer_snapshots = peer_snapshots
+        self.created = int(time.time())
+
+    # -- guards --
+    def auth(self, request: Request) -> None:
+        if not self.args.api_key_hashes:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", code="invalid_api_key")
+        digest = hash_key(token.strip())
+        if not any(hmac.compare_digest(digest, h) for h in self.args.api_key_hashes):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def check_model(self, name: str, param: str = "model") -> None:
+        if name != self.args.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.args.model_name!r}",
+                           param=param, code="model_not_found")
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        limit = self.args.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise bad_request("invalid Content-Length header", code="invalid_request")
+            if int(length) > limit:
+                raise APIError(413, f"request body of {length} bytes is over the limit of {limit}",
+                               code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+        return P.parse_json_body(bytes(body))
+
+    # -- generation --
+    async def generate(self, request: Request, kind: str):
+        arrived = time.perf_counter()
+        self.auth(request)
+        data = await self.read_json(request)
+        parse = P.parse_chat if kind == "chat" else P.parse_completion
+        req, payload = parse(data, self.args.max_tokens_limit, self.args.default_max_tokens)
+        self.check_model(req.model)
+        payload["session_id"] = P.session_id(request.headers.get("x-session-id"), req.user)
+        record = None
+        if kind == "chat" and payload["session_id"] is not None:
+            sid, messages = payload["session_id"], payload["messages"]
+            record = lambda text, end: self.store.put(  # noqa: E731
+                sid, messages + [{"role": "assistant", "content": text}], _stats(end))
+        return await self.respond(payload, kind, req.stream, arrived, record)
+
+    async def session_message(self, sid: str, request: Request):
+        """The server holds the conversation: body = one message (+ the chat parameters)."""
+        arrived = time.perf_counter()
+        self.auth(request)
+        sid = P.session_id(sid, None)
+        data = await self.read_json(request)
+        if "messages" in data:
+            raise bad_request("send one message as 'content' (and optionally 'role'); the server keeps the "
+                              "history of this session", param="messages")
+        message = {"role": data.pop("role", "user"), "content": data.pop("content", None)}
+        if message["content"] is None:
+            raise bad_request("missing required parameter: content", param="content",
+                              code="missing_required_parameter")
+        new = P.normalise_messages([message], param="content")[0]
+        row = await asyncio.to_thread(self.store.get, sid)
+        turns = row["turns"] if row else 0
+        history = row["messages"] if row else []
+        data.setdefault("model", self.args.model_name)
+        req, payload = P.parse_chat({**data, "messages": history + [new]}, self.args.max_tokens_limit,
+                                    self.args.default_max_tokens)
+        self.check_model(req.model)
+        payload["session_id"] = sid
+
+        def record(text: str, end: dict) -> None:
+            self.store.append(sid, turns, [new, {"role": "assistant", "content": text}], _stats(end))
+
+        return await self.respond(payload, "chat", req.stream, arrived, record, session={"id": sid, "turns": turns + 1})
+
+    async def respond(self, payload: dict, kind: str, stream: bool, arrived: float, record, session=None):
+        rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
+        created = int(time.time())
+        model = self.args.model_name
+        if not stream:
+            text, end = await self.collect(payload, arrived)
+            if record is not None:
+                await self._record(record, text, end)
+            body = (P.chat_response if kind == "chat" else P.completion_response)(rid, model, text, end, created)
+            if session:
+                body["session"] = session
+            return JSONResponse(body)
+        first, events = await self.open_stream(payload)
+        return StreamingResponse(self.sse(first, events, kind, rid, created, arrived, payload, record, session),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _record(self, record, text: str, end: dict) -> None:
+        try:
+            await asyncio.to_thread(record, text, end)
+        except StoreConflict as err:
+            raise APIError(409, f"{err}; another turn was added concurrently - fetch the session and retry",
+                           code="session_conflict") from None
+
+    async def open_stream(self, payload: dict) -> tuple[list[dict], AsyncIterator[list[dict]]]:
+        """The engine's first events (raising their error as HTTP status) and the rest of the stream."""
+        for attempt in range(RETRIES):
+            events = self.engine.stream(payload)
+            try:
+                first = await events.__anext__()
+            except EngineUnavailable:
+                if attempt == RETRIES - 1:
+                    raise APIError(503, "the engine is unavailable; retry", code="engine_unavailable") from None
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            except StopAsyncIteration:
+                raise APIError(500, "the engine ended the stream without an answer", code="engine_failure") from None
+            if first and first[0]["type"] == "error":
+                raise APIError.from_event(first[0])
+            return first, events
+        raise AssertionError("unreachable")
+
+    async def collect(self, payload: dict, arrived: float) -> tuple[str, dict]:
+        for attempt in range(RETRIES):
+            try:
+                first, events = await self.open_stream(payload)
+                text, end = [], None
+                timer = _Timer(self.metrics, arrived)
+                async for chunk in _chain(first, events):
+                    for ev in chunk:
+                        if ev["type"] == "delta":
+                            timer.tokens(ev["tokens"])
+                            text.append(ev["text"])
+                        elif ev["type"] == "end":
+                            end = ev
+                        elif ev["type"] == "error":
+                            raise APIError.from_event(ev)
+                if end is None:
+                    raise EngineUnavailable("stream ended early")
+                timer.done(end)
+                return "".join(text), end
+            except EngineUnavailable:
+                # nothing reached the client yet: the turn is rebuilt from the request on another replica
+                if attempt == RETRIES - 1:
+                    raise APIError(503, "the engine is unavailable; retry", code="engine_unavailable") from None
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def sse(self, first, events, kind, rid, created, arrived, payload, record, session):
+        model = self.args.model_name
+        include_usage = payload.get("include_usage", False)
+        chunk_fn = P.chat_chunk if kind == "chat" else P.completion_chunk
+        timer = _Timer(self.metrics, arrived)
+        text: list[str] = []
+        if kind == "chat":
+            yield P.sse(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+        try:
+            async for chunk in _chain(first, events):
+                for ev in chunk:
+                    if ev["type"] == "delta":
+                        timer.tokens(ev["tokens"])
+                        if ev["text"]:
+                            text.append(ev["text"])
+                            body = {"content": ev["text"]} if kind == "chat" else ev["text"]
+                            yield P.sse(chunk_fn(rid, model, created, body))
+                    elif ev["type"] == "end":
+                        timer.done(ev)
+                        if record is not None:
+                            try:
+                                await asyncio.to_thread(record, "".join(text), ev)
+                            except StoreConflict as err:
+                                yield P.sse(APIError(409, str(err), code="session_conflict").body())
+                                yield P.DONE
+                                return
+                        usage = P.usage(ev)
+                        last = chunk_fn(rid, model, created, {} if kind == "chat" else "", ev["finish_reason"],
+                                        None if include_usage else usage)
+                        if session:
+                            last["session"] = session
+                        yield P.sse(last)
+                        if include_usage:
+                            yield P.sse(chunk_fn(rid, model, created, {}, None, usage, empty=True))
+                        yield P.DONE
+                        return
+                    elif ev["type"] == "error":
+                        yield P.sse(APIError.from_event(ev).body())
+                        yield P.DONE
+                        return
+            yield P.sse(APIError(500, "the engine ended the stream early", code="engine_failure").body())
+            yield P.DONE
+        except EngineUnavailable:
+            yield P.sse(APIError(503, "the engine replica went away mid-stream; retry this turn",
+                                 code="engine_unavailable").body())
+            yield P.DONE
+
+    # -- metrics --
+    async def metrics_text(self) -> str:
+        ingress = await self.peer_snapshots() if self.peer_snapshots else [self.metrics.snapshot()]
+        try:
+            engines = await asyncio.wait_for(self.engine.snapshots(), timeout=10)
+        except Exception as err:  # noqa: BLE001 - still show the ingress side
+            log.warning("engine metrics unavailable: %s", err)
+            engines = []
+        engines = [e for e in engines if isinstance(e, dict)]
+        merged = merge([*ingress, *engines])
+        merged["ctxmem_engine_replicas"] = {(): float(len(engines))}
+        return render(merged)
+
+
+async def _chain(first: list[dict], rest: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _stats(end: dict) -> dict:
+    return {"usage": end["usage"], "finish_reason": end["finish_reason"]}
+
+
+class _Timer:
+    """Time to first token and inter-token latency as the client sees them (at the ingress)."""
+
+    def __init__(self, metrics: Registry, arrived: float):
+        self.metrics, self.arrived = metrics, arrived
+        self.last: float | None = None
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.observe("ctxmem_time_to_first_token_seconds", now - self.arrived)
+            n -= 1
+        elif n:
+            # coalesced deltas: spread the gap over the tokens that arrived together
+            self.metrics.observe("ctxmem_inter_token_latency_seconds", (now - self.last) / n, count=n)
+        self.last = now
+
+    def done(self, end: dict) -> None:
+        u = end["usage"]
+        self.metrics.inc("ctxmem_prompt_tokens_total", u["prompt_tokens"])
+        self.metrics.inc("ctxmem_completion_tokens_total", u["completion_tokens"])
+        self.metrics.observe("ctxmem_request_duration_seconds", time.perf_counter() - self.arrived)
+

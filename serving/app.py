@@ -1,0 +1,29 @@
+"""The typed application builder: `ctxmem.serving.app:build_app` for `serve run` YAML and `ctxmem serve`.
+
+    serve run infra/serve.yaml                       # import_path: ctxmem.serving.app:build_app
+    serve run ctxmem.serving.app:build_app model=/path/to/export
+"""
+from typing import Any
+
+from ray.serve import Application
+
+from .config import ServeArgs
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Ingress(FastAPI) -> Engine(ONNX Runtime + continuous batching). Serve converts the YAML `args:`
+    dict to ServeArgs (the annotation); a plain dict is accepted too."""
+    from .deployments import EngineDeployment, IngressDeployment
+
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(dict(args or {}))
+    args = args.resolve()
+    engine_config = args.engine.model_dump()
+    engine = EngineDeployment.options(user_config=engine_config, **args.engine_deployment.as_options()) \
+        .bind(engine_config)
+    return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, args.model_dump())
+
+
+def app_args(**overrides: Any) -> ServeArgs:
+    """ServeArgs from keyword arguments, e.g. app_args(model=path, api_keys=["k"])."""
+    return ServeArgs.model_validate(overrides)

@@ -1,0 +1,91 @@
+"""`ctxmem serve`: start Ray (or join one), start Serve on HOST:PORT and run the application.
+
+Ray, FastAPI and onnxruntime are imported inside the handler, so `ctxmem --help` stays fast.
+The same application runs from YAML with `serve run infra/serve.yaml`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger("ctxmem.serve")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (Ray Serve)",
+        description="Start Ray Serve with the ctxmem ingress (FastAPI) and engine (ONNX Runtime, continuous "
+                    "batching, conversation KV reuse). The OpenAI Python client works unchanged against "
+                    "http://HOST:PORT/v1. Same application as `serve run infra/serve.yaml`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="export dir (ONNX Runtime), checkpoint dir (PyTorch fallback), runs:/... or models:/NAME@ALIAS")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas")
+    p.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs reserved per engine replica (fractions allowed)")
+    p.add_argument("--engine-gpus", type=float, default=0.0, help="GPUs per engine replica (provider cuda)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="ONNX Runtime execution provider; auto = CUDA where present, else CPU")
+    p.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads per replica (CPU: 1)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (1 = batching off)")
+    p.add_argument("--no-kv-reuse", action="store_true", help="re-prefill every conversation turn")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: from --model)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="accepted bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
+    p.add_argument("--session-store", default=None, help="sqlite:///PATH (default), actor://NAME or memory://")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one on 127.0.0.1)")
+    p.add_argument("--object-store-mb", type=int, default=500, help="object store size of a local Ray we start")
+    p.add_argument("--app-name", default="ctxmem", help="Serve application name")
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_args(args: argparse.Namespace):
+    """Command-line flags -> the builder's typed ServeArgs."""
+    from .config import DeploymentOptions, ServeArgs
+
+    actor = {"num_cpus": args.engine_cpus}
+    if args.engine_gpus:
+        actor["num_gpus"] = args.engine_gpus
+    data = {
+        "model": args.model, "model_name": args.model_name, "api_keys": args.api_key or [],
+        "max_tokens_limit": args.max_tokens_limit,
+        "engine": {"model": args.model, "provider": args.provider, "intra_op_threads": args.intra_op_threads,
+                   "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse},
+        "engine_deployment": DeploymentOptions(num_replicas=args.replicas, max_ongoing_requests=256,
+                                               ray_actor_options=actor).model_dump(),
+    }
+    if args.session_store:
+        data["session_store"] = args.session_store
+    return ServeArgs.model_validate(data)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    config = serve_args(args)  # validate before paying for Ray's start-up
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, object_store_memory=args.object_store_mb * 2**20)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(config)
+    log.info("serving %s as %r on http://%s:%d/v1 (%d engine replica(s))", args.model,
+             config.resolve().model_name, args.host, args.port, args.replicas)
+    try:
+        serve.run(app, name=args.app_name, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(args.app_name)
+    return 0

@@ -1,0 +1,133 @@
+"""The two Ray Serve deployments. Thin on purpose: replicas, resources, autoscaling and batching knobs
+arrive from `ctxmem.serving.app.build_app` (typed arguments) or from YAML under infra/.
+
+    Ingress  FastAPI (ctxmem.serving.api) - validation, auth, SSE, metrics, the conversation store
+    Engine   the model (ONNX Runtime, or PyTorch for a checkpoint) + the continuous batcher
+             (ctxmem.serving.engine); `user_config` = EngineConfig, so `reconfigure` changes it live
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from .api import EngineUnavailable, build_api
+from .config import EngineConfig, ServeArgs
+from .errors import APIError
+from .metrics import Registry
+
+log = logging.getLogger("ctxmem.serving")
+_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+@serve.deployment(name="Engine")
+class EngineDeployment:
+    """One model replica. `base` is the builder's EngineConfig; `user_config` (YAML) is merged on top."""
+
+    def __init__(self, base: dict[str, Any]):
+        from .engine import Engine
+
+        self._base = dict(base)
+        self.engine = Engine(EngineConfig.model_validate(self._base))
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id if ctx else "local"
+        self.actor_name = ctx.replica_id.to_full_id_str() if ctx else None  # for ray.get_actor(..., namespace="serve")
+        log.info("engine replica %s ready: %s", self.replica, self.engine.info())
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = EngineConfig.model_validate({**self._base, **(user_config or {})})
+        if config != self.engine.config:
+            # loading a new model runs off the event loop: this replica keeps serving meanwhile
+            info = await asyncio.to_thread(self.engine.reconfigure, config)
+            log.info("engine replica %s reconfigured: %s", self.replica, info)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]:
+        async for chunk in self.engine.generate(request):
+            yield chunk
+
+    def info(self) -> dict[str, Any]:
+        return {**self.engine.info(), "replica": self.replica, "actor_name": self.actor_name}
+
+    def metrics_snapshot(self) -> dict:
+        return self.engine.metrics.snapshot()
+
+    async def reload(self) -> dict[str, Any]:
+        info = await asyncio.to_thread(self.engine.reload)
+        return {**info, "replica": self.replica}
+
+    def check_health(self) -> None:
+        if not self.engine.healthy():
+            raise RuntimeError(f"engine scheduler stopped: {self.engine.scheduler.error!r}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+class RayEngineClient:
+    """EngineClient over a Serve handle: streams, broadcasts, and turns replica death into EngineUnavailable."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]:
+        try:
+            async for chunk in self._stream.generate.remote(request):
+                yield chunk
+        except _GONE as err:
+            raise EngineUnavailable(str(err)[:300]) from None
+        except BackPressureError as err:
+            raise APIError(429, f"the server is busy ({err}); retry later", code="overloaded") from None
+
+    async def info(self) -> dict[str, Any]:
+        try:
+            return await self._handle.info.remote()
+        except _GONE as err:
+            raise EngineUnavailable(str(err)[:300]) from None
+
+    async def snapshots(self) -> list[dict]:
+        results = await self._handle.broadcast("metrics_snapshot").results_async(timeout_s=10, return_exceptions=True)
+        return [r for r in results if isinstance(r, dict)]
+
+    async def reload(self) -> list[dict]:
+        results = await self._handle.broadcast("reload").results_async(timeout_s=600, return_exceptions=True)
+        return [r if isinstance(r, dict) else {"error": str(r)[:300]} for r in results]
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class IngressDeployment:
+    """The HTTP front: builds the FastAPI app at replica start (`__serve_build_asgi_app__`)."""
+
+    def __init__(self, engine: DeploymentHandle, args: dict[str, Any]):
+        from .store import open_store
+
+        self.args = ServeArgs.model_validate(args)
+        self.metrics = Registry()
+        self.store = open_store(self.args.session_store)
+        self.client = RayEngineClient(engine)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.client, self.args, self.store, self.metrics, self._peer_snapshots)
+
+    def metrics_snapshot(self) -> dict:
+        return self.metrics.snapshot()
+
+    async def _peer_snapshots(self) -> list[dict]:
+        """Every ingress replica's metrics, so one scrape sees the whole application."""
+        ctx = serve.get_replica_context()
+        try:
+            handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+            results = await handle.broadcast("metrics_snapshot").results_async(timeout_s=5, return_exceptions=True)
+            snaps = [r for r in results if isinstance(r, dict)]
+            return snaps or [self.metrics.snapshot()]
+        except Exception as err:  # noqa: BLE001 - fall back to this replica's view
+            log.warning("ingress broadcast failed (%s); /metrics shows this replica only", err)
+            return [self.metrics.snapshot()]
