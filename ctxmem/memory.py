@@ -161,9 +161,11 @@ def keep_first_and_last(mask: np.ndarray, first: int, last: int) -> tuple[np.nda
 class ContextMemory:
     """Feeds tokens through a backend under one policy; the only place eviction happens."""
 
-    def __init__(self, backend: Backend, config: MemoryConfig = MemoryConfig()):
+    def __init__(self, backend: Backend, config: MemoryConfig = MemoryConfig(), slack: int | None = None):
         self.backend = backend
         self.config = config.resolve(backend.max_seq_len, backend.uses_rope)
+        # masked (evicted) slots the sink cache may carry before it is compacted
+        self.slack = slack if slack is not None else max(8, self.config.capacity // 16)
 
     # ---- public -----------------------------------------------------------------------------
     def start(self, batch: int = 1) -> MemoryState:
@@ -249,9 +251,17 @@ class ContextMemory:
             return
         if cfg.policy == "sink":
             idx, kept = keep_first_and_last(state.mask, cfg.sinks, cfg.capacity - cfg.sinks - incoming)
-            new = self._take(state, idx, kept)
-            new.evicted = state.evicted + lengths - new.lengths()
-            state.__dict__.update(new.__dict__)
+            # Evict by masking: a masked slot is invisible (no attention, no position), so this is
+            # exact. The cache is physically compacted only every `slack` slots, which keeps the
+            # per-token cost flat instead of copying the whole cache at every step.
+            mask = np.zeros_like(state.mask)
+            np.put_along_axis(mask, idx, kept, axis=1)
+            mask &= state.mask
+            state.evicted = state.evicted + lengths - mask.sum(axis=1)
+            state.mask = mask
+            if state.slots + incoming > cfg.capacity + self.slack:
+                compacted = self._take(state, idx, kept)
+                state.past, state.mask, state.tokens = compacted.past, compacted.mask, compacted.tokens
             return
         # recompute: keep the newest tokens and re-run prefill over exactly those
         keep = cfg.window - max(cfg.chunk, incoming)

@@ -65,8 +65,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, kv, bias=cfg.bias)
         self.wo = nn.Linear(d, d, bias=cfg.bias)  # the output projection Wᴼ
 
-    def forward(self, x: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
                 allowed: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """rope: (q_cos, q_sin, k_cos, k_sin), computed once per forward for all layers."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -76,11 +77,9 @@ class Attention(nn.Module):
             k = torch.cat((past[0], k), dim=2)  # (B, Hkv, S, D), still unrotated
             v = torch.cat((past[1], v), dim=2)
         present = (k, v)
-        if cfg.pos == "rope":
-            cos, sin = rope_cos_sin(q_pos, cfg.head_dim, cfg.rope_theta)
-            q = apply_rope(q, cos, sin)
-            cos, sin = rope_cos_sin(k_pos if k_pos is not None else q_pos, cfg.head_dim, cfg.rope_theta)
-            k = apply_rope(k, cos, sin)
+        if rope is not None:
+            q = apply_rope(q, rope[0], rope[1])
+            k = apply_rope(k, rope[2], rope[3])
         rep = cfg.n_heads // cfg.n_kv_heads
         if rep > 1:  # grouped-query attention: query head h reads key/value head h // rep
             S = k.shape[2]
@@ -121,8 +120,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, q_pos, k_pos, allowed, past):
-        a, present = self.attn(self.attn_norm(x), q_pos, k_pos, allowed, past)
+    def forward(self, x, rope, allowed, past):
+        a, present = self.attn(self.attn_norm(x), rope, allowed, past)
         x = x + self.drop(a)
         x = x + self.drop(self.ffn(self.ffn_norm(x)))
         return x, present
@@ -191,13 +190,18 @@ class Transformer(nn.Module):
         if self.cfg.pos == "learned":
             x = x + self.pos_emb(q_pos)
         x = self.drop(x)
+        rope = None
+        if self.cfg.pos == "rope":
+            q_cos, q_sin = rope_cos_sin(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
+            k_cos, k_sin = (q_cos, q_sin) if k_pos is None else rope_cos_sin(k_pos, self.cfg.head_dim, self.cfg.rope_theta)
+            rope = (q_cos, q_sin, k_cos, k_sin)
         presents = []
         for i, block in enumerate(self.blocks):
             layer_past = past[i] if past else None
             if self.checkpoint_blocks and self.training:
-                x, present = checkpoint(block, x, q_pos, k_pos, allowed, layer_past, use_reentrant=False)
+                x, present = checkpoint(block, x, rope, allowed, layer_past, use_reentrant=False)
             else:
-                x, present = block(x, q_pos, k_pos, allowed, layer_past)
+                x, present = block(x, rope, allowed, layer_past)
             presents.append(present)
         logits = self.lm_head(self.norm(x))
         return (logits, presents) if use_cache else logits

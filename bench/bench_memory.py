@@ -1,0 +1,98 @@
+"""Per-token decode latency of the memory policies as the stream grows past the window.
+
+    .venv/bin/python bench/bench_memory.py [--preset small] [--context 1024] [--window W] [--sinks 4]
+
+Prints one table, all from one run: the sink policy's latency at stream lengths 1x, 4x, 16x and
+32x the window (it should stay flat), and the recompute baselines (chunk=1 = StreamingLLM's
+"sliding window with re-computation", chunk=window/4) on the same model. Ratios, not absolute
+times, are the result: machines are shared and noisy.
+Targets (issue 2): sink@32x <= 1.15 x sink@1x; sink >= 10x faster per token than recompute chunk=1.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ctxmem.backend import TorchBackend
+from ctxmem.config import preset
+from ctxmem.memory import ContextMemory, MemoryConfig
+from ctxmem.model import Transformer
+
+CLOCK = time.thread_time
+
+
+def per_token_ms(memory: ContextMemory, state, tokens: list[int], repeats: int) -> float:
+    """Median over `repeats` single-token feeds (each a decode step plus any eviction)."""
+    times = []
+    for t in tokens[:repeats]:
+        start = CLOCK()
+        memory.feed(state, np.array([[t]]))
+        times.append(CLOCK() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="model preset (random weights: latency does not depend on them)")
+    parser.add_argument("--context", type=int, default=1024,
+                        help="model context (max_seq_len) override: StreamingLLM's regime is windows of 1k-4k tokens")
+    parser.add_argument("--window", type=int, default=None, help="recent tokens kept (default: context - sinks)")
+    parser.add_argument("--sinks", type=int, default=4, help="attention-sink tokens")
+    parser.add_argument("--measure", type=int, default=48, help="tokens timed at each stream length")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noise)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Transformer(preset(args.preset, vocab_size=512, max_seq_len=args.context)).eval()
+    backend = TorchBackend(model)
+    window = args.window or model.cfg.max_seq_len - args.sinks
+    rng = np.random.default_rng(0)
+    rows = []
+
+    sink = ContextMemory(backend, MemoryConfig("sink", window=window, sinks=args.sinks))
+    state = sink.start(1)
+    fed = 0
+    base = None
+    for multiple in (1, 4, 16, 32):
+        target = multiple * window
+        while fed < target - args.measure:  # stream up to just before the measuring point
+            n = min(window, target - args.measure - fed)
+            sink.feed(state, [rng.integers(0, 512, n).tolist()])
+            fed += n
+        ms = per_token_ms(sink, state, rng.integers(0, 512, args.measure).tolist(), args.measure)
+        fed += args.measure
+        base = base or ms
+        rows.append((f"sink (sinks={args.sinks}, window={window})", f"{multiple}x", ms, ms / base, int(state.evicted[0])))
+
+    recompute_ms = {}
+    for chunk in (1, max(1, window // 4)):
+        memory = ContextMemory(backend, MemoryConfig("recompute", window=window, chunk=chunk))
+        st = memory.start(1)
+        memory.feed(st, [rng.integers(0, 512, window).tolist()])  # window full: steady state from here
+        # chunk>1 re-prefills once every `chunk` tokens: time whole cycles so the mean is honest
+        n = args.measure if chunk == 1 else chunk * max(1, args.measure // chunk)
+        start = CLOCK()
+        for t in rng.integers(0, 512, n).tolist():
+            memory.feed(st, np.array([[t]]))
+        ms = 1000 * (CLOCK() - start) / n
+        recompute_ms[chunk] = ms
+        rows.append((f"recompute (chunk={chunk})", "steady", ms, ms / base, int(st.evicted[0])))
+
+    print(f"\nper-token decode latency, preset={args.preset} ({model.cfg.num_params() / 1e6:.1f}M params), "
+          f"context={model.cfg.max_seq_len}, torch threads={args.threads}, thread CPU time")
+    print(f"{'policy':38s} {'stream':>7s} {'ms/token':>9s} {'vs sink@1x':>11s} {'evicted':>8s}")
+    for name, length, ms, ratio, evicted in rows:
+        print(f"{name:38s} {length:>7s} {ms:9.2f} {ratio:10.2f}x {evicted:8d}")
+    sink32 = rows[3][2]
+    print(f"\nsink@32x / sink@1x = {sink32 / base:.2f} (target <= 1.15)")
+    print(f"recompute(chunk=1) / sink = {recompute_ms[1] / base:.1f}x slower per token (target >= 10x)")
+    print(f"recompute(chunk={max(1, window // 4)}) / sink = {recompute_ms[max(1, window // 4)] / base:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
