@@ -30,7 +30,8 @@ from .metrics import Registry, merge, render
 from .store import ConversationStore, StoreConflict
 
 log = logging.getLogger("ctxmem.serving.api")
-RETRIES = 3  # attempts when the engine replica dies before anything reached the client
+RETRY_WINDOW_S = 60.0  # keep retrying this long when the engine replica died before anything reached the client
+RETRY_SLEEP_S = (0.25, 0.5, 1.0, 2.0)  # backoff while Serve replaces the replica
 
 
 class EngineUnavailable(Exception):
@@ -286,24 +287,23 @@ class _API:
 
     async def open_stream(self, payload: dict) -> tuple[list[dict], AsyncIterator[list[dict]]]:
         """The engine's first events (raising their error as HTTP status) and the rest of the stream."""
-        for attempt in range(RETRIES):
+        retry = _Retry()
+        while True:
             events = self.engine.stream(payload)
             try:
                 first = await events.__anext__()
-            except EngineUnavailable:
-                if attempt == RETRIES - 1:
-                    raise APIError(503, "the engine is unavailable; retry", code="engine_unavailable") from None
-                await asyncio.sleep(0.5 * (attempt + 1))
+            except EngineUnavailable as err:
+                await retry.wait(err)
                 continue
             except StopAsyncIteration:
                 raise APIError(500, "the engine ended the stream without an answer", code="engine_failure") from None
             if first and first[0]["type"] == "error":
                 raise APIError.from_event(first[0])
             return first, events
-        raise AssertionError("unreachable")
 
     async def collect(self, payload: dict, arrived: float) -> tuple[str, dict]:
-        for attempt in range(RETRIES):
+        retry = _Retry()
+        while True:
             try:
                 first, events = await self.open_stream(payload)
                 text, end = [], None
@@ -321,12 +321,9 @@ class _API:
                     raise EngineUnavailable("stream ended early")
                 timer.done(end)
                 return "".join(text), end
-            except EngineUnavailable:
+            except EngineUnavailable as err:
                 # nothing reached the client yet: the turn is rebuilt from the request on another replica
-                if attempt == RETRIES - 1:
-                    raise APIError(503, "the engine is unavailable; retry", code="engine_unavailable") from None
-                await asyncio.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
+                await retry.wait(err)
 
     async def sse(self, first, events, kind, rid, created, arrived, payload, record, session):
         model = self.args.model_name
@@ -387,6 +384,21 @@ class _API:
         merged = merge([*ingress, *engines])
         merged["ctxmem_engine_replicas"] = {(): float(len(engines))}
         return render(merged)
+
+
+class _Retry:
+    """Backoff while Serve replaces a dead engine replica; 503 once RETRY_WINDOW_S is spent."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + RETRY_WINDOW_S
+        self.attempt = 0
+
+    async def wait(self, err: Exception) -> None:
+        if time.monotonic() >= self.deadline:
+            raise APIError(503, f"the engine is unavailable ({err}); retry later", code="engine_unavailable") from None
+        log.warning("engine unavailable (%s); retrying", err)
+        await asyncio.sleep(RETRY_SLEEP_S[min(self.attempt, len(RETRY_SLEEP_S) - 1)])
+        self.attempt += 1
 
 
 async def _chain(first: list[dict], rest: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:

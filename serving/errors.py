@@ -21,7 +21,8 @@ class APIError(Exception):
 
     def to_event(self) -> dict[str, Any]:
         """The engine's stream event for this error (crosses the Ray boundary as a plain dict)."""
-        return {"type": "error", "status": self.status, **self.body()["error"], "error_type": self.type}
+        return {"type": "error", "status": self.status, "message": self.message, "error_type": self.type,
+                "param": self.param, "code": self.code}
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> "APIError":
