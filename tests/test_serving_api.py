@@ -1,0 +1,177 @@
+"""The OpenAI HTTP layer in-process (FastAPI over an in-process engine, no Ray): request validation,
+the error shape, SSE framing, the stateful sessions endpoint, metrics. The same app runs behind
+Ray Serve in test_serving_ray.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from ctxmem.serving.api import LocalEngineClient, build_api
+from ctxmem.serving.config import ServeArgs
+from ctxmem.serving.engine import Engine
+from ctxmem.serving.metrics import SPECS
+from ctxmem.serving.store import MemoryStore, StoreConflict
+from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests, tiny_export
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint):
+    args = ServeArgs(model=str(tiny_export(tiny_checkpoint)), model_name=NAME, api_keys=[API_KEY],
+                     max_tokens_limit=512).resolve()
+    engine = Engine(args.engine)
+    store = MemoryStore()
+    app = build_api(LocalEngineClient(engine), args, store)
+    yield app, engine, store
+    engine.close()
+
+
+def call(app, method: str, path: str, **kw) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def sse_events(text: str) -> list:
+    blocks = [b for b in text.split("\n\n") if b]
+    assert all(b.startswith("data: ") for b in blocks), text[:300]
+    assert blocks[-1] == "data: [DONE]"
+    return [json.loads(b[len("data: "):]) for b in blocks[:-1]]
+
+
+def test_every_malformed_request_gets_an_openai_error_with_a_4xx(stack):
+    app, _, _ = stack
+    cases = list(malformed_requests(NAME))
+    assert len(cases) >= 100
+    for name, method, path, body, headers, expected in cases:
+        r = call(app, method, path, content=body, headers=headers)
+        check_error_shape(r.status_code, r.json(), expected, name)
+    assert call(app, "GET", "/health").status_code == 200
+
+
+def test_the_openai_client_gets_completions_and_chat_streamed_and_not(stack):
+    import openai
+
+    app, _, _ = stack
+
+    async def go():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test/v1")
+        client = openai.AsyncOpenAI(base_url="http://test/v1", api_key=API_KEY, http_client=http)
+        c = await client.completions.create(model=NAME, prompt="Hello", max_tokens=12, temperature=0)
+        parts = [ch.choices[0].text async for ch in await client.completions.create(
+            model=NAME, prompt="Hello", max_tokens=12, temperature=0, stream=True) if ch.choices]
+        chat = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=12, temperature=0)
+        chunks = [ch async for ch in await client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True})]
+        models = await client.models.list()
+        await http.aclose()
+        return c, "".join(parts), chat, chunks, models
+
+    c, streamed, chat, chunks, models = asyncio.run(go())
+    assert c.choices[0].text == streamed
+    assert c.usage.completion_tokens == 12 and c.usage.prompt_tokens_details.cached_tokens == 0
+    assert c.usage.model_extra["evicted_tokens"] == 0  # the ctxmem extension of usage
+    assert chat.choices[0].message.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+    assert [m.id for m in models.data] == [NAME]
+
+
+def test_a_stream_is_server_sent_events_ending_in_done_with_usage_on_the_last_chunk(stack):
+    app, _, _ = stack
+    r = call(app, "POST", "/v1/chat/completions", headers=AUTH,
+             json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_an_engine_error_before_streaming_is_an_http_status_not_a_stream(stack):
+    app, _, _ = stack
+    r = call(app, "POST", "/v1/completions", headers=AUTH,
+             json={"model": NAME, "prompt": "x" * 300, "max_tokens": 8, "stream": True, "policy": "full"})
+    check_error_shape(r.status_code, r.json(), 400, "overflow")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_session_endpoint_keeps_the_history_on_the_server(stack):
+    app, _, store = stack
+    for turn in range(3):
+        r = call(app, "POST", "/v1/sessions/sess-1/messages", headers=AUTH,
+                 json={"content": f"message {turn}", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["session"] == {"id": "sess-1", "turns": turn + 1}
+        if turn:
+            assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    history = call(app, "GET", "/v1/sessions/sess-1", headers=AUTH).json()
+    assert history["turns"] == 3 and [m["role"] for m in history["messages"]] == ["user", "assistant"] * 3
+    assert call(app, "DELETE", "/v1/sessions/sess-1", headers=AUTH).json()["deleted"] is True
+    assert call(app, "GET", "/v1/sessions/sess-1", headers=AUTH).status_code == 404
+
+
+def test_a_concurrent_turn_on_the_same_session_is_a_409(stack, monkeypatch):
+    app, _, store = stack
+
+    def conflict(*_a, **_k):
+        raise StoreConflict("conversation 'sess-2' has 1 turns, expected 0")
+
+    monkeypatch.setattr(store, "append", conflict)
+    r = call(app, "POST", "/v1/sessions/sess-2/messages", headers=AUTH, json={"content": "hi", "max_tokens": 2})
+    check_error_shape(r.status_code, r.json(), 409, "conflict")
+
+
+def test_a_chat_with_a_session_id_is_recorded_in_the_store(stack):
+    app, _, store = stack
+    r = call(app, "POST", "/v1/chat/completions", headers={**AUTH, "X-Session-Id": "sess-3"},
+             json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200
+    assert [m["role"] for m in store.get("sess-3")["messages"]] == ["user", "assistant"]
+
+
+def test_metrics_expose_every_declared_series_in_prometheus_text(stack):
+    app, _, _ = stack
+    call(app, "POST", "/v1/completions", headers=AUTH, json={"model": NAME, "prompt": "m", "max_tokens": 3})
+    text = call(app, "GET", "/metrics").text
+    for name, (kind, _, _) in SPECS.items():
+        assert f"# TYPE {name} {kind}" in text
+    assert 'ctxmem_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert "ctxmem_time_to_first_token_seconds_count" in text
+    assert "ctxmem_batch_size_bucket" in text
+
+
+def test_health_is_503_when_the_engine_is_down(tiny_checkpoint):
+    args = ServeArgs(model=str(tiny_export(tiny_checkpoint))).resolve()
+    engine = Engine(args.engine)
+    engine.close()
+    app = build_api(LocalEngineClient(engine), args, MemoryStore())
+    assert call(app, "GET", "/health").status_code == 503
+
+
+def test_without_api_keys_no_auth_is_needed(tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("CTXMEM_API_KEYS", raising=False)
+    args = ServeArgs(model=str(tiny_export(tiny_checkpoint))).resolve()
+    engine = Engine(args.engine)
+    try:
+        app = build_api(LocalEngineClient(engine), args, MemoryStore())
+        r = call(app, "POST", "/v1/completions", json={"model": args.model_name, "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        engine.close()
+
+
+def test_api_keys_from_the_environment_are_hashed_and_never_shipped(monkeypatch, tmp_path):
+    monkeypatch.setenv("CTXMEM_API_KEYS", "k1, k2")
+    args = ServeArgs(model=str(tmp_path), api_keys=["k3"]).resolve()
+    assert args.api_keys == [] and len(args.api_key_hashes) == 3
+    assert "k1" not in args.model_dump_json()

@@ -1,0 +1,294 @@
+"""The serving engine without Ray: continuous batching, conversation KV reuse, admission control.
+
+Everything runs on the tiny model exported to ONNX (the production path) and is compared with
+`load_onnx_generator(...).generate`, the engine behind `ctxmem generate --backend onnx`.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from ctxmem.sampling import GenerationConfig
+from ctxmem.serving.config import EngineConfig, MemoryOverrides
+from ctxmem.serving.engine import (CachedConversation, Engine, SessionCache, common_prefix, load_model, reuse,
+                                   rewind)
+from helpers_serving import tiny_export
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_checkpoint):
+    return tiny_export(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def engine(export_dir):
+    eng = Engine(EngineConfig(model=str(export_dir), max_batch_size=32))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference(export_dir):
+    from ctxmem.export.runtime import load_onnx_generator
+
+    return load_onnx_generator(export_dir)
+
+
+def run(engine: Engine, request: dict) -> tuple[str, dict, list[dict]]:
+    return asyncio.run(collect(engine, request))
+
+
+async def collect(engine: Engine, request: dict) -> tuple[str, dict, list[dict]]:
+    text, events = [], []
+    async for chunk in engine.generate(request):
+        for ev in chunk:
+            events.append(ev)
+            if ev["type"] == "delta":
+                text.append(ev["text"])
+    return "".join(text), events[-1], events
+
+
+def completion(prompt, max_tokens=16, **extra) -> dict:
+    return {"kind": "completion", "prompt": prompt, "generation": {"max_new_tokens": max_tokens, "temperature": 0.0},
+            **extra}
+
+
+def test_engine_serves_the_export_through_onnx_runtime_on_cpu(engine):
+    info = engine.info()
+    assert info["kind"] == "onnx" and info["provider"] == "cpu"
+    assert info["memory"]["policy"] == "sink"  # a window, so long conversations are never rejected
+
+
+def test_a_greedy_completion_equals_the_onnx_generator(engine, reference):
+    ref = reference.generate(["Hello there"], GenerationConfig(max_new_tokens=20, temperature=0),
+                             memory=engine.model.memory)[0]
+    text, end, _ = run(engine, completion("Hello there", 20))
+    assert text == ref.text
+    assert end["usage"]["completion_tokens"] == ref.completion_tokens
+    assert end["usage"]["prompt_tokens"] == ref.prompt_tokens
+
+
+def test_concurrent_requests_share_decode_steps_and_match_solo_decoding(engine, reference):
+    """24 different prompts with different lengths run as one continuous batch. Left padding is masked
+    out of attention (exact zeros), so every greedy continuation equals its solo decoding token for
+    token; the batch sizes show the forward passes were shared."""
+    rng = random.Random(1)
+    prompts = ["".join(rng.choice("abcdefgh ijklmnop") for _ in range(rng.randint(1, 60))) for _ in range(24)]
+    lengths = [30 - (i % 7) * 3 for i in range(24)]  # rows leave at different steps
+    refs = [reference.generate([p], GenerationConfig(max_new_tokens=n, temperature=0), memory=engine.model.memory)[0]
+            for p, n in zip(prompts, lengths)]
+
+    async def main():
+        return await asyncio.gather(*[collect(engine, completion(p, n)) for p, n in zip(prompts, lengths)])
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == [r.text for r in refs]
+    assert max(r[1]["batch_mean"] for r in results) > 8
+
+
+def test_a_new_request_joins_the_running_batch_between_decode_steps(engine):
+    """A short request submitted while a long one decodes finishes first (iteration-level batching):
+    it does not wait for the long one to end, and decoding steps are shared while both run."""
+    async def main():
+        long_events: list[dict] = []
+        order: list[str] = []
+
+        async def long():
+            async for chunk in engine.generate(completion("a long one", 120)):
+                long_events.extend(chunk)
+            order.append("long")
+
+        async def short():
+            while sum(ev.get("tokens", 0) for ev in long_events) < 5:  # the long one is mid-flight
+                await asyncio.sleep(0.001)
+            text, end, events = await collect(engine, completion("short", 5))
+            order.append("short")
+            return end, events
+
+        (_, (end, events)) = await asyncio.gather(long(), short())
+        return order, end, events, long_events
+
+    order, end, events, long_events = asyncio.run(main())
+    assert order == ["short", "long"]
+    assert end["finish_reason"] == "length" and end["usage"]["completion_tokens"] == 5
+    assert max(ev["batch"] for ev in events if ev["type"] == "delta") == 2
+    assert max(ev["batch"] for ev in long_events if ev["type"] == "delta") == 2
+    assert long_events[-1]["usage"]["completion_tokens"] == 120
+
+
+def test_a_conversation_turn_prefills_only_the_new_tokens(engine, export_dir):
+    """Turn k reuses turn k-1's KV state: cached_tokens is the previous context and the reply equals
+    what a server without KV reuse answers (same tokens through one prefill or two)."""
+    fresh = Engine(EngineConfig(model=str(export_dir), kv_reuse=False))
+    try:
+        messages: list[dict] = []
+        previous_prompt = 0
+        for turn in range(4):
+            messages.append({"role": "user", "content": f"turn {turn}: tell me more"})
+            request = {"kind": "chat", "messages": messages, "session_id": "conv-a",
+                       "generation": {"max_new_tokens": 8, "temperature": 0.0}}
+            text, end, events = run(engine, request)
+            plain, plain_end, _ = run(fresh, {**request, "session_id": None})
+            assert text == plain
+            usage = end["usage"]
+            if turn == 0:
+                assert end["cache"] == "miss" and usage["cached_tokens"] == 0
+            else:
+                assert end["cache"] == "hit"
+                # at least the previous prompt; its reply too where its text re-tokenizes the same way
+                assert usage["cached_tokens"] >= previous_prompt
+                new_tokens = usage["prompt_tokens"] - usage["cached_tokens"]
+                assert new_tokens == usage["prefill_tokens"] < 40  # the new user message, not the history
+            assert plain_end["usage"]["prefill_tokens"] == plain_end["usage"]["prompt_tokens"]
+            previous_prompt = usage["prompt_tokens"]
+            messages.append({"role": "assistant", "content": text})
+    finally:
+        fresh.close()
+
+
+def test_an_edited_history_rewinds_the_cached_state_to_the_common_prefix(engine):
+    base = [{"role": "user", "content": "first question"}]
+    run(engine, {"kind": "chat", "messages": base, "session_id": "conv-edit",
+                 "generation": {"max_new_tokens": 6, "temperature": 0.0}})
+    edited = base + [{"role": "assistant", "content": "a reply the model never wrote"},
+                     {"role": "user", "content": "next"}]
+    _, end, _ = run(engine, {"kind": "chat", "messages": edited, "session_id": "conv-edit",
+                             "generation": {"max_new_tokens": 6, "temperature": 0.0}})
+    prefix = engine.model.template.render(base, add_generation_prompt=True)
+    assert end["cache"] == "hit"
+    assert end["usage"]["cached_tokens"] >= len(prefix)
+
+
+def test_an_overlong_conversation_is_kept_going_by_the_window_and_reports_evictions(engine):
+    messages: list[dict] = []
+    evicted = []
+    for turn in range(10):
+        messages.append({"role": "user", "content": f"message number {turn} with some padding words"})
+        text, end, _ = run(engine, {"kind": "chat", "messages": messages, "session_id": "conv-long",
+                                    "generation": {"max_new_tokens": 8, "temperature": 0.0}})
+        assert end["type"] == "end"
+        evicted.append(end["usage"]["evicted_tokens"])
+        messages.append({"role": "assistant", "content": text})
+    assert end["usage"]["prompt_tokens"] > 3 * engine.model.memory.capacity
+    assert evicted[-1] > 0 and evicted == sorted(evicted)
+    assert end["cache"] == "hit" and end["usage"]["prefill_tokens"] < 50
+
+
+def test_the_full_policy_rejects_an_overflow_up_front_with_a_400(engine):
+    _, end, _ = run(engine, completion("x" * 200, 8, memory={"policy": "full"}))
+    assert end["type"] == "error" and end["status"] == 400 and end["code"] == "context_length_exceeded"
+
+
+def test_a_per_request_window_is_validated_against_the_model(engine):
+    _, end, _ = run(engine, completion("hello", 4, memory={"policy": "sink", "window": 10**6}))
+    assert end["type"] == "error" and end["status"] == 400
+    _, end, _ = run(engine, completion("y" * 100, 4, memory={"policy": "sink", "window": 16, "sinks": 2}))
+    assert end["type"] == "end" and end["usage"]["evicted_tokens"] > 0
+
+
+def test_a_cancelled_request_leaves_the_batch(engine):
+    async def main():
+        gen = engine.generate(completion("cancel me", 4000))
+        async for _ in gen:
+            break
+        await gen.aclose()  # the client went away
+        for _ in range(200):
+            if engine.scheduler.running == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_a_full_queue_answers_429(export_dir):
+    eng = Engine(EngineConfig(model=str(export_dir), max_batch_size=1, max_queued=1))
+    try:
+        async def main():
+            return await asyncio.gather(*[collect(eng, completion("q", 30)) for _ in range(6)])
+
+        ends = [r[1] for r in asyncio.run(main())]
+        assert any(e["type"] == "error" and e["status"] == 429 for e in ends)
+        assert any(e["type"] == "end" for e in ends)
+    finally:
+        eng.close()
+
+
+def test_batching_off_runs_one_sequence_at_a_time(export_dir):
+    eng = Engine(EngineConfig(model=str(export_dir), max_batch_size=1))
+    try:
+        async def main():
+            return await asyncio.gather(*[collect(eng, completion(f"p{i}", 6)) for i in range(4)])
+
+        for _, end, events in asyncio.run(main()):
+            assert end["type"] == "end"
+            assert all(ev["batch"] == 1 for ev in events if ev["type"] == "delta")
+    finally:
+        eng.close()
+
+
+def test_a_checkpoint_directory_falls_back_to_pytorch(tiny_checkpoint):
+    model = load_model(EngineConfig(model=str(tiny_checkpoint)))
+    assert model.kind == "torch"
+
+
+def test_the_server_upgrades_a_full_policy_model_to_a_window_unless_told(export_dir):
+    assert load_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(policy="full"))).memory.policy == "full"
+    window = load_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(window=32, sinks=2))).memory
+    assert (window.policy, window.window, window.sinks) == ("sink", 32, 2)
+
+
+# ---- the pieces ------------------------------------------------------------------------------------
+def test_session_cache_is_lru_bounded_in_entries_and_bytes():
+    def item(n: int) -> CachedConversation:
+        return CachedConversation("v", None, [], None, n)
+
+    cache = SessionCache(max_bytes=100, max_entries=2)
+    cache.put("a", item(10))
+    cache.put("b", item(10))
+    cache.put("c", item(10))
+    assert cache.take("a") is None and len(cache) == 2
+    cache.put("d", item(95))
+    assert len(cache) == 1 and cache.nbytes == 95
+    cache.put("e", item(101))  # larger than the whole cache: not kept
+    assert cache.take("e") is None
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+
+
+def test_reuse_refuses_to_rewind_into_evicted_tokens(engine):
+    """After eviction the cache holds [sinks | recent]; rewinding past the recent tail would need
+    tokens that are gone, so that is a miss, never a wrong state."""
+    from ctxmem.memory import ContextMemory, MemoryConfig
+
+    memory = ContextMemory(engine.model.generator.backend, MemoryConfig(policy="sink", window=16, sinks=2))
+    history = list(range(10, 60))
+    state = memory.start(1)
+    memory.feed(state, [history])
+    assert int(state.seen[0]) - int(state.lengths()[0]) > 0
+    entry = CachedConversation("v", memory.config, history, state, 0)
+    assert reuse(entry, history[:-5] + [1, 2], memory)[1] == len(history) - 5  # inside the tail: rewound
+    entry = CachedConversation("v", memory.config, history, state, 0)
+    assert reuse(entry, history[:20] + [1], memory) is None  # into evicted tokens: rebuild
+
+
+def test_rewind_forgets_exactly_the_last_tokens(engine):
+    from ctxmem.memory import ContextMemory
+
+    memory = ContextMemory(engine.model.generator.backend, engine.model.memory)
+    state = memory.start(1)
+    memory.feed(state, [[5, 6, 7, 8, 9]])
+    back = rewind(memory, state, 2)
+    assert back.kept_tokens(0) == [5, 6, 7] and int(back.seen[0]) == 3
+    full = memory.start(1)
+    a = memory.feed(back, [[1]])
+    b = memory.feed(full, [[5, 6, 7, 1]])
+    # same tokens, prefilled in one piece or two: equal up to fp32 rounding of different GEMM shapes
+    np.testing.assert_allclose(a, b, atol=1e-4)

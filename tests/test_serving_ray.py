@@ -1,0 +1,226 @@
+"""Against a real Ray Serve on 127.0.0.1, started once for the module with `serve run` on the shipped
+infra/serve.yaml (only the model, port, store, keys and CPU fractions changed): the official openai
+client, a 40-turn conversation past the window, a killed engine replica, a malformed-request
+battery, 32 concurrent streams, metrics and the admin reload.
+
+Nothing asserts on wall-clock time: KV reuse shows as prefill token counts and cache hits.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, free_port, malformed_requests,
+                             patched_serve_yaml, tiny_export, wait_healthy)
+
+pytestmark = pytest.mark.slow
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    import ray
+
+    export = tiny_export(tiny_checkpoint)
+    tmp = tmp_path_factory.mktemp("serve")
+    ray_tmp = tempfile.mkdtemp(prefix="ctxray-", dir="/tmp")  # Ray's socket paths must stay short
+    ctx = ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False, _temp_dir=ray_tmp,
+                   log_to_driver=False)
+    port = free_port()
+    config = patched_serve_yaml(REPO / "infra" / "serve.yaml", tmp / "serve.yaml", port, {
+        "model": str(export), "model_name": NAME, "api_keys": [API_KEY], "max_tokens_limit": 512,
+        "session_store": f"sqlite:///{tmp}/sessions.sqlite"})
+    log = open(tmp / "serve-run.log", "wb")
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60's CLI needs it against a token-auth cluster
+    proc = subprocess.Popen([str(serve_cli), "run", "-a", ctx.address_info["gcs_address"], str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_healthy(url, timeout=180, proc=proc)
+        yield {"url": url, "export": export, "health": health, "ray": ray}
+    except Exception:
+        log.flush()
+        print((tmp / "serve-run.log").read_text()[-4000:])
+        raise
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run tears the application and Serve down
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    from ctxmem.export.runtime import load_onnx_generator
+
+    return load_onnx_generator(server["export"])
+
+
+def test_serve_run_on_the_shipped_yaml_answers(server, client):
+    assert server["health"]["engine"]["kind"] == "onnx"  # the production path: ONNX Runtime
+    assert server["health"]["engine"]["provider"] == "cpu"
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.completions.create(model=NAME, prompt="hi", max_tokens=3).choices[0].finish_reason == "length"
+
+
+def test_greedy_text_is_the_same_streamed_unstreamed_and_from_the_onnx_generator(client, reference):
+    from ctxmem.sampling import GenerationConfig
+    from ctxmem.tokenizer import ChatTemplate
+
+    greedy = GenerationConfig(max_new_tokens=24, temperature=0)
+    prompt = "The quick brown fox"
+    expected = reference.generate([prompt], greedy)[0].text
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0)
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True) if ch.choices)
+    assert plain.choices[0].text == streamed == expected
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    expected = reference.generate([ChatTemplate(reference.tokenizer).render(messages)], greedy)[0].text
+    chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chat.choices[0].message.content == streamed == expected
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_a_forty_turn_conversation_past_the_window_reuses_the_kv_state_every_turn(server, client):
+    messages, usages = [], []
+    capacity = server["health"]["engine"]["memory"]["window"] + server["health"]["engine"]["memory"]["sinks"]
+    for turn in range(40):
+        messages.append({"role": "user", "content": f"turn {turn}: and then what happened next?"})
+        r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0,
+                                           extra_headers={"X-Session-Id": "forty"})
+        usages.append(r.usage)
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+    last = usages[-1]
+    assert last.prompt_tokens > 5 * capacity  # far past the window, never rejected
+    assert last.model_extra["evicted_tokens"] >= last.prompt_tokens - capacity
+    for previous, usage in zip(usages[1:], usages[2:]):
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert cached >= previous.prompt_tokens  # the whole previous turn came from the cache
+        assert usage.prompt_tokens - cached < 64  # only the new message was prefilled
+    metrics = httpx.get(server["url"] + "/metrics").text
+    assert _value(metrics, 'ctxmem_kv_cache_lookups_total{result="hit"}') >= 39
+
+
+def test_every_malformed_request_is_a_4xx_openai_error_and_the_server_stays_healthy(server):
+    cases = list(malformed_requests(NAME))
+    assert len(cases) >= 100
+    with httpx.Client(base_url=server["url"], timeout=30) as http:
+        for name, method, path, body, headers, expected in cases:
+            r = http.request(method, path, content=body, headers=headers)
+            check_error_shape(r.status_code, r.json(), expected, name)
+        assert http.get("/health").status_code == 200
+        ok = http.post("/v1/completions", headers=AUTH, json={"model": NAME, "prompt": "still fine", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_thirty_two_concurrent_streaming_clients_all_complete(server):
+    import openai
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        async def one(i: int):
+            stream = await client.chat.completions.create(
+                model=NAME, messages=[{"role": "user", "content": f"client {i}"}], max_tokens=24, stream=True)
+            finish, text = None, []
+            async for chunk in stream:
+                if chunk.choices:
+                    text.append(chunk.choices[0].delta.content or "")
+                    finish = chunk.choices[0].finish_reason or finish
+            return finish
+
+        results = await asyncio.gather(*[one(i) for i in range(32)], return_exceptions=True)
+        await client.close()
+        return results
+
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    assert all(r in ("length", "stop") for r in results)
+    metrics = httpx.get(server["url"] + "/metrics").text
+    assert _value(metrics, 'ctxmem_requests_total{endpoint="/v1/chat/completions",status="500"}') == 0
+    # shared forward passes: some decode steps ran with more than 8 sequences
+    assert _value(metrics, "ctxmem_batch_size_count") > _value(metrics, 'ctxmem_batch_size_bucket{le="8"}')
+
+
+def test_metrics_report_requests_tokens_latencies_batches_cache_and_evictions(server):
+    text = httpx.get(server["url"] + "/metrics").text
+    assert _value(text, 'ctxmem_requests_total{endpoint="/v1/chat/completions",status="200"}') > 0
+    for series in ("ctxmem_completion_tokens_total", "ctxmem_prompt_tokens_total", "ctxmem_evicted_tokens_total",
+                   "ctxmem_time_to_first_token_seconds_count", "ctxmem_inter_token_latency_seconds_count",
+                   "ctxmem_batch_size_count", "ctxmem_cached_tokens_total", "ctxmem_engine_replicas"):
+        assert _value(text, series) > 0, series
+
+
+def test_the_admin_endpoint_re_resolves_the_model_on_every_replica(server):
+    r = httpx.post(server["url"] + "/admin/reload", headers=AUTH, timeout=120)
+    assert r.status_code == 200
+    replicas = r.json()["replicas"]
+    assert len(replicas) == 1 and replicas[0]["changed"] is False
+    assert httpx.post(server["url"] + "/admin/reload", timeout=30).status_code == 401
+
+
+def test_a_killed_engine_replica_loses_no_turn(server):
+    """Kill the engine actor between turns: the next turn lands on the replacement replica, which has
+    no KV state - it rebuilds the conversation from the shared store (a cache miss) and goes on."""
+    import ray
+
+    url = server["url"]
+    sid = "survivor"
+    with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+        def turn(i: int) -> dict:
+            r = http.post(f"/v1/sessions/{sid}/messages", json={"content": f"message {i}", "max_tokens": 6})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        for i in range(3):
+            turn(i)
+        before = http.get("/health").json()["engine"]
+        ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
+        after_kill = [turn(i) for i in range(3, 6)]
+        assert [t["session"]["turns"] for t in after_kill] == [4, 5, 6]
+        assert after_kill[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # rebuilt from the store
+        assert after_kill[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # and cached again
+        history = http.get(f"/v1/sessions/{sid}").json()
+        assert [m["content"] for m in history["messages"] if m["role"] == "user"] == [f"message {i}" for i in range(6)]
+        assert http.get("/health").json()["engine"]["replica"] != before["replica"]
+
+
+def _value(metrics: str, series: str) -> float:
+    """The value of one series (exact name+labels) in Prometheus text; 0 when absent."""
+    for line in metrics.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_value_parser_reads_exact_series():
+    text = 'a_total{x="1"} 3\na_total 5\n'
+    assert _value(text, "a_total") == 5 and _value(text, 'a_total{x="1"}') == 3 and _value(text, "b") == 0
+    assert time.time() > 0
