@@ -1,0 +1,191 @@
+"""The export contract: the one place that says what the ONNX graph takes and gives.
+
+One graph serves prefill and decode. Shapes: B batch, T new tokens, P past (cached) slots,
+M mask length (= P + T), Hkv key/value heads, D head_dim, V vocab, L layers.
+
+    inputs   input_ids        int64    (B, T)        the new tokens
+             positions        int64    (B, T)        their positions inside the cache (query rotation)
+             attention_mask   bool     (B, M)        valid slots: the P cached ones, then the T new ones
+             past_key_<i>     float    (B, Hkv, P, D) keys of layer i, stored *before* rotation
+             past_value_<i>   float    (B, Hkv, P, D)
+    outputs  logits           float32  (B, T, V)
+             present_key_<i>  float    (B, Hkv, P+T, D)  the cache to feed back next step
+             present_value_<i>
+
+Key positions are derived inside the graph from the mask (cumsum - 1), as in ctxmem.model, so
+the sink/window bookkeeping in ctxmem.memory only gathers slots and hands positions over; the
+graph never learns the policy. The mask gets its own dimension M because torch.export cannot
+declare a dimension as the sum of two others; ONNX Runtime checks M = P + T at run time.
+P = 0 (the first prefill) is a valid size.
+
+Export-only rewrites live in ``export_patches`` below, never in ctxmem.model.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+INPUT_IDS, POSITIONS, ATTENTION_MASK, LOGITS = "input_ids", "positions", "attention_mask", "logits"
+# Names of the dynamic dimensions as they appear in the ONNX graph.
+BATCH, NEW_TOKENS, PAST_LEN, MASK_LEN = "batch", "new_tokens", "past_len", "mask_len"
+CACHE_LAYOUT = "per layer (key, value), each (batch, kv_heads, slots, head_dim); keys stored before rotary embedding"
+# Sizes of the example the graph is traced with: distinct, and past >= 2, so that torch.export
+# neither specialises a dynamic dimension to 0/1 nor merges two of them by coincidence.
+EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 3, 5, 7
+CACHE_DTYPES = ("float32", "float16")
+
+
+def past_names(n_layers: int) -> list[str]:
+    return [f"past_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    return [f"present_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple[str | int, ...]  # str = a dynamic dimension (expression), int = fixed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class ExportContract:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    cache_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+
+    @classmethod
+    def for_model(cls, cfg, cache_dtype: str = "float32") -> "ExportContract":
+        """From a ctxmem ModelConfig."""
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size, cache_dtype)
+
+    # ---- the declaration -----------------------------------------------------------------
+    def inputs(self) -> list[TensorDecl]:
+        cache = (BATCH, self.n_kv_heads, PAST_LEN, self.head_dim)
+        return [TensorDecl(INPUT_IDS, "int64", (BATCH, NEW_TOKENS)),
+                TensorDecl(POSITIONS, "int64", (BATCH, NEW_TOKENS)),
+                TensorDecl(ATTENTION_MASK, "bool", (BATCH, MASK_LEN)),
+                *(TensorDecl(n, self.cache_dtype, cache) for n in past_names(self.n_layers))]
+
+    def outputs(self) -> list[TensorDecl]:
+        cache = (BATCH, self.n_kv_heads, f"{PAST_LEN} + {NEW_TOKENS}", self.head_dim)
+        return [TensorDecl(LOGITS, "float32", (BATCH, NEW_TOKENS, self.vocab_size)),
+                *(TensorDecl(n, self.cache_dtype, cache) for n in present_names(self.n_layers))]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs()]
+
+    def output_shapes(self, batch: int, new: int, past: int) -> dict[str, tuple[int, ...]]:
+        """The concrete shape every output must have for given sizes."""
+        sizes = {BATCH: batch, NEW_TOKENS: new, PAST_LEN: past, f"{PAST_LEN} + {NEW_TOKENS}": past + new}
+        return {t.name: tuple(sizes[d] if isinstance(d, str) else d for d in t.dims) for t in self.outputs()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "vocab_size": self.vocab_size, "cache_dtype": self.cache_dtype, "cache_layout": CACHE_LAYOUT,
+                "keys_before_rotation": True, "key_positions": "cumsum(attention_mask) - 1",
+                "inputs": [t.to_dict() for t in self.inputs()], "outputs": [t.to_dict() for t in self.outputs()]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExportContract":
+        return cls(int(data["n_layers"]), int(data["n_kv_heads"]), int(data["head_dim"]), int(data["vocab_size"]),
+                   str(data.get("cache_dtype", "float32")))
+
+    # ---- what torch.onnx.export needs ------------------------------------------------------
+    def dynamic_shapes(self) -> dict[str, Any]:
+        """dynamic_shapes for torch.onnx.export(dynamo=True) over ExportWrapper's arguments."""
+        from torch.export import Dim
+
+        batch, new, past, mask = Dim(BATCH), Dim(NEW_TOKENS), Dim(PAST_LEN), Dim(MASK_LEN)
+        cache = {0: batch, 2: past}
+        return {"input_ids": {0: batch, 1: new}, "positions": {0: batch, 1: new},
+                "attention_mask": {0: batch, 1: mask}, "past": [(cache, cache) for _ in range(self.n_layers)]}
+
+    def example_inputs(self, batch: int = EXAMPLE_BATCH, new: int = EXAMPLE_NEW, past: int = EXAMPLE_PAST):
+        """(input_ids, positions, attention_mask, past) torch tensors to trace with."""
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        dtype = getattr(torch, self.cache_dtype)
+        ids = torch.randint(0, self.vocab_size, (batch, new), generator=gen)
+        positions = torch.arange(past, past + new).expand(batch, new).contiguous()
+        mask = torch.ones(batch, past + new, dtype=torch.bool)
+        shape = (batch, self.n_kv_heads, past, self.head_dim)
+        cache = [(torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
+                 for _ in range(self.n_layers)]
+        return ids, positions, mask, cache
+
+    def numpy_inputs(self, ids, positions, mask, past) -> dict[str, Any]:
+        """An ONNX Runtime feed from numpy arrays; past None or [] means P = 0."""
+        import numpy as np
+
+        feed = {INPUT_IDS: ids, POSITIONS: positions, ATTENTION_MASK: mask}
+        if not past:
+            empty = np.zeros((ids.shape[0], self.n_kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
+            past = [(empty, empty)] * self.n_layers
+        for name, array in zip(past_names(self.n_layers), (a for kv in past for a in kv)):
+            feed[name] = array
+        return feed
+
+
+def wrap_for_export(model):
+    """The ctxmem Transformer seen through the contract: flat outputs (logits, k0, v0, k1, v1, ...)."""
+    import torch
+
+    class ExportWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, positions, attention_mask, past):
+            logits, presents = self.model(input_ids, positions=positions, attention_mask=attention_mask,
+                                          past=[tuple(kv) for kv in past], use_cache=True)
+            return (logits.float(), *(t for kv in presents for t in kv))
+
+    return ExportWrapper(model).eval()
+
+
+# ---- export-only rewrites --------------------------------------------------------------------
+def _attention_allowed_exportable(mask, n_new: int):
+    """ctxmem.model.attention_allowed without the slice `slots[S - T:]`, whose length torch.export
+    cannot prove equal to T (it becomes a data-dependent size); the query slots are built as
+    arange(T) + (S - T) instead. Same values: tests/test_export_contract.py checks it."""
+    import torch
+
+    S = mask.shape[1]
+    slots = torch.arange(S, device=mask.device)
+    q_slots = torch.arange(n_new, device=mask.device) + (S - n_new)  # (T,)
+    causal = slots[None, :] <= q_slots[:, None]  # (T, S)
+    allowed = causal[None] & mask.bool()[:, None, :]  # (B, T, S)
+    allowed = allowed | (slots[None, :] == q_slots[:, None])[None]  # a token always reads its own slot
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+@contextlib.contextmanager
+def export_patches() -> Iterator[None]:
+    """Swap in the exportable equivalents while torch.onnx.export traces, then restore."""
+    import ctxmem.model as model_module
+
+    original = model_module.attention_allowed
+    model_module.attention_allowed = _attention_allowed_exportable
+    try:
+        yield
+    finally:
+        model_module.attention_allowed = original

@@ -1,0 +1,279 @@
+"""The ONNX Runtime side of an export: the runtime config that ships beside model.onnx, the
+backend that runs the graph for ctxmem.memory, and the Generator built on it.
+
+Serving reads the runtime config and never guesses: window, sinks, policy, special tokens, chat
+template, cache layout and where the model came from are all written there by `ctxmem export`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctxmem.config import ConfigError, ModelConfig
+from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
+
+from .contract import ExportContract
+from .errors import ExportModelError, OutputNameError, ProviderError, RuntimeConfigError
+
+log = logging.getLogger(__name__)
+
+RUNTIME_CONFIG = "runtime_config.json"
+MODEL_FILE, DATA_FILE, TOKENIZER_FILE, REPORT_FILE = "model.onnx", "model.onnx.data", "tokenizer.json", "verification.json"
+FORMAT, FORMAT_VERSION = "ctxmem-onnx-export", 1
+VARIANTS = ("fp32", "int8", "fp16")
+_RERUN = "re-run `ctxmem export --model CHECKPOINT --out {dir}`"
+
+
+@dataclass
+class RuntimeConfig:
+    """Everything serving needs besides the graph and the tokenizer (runtime_config.json)."""
+
+    model: dict[str, Any]  # ModelConfig.to_dict() of the exported checkpoint
+    contract: dict[str, Any]  # ExportContract.to_dict(): names, dims, dtypes, cache layout
+    memory: dict[str, Any]  # the resolved MemoryConfig serving starts with (policy, window, sinks, chunk)
+    opset: int
+    variant: str = "fp32"  # fp32 | int8 (dynamic quantisation, CPU) | fp16 (GPU)
+    generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig defaults
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids, stop ids, text -> id
+    chat_template: dict[str, Any] = field(default_factory=dict)  # style, role tokens, stop strings
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, its sha256, run id, tracking uri, metrics
+    optimization: dict[str, Any] = field(default_factory=dict)  # offline ORT level, quantisation settings
+    files: dict[str, str] = field(default_factory=lambda: {
+        "model": MODEL_FILE, "external_data": DATA_FILE, "tokenizer": TOKENIZER_FILE, "verification": REPORT_FILE})
+    created_at: str = ""
+    versions: dict[str, str] = field(default_factory=dict)  # ctxmem, torch, onnx, onnxruntime at export time
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT:
+            raise RuntimeConfigError(f"format is {self.format!r}, expected {FORMAT!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise RuntimeConfigError(f"format_version {self.format_version} is newer than this ctxmem reads "
+                                     f"({FORMAT_VERSION}); upgrade ctxmem")
+        if self.variant not in VARIANTS:
+            raise RuntimeConfigError(f"variant {self.variant!r} is not one of {VARIANTS}")
+        if not isinstance(self.opset, int) or self.opset < 18:
+            raise RuntimeConfigError(f"opset must be an integer >= 18, got {self.opset!r}")
+        try:
+            cfg = self.model_config
+            contract = self.export_contract
+            self.memory_config.resolve(cfg.max_seq_len, cfg.pos == "rope")
+        except (ConfigError, MemoryConfigError, KeyError, TypeError, ValueError) as err:
+            raise RuntimeConfigError(f"invalid model/contract/memory section ({err})") from None
+        if (contract.n_layers, contract.n_kv_heads, contract.head_dim, contract.vocab_size) != (
+                cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size):
+            raise RuntimeConfigError("the contract section does not match the model section")
+
+    # ---- typed views ---------------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    @property
+    def export_contract(self) -> ExportContract:
+        return ExportContract.from_dict(self.contract)
+
+    @property
+    def memory_config(self) -> MemoryConfig:
+        return MemoryConfig(**self.memory)
+
+    # ---- files ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, export_dir: str | Path) -> Path:
+        path = Path(export_dir) / RUNTIME_CONFIG
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, export_dir: str | Path) -> "RuntimeConfig":
+        export_dir = Path(export_dir)
+        path = export_dir / RUNTIME_CONFIG
+        rerun = _RERUN.format(dir=export_dir)
+        if not export_dir.is_dir():
+            raise RuntimeConfigError(f"{export_dir} is not a directory; expected a ctxmem ONNX export "
+                                     f"({MODEL_FILE}, {RUNTIME_CONFIG}, {TOKENIZER_FILE}): {rerun}")
+        if not path.is_file():
+            hint = ("it looks like a ctxmem checkpoint, not an export (use --backend torch, or export it): "
+                    if (export_dir / "config.json").is_file() else "")
+            raise RuntimeConfigError(f"{export_dir} has no {RUNTIME_CONFIG}, so it is not a complete ctxmem ONNX "
+                                     f"export; serving never guesses window, sinks or tokens: {hint}{rerun}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RuntimeConfigError(f"{path} is not readable JSON ({err}); {rerun}") from None
+        if not isinstance(data, dict):
+            raise RuntimeConfigError(f"{path} must hold a JSON object; {rerun}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise RuntimeConfigError(f"{path} lacks {missing}; {rerun}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except RuntimeConfigError as err:
+            raise RuntimeConfigError(f"{path}: {err}; {rerun}") from None
+        except TypeError as err:
+            raise RuntimeConfigError(f"{path} is malformed ({err}); {rerun}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_hashes(export_dir: str | Path) -> dict[str, str]:
+    """sha256 of the graph and its weights: what verification vouches for."""
+    export_dir = Path(export_dir)
+    return {name: file_sha256(export_dir / name) for name in (MODEL_FILE, DATA_FILE) if (export_dir / name).exists()}
+
+
+# ---- sessions --------------------------------------------------------------------------------
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def choose_provider(provider: str | None = None) -> str:
+    """'cuda'/'cpu' or a full ORT provider name; None = CUDA when this onnxruntime has it, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider is None:
+        return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
+    name = _PROVIDER_NAMES.get(provider.lower(), provider)
+    if name not in available:
+        extra = " (install onnxruntime-gpu instead of onnxruntime: pip install -e .[export,gpu])" \
+            if name == "CUDAExecutionProvider" else ""
+        raise ProviderError(f"execution provider {provider!r} is not in this onnxruntime build{extra}; "
+                            f"available: {available}")
+    return name
+
+
+def create_session(model_path: str | Path, provider: str | None = None, intra_op_threads: int = 1):
+    """An InferenceSession on the chosen provider, logging which one actually runs.
+
+    ONNX Runtime falls back to CPU *silently* when the CUDA libraries are missing, so the provider
+    is read back from session.get_providers(): an explicit request that did not take raises."""
+    import onnxruntime as ort
+
+    model_path = Path(model_path)
+    wanted = choose_provider(provider)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads  # one thread per replica by default: replicas scale out
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+    if not model_path.is_file():
+        raise ExportModelError(f"{model_path} does not exist; {_RERUN.format(dir=model_path.parent)}")
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidProtobuf/... types
+        raise ExportModelError(f"ONNX Runtime cannot load {model_path} ({type(err).__name__}: "
+                               f"{str(err).strip()[:400]}); the file (or its {DATA_FILE}) is corrupt or "
+                               f"incomplete: {_RERUN.format(dir=model_path.parent)}") from None
+    running = session.get_providers()[0]
+    if running != wanted:
+        message = (f"asked for {wanted} but ONNX Runtime runs {running} (CUDA/cuDNN libraries missing or "
+                   "incompatible; ORT fell back silently)")
+        if provider is not None:
+            raise ProviderError(message)
+        log.warning(message)
+    log.info("ONNX Runtime %s on %s (intra-op threads: %d) for %s", ort.__version__, running, intra_op_threads,
+             model_path)
+    return session
+
+
+def check_names(session, contract: ExportContract, where: str) -> None:
+    """Names first: the graph must take and give exactly what the contract declares."""
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    problems = []
+    for kind, got, want in (("inputs", got_in, contract.input_names), ("outputs", got_out, contract.output_names)):
+        missing, extra = [n for n in want if n not in got], [n for n in got if n not in want]
+        if missing or extra:
+            problems.append(f"{kind}: missing {missing}, unexpected {extra}")
+    if problems:
+        raise OutputNameError(f"{where}: graph names differ from the export contract ({'; '.join(problems)})",
+                              stage="load", tensor=None)
+
+
+# ---- the backend ------------------------------------------------------------------------------
+class OrtBackend:
+    """Runs the exported graph for ctxmem.memory.ContextMemory: numpy in, numpy out, numpy cache."""
+
+    ops = NumpyCacheOps()
+
+    def __init__(self, export_dir: str | Path, provider: str | None = None, intra_op_threads: int = 1,
+                 config: RuntimeConfig | None = None):
+        self.export_dir = Path(export_dir)
+        self.config = config or RuntimeConfig.load(self.export_dir)
+        self.contract = self.config.export_contract
+        cfg = self.config.model_config
+        self.max_seq_len = cfg.max_seq_len
+        self.vocab_size = cfg.vocab_size
+        self.uses_rope = cfg.pos == "rope"
+        self.session = create_session(self.export_dir / self.config.files.get("model", MODEL_FILE), provider,
+                                      intra_op_threads)
+        check_names(self.session, self.contract, str(self.export_dir))
+        self.provider = self.session.get_providers()[0]
+        self.output_names = self.contract.output_names
+        self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past) -> list[np.ndarray]:
+        """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...)."""
+        feed = self.contract.numpy_inputs(np.ascontiguousarray(ids, dtype=np.int64),
+                                          np.ascontiguousarray(positions, dtype=np.int64),
+                                          np.ascontiguousarray(mask, dtype=bool), past)
+        return self.session.run(self.output_names, feed)
+
+    def forward(self, ids, positions, mask, past, last_only=True):
+        outs = self.run(ids, positions, mask, past)
+        logits = outs[0][:, -1] if last_only else outs[0]
+        present = list(zip(outs[1::2], outs[2::2]))  # (B, Hkv, S+T, D) per layer
+        return np.asarray(logits, dtype=np.float32), present
+
+
+def is_model_uri(spec: str | Path) -> bool:
+    return isinstance(spec, str) and spec.startswith(("models:/", "runs:/"))
+
+
+def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
+                        intra_op_threads: int = 1):
+    """A ctxmem Generator over ONNX Runtime: the core's sampler, memory policies and loop.
+
+    ``export_dir`` may also be a `models:/NAME@ALIAS` or `runs:/ID/PATH` URI (downloaded through
+    MLflow). The memory policy and generation defaults come from the runtime config unless given."""
+    from ctxmem.generation import Generator
+    from ctxmem.sampling import GenerationConfig
+    from ctxmem.tokenizer import load_tokenizer
+
+    if is_model_uri(export_dir):
+        from .registry import resolve_model
+
+        export_dir = resolve_model(str(export_dir))
+    export_dir = Path(export_dir)
+    config = RuntimeConfig.load(export_dir)
+    backend = OrtBackend(export_dir, provider=provider, intra_op_threads=intra_op_threads, config=config)
+    tokenizer = load_tokenizer(export_dir / config.files.get("tokenizer", TOKENIZER_FILE))
+    mem = memory or config.memory_config
+    return Generator(backend, tokenizer, mem, GenerationConfig(**config.generation))
+
+
+__all__ = ["RuntimeConfig", "OrtBackend", "load_onnx_generator", "create_session", "choose_provider",
+           "RUNTIME_CONFIG", "MODEL_FILE", "DATA_FILE", "TOKENIZER_FILE", "REPORT_FILE"]
