@@ -1,0 +1,194 @@
+"""`ctxmem export`, `ctxmem registry {register,promote,list}` and `ctxmem eval`.
+
+Only argparse here at import time: torch, onnx, onnxruntime and mlflow load inside the handlers.
+Handlers return exit codes; user errors are the typed exceptions of export/errors.py, which
+ctxmem.cli prints as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("ctxmem.export")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_export(sub)
+    _add_registry(sub)
+    _add_eval(sub)
+
+
+def _uri_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db as `ctxmem train`)")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (+ runtime config, tokenizer, verification)",
+                       description="Write model.onnx (+ model.onnx.data), runtime_config.json, tokenizer.json and "
+                                   "verification.json to --out. SPEC is a checkpoint directory, runs:/<id>/<path> "
+                                   "or models:/NAME@ALIAS. See export/README.md.")
+    p.add_argument("--model", required=True, metavar="SPEC", help="checkpoint directory, runs:/..., models:/...")
+    p.add_argument("--out", required=True, help="export directory to write (an existing export is replaced)")
+    variant = p.add_mutually_exclusive_group()
+    variant.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU serving)")
+    variant.add_argument("--fp16", action="store_true", help="float16 weights and cache (GPU serving)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="structured check against PyTorch (names, shapes, values, greedy tokens); default on")
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens compared by --verify (default 64)")
+    p.add_argument("--eval-data", default=None,
+                   help="data for the int8/fp16 accuracy check: a `ctxmem data prepare` folder or a text file "
+                        "(default: text sampled from the fp32 model)")
+    p.add_argument("--policy", choices=("full", "sink", "recompute"), default=None,
+                   help="memory policy written to the runtime config (default: the checkpoint's generation_config)")
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--sinks", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=None)
+    _uri_arg(p)
+    p.set_defaults(func=cmd_export)
+
+
+def _add_registry(sub) -> None:
+    p = sub.add_parser("registry", help="MLflow model registry: register, promote (gated aliases), list",
+                       description="Register verified exports, move aliases (challenger -> champion) through a "
+                                   "gate, and list versions with their aliases and metrics.")
+    rs = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    r = rs.add_parser("register", help="verify an export and register it as a new model version")
+    r.add_argument("--export", required=True, help="export directory written by `ctxmem export`")
+    r.add_argument("--name", required=True, help="registered model name")
+    r.add_argument("--checkpoint", default=None,
+                   help="checkpoint to verify against (default: the source recorded in the runtime config)")
+    r.add_argument("--eval-data", default=None, help="measure val loss/perplexity of the export on this data "
+                                                     "(default: the training run's, from mlflow_run.json)")
+    r.add_argument("--alias", default=None, help="then promote the new version to this alias (gated), e.g. challenger")
+    r.add_argument("--reverify", action="store_true",
+                   help="re-run the structured check against the checkpoint even if verification.json passed")
+    r.add_argument("--eval-windows", type=int, default=32, help="windows of 128 tokens measured by --eval-data")
+    r.add_argument("--allow-unverified", action="store_true",
+                   help="register even if verification failed or is missing (tagged; promotion will refuse it)")
+    r.add_argument("--description", default=None)
+    _uri_arg(r)
+    r.set_defaults(func=cmd_register)
+
+    pr = rs.add_parser("promote", help="point an alias at a version, through the promotion gate")
+    pr.add_argument("--name", required=True)
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", default=None, help="version number to promote")
+    which.add_argument("--from-alias", default=None, help="promote the version another alias points at (challenger)")
+    pr.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    pr.add_argument("--tolerance", type=float, default=0.02,
+                    help="champion gate: how much worse (relative) validation perplexity may be (default 0.02)")
+    pr.add_argument("--force", action="store_true", help="override a refusal (needs --reason; recorded)")
+    pr.add_argument("--reason", default=None)
+    _uri_arg(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    ls = rs.add_parser("list", help="versions, aliases, verification and metrics")
+    ls.add_argument("--name", default=None, help="one registered model (default: all)")
+    ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    _uri_arg(ls)
+    ls.set_defaults(func=cmd_list)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint or an export",
+                       description="Mean next-token loss over non-overlapping windows of DATA (a `ctxmem data "
+                                   "prepare` folder: its validation split; or a text file).")
+    p.add_argument("--model", required=True, metavar="SPEC", help="checkpoint or export directory, runs:/, models:/")
+    p.add_argument("--data", required=True, help="prepared data folder or text file")
+    p.add_argument("--block", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--provider", default=None, help="ONNX Runtime provider for exports: cpu, cuda (default: auto)")
+    p.add_argument("--json", action="store_true")
+    _uri_arg(p)
+    p.set_defaults(func=cmd_eval)
+
+
+# ---- handlers -------------------------------------------------------------------------------------
+def _memory(args):
+    from ctxmem.memory import MemoryConfig
+
+    given = {k: v for k, v in dict(window=args.window, sinks=args.sinks, chunk=args.chunk).items() if v is not None}
+    if args.policy is None and not given:
+        return None
+    return MemoryConfig(policy=args.policy or "sink", **given)
+
+
+def cmd_export(args) -> int:
+    from .errors import ModelSpecError
+    from .onnx_export import export_onnx
+    from .registry import resolve_model
+    from .runtime import RUNTIME_CONFIG
+    from .verify import read_report, summarize
+
+    ckpt = resolve_model(args.model, tracking_uri=args.tracking_uri)
+    if (ckpt / RUNTIME_CONFIG).is_file():
+        raise ModelSpecError(f"{args.model} is already an ONNX export; --model takes the checkpoint it came from")
+    run_id = args.model[len("runs:/"):].split("/", 1)[0] if args.model.startswith("runs:/") else None
+    try:
+        out = export_onnx(ckpt, args.out, opset=args.opset, verify=args.verify, int8=args.int8, fp16=args.fp16,
+                          memory=_memory(args), source_run_id=run_id, eval_data=args.eval_data,
+                          verify_tokens=args.tokens)
+    finally:
+        report = read_report(args.out)
+        if report:
+            print(f"verification: {summarize(report)}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def cmd_register(args) -> int:
+    from .registry import promote, register_export
+
+    result = register_export(args.export, args.name, tracking_uri=args.tracking_uri, checkpoint=args.checkpoint,
+                             eval_data=args.eval_data, allow_unverified=args.allow_unverified,
+                             description=args.description, reverify=args.reverify,
+                             eval_windows=args.eval_windows)
+    ppl = f", val_ppl {result['val_ppl']:.4f}" if result.get("val_ppl") is not None else ""
+    print(f"registered {result['name']} version {result['version']} (verification {result['verification']}{ppl}; "
+          f"run {result['run_id']})")
+    if args.alias:
+        record = promote(args.name, args.alias, version=result["version"], tracking_uri=args.tracking_uri)
+        print(f"{args.name}@{record['alias']} -> version {record['version']}")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from .registry import promote
+
+    record = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias, force=args.force,
+                     reason=args.reason, tolerance=args.tolerance, tracking_uri=args.tracking_uri)
+    forced = f" (forced: {record['reason']}; gate said: {'; '.join(record['gate'])})" if record["forced"] else ""
+    previous = f" (was version {record['previous_version']})" if record["previous_version"] else ""
+    print(f"{args.name}@{record['alias']} -> version {record['version']}{previous}{forced}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import format_table, list_versions
+
+    rows = list_versions(args.name, tracking_uri=args.tracking_uri)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows) if rows else "no registered models")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, args.data, block=args.block, batch=args.batch, max_windows=args.max_windows,
+                      provider=args.provider)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"loss {result.loss:.4f}  perplexity {result.ppl:.4f}  ({result.tokens} tokens in {result.windows} "
+              f"windows of {result.block}, {result.data})")
+    return 0

@@ -1,0 +1,495 @@
+"""MLflow model registry for exports: register, promote through a gate, list, and resolve
+`--model SPEC` (a directory, `runs:/<id>/<path>`, `models:/NAME@ALIAS`, `models:/NAME/VERSION`)
+to a local directory.
+
+Aliases, not stages (deprecated in MLflow): `challenger` is where a new version waits, `champion`
+is what serving loads. Moving an alias goes through `promote`, whose gate refuses a version whose
+verification failed or is missing, or (for champion) whose validation perplexity is worse than the
+current champion's beyond a tolerance - unless forced with a reason, which is recorded on the
+version and on the registered model.
+
+Store: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db with
+artifacts in mlruns/ beside it - the same default as `ctxmem train`, so lineage links up.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import (AliasNotFoundError, ModelSpecError, PromotionRefusedError, RegistryError, VerificationError)
+from .runtime import MODEL_FILE, RUNTIME_CONFIG, RuntimeConfig, export_hashes
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PPL_TOLERANCE = 0.02  # a candidate may be at most 2% worse in validation perplexity than the champion
+EXPERIMENT = "ctxmem-models"
+TAG = "ctxmem."
+TAG_VALUE_LIMIT = 5000  # MLflow's limit on a model version tag value
+CACHE_ENV = "CTXMEM_MODEL_CACHE"
+
+
+# ---- the store ----------------------------------------------------------------------------------
+def default_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (as training)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path.cwd() / "mlflow.db")
+
+
+def _artifact_location(uri: str) -> str | None:
+    """SQLite stores keep artifacts in mlruns/ beside the database; a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _mlflow(uri: str) -> Iterator[Any]:
+    """MLflow pointed at `uri` for the duration (fluent API included), then restored."""
+    # An unreachable server should fail in seconds, not after MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    before_tracking, before_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except MlflowException as err:
+        raise RegistryError(f"MLflow at {uri}: {_first_line(err)}") from None
+    except OSError as err:  # requests' ConnectionError is an OSError
+        raise RegistryError(f"cannot reach the MLflow tracking server at {uri} ({_first_line(err)}); start it "
+                            "(see export/README.md) or pass another --tracking-uri") from None
+    finally:
+        mlflow.set_tracking_uri(before_tracking)
+        mlflow.set_registry_uri(before_registry)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0][:400] if text else type(err).__name__
+
+
+def _missing(err: Exception) -> bool:
+    return getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if not _missing(err):
+            raise
+        names = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(f"no registered model {name!r} in {client.tracking_uri}; registered models: "
+                            f"{names or 'none'}") from None
+
+
+def _alias_version(client, name: str, alias: str) -> str:
+    aliases = dict(_registered_model(client, name).aliases)  # search_model_versions does not show aliases
+    if alias not in aliases:
+        known = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+        raise AliasNotFoundError(f"registered model {name!r} has no alias {alias!r}; its aliases: {known}. "
+                                 f"Set one with `ctxmem registry promote --name {name} --version V --alias {alias}`")
+    return str(aliases[alias])
+
+
+def _model_version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    _registered_model(client, name)
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if not _missing(err):
+            raise
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise RegistryError(f"registered model {name!r} has no version {version}; versions: {versions}") from None
+
+
+# ---- register ---------------------------------------------------------------------------------------
+def register_export(export_dir: str | Path, name: str, *, tracking_uri: str | None = None,
+                    checkpoint: str | Path | None = None, eval_data: str | Path | None = None,
+                    allow_unverified: bool = False, description: str | None = None, reverify: bool = False,
+                    eval_windows: int = 32) -> dict[str, Any]:
+    """Verify the export, then log it (pyfunc that generates, artifacts = the export) and register
+    a new version of `name` with tags carrying the verification, metrics and lineage.
+
+    Verification comes first: a passed verification.json that pins these exact files (sha256 of
+    the graph and weights) is accepted; otherwise (no report, a failed one, or reverify=True) the
+    structured check is re-run against the source checkpoint. Files changed since verification
+    raise TamperedExportError. A failed or missing verification raises unless allow_unverified,
+    which registers the version tagged as such - the promotion gate will then refuse it."""
+    from .verify import STATUS_FAILED, STATUS_MISSING, STATUS_PASSED, check_report, summarize, verify_export
+
+    export_dir = Path(export_dir).resolve()
+    config = RuntimeConfig.load(export_dir)
+    ckpt = Path(checkpoint) if checkpoint else (Path(config.source["checkpoint"]) if config.source.get("checkpoint")
+                                                else None)
+    error: Exception | None = None
+    try:
+        if reverify:
+            if ckpt is None or not ckpt.is_dir():
+                raise VerificationError(f"cannot re-verify {export_dir}: its source checkpoint {ckpt} is not here; "
+                                        "pass --checkpoint DIR")
+            stored = {}
+        else:  # TamperedExportError when the files changed since they were verified
+            stored = check_report(export_dir)
+        if stored.get("status") == STATUS_PASSED:
+            report = stored
+            log.info("%s: verification report passed and pins these exact files (sha256); not re-running it "
+                     "(--reverify to re-run against the checkpoint)", export_dir)
+        elif ckpt is not None and ckpt.is_dir():
+            data = eval_data or (stored.get("accuracy") or {}).get("data")
+            report = verify_export(export_dir, ckpt, eval_data=data if data and Path(str(data)).exists() else None)
+        else:
+            report = stored
+    except VerificationError as err:
+        error, report = err, dict(err.report or {"status": STATUS_FAILED})
+        report["status"] = STATUS_FAILED
+        report.setdefault("error", {"type": type(err).__name__, "message": str(err)})
+    status = report.get("status", STATUS_MISSING)
+    if status != STATUS_PASSED and not allow_unverified:
+        if error is not None:
+            raise error
+        raise VerificationError(f"{export_dir} has verification status {status!r}; verify it (`ctxmem export "
+                                "--verify`, or pass --checkpoint) before registering, or pass --allow-unverified "
+                                "to register it for inspection (promotion will refuse it)")
+    metrics = _metrics(export_dir, config, eval_data, eval_windows)
+    uri = default_tracking_uri(tracking_uri)
+    with _mlflow(uri) as client:
+        import mlflow
+
+        from .pyfunc import ARTIFACT_KEY, onnx_signature, signature
+
+        experiment_id, parent = _experiment_for(client, uri, config.source.get("run_id"))
+        tags = {"ctxmem.kind": "registration", "ctxmem.export": str(export_dir)}
+        if parent:
+            tags["mlflow.parentRunId"] = parent  # the training run: lineage shows in the MLflow UI
+        version_tags = _version_tags(config, report, metrics, status, export_dir)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}", tags=tags) as run:
+            mlflow.log_params({"variant": config.variant, "opset": config.opset, **{
+                f"memory.{k}": v for k, v in config.memory.items()}, **{
+                f"model.{k}": v for k, v in config.model.items()}})
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            numeric.update(_report_metrics(report))
+            if numeric:
+                mlflow.log_metrics(numeric)
+            mlflow.log_dict(report, "verification.json")
+            with warnings.catch_warnings():  # MLflow nags about type hints and input examples; the
+                warnings.simplefilter("ignore", UserWarning)  # signature below is explicit
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                    artifacts={ARTIFACT_KEY: str(export_dir)}, signature=signature(),
+                    pip_requirements=_requirements(),
+                    metadata={"ctxmem": {"variant": config.variant, "opset": config.opset,
+                                         "onnx_signature": onnx_signature(config.export_contract)}})
+        mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+        if description:
+            client.update_model_version(name, mv.version, description=description)
+    result = {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "model_uri": info.model_uri,
+              "verification": status, "summary": summarize(report), "tracking_uri": uri, **metrics}
+    log.info("registered %s version %s (%s)", name, mv.version, result["summary"])
+    return result
+
+
+def _metrics(export_dir: Path, config: RuntimeConfig, eval_data, windows: int) -> dict[str, Any]:
+    """Validation metrics of this export: measured now on --eval-data, else the training run's."""
+    if eval_data is not None:
+        from .evaluate import evaluate
+
+        result = evaluate(export_dir, eval_data, block=min(128, config.model_config.max_seq_len), max_windows=windows)
+        return {"val_loss": result.loss, "val_ppl": result.ppl, "metrics_source": f"ctxmem eval on {eval_data}"}
+    src = config.source
+    if src.get("val_ppl") is not None:
+        return {"val_loss": src.get("val_loss"), "val_ppl": src.get("val_ppl"),
+                "metrics_source": f"training run {src.get('run_id')}"}
+    return {"metrics_source": "none"}
+
+
+def _report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for stage, data in (report.get("stages") or {}).items():
+        if isinstance(data, dict) and "max_abs_diff" in data:
+            out[f"verify_{stage}_max_abs_diff"] = float(data["max_abs_diff"])
+    greedy = report.get("greedy") or {}
+    if greedy.get("tokens_compared"):
+        out["verify_greedy_match"] = greedy["tokens_matched"] / greedy["tokens_compared"]
+    acc = report.get("accuracy") or {}
+    for key in ("loss", "reference_loss", "loss_rel_change", "top1_agreement"):
+        if key in acc:
+            out[f"variant_{key}"] = float(acc[key])
+    return out
+
+
+def _compact_report(report: dict[str, Any]) -> str:
+    keep = {k: report.get(k) for k in ("status", "variant", "checks", "provider", "checked_at", "error")}
+    keep["stages"] = {s: {k: v for k, v in d.items() if k in ("calls", "max_abs_diff", "slides", "window_turns")}
+                      for s, d in (report.get("stages") or {}).items() if isinstance(d, dict)}
+    keep["greedy"] = {k: (report.get("greedy") or {}).get(k) for k in ("tokens", "tokens_matched", "tokens_compared")}
+    if report.get("accuracy"):
+        keep["accuracy"] = {k: report["accuracy"].get(k) for k in
+                            ("reference_loss", "loss", "loss_rel_change", "top1_agreement", "tolerance")}
+    text = json.dumps(keep, default=float)
+    return text if len(text) <= TAG_VALUE_LIMIT else text[:TAG_VALUE_LIMIT - 40] + ' ... (see verification.json)'
+
+
+def _version_tags(config: RuntimeConfig, report, metrics, status, export_dir: Path) -> dict[str, str]:
+    from .verify import summarize
+
+    src = config.source
+    tags = {
+        "ctxmem.verification": status, "ctxmem.verification_summary": summarize(report)[:TAG_VALUE_LIMIT],
+        "ctxmem.verification_report": _compact_report(report), "ctxmem.variant": config.variant,
+        "ctxmem.opset": str(config.opset), "ctxmem.memory": json.dumps(config.memory),
+        "ctxmem.metrics_source": str(metrics.get("metrics_source")),
+        "ctxmem.source_run_id": str(src.get("run_id") or ""), "ctxmem.source_checkpoint": str(src.get("checkpoint")),
+        "ctxmem.source_tracking_uri": str(src.get("tracking_uri") or ""),
+        "ctxmem.export_sha256": json.dumps(export_hashes(export_dir)),
+    }
+    for key in ("val_loss", "val_ppl"):
+        if metrics.get(key) is not None:
+            tags[f"ctxmem.{key}"] = repr(float(metrics[key]))
+    return tags
+
+
+def _experiment_for(client, uri: str, source_run_id: str | None) -> tuple[str, str | None]:
+    """The training run's experiment (and that run as parent) when it is in this store, else ctxmem-models."""
+    from mlflow.exceptions import MlflowException
+
+    if source_run_id:
+        try:
+            run = client.get_run(source_run_id)
+            return run.info.experiment_id, source_run_id
+        except MlflowException:
+            log.info("source run %s is not in %s; registering under experiment %s", source_run_id, uri, EXPERIMENT)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id, None
+    return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri)), None
+
+
+def _requirements() -> list[str]:
+    """Pinned to what is installed; ctxmem itself comes from this repository (pip install -e .)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = ["ctxmem"]
+    for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "tokenizers", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+# ---- promote ----------------------------------------------------------------------------------------
+def promote(name: str, alias: str, *, version: str | int | None = None, from_alias: str | None = None,
+            force: bool = False, reason: str | None = None, tolerance: float = PPL_TOLERANCE,
+            tracking_uri: str | None = None, gate_alias: str = CHAMPION) -> dict[str, Any]:
+    """Point `name@alias` at a version, through the gate (see the module docstring).
+    Returns the decision record, which is also stored as tags."""
+    if (version is None) == (from_alias is None):
+        raise RegistryError("give exactly one of --version V or --from-alias ALIAS (e.g. --from-alias challenger)")
+    if force and not (reason and reason.strip()):
+        raise RegistryError("--force needs --reason '...': a forced promotion is recorded with its reason")
+    uri = default_tracking_uri(tracking_uri)
+    with _mlflow(uri) as client:
+        if from_alias is not None:
+            version = _alias_version(client, name, from_alias)
+        mv = _model_version(client, name, str(version))
+        aliases = dict(_registered_model(client, name).aliases)
+        previous = str(aliases[alias]) if alias in aliases else None
+        failures = _gate(client, name, mv, alias, previous, tolerance, gate_alias)
+        if failures and not force:
+            stays = f"{name}@{alias} stays on version {previous}" if previous else f"{name}@{alias} stays unset"
+            raise PromotionRefusedError(
+                f"refused to point {name}@{alias} at version {mv.version}: {'; '.join(failures)}. {stays}. "
+                "Fix the cause (re-export and verify, register with --eval-data) or override with "
+                "--force --reason '...' (recorded)")
+        record = {"alias": alias, "version": str(mv.version), "previous_version": previous,
+                  "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "by": _user(),
+                  "forced": bool(force and failures), "reason": reason, "gate": failures or "passed",
+                  "val_ppl": mv.tags.get("ctxmem.val_ppl")}
+        client.set_registered_model_alias(name, alias, str(mv.version))
+        value = json.dumps(record)
+        client.set_model_version_tag(name, str(mv.version), f"ctxmem.promotion.{alias}", value)
+        client.set_registered_model_tag(name, f"ctxmem.last_promotion.{alias}", value)
+    log.info("%s@%s -> version %s%s", name, alias, mv.version, " (FORCED: %s)" % reason if record["forced"] else "")
+    return record
+
+
+def _gate(client, name: str, mv, alias: str, previous: str | None, tolerance: float, gate_alias: str) -> list[str]:
+    failures = []
+    status = mv.tags.get("ctxmem.verification")
+    if status is None:
+        failures.append(f"version {mv.version} has no verification record (register it with `ctxmem registry "
+                        "register`, which verifies first)")
+    elif status != "passed":
+        summary = mv.tags.get("ctxmem.verification_summary", "")
+        failures.append(f"version {mv.version} verification {status}" + (f" ({summary})" if summary else ""))
+    if alias == gate_alias and previous is not None and str(previous) != str(mv.version):
+        champion = client.get_model_version(name, str(previous))
+        cand, champ = _float(mv.tags.get("ctxmem.val_ppl")), _float(champion.tags.get("ctxmem.val_ppl"))
+        if cand is None:
+            failures.append(f"version {mv.version} has no validation perplexity to compare with the {alias} "
+                            f"(version {previous}); register it with --eval-data")
+        elif champ is not None and cand > champ * (1 + tolerance):
+            failures.append(f"validation perplexity {cand:.4g} is worse than the {alias}'s {champ:.4g} "
+                            f"(version {previous}) by more than {100 * tolerance:g}%")
+    return failures
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "", "None") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        return "unknown"
+
+
+# ---- list ---------------------------------------------------------------------------------------------
+def list_versions(name: str | None = None, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """One row per version: aliases, verification, variant, metrics, lineage."""
+    uri = default_tracking_uri(tracking_uri)
+    rows = []
+    with _mlflow(uri) as client:
+        models = [_registered_model(client, name)] if name else list(client.search_registered_models())
+        for model in models:
+            by_version: dict[str, list[str]] = {}
+            for alias, v in dict(model.aliases).items():
+                by_version.setdefault(str(v), []).append(alias)
+            for mv in client.search_model_versions(f"name='{model.name}'"):
+                t = mv.tags
+                rows.append({"name": model.name, "version": str(mv.version),
+                             "aliases": sorted(by_version.get(str(mv.version), [])),
+                             "verification": t.get("ctxmem.verification", "missing"),
+                             "variant": t.get("ctxmem.variant", "?"), "val_loss": _float(t.get("ctxmem.val_loss")),
+                             "val_ppl": _float(t.get("ctxmem.val_ppl")),
+                             "source_run_id": t.get("ctxmem.source_run_id") or None, "run_id": mv.run_id,
+                             "created": _dt.datetime.fromtimestamp(mv.creation_timestamp / 1000,
+                                                                   _dt.timezone.utc).isoformat(timespec="seconds")})
+    rows.sort(key=lambda r: (r["name"], int(r["version"])))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ("name", "version", "aliases", "verification", "variant", "val_loss", "val_ppl", "source_run_id")
+    def cell(row, key):
+        value = row.get(key)
+        if key == "aliases":
+            return ",".join("@" + a for a in value) or "-"
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "-" if value in (None, "") else str(value)
+    table = [head] + [tuple(cell(r, k) for k in head) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
+
+
+# ---- resolve ----------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ctxmem" / "models")
+
+
+def resolve_model(spec: str | Path, *, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local directory (export or checkpoint) for a --model SPEC:
+    a directory; `runs:/<run_id>/<path>`; `models:/NAME@ALIAS`; `models:/NAME/VERSION`.
+    URIs are downloaded through MLflow into a cache keyed by store, name, version and run."""
+    text = str(spec)
+    if not text.startswith(("models:/", "runs:/")):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise ModelSpecError(f"{path} does not exist; --model takes a checkpoint or export directory, "
+                                 "runs:/<run_id>/<path>, or models:/NAME@ALIAS (or models:/NAME/VERSION)")
+        if not path.is_dir():
+            raise ModelSpecError(f"{path} is a file; --model takes a directory (checkpoint or export) or a URI")
+        return path
+    uri = default_tracking_uri(tracking_uri)
+    root = Path(cache_dir) if cache_dir else cache_root()
+    store = hashlib.sha1(uri.encode()).hexdigest()[:10]
+    parsed = _parse_models_uri(text) if text.startswith("models:/") else None  # syntax before any I/O
+    with _mlflow(uri) as client:
+        if parsed is not None:
+            name, version, alias = parsed
+            if alias is not None:
+                version = _alias_version(client, name, alias)
+            mv = _model_version(client, name, version)
+            target = root / store / _safe(name) / f"v{mv.version}-{(mv.run_id or 'norun')[:12]}"
+            source = f"models:/{name}/{mv.version}"
+        else:
+            body = text[len("runs:/"):]
+            run_id, _, sub = body.partition("/")
+            if not run_id:
+                raise ModelSpecError(f"{text}: expected runs:/<run_id>/<artifact path>")
+            target = root / store / "runs" / run_id / (_safe(sub) or "_root")
+            source = text
+        if not (target / ".complete").exists():
+            _download(source, target, uri)
+    return _find_model_dir(target, text)
+
+
+def _parse_models_uri(text: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS -> (NAME, None, ALIAS); models:/NAME/VERSION -> (NAME, VERSION, None)."""
+    body = text[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        if name and alias and "/" not in alias:
+            return name, None, alias
+    else:
+        name, _, version = body.rpartition("/")
+        if name and version.isdigit():
+            return name, version, None
+    raise ModelSpecError(f"{text}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip("/"))
+
+
+def _download(source: str, target: Path, uri: str) -> None:
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri)
+        (tmp / ".complete").write_text(source + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _find_model_dir(root: Path, spec: str) -> Path:
+    """The export (runtime_config.json) or checkpoint (config.json + model.safetensors) inside a download."""
+    candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
+    for path in candidates:
+        if (path / RUNTIME_CONFIG).is_file() and (path / MODEL_FILE).is_file():
+            return path
+    for path in candidates:
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            return path
+    raise ModelSpecError(f"{spec} downloaded to {root} but holds neither a ctxmem export ({RUNTIME_CONFIG} + "
+                         f"{MODEL_FILE}) nor a checkpoint (config.json + model.safetensors)")
