@@ -1,0 +1,219 @@
+"""Shared builders for the export tests: a cheaply trained `small` checkpoint, exports built once
+per session (module-level cache), tampering helpers and a throwaway `mlflow server`."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_BUILT: dict[str, object] = {}
+
+
+def once(key: str, build: Callable[[], object]):
+    """Build something once per test session (several test modules share the same exports)."""
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
+
+
+# ---- a trained `small` -------------------------------------------------------------------------------
+_SUBJECTS = ("the cat", "a dog", "the sink", "my window", "the model", "a token", "the cache", "our memory")
+_VERBS = ("keeps", "sees", "holds", "drops", "reads", "writes", "moves", "finds")
+_OBJECTS = ("the first token", "a long story", "the last words", "every slot", "a small fish", "the key",
+            "the value", "two more lines")
+
+
+def synthetic_text(sentences: int, seed: int) -> str:
+    """A tiny grammar: enough structure that a few dozen steps of training lower the loss a lot."""
+    rng = random.Random(seed)
+    return " ".join(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(sentences))
+
+
+def train_small(out: Path, steps: int = 30, seq_len: int = 64, batch: int = 8) -> Path:
+    """`small` preset, byte tokenizer, a plain torch loop (the DeepSpeed trainer is not needed here).
+    Writes the checkpoint, val.txt beside it and an mlflow_run.json as the training stage does."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from ctxmem.checkpoint import save_checkpoint
+    from ctxmem.config import preset
+    from ctxmem.model import Transformer
+    from ctxmem.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    model = Transformer(preset("small", vocab_size=tok.vocab_size))
+    train = np.asarray(tok.encode(synthetic_text(3000, seed=1)), dtype=np.int64)
+    val_text = synthetic_text(300, seed=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:  # short warm-up, then constant
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / 5)
+        starts = rng.integers(0, len(train) - seq_len - 1, size=batch)
+        rows = torch.from_numpy(np.stack([train[s:s + seq_len + 1] for s in starts]))
+        logits = model(rows[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    val = torch.tensor(tok.encode(val_text)[: 4 * seq_len + 1])
+    with torch.no_grad():
+        windows = torch.stack([val[i * seq_len: i * seq_len + seq_len + 1] for i in range(4)])
+        logits = model(windows[:, :-1])
+        val_loss = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           windows[:, 1:].reshape(-1)))
+    save_checkpoint(out, model, tok)
+    (out / "mlflow_run.json").write_text(json.dumps({
+        "run_id": "0123456789abcdef0123456789abcdef", "tracking_uri": "sqlite:///elsewhere/mlflow.db",
+        "experiment": "ctxmem-train", "val_loss": val_loss, "val_ppl": math.exp(val_loss), "step": steps,
+        "last_train_loss": float(loss.detach())}) + "\n")
+    (out.parent / "val.txt").write_text(val_text + "\n")
+    return out
+
+
+# ---- session fixtures (import them into a test module to use them) ------------------------------------
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Built through the CLI, as a user would: sink memory written into the runtime config."""
+    from ctxmem.cli import main
+
+    def build():
+        out = tmp_path_factory.mktemp("tiny_export") / "export"
+        code = main(["export", "--model", str(tiny_checkpoint), "--out", str(out),
+                     "--policy", "sink", "--sinks", "4", "--window", "60"])
+        assert code == 0
+        return out
+    return once(f"tiny_export:{tiny_checkpoint}", build)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    # 20 steps of a plain torch loop on a synthetic grammar: loss ~5.6 -> ~2.6, enough to be "trained"
+    return once("small_checkpoint", lambda: train_small(tmp_path_factory.mktemp("small") / "ckpt",
+                                                         steps=20, seq_len=32, batch=4))
+
+
+@pytest.fixture(scope="session")
+def small_export(small_checkpoint, tmp_path_factory) -> Path:
+    from ctxmem.export.onnx_export import export_onnx
+
+    return once("small_export", lambda: export_onnx(small_checkpoint, tmp_path_factory.mktemp("small_x") / "fp32"))
+
+
+@pytest.fixture(scope="session")
+def small_int8(small_export, small_checkpoint, tmp_path_factory) -> Path:
+    from ctxmem.export.onnx_export import derive_variant
+
+    # the same step `ctxmem export --int8` runs after tracing and verifying the fp32 graph
+    return once("small_int8", lambda: derive_variant(small_export, tmp_path_factory.mktemp("small_x") / "int8",
+                                                     "int8", eval_data=small_checkpoint.parent / "val.txt"))
+
+
+
+# ---- tampering ---------------------------------------------------------------------------------------
+def copy_export(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def tamper_weights(export_dir: Path, delta: float = 0.05) -> str:
+    """Add `delta` to the largest float initializer in model.onnx.data, in place; returns its name."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    best = None
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and init.data_type == onnx.TensorProto.FLOAT:
+            info = {e.key: e.value for e in init.external_data}
+            if best is None or int(info["length"]) > int(best[1]["length"]):
+                best = (init.name, info)
+    name, info = best
+    data = np.memmap(export_dir / info["location"], dtype=np.uint8, mode="r+")
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    values = data[offset: offset + length].view(np.float32)
+    values += np.float32(delta)
+    data.flush()
+    return name
+
+
+def cut_logits(export_dir: Path) -> None:
+    """Rewrite the graph so `logits` loses its last vocabulary column: (B, T, V) -> (B, T, V-1)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name == "logits":
+                node.output[i] = "logits_full"
+    vocab = graph.output[0].type.tensor_type.shape.dim[2].dim_value
+    graph.initializer.extend([helper.make_tensor("cut_starts", onnx.TensorProto.INT64, [1], [0]),
+                              helper.make_tensor("cut_ends", onnx.TensorProto.INT64, [1], [vocab - 1]),
+                              helper.make_tensor("cut_axes", onnx.TensorProto.INT64, [1], [2])])
+    graph.node.append(helper.make_node("Slice", ["logits_full", "cut_starts", "cut_ends", "cut_axes"], ["logits"]))
+    graph.output[0].type.tensor_type.shape.dim[2].dim_value = vocab - 1
+    onnx.save_model(model, str(export_dir / "model.onnx"))
+
+
+# ---- a real `mlflow server` --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """infra/mlflow/start_server.sh on 127.0.0.1:<free port>, SQLite + local artifacts in `root`."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        env = {**os.environ, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(self.port),
+               "MLFLOW_DIR": str(root), "MLFLOW_WORKERS": "1", "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")}
+        self.proc = subprocess.Popen(["bash", str(REPO / "infra" / "mlflow" / "start_server.sh")], env=env,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 90.0) -> "MlflowServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer /health in {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
