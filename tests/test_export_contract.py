@@ -1,0 +1,103 @@
+"""The export contract and the runtime config, without exporting anything (fast)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ctxmem.config import preset
+from ctxmem.memory import MemoryConfig
+from ctxmem.model import attention_allowed
+from ctxmem.export.contract import (EXAMPLE_PAST, ExportContract, _attention_allowed_exportable, export_patches,
+                                    past_names, present_names)
+from ctxmem.export.errors import RuntimeConfigError
+from ctxmem.export.runtime import RUNTIME_CONFIG, RuntimeConfig
+
+
+def test_contract_names_inputs_and_outputs_per_layer_in_cache_order():
+    c = ExportContract.for_model(preset("tiny"))
+    assert c.input_names == ["input_ids", "positions", "attention_mask", "past_key_0", "past_value_0",
+                             "past_key_1", "past_value_1"]
+    assert c.output_names == ["logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
+    assert past_names(1) == ["past_key_0", "past_value_0"] and present_names(1) == ["present_key_0", "present_value_0"]
+
+
+def test_contract_gives_the_mask_its_own_dynamic_dimension_and_fixes_heads_and_head_dim():
+    cfg = preset("tiny")
+    c = ExportContract.for_model(cfg)
+    dims = {t.name: t.dims for t in c.inputs()}
+    assert dims["attention_mask"] == ("batch", "mask_len")
+    assert dims["past_key_0"] == ("batch", cfg.n_kv_heads, "past_len", cfg.head_dim)
+    assert c.output_shapes(batch=3, new=1, past=0)["present_value_1"] == (3, cfg.n_kv_heads, 1, cfg.head_dim)
+    assert c.output_shapes(batch=2, new=4, past=5)["logits"] == (2, 4, cfg.vocab_size)
+    assert EXAMPLE_PAST >= 2  # torch.export specialises sizes 0 and 1
+
+
+def test_contract_round_trips_through_its_dict_and_rejects_other_cache_dtypes():
+    c = ExportContract.for_model(preset("tiny"), cache_dtype="float16")
+    assert ExportContract.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="cache_dtype"):
+        ExportContract(2, 2, 24, 263, cache_dtype="int8")
+
+
+@pytest.mark.parametrize("batch,past,new", [(1, 0, 5), (2, 7, 1), (3, 4, 4)])
+def test_export_patch_computes_the_same_attention_mask_as_the_model(batch, past, new):
+    g = torch.Generator().manual_seed(batch + past + new)
+    mask = torch.rand(batch, past + new, generator=g) > 0.3
+    mask[:, -new:] = True
+    # exact equality: both are boolean functions of the same mask
+    assert torch.equal(_attention_allowed_exportable(mask, new), attention_allowed(mask, new))
+
+
+def test_export_patches_are_restored_after_tracing():
+    import ctxmem.model as m
+
+    before = m.attention_allowed
+    with export_patches():
+        assert m.attention_allowed is _attention_allowed_exportable
+    assert m.attention_allowed is before
+
+
+def _config(**changes) -> RuntimeConfig:
+    cfg = preset("tiny", vocab_size=263)
+    base = dict(model=cfg.to_dict(), contract=ExportContract.for_model(cfg).to_dict(),
+                memory=MemoryConfig("sink", window=60, sinks=4).to_dict(), opset=18)
+    return RuntimeConfig(**{**base, **changes})
+
+
+def test_runtime_config_round_trips_through_its_file(tmp_path):
+    config = _config(source={"run_id": "abc", "val_ppl": 3.5})
+    config.save(tmp_path)
+    loaded = RuntimeConfig.load(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.memory_config == MemoryConfig("sink", window=60, sinks=4)
+    assert loaded.export_contract == ExportContract.for_model(preset("tiny", vocab_size=263))
+
+
+def test_runtime_config_missing_tells_the_user_to_rerun_export(tmp_path):
+    with pytest.raises(RuntimeConfigError, match=r"re-run `ctxmem export"):
+        RuntimeConfig.load(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RuntimeConfigError, match="checkpoint, not an export"):
+        RuntimeConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not readable JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"model": {}}', "lacks"),
+])
+def test_runtime_config_that_is_not_valid_is_a_typed_error(tmp_path, content, match):
+    (tmp_path / RUNTIME_CONFIG).write_text(content)
+    with pytest.raises(RuntimeConfigError, match=match):
+        RuntimeConfig.load(tmp_path)
+
+
+def test_runtime_config_checks_its_sections_agree(tmp_path):
+    with pytest.raises(RuntimeConfigError, match="opset"):
+        _config(opset=17)
+    with pytest.raises(RuntimeConfigError, match="does not match"):
+        _config(contract=ExportContract(3, 2, 24, 263).to_dict())
+    with pytest.raises(RuntimeConfigError, match="memory"):
+        _config(memory={"policy": "sink", "window": 1000, "sinks": 4, "chunk": 1})
