@@ -97,15 +97,7 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
         return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", code="internal_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.inc("ctxmem_requests_total", labels={"endpoint": _endpoint(request), "status": "500"})
-            raise
-        metrics.inc("ctxmem_requests_total", labels={"endpoint": _endpoint(request), "status": str(response.status_code)})
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -169,8 +161,31 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
     return app
 
 
-def _endpoint(request: Request) -> str:
-    path = request.url.path
+class _CountRequests:
+    """ctxmem_requests_total by endpoint and status, as plain ASGI: Starlette's BaseHTTPMiddleware
+    would pipe every streamed chunk through an extra memory stream."""
+
+    def __init__(self, app, metrics: Registry):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.inc("ctxmem_requests_total", labels={"endpoint": _endpoint(scope["path"]),
+                                                              "status": str(status[0])})
+
+
+def _endpoint(path: str) -> str:
     if path.startswith("/v1/sessions/"):
         return "/v1/sessions"
     if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/admin/reload"):

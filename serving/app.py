@@ -18,10 +18,12 @@ def build_app(args: ServeArgs) -> Application:
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(dict(args or {}))
     args = args.resolve()
-    engine_config = args.engine.model_dump()
-    engine = EngineDeployment.options(user_config=engine_config, **args.engine_deployment.as_options()) \
-        .bind(engine_config)
-    return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, args.model_dump())
+    # the engine gets everything through user_config (changes -> `reconfigure` in place), and the
+    # ingress only what it reads, so an engine knob never restarts the ingress either
+    engine = EngineDeployment.options(user_config=args.engine.model_dump(), **args.engine_deployment.as_options()) \
+        .bind()
+    ingress_args = args.model_dump(exclude={"engine", "engine_deployment", "ingress_deployment"})
+    return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, ingress_args)
 
 
 def app_args(**overrides: Any) -> ServeArgs:

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="export dir (ONNX Runtime), checkpoint dir (PyTorch fallback), runs:/... or models:/NAME@ALIAS")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store for models:/ specs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db as "
+                        "`ctxmem registry`); resolved here so every replica reads the same store")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas")
@@ -53,7 +56,7 @@ def serve_args(args: argparse.Namespace):
     data = {
         "model": args.model, "model_name": args.model_name, "api_keys": args.api_key or [],
         "max_tokens_limit": args.max_tokens_limit,
-        "engine": {"model": args.model, "provider": args.provider, "intra_op_threads": args.intra_op_threads,
+        "engine": {"model": args.model, "tracking_uri": _tracking_uri(args), "provider": args.provider, "intra_op_threads": args.intra_op_threads,
                    "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse},
         "engine_deployment": DeploymentOptions(num_replicas=args.replicas, max_ongoing_requests=256,
                                                ray_actor_options=actor).model_dump(),
@@ -61,6 +64,14 @@ def serve_args(args: argparse.Namespace):
     if args.session_store:
         data["session_store"] = args.session_store
     return ServeArgs.model_validate(data)
+
+
+def _tracking_uri(args: argparse.Namespace) -> str | None:
+    if not args.model.startswith(("models:/", "runs:/")):
+        return args.tracking_uri
+    from ctxmem.export.registry import default_tracking_uri
+
+    return default_tracking_uri(args.tracking_uri)  # absolute: replicas may not share this cwd
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -38,11 +38,16 @@ class EngineConfig(_Strict):
 
     model: str = Field(description="export dir (ONNX Runtime), checkpoint dir (PyTorch fallback), "
                                    "runs:/RUN/PATH or models:/NAME@ALIAS (resolved through the MLflow registry)")
+    tracking_uri: str | None = None  # MLflow store for models:/ and runs:/ specs; None = $MLFLOW_TRACKING_URI
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where ONNX Runtime has it, else CPU
     intra_op_threads: int | None = Field(default=None, ge=1)  # None: 1 on CPU (one replica per core slice)
     max_batch_size: int = Field(default=32, ge=1)  # rows decoded together; 1 = batching off
     max_queued: int = Field(default=256, ge=1)  # waiting requests beyond this get 429
     prefill_token_budget: int = Field(default=512, ge=1)  # prompt tokens admitted per scheduler step
+    # Each streamed message costs the replica about a millisecond of Python (Ray streaming), so under
+    # load a stream's tokens are sent together at most every stream_interval_ms. None = adaptive:
+    # 2 ms per running sequence, at most 50 ms (one sequence: every token at once); 0 = every step.
+    stream_interval_ms: float | None = Field(default=None, ge=0)
     kv_reuse: bool = True  # keep recent conversations' KV state (off: every turn re-prefills)
     kv_cache_mb: float = Field(default=256.0, ge=0)  # LRU bound on kept conversation states
     kv_cache_sessions: int = Field(default=1024, ge=0)

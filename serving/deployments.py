@@ -27,42 +27,52 @@ _GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 @serve.deployment(name="Engine")
 class EngineDeployment:
-    """One model replica. `base` is the builder's EngineConfig; `user_config` (YAML) is merged on top."""
+    """One model replica, configured only through `user_config` (an EngineConfig dict). The bind
+    arguments are empty on purpose: a changed engine knob (or model alias) is then a lightweight
+    Serve update that calls `reconfigure` in place instead of restarting replicas."""
 
-    def __init__(self, base: dict[str, Any]):
-        from .engine import Engine
-
-        self._base = dict(base)
-        self.engine = Engine(EngineConfig.model_validate(self._base))
+    def __init__(self) -> None:
+        self.engine = None
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else "local"
         self.actor_name = ctx.replica_id.to_full_id_str() if ctx else None  # for ray.get_actor(..., namespace="serve")
-        log.info("engine replica %s ready: %s", self.replica, self.engine.info())
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = EngineConfig.model_validate({**self._base, **(user_config or {})})
-        if config != self.engine.config:
+        from .engine import Engine
+
+        config = EngineConfig.model_validate(user_config or {})
+        if self.engine is None:  # Serve calls this before the replica takes traffic
+            self.engine = await asyncio.to_thread(Engine, config)
+            log.info("engine replica %s ready: %s", self.replica, self.engine.info())
+        elif config != self.engine.config:
             # loading a new model runs off the event loop: this replica keeps serving meanwhile
             info = await asyncio.to_thread(self.engine.reconfigure, config)
             log.info("engine replica %s reconfigured: %s", self.replica, info)
 
+    def _engine(self):
+        if self.engine is None:
+            raise RuntimeError("the Engine deployment has no user_config: build it with "
+                               "ctxmem.serving.app:build_app (args.engine), not by hand")
+        return self.engine
+
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]:
-        async for chunk in self.engine.generate(request):
+        async for chunk in self._engine().generate(request):
             yield chunk
 
     def info(self) -> dict[str, Any]:
-        return {**self.engine.info(), "replica": self.replica, "actor_name": self.actor_name}
+        return {**self._engine().info(), "replica": self.replica, "actor_name": self.actor_name}
 
     def metrics_snapshot(self) -> dict:
-        return self.engine.metrics.snapshot()
+        return self._engine().metrics.snapshot()
 
     async def reload(self) -> dict[str, Any]:
-        info = await asyncio.to_thread(self.engine.reload)
+        info = await asyncio.to_thread(self._engine().reload)
         return {**info, "replica": self.replica}
 
     def check_health(self) -> None:
-        if not self.engine.healthy():
-            raise RuntimeError(f"engine scheduler stopped: {self.engine.scheduler.error!r}")
+        engine = self._engine()
+        if not engine.healthy():
+            raise RuntimeError(f"engine scheduler stopped: {engine.scheduler.error!r}")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -61,12 +61,13 @@ class LoadedModel:
         return self._template
 
 
-def resolve_spec(spec: str) -> Path:
-    """An export/checkpoint dir, runs:/... or models:/NAME@ALIAS -> a local directory."""
+def resolve_spec(spec: str, tracking_uri: str | None = None) -> Path:
+    """An export/checkpoint dir, runs:/... or models:/NAME@ALIAS -> a local directory. Registry specs
+    are looked up now (an alias moves when a new champion is promoted) and downloaded once per version."""
     if spec.startswith(("models:/", "runs:/")):
         from ctxmem.export.registry import resolve_model
 
-        return Path(resolve_model(spec))
+        return Path(resolve_model(spec, tracking_uri=tracking_uri))
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model {spec!r} is not a directory; pass an export dir, a checkpoint dir, "
@@ -102,7 +103,7 @@ def server_memory(generator: Generator, overrides: MemoryOverrides | None) -> Me
 
 def load_model(config: EngineConfig) -> LoadedModel:
     """Export dir (has model.onnx) -> ONNX Runtime; checkpoint dir (model.safetensors) -> PyTorch."""
-    path = resolve_spec(config.model)
+    path = resolve_spec(config.model, config.tracking_uri)
     provider = pick_provider(config.provider)
     threads = config.intra_op_threads or (1 if provider == "cpu" else None)
     if (path / "model.onnx").exists():
@@ -572,16 +573,29 @@ class Engine:
             yield [err.to_event()]
             return
         try:
+            last = None
             while True:
                 events = await queue.get()
+                if last is not None:  # after the first token: send at most every `interval`
+                    wait = self._stream_interval() - (time.perf_counter() - last)
+                    if wait > 0 and events[-1]["type"] not in ("end", "error"):
+                        await asyncio.sleep(wait)
                 while not queue.empty():
                     events = events + queue.get_nowait()
                 out = coalesce(events)
                 yield out
+                last = time.perf_counter()
                 if out[-1]["type"] in ("end", "error"):
                     return
         finally:
             job.cancelled = True  # client gone or done: the row leaves at the next step
+
+    def _stream_interval(self) -> float:
+        """Seconds between two messages of one stream (see EngineConfig.stream_interval_ms)."""
+        ms = self.config.stream_interval_ms
+        if ms is None:
+            ms = min(50.0, 2.0 * self.scheduler.running)
+        return ms / 1000.0
 
     # -- control --
     def reconfigure(self, config: EngineConfig) -> dict[str, Any]:
@@ -589,8 +603,9 @@ class Engine:
         old = self.config
         self.config = config
         self.scheduler.set_config(config)
-        if (config.model, config.reload_nonce, config.provider, config.memory, config.intra_op_threads) != \
-                (old.model, old.reload_nonce, old.provider, old.memory, old.intra_op_threads):
+        if (config.model, config.tracking_uri, config.reload_nonce, config.provider, config.memory,
+                config.intra_op_threads) != (old.model, old.tracking_uri, old.reload_nonce, old.provider, old.memory,
+                                             old.intra_op_threads):
             return self.reload(force=config.model != old.model or config.memory != old.memory)
         return self.info()
 
@@ -598,7 +613,7 @@ class Engine:
         """Re-resolve the model spec (a registry alias may have moved) and roll over to it if it changed.
         In-flight sequences finish on the old model; new requests use the new one."""
         with self._reload_lock:
-            path = resolve_spec(self.config.model)
+            path = resolve_spec(self.config.model, self.config.tracking_uri)
             if not force and path.resolve() == self.model.path.resolve():
                 return {**self.info(), "changed": False}
             new = load_model(self.config)

@@ -83,6 +83,7 @@ class _Req(BaseModel):
     policy: Literal["full", "sink", "recompute"] | None = None
     window: Int | None = Field(default=None, ge=1)
     sinks: Int | None = Field(default=None, ge=0)
+    ignore_eos: Bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension
 
 
 class CompletionRequest(_Req):
@@ -174,6 +175,8 @@ def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | No
     gen = {k: v for k, v in dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                  repetition_penalty=req.repetition_penalty, seed=req.seed).items() if v is not None}
     gen["max_new_tokens"] = max_tokens if max_tokens is not None else min(default_max_tokens, limit)
+    if req.ignore_eos:
+        gen["stop_token_ids"] = []
     gen["stop"] = stop
     return {"generation": gen, "memory": memory or None,
             "include_usage": bool((req.stream_options or {}).get("include_usage", False))}
