@@ -150,22 +150,3 @@ def check_error_shape(status: int, data: Any, expected: int, name: str) -> None:
     assert set(err) == {"message", "type", "param", "code"}, f"{name}: error keys {sorted(err)}"
     assert isinstance(err["message"], str) and err["message"], name
 
-
-# ---- the model every serving test uses ---------------------------------------------------------------
-def tiny_export(checkpoint: Path) -> Path:
-    """The tiny checkpoint exported to ONNX (the production path), cached under .cache/serving/ by the
-    content of the checkpoint and of the exporter's sources, so a changed exporter re-exports.
-    Verification is the export tests' job; serving tests compare against load_onnx_generator."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    sources = sorted((REPO / "export").glob("*.py")) + [REPO / "ctxmem" / "model.py"]
-    for f in sorted(checkpoint.iterdir()) + sources:
-        digest.update(f.name.encode())
-        digest.update(f.read_bytes())
-    out = REPO / ".cache" / "serving" / f"tiny-export-{digest.hexdigest()[:16]}"
-    if not (out / "runtime_config.json").exists():
-        from ctxmem.export.onnx_export import export_onnx
-
-        export_onnx(checkpoint, out, verify=False)
-    return out

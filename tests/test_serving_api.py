@@ -14,14 +14,15 @@ from ctxmem.serving.config import ServeArgs
 from ctxmem.serving.engine import Engine
 from ctxmem.serving.metrics import SPECS
 from ctxmem.serving.store import MemoryStore, StoreConflict
-from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests, tiny_export
+from helpers_export import tiny_export  # noqa: F401 (session fixture)
+from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests
 
 NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    args = ServeArgs(model=str(tiny_export(tiny_checkpoint)), model_name=NAME, api_keys=[API_KEY],
+def stack(tiny_export):  # noqa: F811
+    args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY],
                      max_tokens_limit=512).resolve()
     engine = Engine(args.engine)
     store = MemoryStore()
@@ -150,17 +151,17 @@ def test_metrics_expose_every_declared_series_in_prometheus_text(stack):
     assert "ctxmem_batch_size_bucket" in text
 
 
-def test_health_is_503_when_the_engine_is_down(tiny_checkpoint):
-    args = ServeArgs(model=str(tiny_export(tiny_checkpoint))).resolve()
+def test_health_is_503_when_the_engine_is_down(tiny_export):  # noqa: F811
+    args = ServeArgs(model=str(tiny_export)).resolve()
     engine = Engine(args.engine)
     engine.close()
     app = build_api(LocalEngineClient(engine), args, MemoryStore())
     assert call(app, "GET", "/health").status_code == 503
 
 
-def test_without_api_keys_no_auth_is_needed(tiny_checkpoint, monkeypatch):
+def test_without_api_keys_no_auth_is_needed(tiny_export, monkeypatch):  # noqa: F811
     monkeypatch.delenv("CTXMEM_API_KEYS", raising=False)
-    args = ServeArgs(model=str(tiny_export(tiny_checkpoint))).resolve()
+    args = ServeArgs(model=str(tiny_export)).resolve()
     engine = Engine(args.engine)
     try:
         app = build_api(LocalEngineClient(engine), args, MemoryStore())

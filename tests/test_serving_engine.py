@@ -1,6 +1,7 @@
 """The serving engine without Ray: continuous batching, conversation KV reuse, admission control.
 
-Everything runs on the tiny model exported to ONNX (the production path) and is compared with
+Everything runs on the tiny model exported to ONNX (the production path; its runtime config sets a
+sink window of 60 + 4 sinks in a 128-token context) and is compared with
 `load_onnx_generator(...).generate`, the engine behind `ctxmem generate --backend onnx`.
 """
 from __future__ import annotations
@@ -15,12 +16,12 @@ from ctxmem.sampling import GenerationConfig
 from ctxmem.serving.config import EngineConfig, MemoryOverrides
 from ctxmem.serving.engine import (CachedConversation, Engine, SessionCache, common_prefix, load_model, reuse,
                                    rewind)
-from helpers_serving import tiny_export
+from helpers_export import tiny_export  # noqa: F401 (session fixture: the tiny model, exported once, verified)
 
 
 @pytest.fixture(scope="module")
-def export_dir(tiny_checkpoint):
-    return tiny_export(tiny_checkpoint)
+def export_dir(tiny_export):  # noqa: F811
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +293,22 @@ def test_rewind_forgets_exactly_the_last_tokens(engine):
     b = memory.feed(full, [[5, 6, 7, 1]])
     # same tokens, prefilled in one piece or two: equal up to fp32 rounding of different GEMM shapes
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_reconfigure_to_another_model_rolls_over_while_a_request_is_in_flight(export_dir, tiny_checkpoint):
+    eng = Engine(EngineConfig(model=str(export_dir)))
+    try:
+        async def main():
+            gen = eng.generate(completion("in flight", 300))
+            first = await gen.__anext__()
+            swap = asyncio.create_task(asyncio.to_thread(
+                eng.reconfigure, eng.config.model_copy(update={"model": str(tiny_checkpoint)})))
+            rest = [ev for chunk in [first] + [c async for c in gen] for ev in chunk]
+            return await swap, rest[-1]
+
+        info, end = asyncio.run(main())
+        assert info["changed"] is True and info["kind"] == "torch"
+        assert end["type"] == "end" and end["usage"]["completion_tokens"] == 300
+        assert run(eng, completion("after", 3))[1]["type"] == "end"
+    finally:
+        eng.close()

@@ -1,7 +1,9 @@
 """Against a real Ray Serve on 127.0.0.1, started once for the module with `serve run` on the shipped
-infra/serve.yaml (only the model, port, store, keys and CPU fractions changed): the official openai
-client, a 40-turn conversation past the window, a killed engine replica, a malformed-request
-battery, 32 concurrent streams, metrics and the admin reload.
+infra/serve.yaml - whose model, models:/ctxmem@champion, is resolved through a real MLflow registry
+(SQLite store) holding the tiny export. Only the store, port, conversation store, API key and CPU
+fractions are patched. Covered: the official openai client, a 40-turn conversation past the window,
+a killed engine replica, a malformed-request battery, 32 concurrent streams, metrics, and promoting
+a new champion under load.
 
 Nothing asserts on wall-clock time: KV reuse shows as prefill token counts and cache hits.
 """
@@ -14,41 +16,54 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
+from helpers_export import tiny_export  # noqa: F401 (session fixture: verified tiny export, sink window 60)
 from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, free_port, malformed_requests,
-                             patched_serve_yaml, tiny_export, wait_healthy)
+                             patched_serve_yaml, wait_healthy)
 
 pytestmark = pytest.mark.slow
-NAME = "tiny"
+NAME = "ctxmem"  # derived from models:/ctxmem@champion
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
+def registry(tiny_export, tmp_path_factory):  # noqa: F811
+    from ctxmem.export.registry import CHAMPION, promote, register_export
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    version = register_export(tiny_export, NAME, tracking_uri=uri)["version"]
+    promote(NAME, CHAMPION, version=version, tracking_uri=uri)
+    return {"uri": uri, "cache": root / "downloads"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, registry, tmp_path_factory):  # noqa: F811
     import ray
 
-    export = tiny_export(tiny_checkpoint)
     tmp = tmp_path_factory.mktemp("serve")
     ray_tmp = tempfile.mkdtemp(prefix="ctxray-", dir="/tmp")  # Ray's socket paths must stay short
+    env = pytest.MonkeyPatch()
+    env.setenv("CTXMEM_MODEL_CACHE", str(registry["cache"]))  # replicas inherit it: downloads stay in tmp
     ctx = ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False, _temp_dir=ray_tmp,
                    log_to_driver=False)
     port = free_port()
     config = patched_serve_yaml(REPO / "infra" / "serve.yaml", tmp / "serve.yaml", port, {
-        "model": str(export), "model_name": NAME, "api_keys": [API_KEY], "max_tokens_limit": 512,
-        "session_store": f"sqlite:///{tmp}/sessions.sqlite"})
+        "api_keys": [API_KEY], "max_tokens_limit": 512, "session_store": f"sqlite:///{tmp}/sessions.sqlite",
+        "engine": {"tracking_uri": registry["uri"]}})
     log = open(tmp / "serve-run.log", "wb")
     serve_cli = Path(sys.executable).parent / "serve"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60's CLI needs it against a token-auth cluster
+    cli_env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60's CLI needs it against a token-auth cluster
     proc = subprocess.Popen([str(serve_cli), "run", "-a", ctx.address_info["gcs_address"], str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, env=cli_env)
     url = f"http://127.0.0.1:{port}"
     try:
         health = wait_healthy(url, timeout=180, proc=proc)
-        yield {"url": url, "export": export, "health": health, "ray": ray}
+        yield {"url": url, "export": tiny_export, "health": health, "registry": registry}
     except Exception:
         log.flush()
         print((tmp / "serve-run.log").read_text()[-4000:])
@@ -61,6 +76,7 @@ def server(tiny_checkpoint, tmp_path_factory):
             proc.kill()
         log.close()
         ray.shutdown()
+        env.undo()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -79,8 +95,10 @@ def reference(server):
 
 
 def test_serve_run_on_the_shipped_yaml_answers(server, client):
-    assert server["health"]["engine"]["kind"] == "onnx"  # the production path: ONNX Runtime
-    assert server["health"]["engine"]["provider"] == "cpu"
+    engine = server["health"]["engine"]
+    assert engine["kind"] == "onnx" and engine["provider"] == "cpu"  # the production path: ONNX Runtime
+    assert engine["spec"] == "models:/ctxmem@champion"
+    assert Path(engine["path"]).is_relative_to(server["registry"]["cache"])  # downloaded from the registry
     assert [m.id for m in client.models.list().data] == [NAME]
     assert client.completions.create(model=NAME, prompt="hi", max_tokens=3).choices[0].finish_reason == "length"
 
@@ -178,12 +196,33 @@ def test_metrics_report_requests_tokens_latencies_batches_cache_and_evictions(se
         assert _value(text, series) > 0, series
 
 
-def test_the_admin_endpoint_re_resolves_the_model_on_every_replica(server):
-    r = httpx.post(server["url"] + "/admin/reload", headers=AUTH, timeout=120)
-    assert r.status_code == 200
-    replicas = r.json()["replicas"]
-    assert len(replicas) == 1 and replicas[0]["changed"] is False
-    assert httpx.post(server["url"] + "/admin/reload", timeout=30).status_code == 401
+def test_promoting_a_new_champion_rolls_the_replicas_over_without_dropping_a_stream(server, client, tiny_export):  # noqa: F811,E501
+    from ctxmem.export.registry import CHAMPION, promote, register_export
+
+    url, uri = server["url"], server["registry"]["uri"]
+    assert httpx.post(url + "/admin/reload", headers=AUTH, timeout=120).json()["replicas"][0]["changed"] is False
+    before = httpx.get(url + "/health").json()["engine"]["path"]
+    version = register_export(tiny_export, NAME, tracking_uri=uri)["version"]
+    promote(NAME, CHAMPION, version=version, tracking_uri=uri, force=True,
+            reason="serving test: the same weights as a new version")
+    finished: list[str | None] = []
+
+    def stream_through_the_rollover():
+        chunks = client.completions.create(model=NAME, prompt="keep going", max_tokens=300, stream=True,
+                                           extra_body={"ignore_eos": True})
+        finished.append([c.choices[0].finish_reason for c in chunks if c.choices][-1])
+
+    reader = threading.Thread(target=stream_through_the_rollover)
+    reader.start()
+    reloaded = httpx.post(url + "/admin/reload", headers=AUTH, timeout=120)
+    reader.join(120)
+    assert reloaded.status_code == 200
+    replicas = reloaded.json()["replicas"]
+    assert len(replicas) == 1 and replicas[0]["changed"] is True and replicas[0]["path"] != before
+    assert f"/v{version}-" in replicas[0]["path"]
+    assert finished == ["length"]  # the in-flight stream finished on the old version
+    assert client.completions.create(model=NAME, prompt="after", max_tokens=3).choices[0].finish_reason == "length"
+    assert httpx.post(url + "/admin/reload", timeout=30).status_code == 401
 
 
 def test_a_killed_engine_replica_loses_no_turn(server):
@@ -194,6 +233,7 @@ def test_a_killed_engine_replica_loses_no_turn(server):
     url = server["url"]
     sid = "survivor"
     with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+
         def turn(i: int) -> dict:
             r = http.post(f"/v1/sessions/{sid}/messages", json={"content": f"message {i}", "max_tokens": 6})
             assert r.status_code == 200, r.text
@@ -223,4 +263,3 @@ def _value(metrics: str, series: str) -> float:
 def test_value_parser_reads_exact_series():
     text = 'a_total{x="1"} 3\na_total 5\n'
     assert _value(text, "a_total") == 5 and _value(text, 'a_total{x="1"}') == 3 and _value(text, "b") == 0
-    assert time.time() > 0
