@@ -123,3 +123,39 @@ def test_eval_gives_the_same_loss_for_the_checkpoint_and_its_export(small_checkp
     torch_loss, onnx_loss = results[0]["loss"], results[1]["loss"]
     assert torch_loss == pytest.approx(onnx_loss, rel=1e-5)  # fp32 parity, averaged over every token
     assert results[0]["ppl"] < 30  # trained: far below the byte vocabulary's 263
+
+
+def test_fp16_variant_keeps_a_half_precision_cache_and_the_loss(tiny_export, tmp_path):
+    from ctxmem.export.onnx_export import derive_variant
+    from ctxmem.export.runtime import OrtBackend
+
+    out = derive_variant(tiny_export, tmp_path / "fp16", "fp16")
+    report = _report(out)
+    assert report["status"] == "passed" and report["checks"]["accuracy"] == "passed"
+    assert abs(report["accuracy"]["loss_rel_change"]) <= 0.02
+    backend = OrtBackend(out)
+    assert backend.contract.cache_dtype == "float16"
+    logits, past = backend.forward(np.array([[1, 2, 3]]), np.array([[0, 1, 2]]), np.ones((1, 3), bool), None)
+    assert logits.dtype == np.float32 and past[0][0].dtype == np.float16
+
+
+def test_int8_export_verifies_fp32_first_then_writes_only_the_variant(tiny_checkpoint, tiny_export, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    from ctxmem.export import onnx_export
+
+    def reuse_trace(model, contract, out_dir, opset):  # the tracing itself is covered by tiny_export
+        out_dir.mkdir(parents=True)
+        for name in ("model.onnx", "model.onnx.data"):
+            shutil.copyfile(tiny_export / name, out_dir / name)
+        return out_dir / "model.onnx"
+
+    monkeypatch.setattr(onnx_export, "trace", reuse_trace)
+    out = onnx_export.export_onnx(tiny_checkpoint, tmp_path / "int8", int8=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "runtime_config.json",
+                                                     "tokenizer.json", "verification.json"]
+    report = _report(out)
+    assert report["variant"] == "int8" and report["status"] == "passed"
+    assert report["fp32_reference"]["status"] == "passed" and report["fp32_reference"]["greedy"]["identical"]
+    assert report["export"] == str(out.resolve())
