@@ -78,7 +78,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> N
 
 
 def _chat(base_url: str) -> list[dict]:
+    import logging
+
     from openai import OpenAI
+
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     client = OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=2, timeout=120)
     turns = ["Hello! What is your name?", "Do you like science?", "Tell me something about computers.",
@@ -100,6 +105,12 @@ def _chat(base_url: str) -> list[dict]:
         print(file=sys.stderr)
         history.append({"role": "assistant", "content": reply})
         report.append({"turn": i, "user": text, "assistant": reply, "usage": usage})
+    print("\n  turn  prompt_tokens  cached (KV reuse)  completion  evicted by the window", file=sys.stderr)
+    for r in report:
+        u = r["usage"] or {}
+        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        print(f"  {r['turn']:4d}  {u.get('prompt_tokens', 0):13d}  {cached:16d}  {u.get('completion_tokens', 0):10d}"
+              f"  {u.get('evicted_tokens', 0):21d}", file=sys.stderr)
     return report
 
 
@@ -130,8 +141,9 @@ def cmd_demo(args) -> int:
         _ctxmem("train", "--config", config, *overrides, "--overwrite", *(["--nproc", str(args.nproc)] if args.nproc > 1 else []),
                 env=env)
 
-    _say("3/5 export: ONNX graph with the KV cache, verified against PyTorch (names, shapes, values, greedy tokens)")
-    _ctxmem("export", "--model", str(final), "--out", str(export), env=env)
+    _say("3/5 export: ONNX graph with the KV cache, verified against PyTorch (names, shapes, values, greedy tokens), "
+         "served under the sink policy so conversations outlive the window")
+    _ctxmem("export", "--model", str(final), "--out", str(export), "--policy", "sink", "--sinks", "4", env=env)
 
     _say(f"4/5 registry: register {MODEL_NAME} as challenger, then promote it to champion through the gate")
     _ctxmem("registry", "register", "--export", str(export), "--name", MODEL_NAME, "--alias", "challenger", env=env)
