@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one on 127.0.0.1)")
     p.add_argument("--object-store-mb", type=int, default=500, help="object store size of a local Ray we start")
     p.add_argument("--app-name", default="ctxmem", help="Serve application name")
+    p.add_argument("--route-prefix", default="/", help="URL prefix of the application (several apps, one port)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -91,10 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.init(include_dashboard=False, object_store_memory=args.object_store_mb * 2**20)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(config)
-    log.info("serving %s as %r on http://%s:%d/v1 (%d engine replica(s))", args.model,
-             config.resolve().model_name, args.host, args.port, args.replicas)
+    log.info("serving %s as %r on http://%s:%d%s/v1 (%d engine replica(s))", args.model,
+             config.resolve().model_name, args.host, args.port, args.route_prefix.rstrip("/"), args.replicas)
     try:
-        serve.run(app, name=args.app_name, route_prefix="/", blocking=True)
+        serve.run(app, name=args.app_name, route_prefix=args.route_prefix, blocking=True)
     except KeyboardInterrupt:
         pass
     finally:

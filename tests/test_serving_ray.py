@@ -225,6 +225,46 @@ def test_promoting_a_new_champion_rolls_the_replicas_over_without_dropping_a_str
     assert httpx.post(url + "/admin/reload", timeout=30).status_code == 401
 
 
+def test_the_readme_python_example_runs(server, capsys):
+    text = (REPO / "serving" / "README.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'base_url="http://127.0.0.1:8000/v1"' in example and 'model="ctxmem"' in example
+    exec(compile(example.replace("http://127.0.0.1:8000", server["url"]).replace("sk-local", API_KEY),
+                 "serving/README.md", "exec"), {})
+    assert capsys.readouterr().out
+
+
+def test_ctxmem_serve_runs_the_same_application_beside_it(server, tiny_export, tmp_path):  # noqa: F811
+    """`ctxmem serve` joins the running cluster and adds its application under a route prefix."""
+    import ray
+
+    port = int(server["url"].rsplit(":", 1)[1])
+    cmd = [str(Path(sys.executable).parent / "ctxmem"), "serve", "--model", str(tiny_export), "--port", str(port),
+           "--address", ray.get_runtime_context().gcs_address, "--app-name", "cli", "--route-prefix", "/cli",
+           "--engine-cpus", "0.25", "--api-key", "cli-key", "--session-store", f"sqlite:///{tmp_path}/cli.sqlite"]
+    log = open(tmp_path / "cli.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    try:
+        url = server["url"] + "/cli"
+        health = wait_healthy(url, timeout=120, proc=proc)
+        assert health["model"] == tiny_export.name and health["engine"]["path"] == str(tiny_export)
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer cli-key"}, timeout=60,
+                       json={"model": tiny_export.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    except Exception:
+        log.flush()
+        print((tmp_path / "cli.log").read_text()[-3000:])
+        raise
+    finally:
+        proc.send_signal(signal.SIGINT)  # deletes its own application, leaves the YAML one running
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert httpx.get(server["url"] + "/health").status_code == 200
+
+
 def test_a_killed_engine_replica_loses_no_turn(server):
     """Kill the engine actor between turns: the next turn lands on the replacement replica, which has
     no KV state - it rebuilds the conversation from the shared store (a cache miss) and goes on."""
