@@ -7,7 +7,7 @@ ranks, for Ψ parameters trained with Adam in mixed precision:
     stage 1   optimizer state      2Ψ + 2Ψ + 12Ψ/N
     stage 2   + gradients          2Ψ + (2Ψ + 12Ψ)/N
     stage 3   + parameters         16Ψ/N
-(fp32 training keeps 4-byte parameters and gradients: 4Ψ + 4Ψ + 8Ψ, the same partitioning.)
+(fp32 training keeps 4-byte parameters and gradients: see `zero_state_bytes`.)
 `zero_state_bytes` gives these numbers; bench/bench_train.py compares them with what it measures.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device: str, precision: s
         "weight_decay": cfg.optim.weight_decay,  # overridden per parameter group (no decay on norms)
     }
     if not (offloading and z.cpu_adam):
-        # torch.optim.AdamW: no fused-Adam / CPUAdam JIT build (~2 min each), bitwise the same
-        # update on 1 or N ranks; DeepSpeed's CPUAdam is opt-in for large offloaded models.
+        # torch.optim.AdamW: no fused-Adam / CPUAdam JIT build (~2 min each) and the same update
+        # math on every stage; DeepSpeed's CPUAdam is opt-in for large offloaded models.
         adam["torch_adam"] = True
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage >= 1:
@@ -63,11 +63,15 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device: str, precision: s
 
 
 def zero_state_bytes(n_params: int, stage: int, world_size: int, precision: str = "bf16") -> dict[str, float]:
-    """Bytes per rank of parameters, gradients and Adam state under ZeRO `stage` (paper, §5)."""
+    """Bytes per rank of parameters, gradients and Adam state under ZeRO `stage` (paper, §5).
+
+    bf16/fp16: 2Ψ parameters + 2Ψ gradients + KΨ optimizer state with K = 12 (fp32 master, momentum,
+    variance). fp32: 4Ψ + 4Ψ, and K = 12 for stages 1-3 too (DeepSpeed's ZeRO optimizers keep a
+    separate fp32 master partition even for fp32 parameters) but K = 8 at stage 0 (plain AdamW
+    updates the parameters themselves)."""
     half = precision in ("bf16", "fp16")
-    p_bytes = 2 if half else 4
-    g_bytes = 2 if half else 4
-    opt_bytes = 12 if half else 8  # fp32 master + momentum + variance (master is the parameter in fp32)
+    p_bytes = g_bytes = 2 if half else 4
+    opt_bytes = 12 if (half or stage >= 1) else 8
     n = world_size
     params = n_params * p_bytes / (n if stage >= 3 else 1)
     grads = n_params * g_bytes / (n if stage >= 2 else 1)

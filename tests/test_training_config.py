@@ -1,0 +1,130 @@
+"""The typed training config, the DeepSpeed config built from it, and every file shipped in infra/."""
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from ctxmem.cli import build_parser
+from ctxmem.training.cli import _hostfile_slots
+from ctxmem.training.config import TrainConfig
+from ctxmem.training.errors import TrainConfigError
+from ctxmem.training.zero import build_ds_config, zero_state_bytes
+from helpers_training import REPO
+
+CONFIGS = sorted((REPO / "infra").glob("train-*.yaml"))
+
+
+def test_every_shipped_training_config_is_listed_here_and_resolves():
+    # a new config must be added to the tests that run it (test_training_run.py)
+    assert {c.name for c in CONFIGS} == {"train-tiny.yaml", "train-cpu-demo.yaml", "train-gpu-124m.yaml",
+                                         "train-ray-cpu.yaml"}
+    for path in CONFIGS:
+        cfg = TrainConfig.load(path)
+        assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # round-trips
+        assert cfg.seq_len <= cfg.model.build(263).max_seq_len
+
+
+def test_the_gpu_config_is_gpt_124m_in_bf16_with_zero_2():
+    cfg = TrainConfig.load(REPO / "infra" / "train-gpu-124m.yaml")
+    model = cfg.model.build(32768)
+    assert 110e6 < model.num_params() < 140e6
+    ds = build_ds_config(cfg, world_size=8, device="cuda", precision=cfg.runtime(True, True)[1])
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_batch_size"] == 256 and ds["gradient_accumulation_steps"] == 2
+    assert build_ds_config(cfg, 1, "cuda", "bf16")["gradient_accumulation_steps"] == 16
+    with pytest.raises(TrainConfigError, match="torch sees no CUDA"):
+        cfg.runtime(cuda_available=False)
+
+
+def test_the_zero_config_is_built_from_the_training_config():
+    cfg = TrainConfig.load(REPO / "infra" / "train-tiny.yaml",
+                           ["zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true", "optim.grad_clip=0.5"])
+    ds = build_ds_config(cfg, world_size=2, device="cpu", precision="fp32")
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert ds["gradient_clipping"] == 0.5  # always explicit: DeepSpeed defaults to 1.0
+    assert ds["optimizer"]["params"]["torch_adam"] and ds["zero_force_ds_cpu_optimizer"] is False
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2 and not ds["bf16"]["enabled"]
+    cpu_adam = cfg.replace(**{"zero.cpu_adam": True})
+    assert "torch_adam" not in build_ds_config(cpu_adam, 2, "cpu", "fp32")["optimizer"]["params"]
+
+
+def test_zero_memory_follows_the_paper_formulas():
+    psi = 1_000_000
+    assert zero_state_bytes(psi, 0, 4)["total"] == 16 * psi
+    assert zero_state_bytes(psi, 1, 4)["total"] == 2 * psi + 2 * psi + 12 * psi / 4
+    assert zero_state_bytes(psi, 2, 4)["total"] == 2 * psi + 14 * psi / 4
+    assert zero_state_bytes(psi, 3, 4)["total"] == 16 * psi / 4
+
+
+def test_overrides_are_typed_and_unknown_keys_are_named():
+    cfg = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["optim.lr=1e-3", "steps=3", "model.overrides.dropout=0.1"])
+    assert cfg.optim.lr == 1e-3 and cfg.steps == 3 and cfg.model.build(263).dropout == 0.1
+    with pytest.raises(TrainConfigError, match=r"unknown key\(s\) \['optim.learning_rate'\].*known keys"):
+        TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["optim.learning_rate=1"])
+    with pytest.raises(TrainConfigError, match="must be an integer"):
+        TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["steps=many"])
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine():
+    o = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["optim.warmup_steps=4", "steps=20"]).optim
+    lrs = [o.lr_at(s, 20) for s in range(20)]
+    assert lrs[:4] == pytest.approx([o.lr * k / 4 for k in (1, 2, 3, 4)])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(o.min_lr, rel=0.05)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.preset=giant", r"unknown preset 'giant'"),
+    ("zero.stage=4", r"zero.stage must be 0, 1, 2 or 3"),
+    ("zero.offload_params=true", r"offload_params needs zero.stage 3"),
+    ("data.seq_len=4096", r"exceeds the model's max_seq_len"),
+    ("model.overrides.vocab_size=10", r"vocabulary comes from the prepared data"),
+])
+def test_impossible_configs_are_refused_with_the_reason(override, message):
+    with pytest.raises(TrainConfigError, match=message):
+        TrainConfig.load(REPO / "infra" / "train-tiny.yaml", [override])
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused():
+    cfg = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["batch.global_batch=6", "batch.micro_batch=2"])
+    assert cfg.accumulation(1) == 3
+    with pytest.raises(TrainConfigError, match=r"global_batch=6 is not divisible by world size 2 x batch.micro_batch=2"):
+        cfg.accumulation(2)
+
+
+def test_precisions_the_machine_cannot_run_are_refused():
+    cfg = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["precision=fp16"])
+    with pytest.raises(TrainConfigError, match="fp16 needs a CUDA GPU"):
+        cfg.runtime(cuda_available=False)
+    bf16_z0 = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["precision=bf16", "zero.stage=0"])
+    with pytest.raises(TrainConfigError, match="bf16 needs zero.stage >= 1"):
+        bf16_z0.runtime(cuda_available=False)
+    auto = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["precision=auto", "device=auto"])
+    assert auto.runtime(cuda_available=False) == ("cpu", "fp32")
+    assert auto.runtime(cuda_available=True, bf16_supported=True) == ("cuda", "bf16")
+
+
+def test_the_kuberay_job_runs_a_shipped_config_with_valid_commands():
+    job = yaml.safe_load((REPO / "infra" / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    script = shlex.split(job["spec"]["entrypoint"])
+    assert script[:2] == ["bash", "-c"]
+    commands = [shlex.split(part) for part in script[2].split("&&")]
+    parser = build_parser()
+    prepare, train = (parser.parse_args(c[1:]) for c in commands)
+    assert prepare.data_command == "prepare" and train.ray
+    cfg = TrainConfig.load(REPO / train.config, train.overrides)
+    assert cfg.data.path == prepare.out
+    cfg.accumulation(train.num_workers)  # the batch splits over the workers
+    spec = job["spec"]["rayClusterSpec"]
+    worker_cpus = sum(g["replicas"] * int(g["rayStartParams"]["num-cpus"]) for g in spec["workerGroupSpecs"])
+    assert worker_cpus >= train.num_workers  # Ray Train asks 1 CPU per worker
+    assert spec["rayVersion"] == __import__("ray").__version__
+
+
+def test_the_hostfile_example_parses_into_ranks():
+    assert _hostfile_slots(str(REPO / "infra" / "hostfile.example")) == 16
+    cfg = TrainConfig.load(REPO / "infra" / "train-gpu-124m.yaml")
+    assert cfg.accumulation(16) == 1  # the GPU config splits over the example's 16 ranks
