@@ -66,6 +66,7 @@ class DeploymentOptions(_Strict):
     ray_actor_options: dict[str, Any] | None = None
     health_check_period_s: float | None = None
     graceful_shutdown_timeout_s: float | None = None
+    logging_config: dict[str, Any] | None = None  # Ray Serve LoggingConfig, e.g. {"enable_access_log": false}
 
     def as_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

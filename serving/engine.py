@@ -278,6 +278,7 @@ class Scheduler:
         self._groups: dict[tuple, Group] = {}
         self._out: dict[int, tuple[Job, list[dict]]] = {}
         self._stop = False
+        self._running = 0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ctxmem-scheduler", daemon=True)
         self._thread.start()
@@ -317,14 +318,19 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(len(g.seqs) for g in self._groups.values())
+        """Sequences in the running batch, as of the last scheduler step (safe from any thread)."""
+        return self._running
+
+    def _count_running(self) -> int:  # scheduler thread only: it alone mutates the groups
+        self._running = sum(len(g.seqs) for g in self._groups.values())
+        return self._running
 
     # -- the loop (scheduler thread) --
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._stop and not self._queue and not self.running:
+                    while not self._stop and not self._queue and not self._count_running():
                         self._cond.wait()
                     if self._stop:
                         break
@@ -339,6 +345,7 @@ class Scheduler:
                     if not group.seqs:
                         del self._groups[key]
                 self._flush()
+                self._count_running()
                 self._gauges()
         except BaseException as err:  # noqa: BLE001 - a dead loop must fail health checks, not hang clients
             log.exception("scheduler loop died")
@@ -346,7 +353,7 @@ class Scheduler:
             self._fail_all(APIError(500, f"engine failure: {err}", code="engine_failure"))
 
     def _take_admissions(self) -> list[Job]:
-        room = self.config.max_batch_size - self.running
+        room = self.config.max_batch_size - self._count_running()
         budget = self.config.prefill_token_budget
         out: list[Job] = []
         while self._queue and room > 0:

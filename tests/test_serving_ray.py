@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -223,6 +224,25 @@ def test_promoting_a_new_champion_rolls_the_replicas_over_without_dropping_a_str
     assert finished == ["length"]  # the in-flight stream finished on the old version
     assert client.completions.create(model=NAME, prompt="after", max_tokens=3).choices[0].finish_reason == "length"
     assert httpx.post(url + "/admin/reload", timeout=30).status_code == 401
+
+
+def test_a_client_that_disconnects_frees_its_batch_slot(server):
+    body = {"model": NAME, "prompt": "a long story", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server["url"], headers=AUTH, timeout=60) as http:
+        rows_before = _value(http.get("/metrics").text, "ctxmem_batch_size_sum")  # rows decoded so far
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n > 4:
+                    break  # hang up mid-stream
+        for _ in range(100):
+            metrics = http.get("/metrics").text
+            if _value(metrics, "ctxmem_running_sequences") == 0:
+                break
+            time.sleep(0.1)
+    assert _value(metrics, "ctxmem_running_sequences") == 0
+    time.sleep(0.5)
+    decoded = _value(httpx.get(server["url"] + "/metrics").text, "ctxmem_batch_size_sum") - rows_before
+    assert decoded < 400  # it left the batch well before its 500 tokens
 
 
 def test_the_readme_python_example_runs(server, capsys):
