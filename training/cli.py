@@ -129,7 +129,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         world = _hostfile_slots(args.hostfile)
     else:
         world = args.nproc
-    preflight(cfg, world, args.resume, args.overwrite)  # refuse bad input before anything starts or is written
+    # refuse bad input before anything starts or is written (devices are checked where the ranks run)
+    preflight(cfg, world, args.resume, args.overwrite, check_device=not (args.ray or args.hostfile))
 
     if args.ray:
         from .launch import run_ray

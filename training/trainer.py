@@ -114,12 +114,14 @@ class StopSignal:
 
 # ---- checks that need no DeepSpeed ----------------------------------------------------------------
 def preflight(cfg: TrainConfig, world_size: int, resume: str | None, overwrite: bool = False,
-              check_hashes: bool = True) -> ckpt.ResumePoint | None:
-    """Everything that can be refused before any process starts or any file is written."""
+              check_hashes: bool = True, check_device: bool = True) -> ckpt.ResumePoint | None:
+    """Everything that can be refused before any process starts or any file is written.
+    `check_device=False` where the launching machine is not where ranks run (Ray head, login node)."""
     from .data import TokenData
 
     cfg.accumulation(world_size)
-    cfg.runtime(_cuda_available(cfg), True)
+    if check_device:
+        cfg.runtime(_cuda_available(cfg), True)
     data = TokenData(cfg.data.path)
     data.split("train", cfg.seq_len)
     data.split("val", cfg.seq_len)
