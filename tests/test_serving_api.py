@@ -176,3 +176,21 @@ def test_api_keys_from_the_environment_are_hashed_and_never_shipped(monkeypatch,
     args = ServeArgs(model=str(tmp_path), api_keys=["k3"]).resolve()
     assert args.api_keys == [] and len(args.api_key_hashes) == 3
     assert "k1" not in args.model_dump_json()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_the_conversation_store_appends_turns_optimistically(kind, tmp_path):
+    from ctxmem.serving.store import open_store
+
+    url = f"sqlite:///{tmp_path}/s.sqlite" if kind == "sqlite" else "memory://"
+    store, other = open_store(url), (open_store(url) if kind == "sqlite" else None)
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert store.get("c") is None
+    assert store.append("c", 0, turn) == 1
+    with pytest.raises(StoreConflict):
+        store.append("c", 0, turn)  # a second writer that read the conversation before the first wrote
+    if other is not None:  # another replica process on the same machine sees the turn
+        assert other.get("c")["turns"] == 1 and other.append("c", 1, turn) == 2
+    store.put("d", turn * 2)
+    assert store.get("d")["turns"] == 2
+    assert store.delete("d") and not store.delete("d")

@@ -285,6 +285,22 @@ def test_ctxmem_serve_runs_the_same_application_beside_it(server, tiny_export, t
     assert httpx.get(server["url"] + "/health").status_code == 200
 
 
+def test_the_multi_node_store_is_a_detached_ray_actor(server, tmp_path):
+    import ray
+
+    from ctxmem.serving.store import StoreConflict, open_store
+
+    store = open_store(f"actor://test-sessions?path={tmp_path}/actor.sqlite")
+    again = open_store("actor://test-sessions")  # a replica on another node finds the same actor by name
+    try:
+        assert store.append("c", 0, [{"role": "user", "content": "hi"}]) == 1
+        assert again.get("c")["turns"] == 1
+        with pytest.raises(StoreConflict):
+            again.append("c", 0, [{"role": "user", "content": "hi"}])
+    finally:
+        ray.kill(ray.get_actor("test-sessions", namespace="ctxmem"))
+
+
 def test_a_killed_engine_replica_loses_no_turn(server):
     """Kill the engine actor between turns: the next turn lands on the replacement replica, which has
     no KV state - it rebuilds the conversation from the shared store (a cache miss) and goes on."""
