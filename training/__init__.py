@@ -8,8 +8,8 @@ Layout
     zero.py         the DeepSpeed config, built from the training config (the model never sees it)
     checkpoints.py  DeepSpeed checkpoints with a verified manifest; consolidation to a ctxmem checkpoint
     tracking.py     rank-0 MLflow logging that never stops training (journal + sync)
-    trainer.py      the training function every launcher runs (one process, torchrun, DeepSpeed, Ray)
-    launch.py       --nproc (torchrun), --hostfile (DeepSpeed launcher) and --ray (Ray Train)
+    trainer.py      the training function every launcher runs (one process, local ranks, torchrun, DeepSpeed, Ray)
+    launch.py       --nproc (local ranks), --hostfile (DeepSpeed launcher) and --ray (Ray Train)
     worker.py       `python -m ctxmem.training.worker`: the per-process entry point of the launchers
     cli.py          `ctxmem data prepare` and `ctxmem train`
 

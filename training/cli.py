@@ -59,7 +59,7 @@ def register(subparsers) -> None:
                        help="continue from the newest checkpoint in OUT, or from PATH (a checkpoint or run folder)")
     train.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds checkpoints")
     where = train.add_mutually_exclusive_group()
-    where.add_argument("--nproc", type=int, default=1, help="local processes (torchrun-style; default 1)")
+    where.add_argument("--nproc", type=int, default=1, help="local rank processes (torchrun-style; default 1: this process)")
     where.add_argument("--hostfile", help="multi-node: DeepSpeed launcher over the hosts of this file")
     where.add_argument("--ray", action="store_true", help="run on Ray Train (TorchTrainer)")
     train.add_argument("--launcher-args", default="", help="extra DeepSpeed launcher options with --hostfile, quoted")
@@ -138,13 +138,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         metrics = run_ray(cfg, args.resume, args.num_workers, args.use_gpu, args.overwrite, args.ray_address)
         print(json.dumps(metrics, default=str))
         return 0 if metrics.get("status") == "completed" else 130
-    from .launch import run_deepspeed, run_torchrun, worker_args
+    from .launch import run_deepspeed, run_local, worker_args
 
     if args.hostfile:
         wargs = worker_args(args.config, args.overrides, args.resume, args.overwrite, "deepspeed")
         return run_deepspeed(args.hostfile, wargs, args.launcher_args.split())
     if args.nproc > 1:
-        return run_torchrun(args.nproc, worker_args(args.config, args.overrides, args.resume, args.overwrite, "torchrun"))
+        return run_local(args.nproc, worker_args(args.config, args.overrides, args.resume, args.overwrite, "local"))
     from .trainer import train
 
     result = train(cfg, args.resume, launcher="local", overwrite=args.overwrite, resume_verified=True)

@@ -1,12 +1,13 @@
 """Launchers: each starts `trainer.train` on every rank; none changes what a rank computes.
 
     in-process   `ctxmem train` with --nproc 1 (the default): this process is rank 0 of 1
-    torchrun     `--nproc N`: N local processes via `python -m torch.distributed.run` on 127.0.0.1
+    local        `--nproc N`: N local processes, torchrun-style environment, on 127.0.0.1
     DeepSpeed    `--hostfile FILE`: DeepSpeed's multi-node launcher (pdsh/ssh) on the hosts of FILE
     Ray Train    `--ray --num-workers N [--use-gpu]`: `TorchTrainer` on a local or existing Ray cluster
 
 Each process started by a launcher runs `python -m ctxmem.training.worker` with the same config
-and overrides, so every rank resolves the same TrainConfig.
+and overrides, so every rank resolves the same TrainConfig. (torchrun itself works too, for
+multi-node launches by hand: see training/README.md.)
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ def _child_env() -> dict[str, str]:
 
 
 def _run(cmd: list[str]) -> int:
-    """Run a launcher in the foreground; SIGINT/SIGTERM go to it (it forwards them to the ranks,
-    which checkpoint and exit), and this process waits for it to finish."""
-    proc = subprocess.Popen(cmd, env=_child_env())
+    """Run a launcher (DeepSpeed's runner) in the foreground, in its own session so that a terminal's
+    Ctrl-C reaches it once, through us."""
+    proc = subprocess.Popen(cmd, env=_child_env(), start_new_session=True)
 
     def forward(signum, frame):
         proc.send_signal(signum)
@@ -56,20 +57,60 @@ def _run(cmd: list[str]) -> int:
             signal.signal(s, handler)
 
 
-def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    # A static rendezvous on loopback: nothing listens beyond this machine.
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0",
-            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            "-m", WORKER, *args]
+def run_local(nproc: int, args: list[str], grace_s: float = 60.0) -> int:
+    """`--nproc N`: N ranks on this machine, torchrun-style (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR=127.0.0.1, MASTER_PORT in each environment).
+
+    The ranks run in their own session: a signal to this process (Ctrl-C, SIGTERM) is passed to
+    each rank exactly once, so every rank checkpoints and exits (a second signal would abort
+    them). If a rank fails, the others are stopped (SIGTERM, then SIGKILL after `grace_s`)."""
+    import time
+
+    base = _child_env()
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc))
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    procs = [subprocess.Popen([sys.executable, "-m", WORKER, *args], start_new_session=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    received: list[int] = []
+
+    def forward(signum, frame):
+        if signum in received:  # a second Ctrl-C: abort without saving
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            return
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            bad = [p.returncode for p in procs if p.poll() not in (None, 0)]
+            if bad and failed_at is None and not received:
+                failed_at = time.monotonic()  # one rank failed: the others may wait in a collective forever
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.2)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    codes = [p.returncode for p in procs]
+    if received:
+        return 128 + received[0]
+    return next((c for c in codes if c != 0), 0)
 
 
 def deepspeed_command(hostfile: str, args: list[str], launcher_args: list[str] | None = None) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, *(launcher_args or []),
             "--module", WORKER, *args]
-
-
-def run_torchrun(nproc: int, args: list[str]) -> int:
-    return _run(torchrun_command(nproc, args))
 
 
 def run_deepspeed(hostfile: str, args: list[str], launcher_args: list[str] | None = None) -> int:

@@ -103,8 +103,9 @@ class StopSignal:
             self.restore()
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-              "(send it again to abort without saving)", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                  "(send it again to abort without saving)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
