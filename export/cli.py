@@ -44,9 +44,9 @@ def _add_export(sub) -> None:
                         "(default: text sampled from the fp32 model)")
     p.add_argument("--policy", choices=("full", "sink", "recompute"), default=None,
                    help="memory policy written to the runtime config (default: the checkpoint's generation_config)")
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--sinks", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--window", type=int, default=None, help="runtime config: recent tokens kept (sink) / window (recompute)")
+    p.add_argument("--sinks", type=int, default=None, help="runtime config: attention-sink tokens (sink policy)")
+    p.add_argument("--chunk", type=int, default=None, help="runtime config: tokens dropped per re-prefill (recompute)")
     _uri_arg(p)
     p.set_defaults(func=cmd_export)
 
@@ -70,12 +70,12 @@ def _add_registry(sub) -> None:
     r.add_argument("--eval-windows", type=int, default=32, help="windows of 128 tokens measured by --eval-data")
     r.add_argument("--allow-unverified", action="store_true",
                    help="register even if verification failed or is missing (tagged; promotion will refuse it)")
-    r.add_argument("--description", default=None)
+    r.add_argument("--description", default=None, help="model version description shown in the registry")
     _uri_arg(r)
     r.set_defaults(func=cmd_register)
 
     pr = rs.add_parser("promote", help="point an alias at a version, through the promotion gate")
-    pr.add_argument("--name", required=True)
+    pr.add_argument("--name", required=True, help="registered model name")
     which = pr.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", default=None, help="version number to promote")
     which.add_argument("--from-alias", default=None, help="promote the version another alias points at (challenger)")
@@ -83,7 +83,7 @@ def _add_registry(sub) -> None:
     pr.add_argument("--tolerance", type=float, default=0.02,
                     help="champion gate: how much worse (relative) validation perplexity may be (default 0.02)")
     pr.add_argument("--force", action="store_true", help="override a refusal (needs --reason; recorded)")
-    pr.add_argument("--reason", default=None)
+    pr.add_argument("--reason", default=None, help="why --force overrides the gate (recorded as a tag)")
     _uri_arg(pr)
     pr.set_defaults(func=cmd_promote)
 
@@ -101,10 +101,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", required=True, metavar="SPEC", help="checkpoint or export directory, runs:/, models:/")
     p.add_argument("--data", required=True, help="prepared data folder or text file")
     p.add_argument("--block", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider for exports: cpu, cuda (default: auto)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     _uri_arg(p)
     p.set_defaults(func=cmd_eval)
 
