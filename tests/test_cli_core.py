@@ -22,7 +22,8 @@ def subcommands(parser):
 
 def test_every_option_of_every_command_has_help():
     commands = dict(subcommands(build_parser()))
-    assert {"generate", "info", "import-hf", "export-hf"} <= set(commands)
+    assert {"generate", "info", "import-hf", "export-hf", "data", "train", "export", "registry", "eval", "serve",
+            "demo"} <= set(commands)
     for name, sub in commands.items():
         assert sub.description or sub.format_usage(), name
         for action in sub._actions:
