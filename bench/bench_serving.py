@@ -1,6 +1,6 @@
 """Serving load test: real HTTP (SSE streams) against Ray Serve on 127.0.0.1, one run, two tables.
 
-    .venv/bin/python bench/bench_serving.py [--model EXPORT_DIR | --preset tiny] [--max-tokens 64]
+    .venv/bin/python bench/bench_serving.py [--model EXPORT_DIR | --preset tiny] [--max-tokens 128]
 
 1. Concurrency 1, 4, 16, 32 with continuous batching on (max_batch_size 32) and off (1): req/s,
    aggregate generated tokens/s, time to first token and inter-token latency p50/p99.
@@ -65,6 +65,31 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
+def session_cpu() -> float:
+    """CPU seconds used so far by this process and every process it started (Ray's raylet, GCS,
+    proxy, replicas): a measure of cost per token that other users of the machine do not distort
+    the way they distort wall-clock throughput."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(pid)] = int(fields[1])
+        cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    mine, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in mine:
+                mine.add(child)
+                frontier.append(child)
+    return sum(cpu.get(p, 0.0) for p in mine)
+
+
 # ---- the load generator --------------------------------------------------------------------------
 async def one_stream(http, url: str, body: dict) -> dict:
     start = time.perf_counter()
@@ -112,7 +137,7 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, secon
         await asyncio.gather(*[worker(http) for _ in range(concurrency)])
         wall = time.perf_counter() - start
     ok = [r for r in results if r["status"] == 200]
-    return {"concurrency": concurrency, "requests": len(ok), "errors": len(results) - len(ok),
+    return {"concurrency": concurrency, "requests": len(ok), "errors": len(results) - len(ok), "wall": wall,
             "req_s": len(ok) / wall, "tok_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50": pct([r["ttft"] for r in ok], 0.5), "ttft_p99": pct([r["ttft"] for r in ok], 0.99),
             "itl_p50": pct([r["itl"] for r in ok], 0.5), "itl_p99": pct([r["itl"] for r in ok], 0.99)}
@@ -145,7 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="export (or checkpoint) directory; default: tiny preset export")
     parser.add_argument("--preset", default="tiny", help="preset to export when --model is not given")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (ignore_eos: exactly this)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (ignore_eos: exactly this)")
     parser.add_argument("--rounds", type=int, default=3, help="requests per level = max(8, rounds * concurrency)")
     parser.add_argument("--seconds", type=float, default=60, help="time bound per level")
     parser.add_argument("--levels", default="1,4,16,32", help="concurrency levels")
@@ -200,23 +225,30 @@ def main() -> int:
             replica = deploy(max_batch_size=32 if batching == "on" else 1)["replica"]
             asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
             for c in levels:
+                cpu0 = session_cpu()
                 r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
+                tokens = r["tok_s"] * r.pop("wall")
+                r["cpu_ms_per_token"] = 1000 * (session_cpu() - cpu0) / max(tokens, 1)
                 rows.append({"batching": batching, "replica": replica, **r})
                 print(f"# batching {batching} c={c}: {r['tok_s']:.0f} tok/s", file=sys.stderr)
         print(f"\n## Load (completions, stream, {args.max_tokens} tokens/request, 127.0.0.1; {os.cpu_count()} CPUs, "
               f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after: the machine is shared)\n")
         print("| batching | concurrency | requests | errors | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms "
-              "| ITL p50 ms | ITL p99 ms |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| ITL p50 ms | ITL p99 ms | CPU ms/token |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['req_s']:.2f} | "
                   f"{r['tok_s']:.0f} | {1000 * r['ttft_p50']:.1f} | {1000 * r['ttft_p99']:.1f} | "
-                  f"{1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} |")
+                  f"{1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | {r['cpu_ms_per_token']:.2f} |")
+        print("\nCPU ms/token: CPU time of the whole session (client, proxy, ingress, engine, Ray) per generated "
+              "token - what throughput would be on idle cores: cores / (CPU ms/token) * 1000 tokens/s.")
         on = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "on"}
         off = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "off"}
+        cpu_on = {r["concurrency"]: r["cpu_ms_per_token"] for r in rows if r["batching"] == "on"}
         if 1 in on and 16 in on:
             print(f"\n16 streams vs 1 stream, batching on: {on[16] / on[1]:.1f}x aggregate tokens/s (target >= 5x); "
-                  f"batching off: {off.get(16, 0) / max(off.get(1, 1e-9), 1e-9):.1f}x")
+                  f"batching off: {off.get(16, 0) / max(off.get(1, 1e-9), 1e-9):.1f}x; CPU per token at 16 streams "
+                  f"{cpu_on[1] / cpu_on[16]:.1f}x lower than at 1")
 
         convs = {}
         for reuse in ("on", "off"):

@@ -44,9 +44,11 @@ class EngineConfig(_Strict):
     max_batch_size: int = Field(default=32, ge=1)  # rows decoded together; 1 = batching off
     max_queued: int = Field(default=256, ge=1)  # waiting requests beyond this get 429
     prefill_token_budget: int = Field(default=512, ge=1)  # prompt tokens admitted per scheduler step
-    # Each streamed message costs the replica about a millisecond of Python (Ray streaming), so under
-    # load a stream's tokens are sent together at most every stream_interval_ms. None = adaptive:
-    # 2 ms per running sequence, at most 50 ms (one sequence: every token at once); 0 = every step.
+    # Each streamed message costs ~1-2 ms of Python in every hop (engine -> ingress -> proxy; measured),
+    # so under load a stream's tokens are sent together, at most every stream_interval_ms. None =
+    # adaptive: 10 ms per running sequence, at most 250 ms (~100 messages/s per replica, ~0.25 core of
+    # Serve overhead here); 0 = every step.
+    # The first token is never held back.
     stream_interval_ms: float | None = Field(default=None, ge=0)
     kv_reuse: bool = True  # keep recent conversations' KV state (off: every turn re-prefills)
     kv_cache_mb: float = Field(default=256.0, ge=0)  # LRU bound on kept conversation states

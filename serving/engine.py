@@ -487,11 +487,22 @@ class Scheduler:
 
     def _flush(self) -> None:
         out, self._out = self._out, {}
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, events in out.values():
-            if not job.cancelled or events[-1]["type"] in ("end", "error"):
-                try:
-                    job.emit(events)
-                except Exception:  # noqa: BLE001 - a consumer that went away
+            if job.cancelled and events[-1]["type"] not in ("end", "error"):
+                continue
+            if isinstance(job.emit, AsyncSink):  # one wake-up per event loop per step, not one per request
+                by_loop.setdefault(job.emit.loop, []).append((job, events))
+                continue
+            try:
+                job.emit(events)
+            except Exception:  # noqa: BLE001 - a consumer that went away
+                job.cancelled = True
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the loop closed: its requests are gone
+                for job, _ in deliveries:
                     job.cancelled = True
 
     def _gauges(self) -> None:
@@ -509,6 +520,21 @@ class Scheduler:
             while self._queue:
                 self._emit(self._queue.popleft(), err.to_event())
         self._flush()
+
+
+class AsyncSink:
+    """Job.emit for an asyncio consumer: events land in `queue` on `loop` (see Scheduler._flush)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue = loop, queue
+
+    def __call__(self, events: list[dict]) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, events)
+
+
+def _deliver(deliveries: list) -> None:
+    for job, events in deliveries:
+        job.emit.queue.put_nowait(events)
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -574,7 +600,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[dict]] = asyncio.Queue()
         try:
-            job = self.prepare(request, lambda events: loop.call_soon_threadsafe(queue.put_nowait, events))
+            job = self.prepare(request, AsyncSink(loop, queue))
             self.scheduler.submit(job)
         except APIError as err:
             yield [err.to_event()]
@@ -601,7 +627,7 @@ class Engine:
         """Seconds between two messages of one stream (see EngineConfig.stream_interval_ms)."""
         ms = self.config.stream_interval_ms
         if ms is None:
-            ms = min(50.0, 2.0 * self.scheduler.running)
+            ms = min(250.0, 10.0 * self.scheduler.running)
         return ms / 1000.0
 
     # -- control --
