@@ -54,27 +54,22 @@ def _artifact_location(uri: str) -> str | None:
 
 @contextlib.contextmanager
 def _mlflow(uri: str) -> Iterator[Any]:
-    """MLflow pointed at `uri` for the duration (fluent API included), then restored."""
+    """An MlflowClient on `uri`, with MLflow's errors turned into RegistryError. Nothing global is
+    changed (no mlflow.set_tracking_uri): every call below names its store explicitly."""
     # An unreachable server should fail in seconds, not after MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    import mlflow
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    before_tracking, before_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         yield MlflowClient(tracking_uri=uri, registry_uri=uri)
     except MlflowException as err:
         raise RegistryError(f"MLflow at {uri}: {_first_line(err)}") from None
     except OSError as err:  # requests' ConnectionError is an OSError
         raise RegistryError(f"cannot reach the MLflow tracking server at {uri} ({_first_line(err)}); start it "
-                            "(see export/README.md) or pass another --tracking-uri") from None
-    finally:
-        mlflow.set_tracking_uri(before_tracking)
-        mlflow.set_registry_uri(before_registry)
+                            "(see infra/mlflow/README.md) or pass another --tracking-uri") from None
 
 
 def _first_line(err: Exception) -> str:
@@ -172,39 +167,62 @@ def register_export(export_dir: str | Path, name: str, *, tracking_uri: str | No
     metrics = _metrics(export_dir, config, eval_data, eval_windows)
     uri = default_tracking_uri(tracking_uri)
     with _mlflow(uri) as client:
-        import mlflow
-
-        from .pyfunc import ARTIFACT_KEY, onnx_signature, signature
-
         experiment_id, parent = _experiment_for(client, uri, config.source.get("run_id"))
-        tags = {"ctxmem.kind": "registration", "ctxmem.export": str(export_dir)}
+        tags = {"ctxmem.kind": "registration", "ctxmem.export": str(export_dir), "mlflow.runName": f"register-{name}"}
         if parent:
             tags["mlflow.parentRunId"] = parent  # the training run: lineage shows in the MLflow UI
-        version_tags = _version_tags(config, report, metrics, status, export_dir)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}", tags=tags) as run:
-            mlflow.log_params({"variant": config.variant, "opset": config.opset, **{
-                f"memory.{k}": v for k, v in config.memory.items()}, **{
-                f"model.{k}": v for k, v in config.model.items()}})
-            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            numeric.update(_report_metrics(report))
-            if numeric:
-                mlflow.log_metrics(numeric)
-            mlflow.log_dict(report, "verification.json")
-            with warnings.catch_warnings():  # MLflow nags about type hints and input examples; the
-                warnings.simplefilter("ignore", UserWarning)  # signature below is explicit
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                    artifacts={ARTIFACT_KEY: str(export_dir)}, signature=signature(),
-                    pip_requirements=_requirements(),
-                    metadata={"ctxmem": {"variant": config.variant, "opset": config.opset,
-                                         "onnx_signature": onnx_signature(config.export_contract)}})
-        mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
-        if description:
-            client.update_model_version(name, mv.version, description=description)
-    result = {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "model_uri": info.model_uri,
+        run = client.create_run(experiment_id, tags=tags)
+        run_id = run.info.run_id
+        try:
+            _log_run(client, run_id, config, report, metrics, export_dir)
+            model_uri = f"{run.info.artifact_uri.rstrip('/')}/model"
+            mv = _create_version(client, name, model_uri, run_id, _version_tags(config, report, metrics, status,
+                                                                               export_dir), description)
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+    result = {"name": name, "version": str(mv.version), "run_id": run_id, "model_uri": model_uri,
               "verification": status, "summary": summarize(report), "tracking_uri": uri, **metrics}
     log.info("registered %s version %s (%s)", name, mv.version, result["summary"])
     return result
+
+
+def _log_run(client, run_id: str, config: RuntimeConfig, report, metrics, export_dir: Path) -> None:
+    """Params, metrics, the report, and the export as a generating pyfunc under `model/`."""
+    import mlflow.pyfunc
+    from mlflow.entities import Metric, Param
+
+    from .pyfunc import ARTIFACT_KEY, onnx_signature, signature
+
+    params = {"variant": config.variant, "opset": config.opset, **{f"memory.{k}": v for k, v in config.memory.items()},
+              **{f"model.{k}": v for k, v in config.model.items()}}
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    numeric.update(_report_metrics(report))
+    now = int(_dt.datetime.now().timestamp() * 1000)
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in numeric.items()])
+    client.log_dict(run_id, report, "verification.json")
+    with tempfile.TemporaryDirectory(prefix="ctxmem-pyfunc-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow asks for type hints / an input example
+        path = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            str(path), python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # model from code: no pickle
+            artifacts={ARTIFACT_KEY: str(export_dir)}, signature=signature(), pip_requirements=_requirements(),
+            metadata={"ctxmem": {"variant": config.variant, "opset": config.opset,
+                                 "onnx_signature": onnx_signature(config.export_contract)}})
+        client.log_artifacts(run_id, str(path), "model")
+
+
+def _create_version(client, name: str, source: str, run_id: str, tags: dict[str, str], description: str | None):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
 
 
 def _metrics(export_dir: Path, config: RuntimeConfig, eval_data, windows: int) -> dict[str, Any]:
@@ -435,14 +453,14 @@ def resolve_model(spec: str | Path, *, tracking_uri: str | None = None, cache_di
                 version = _alias_version(client, name, alias)
             mv = _model_version(client, name, version)
             target = root / store / _safe(name) / f"v{mv.version}-{(mv.run_id or 'norun')[:12]}"
-            source = f"models:/{name}/{mv.version}"
+            source = mv.source  # the artifact location itself: no second lookup through the global registry
         else:
             body = text[len("runs:/"):]
             run_id, _, sub = body.partition("/")
             if not run_id:
                 raise ModelSpecError(f"{text}: expected runs:/<run_id>/<artifact path>")
             target = root / store / "runs" / run_id / (_safe(sub) or "_root")
-            source = text
+            source = client.get_run(run_id).info.artifact_uri.rstrip("/") + ("/" + sub.strip("/") if sub else "")
         if not (target / ".complete").exists():
             _download(source, target, uri)
     return _find_model_dir(target, text)
@@ -467,12 +485,12 @@ def _safe(text: str) -> str:
 
 
 def _download(source: str, target: Path, uri: str) -> None:
-    import mlflow
+    import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
         (tmp / ".complete").write_text(source + "\n")
         if target.exists():
             shutil.rmtree(target)

@@ -19,7 +19,7 @@ import numpy as np
 from ctxmem.config import ConfigError, ModelConfig
 from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
 
-from .contract import ExportContract
+from .contract import ATTENTION_MASK, INPUT_IDS, POSITIONS, ExportContract, past_names
 from .errors import ExportModelError, OutputNameError, ProviderError, RuntimeConfigError
 
 log = logging.getLogger(__name__)
@@ -233,13 +233,22 @@ class OrtBackend:
         check_names(self.session, self.contract, str(self.export_dir))
         self.provider = self.session.get_providers()[0]
         self.output_names = self.contract.output_names
+        self._past_names = past_names(self.contract.n_layers)  # per call this is the hot path: no rebuilding
+        self._cache_dtype = np.dtype(self.contract.cache_dtype)
         self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
 
     def run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past) -> list[np.ndarray]:
-        """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...)."""
-        feed = self.contract.numpy_inputs(np.ascontiguousarray(ids, dtype=np.int64),
-                                          np.ascontiguousarray(positions, dtype=np.int64),
-                                          np.ascontiguousarray(mask, dtype=bool), past)
+        """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...).
+        ids, positions (B, T) int64; mask (B, P+T) bool; past None/[] (P = 0) or per layer (k, v)."""
+        feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+                POSITIONS: np.ascontiguousarray(positions, dtype=np.int64),
+                ATTENTION_MASK: np.ascontiguousarray(mask, dtype=bool)}
+        if past:
+            arrays = [a for kv in past for a in kv]
+        else:
+            empty = np.zeros((ids.shape[0], self.contract.n_kv_heads, 0, self.contract.head_dim), self._cache_dtype)
+            arrays = [empty] * len(self._past_names)
+        feed.update(zip(self._past_names, arrays))
         return self.session.run(self.output_names, feed)
 
     def forward(self, ids, positions, mask, past, last_only=True):

@@ -193,7 +193,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(["bash", str(REPO / "infra" / "mlflow" / "start_server.sh")], env=env,
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait(self, timeout: float = 90.0) -> "MlflowServer":
+    def wait(self, timeout: float = 180.0) -> "MlflowServer":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

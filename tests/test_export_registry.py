@@ -105,16 +105,16 @@ def test_challenger_to_champion_then_a_tampered_version_is_refused_and_champion_
 
 def test_champion_gate_compares_perplexity_and_a_forced_promotion_is_recorded(
         store, small_export, small_checkpoint, tiny_export, tmp_path):
-    import mlflow
     from mlflow import MlflowClient
 
     from ctxmem.export.registry import list_versions, promote, register_export
     from ctxmem.export.runtime import RuntimeConfig
 
     # lineage: the training run lives in this store; its id is what the export carries
-    mlflow.set_tracking_uri(store)
-    with mlflow.start_run(experiment_id=mlflow.create_experiment("ctxmem-train")) as run:
-        mlflow.log_metric("val_ppl", 14.0)
+    client = MlflowClient(store, store)
+    run = client.create_run(client.create_experiment("ctxmem-train"))
+    client.log_metric(run.info.run_id, "val_ppl", 14.0)
+    client.set_terminated(run.info.run_id)
     trained = copy_export(small_export, tmp_path / "trained")
     config = RuntimeConfig.load(trained)
     config.source["run_id"] = run.info.run_id
@@ -123,7 +123,6 @@ def test_champion_gate_compares_perplexity_and_a_forced_promotion_is_recorded(
     data = small_checkpoint.parent / "val.txt"
     good = register_export(trained, "gate", eval_data=data)
     assert good["val_ppl"] < 30 and good["verification"] == "passed"
-    client = MlflowClient(store, store)
     reg_run = client.get_run(good["run_id"])
     assert reg_run.data.tags["mlflow.parentRunId"] == run.info.run_id  # training run -> registration
     assert reg_run.info.experiment_id == run.info.experiment_id
@@ -158,6 +157,19 @@ def test_a_version_registered_around_ctxmem_without_verification_is_refused(stor
     with pytest.raises(PromotionRefusedError, match="no verification record"):
         promote("bare", "champion", version="1")
     assert "champion" not in client.get_registered_model("bare").aliases
+
+
+def test_runs_uri_resolves_to_the_checkpoint_a_training_run_logged(store, tiny_checkpoint):
+    from mlflow import MlflowClient
+
+    from ctxmem.export.registry import resolve_model
+
+    client = MlflowClient(store, store)
+    run = client.create_run(client.create_experiment("training-artifacts"))
+    client.log_artifacts(run.info.run_id, str(tiny_checkpoint), "checkpoint")
+    path = resolve_model(f"runs:/{run.info.run_id}/checkpoint")
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert resolve_model(f"runs:/{run.info.run_id}/checkpoint") == path  # cached: downloaded once
 
 
 @pytest.mark.slow
