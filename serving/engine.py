@@ -670,13 +670,13 @@ class Engine:
 
 
 def coalesce(events: list[dict]) -> list[dict]:
-    """Consecutive deltas become one (text joined, tokens summed): fewer messages under load."""
+    """Consecutive deltas become one (text joined, tokens summed, the largest batch they ran in)."""
     out: list[dict] = []
     for ev in events:
         if ev["type"] == "delta" and out and out[-1]["type"] == "delta":
             prev = out[-1]
             out[-1] = {"type": "delta", "text": prev["text"] + ev["text"], "tokens": prev["tokens"] + ev["tokens"],
-                       "batch": ev["batch"]}
+                       "batch": max(prev["batch"], ev["batch"])}
         else:
             out.append(ev)
     return out

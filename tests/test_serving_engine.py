@@ -117,6 +117,7 @@ def test_a_new_request_joins_the_running_batch_between_decode_steps(engine):
     assert end["finish_reason"] == "length" and end["usage"]["completion_tokens"] == 5
     assert max(ev["batch"] for ev in events if ev["type"] == "delta") == 2
     assert max(ev["batch"] for ev in long_events if ev["type"] == "delta") == 2
+    assert 1 < long_events[-1]["batch_mean"] < 2  # shared some steps, ran alone for the rest
     assert long_events[-1]["usage"]["completion_tokens"] == 120
 
 
