@@ -150,15 +150,15 @@ def conversation(url: str, model: str, turns: int, max_tokens: int, session: str
     with httpx.Client(base_url=url, timeout=120) as http:
         for turn in range(turns):
             messages.append({"role": "user", "content": f"turn {turn}: tell me what happens next in the story"})
-            start = time.perf_counter()
+            cpu0, start = session_cpu(), time.perf_counter()
             r = http.post("/v1/chat/completions", headers={"X-Session-Id": session}, json={
                 "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True})
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, session_cpu() - cpu0
             r.raise_for_status()
             body = r.json()
             usage = body["usage"]
-            out.append({"turn": turn + 1, "latency": elapsed, "prompt": usage["prompt_tokens"],
+            out.append({"turn": turn + 1, "latency": elapsed, "cpu": cpu, "prompt": usage["prompt_tokens"],
                         "prefill": usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"],
                         "evicted": usage["evicted_tokens"]})
             messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
@@ -256,24 +256,26 @@ def main() -> int:
             convs[reuse] = conversation(url, name, args.turns, args.turn_tokens, f"bench-{reuse}")
         print(f"\n## One {args.turns}-turn conversation (chat, {args.turn_tokens} tokens/turn, window "
               f"{info['memory']['window']}+{info['memory']['sinks']} sinks)\n")
-        print("| turn | prompt tokens | evicted | KV reuse on: ms | prefilled | KV reuse off: ms | prefilled |")
-        print("|---|---|---|---|---|---|---|")
+        print("| turn | prompt tokens | evicted | reuse on: ms | CPU ms | prefilled | reuse off: ms | CPU ms | prefilled |")
+        print("|---|---|---|---|---|---|---|---|---|")
         marks = sorted({1, 2, 5, 10, 20, 30, args.turns} & set(range(1, args.turns + 1)))
         for t in marks:
             a, b = convs["on"][t - 1], convs["off"][t - 1]
-            print(f"| {t} | {a['prompt']} | {a['evicted']} | {1000 * a['latency']:.1f} | {a['prefill']} | "
-                  f"{1000 * b['latency']:.1f} | {b['prefill']} |")
+            print(f"| {t} | {a['prompt']} | {a['evicted']} | {1000 * a['latency']:.1f} | {1000 * a['cpu']:.0f} | "
+                  f"{a['prefill']} | {1000 * b['latency']:.1f} | {1000 * b['cpu']:.0f} | {b['prefill']} |")
 
-        def around(rows_, turn):  # median of the turn and its neighbours: one slow call is noise
-            return statistics.median(r["latency"] for r in rows_[max(0, turn - 2):turn + 1])
+        def around(rows_, turn, key):  # median of 5 turns around `turn` (1-based): one slow call is noise
+            i = turn - 1
+            return statistics.median(r[key] for r in rows_[max(0, i - 2):i + 3])
 
-        if args.turns >= 6:
-            last = args.turns
+        if args.turns >= 8:
+            last = args.turns - 2  # the window of 5 ends at the last turn
             for reuse in ("on", "off"):
-                print(f"\nKV reuse {reuse}: turn {last} / turn 5 latency = "
-                      f"{around(convs[reuse], last - 1) / around(convs[reuse], 4):.2f}x (median of 3 neighbouring turns)",
-                      end="")
-            print(" (target with reuse on: <= 1.5x)")
+                rows_ = convs[reuse]
+                print(f"\nKV reuse {reuse}: turn ~{args.turns} / turn ~5 = "
+                      f"{around(rows_, last, 'latency') / around(rows_, 5, 'latency'):.2f}x latency, "
+                      f"{around(rows_, last, 'cpu') / around(rows_, 5, 'cpu'):.2f}x CPU (medians of 5 turns)", end="")
+            print("  (target with reuse on: latency <= 1.5x)")
         return 0
     finally:
         serve.shutdown()
