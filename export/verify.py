@@ -21,6 +21,7 @@ verification.json beside the export either way.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -239,12 +240,33 @@ def _error_dict(err: Exception) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """The reference runs decode-sized matmuls, where extra OpenMP threads only spin: on a busy
+    2-core machine 2 threads cost ~10x the CPU time of 1 for the same check. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def verify_export(export_dir: str | Path, checkpoint_dir: str | Path | None = None, *, model=None,
                   tokens: int = DEFAULT_TOKENS, eval_data: str | Path | None = None,
                   loss_tolerance: float | None = None, provider: str | None = "cpu",
                   write_report: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check an export against its PyTorch checkpoint; returns the report (also written beside the
     export). Raises a VerificationError subclass (with ``.report``) when a check fails."""
+    with _one_torch_thread():
+        return _verify(export_dir, checkpoint_dir, model=model, tokens=tokens, eval_data=eval_data,
+                       loss_tolerance=loss_tolerance, provider=provider, write_report=write_report, extra=extra)
+
+
+def _verify(export_dir, checkpoint_dir, *, model, tokens, eval_data, loss_tolerance, provider, write_report,
+            extra) -> dict[str, Any]:
     from ctxmem.checkpoint import load_model
     from ctxmem.tokenizer import load_tokenizer
 
@@ -315,7 +337,7 @@ def _accuracy(model, ort, tokenizer, variant, eval_data, tolerance) -> dict[str,
 
     tolerance = VARIANT_LOSS_TOL[variant] if tolerance is None else tolerance
     if eval_data is not None:
-        windows = load_windows(eval_data, tokenizer, min(128, model.cfg.max_seq_len), max_windows=32)
+        windows = load_windows(eval_data, tokenizer, min(128, model.cfg.max_seq_len), max_windows=16)
         source = str(eval_data)
     else:
         windows = sampled_windows(model, tokenizer)

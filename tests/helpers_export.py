@@ -43,6 +43,17 @@ def synthetic_text(sentences: int, seed: int) -> str:
 def train_small(out: Path, steps: int = 30, seq_len: int = 64, batch: int = 8) -> Path:
     """`small` preset, byte tokenizer, a plain torch loop (the DeepSpeed trainer is not needed here).
     Writes the checkpoint, val.txt beside it and an mlflow_run.json as the training stage does."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: a second OpenMP thread only spins on a shared 2-core machine
+    try:
+        return _train_small(out, steps, seq_len, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_small(out: Path, steps: int, seq_len: int, batch: int) -> Path:
     import math
 
     import numpy as np
