@@ -123,6 +123,24 @@ def run(args) -> list[dict]:
     return rows
 
 
+def memory_floor(paths: dict[str, Path]) -> str:
+    """Batch-1 decode reads every weight once per token: compare one ORT fp32 graph step with the
+    time this machine takes to stream the same number of bytes (a numpy sum, one thread)."""
+    import numpy as np
+
+    from ctxmem.export.runtime import OrtBackend
+
+    nbytes = (paths["fp32"] / "model.onnx.data").stat().st_size
+    data = np.ones(nbytes // 4, dtype=np.float32)
+    backend = OrtBackend(paths["fp32"], provider="cpu")
+    c = backend.contract
+    past = [(np.zeros((1, c.n_kv_heads, 40, c.head_dim), np.float32),) * 2] * c.n_layers
+    step = lambda: backend.run(np.zeros((1, 1), np.int64), np.full((1, 1), 40), np.ones((1, 41), bool), past)  # noqa: E731
+    read, graph = _best(lambda: [data.sum() for _ in range(20)], 3)[0] / 20, _best(lambda: [step() for _ in range(20)], 3)[0] / 20
+    return (f"batch-1 floor: one ORT fp32 graph step takes {graph * 1e3:.2f} ms; streaming its {nbytes / 2**20:.1f} MiB "
+            f"of fp32 weights once takes {read * 1e3:.2f} ms on this machine (int8 reads a quarter of that)")
+
+
 def table(rows: list[dict], args) -> str:
     head = f"{'engine':<28} {'batch':>5} {'tokens/s':>10} {'x transformers':>15} {'x torch eager':>14} {'greedy = HF':>12}"
     lines = [head, "-" * len(head)]
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = run(args)
     print(table(rows, args))
+    print(memory_floor(build(CACHE)))
     if args.json:
         print(json.dumps(rows))
     batch1 = next(r for r in rows if r["batch"] == 1 and r["engine"] == "ctxmem ORT fp32") if 1 in args.batches else None
