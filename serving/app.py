@@ -18,10 +18,11 @@ def build_app(args: ServeArgs) -> Application:
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(dict(args or {}))
     args = args.resolve()
-    # the engine gets everything through user_config (changes -> `reconfigure` in place), and the
-    # ingress only what it reads, so an engine knob never restarts the ingress either
-    engine = EngineDeployment.options(user_config=args.engine.model_dump(), **args.engine_deployment.as_options()) \
-        .bind()
+    # args.engine is the engine's base config; its user_config starts empty ({} still makes Serve call
+    # `reconfigure`, which loads the model) and is where YAML puts live overrides. The ingress gets
+    # only what it reads.
+    engine = EngineDeployment.options(user_config={}, **args.engine_deployment.as_options()) \
+        .bind(args.engine.model_dump())
     ingress_args = args.model_dump(exclude={"engine", "engine_deployment", "ingress_deployment"})
     return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, ingress_args)
 

@@ -27,11 +27,13 @@ _GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 @serve.deployment(name="Engine")
 class EngineDeployment:
-    """One model replica, configured only through `user_config` (an EngineConfig dict). The bind
-    arguments are empty on purpose: a changed engine knob (or model alias) is then a lightweight
-    Serve update that calls `reconfigure` in place instead of restarting replicas."""
+    """One model replica. `base` is the builder's EngineConfig (args.engine); the deployment's
+    `user_config` (YAML `deployments: - name: Engine, user_config: {...}`) is merged on top. Changing
+    only user_config is a lightweight Serve update: `reconfigure` runs on the live replicas (a new
+    model, e.g. a re-resolved registry alias, loads in the background) instead of restarting them."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: dict[str, Any]) -> None:
+        self._base = dict(base)
         self.engine = None
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else "local"
@@ -40,7 +42,7 @@ class EngineDeployment:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         from .engine import Engine
 
-        config = EngineConfig.model_validate(user_config or {})
+        config = EngineConfig.model_validate({**self._base, **(user_config or {})})
         if self.engine is None:  # Serve calls this before the replica takes traffic
             self.engine = await asyncio.to_thread(Engine, config)
             log.info("engine replica %s ready: %s", self.replica, self.engine.info())
@@ -51,8 +53,8 @@ class EngineDeployment:
 
     def _engine(self):
         if self.engine is None:
-            raise RuntimeError("the Engine deployment has no user_config: build it with "
-                               "ctxmem.serving.app:build_app (args.engine), not by hand")
+            raise RuntimeError("the Engine deployment was built without user_config, so it never loaded a "
+                               "model: build it with ctxmem.serving.app:build_app")
         return self.engine
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]:

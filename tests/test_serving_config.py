@@ -36,11 +36,12 @@ def test_a_shipped_serve_config_is_valid_and_builds_its_deployments(config: Path
     deployments = {d.name for d in app.deployments}
     assert deployments == {"Engine", "Ingress"}
     assert built._bound_deployment.name == "Ingress"
-    # the engine's runtime knobs travel as its user_config, so `reconfigure` can change them live
+    # args.engine is the engine's base config; user_config (live overrides, `reconfigure`) starts empty
     engine = built._bound_deployment.init_args[0]._bound_deployment
-    assert engine.name == "Engine" and engine.user_config["model"] == str(tmp_path)
+    base = engine.init_args[0]
+    assert engine.name == "Engine" and engine.user_config == {} and base["model"] == str(tmp_path)
     for key, value in app.args.get("engine", {}).items():
-        assert engine.user_config[key] == value
+        assert base[key] == value
 
 
 def test_the_builder_refuses_a_config_without_a_model(monkeypatch):

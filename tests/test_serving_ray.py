@@ -64,7 +64,7 @@ def server(tiny_export, registry, tmp_path_factory):  # noqa: F811
     url = f"http://127.0.0.1:{port}"
     try:
         health = wait_healthy(url, timeout=180, proc=proc)
-        yield {"url": url, "export": tiny_export, "health": health, "registry": registry}
+        yield {"url": url, "export": tiny_export, "health": health, "registry": registry, "config": config}
     except Exception:
         log.flush()
         print((tmp / "serve-run.log").read_text()[-4000:])
@@ -224,6 +224,30 @@ def test_promoting_a_new_champion_rolls_the_replicas_over_without_dropping_a_str
     assert finished == ["length"]  # the in-flight stream finished on the old version
     assert client.completions.create(model=NAME, prompt="after", max_tokens=3).choices[0].finish_reason == "length"
     assert httpx.post(url + "/admin/reload", timeout=30).status_code == 401
+
+
+def test_a_user_config_change_reconfigures_the_live_replica(server):
+    """`serve run` again with only the Engine's user_config changed: Serve's lightweight update calls
+    `reconfigure` on the same replica (no restart), which applies the knob and re-resolves the alias."""
+    import ray
+    import yaml
+
+    before = httpx.get(server["url"] + "/health").json()["engine"]
+    config = yaml.safe_load(server["config"].read_text())
+    engine = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Engine")
+    engine["user_config"] = {"max_batch_size": 16, "reload_nonce": 1}
+    changed = server["config"].with_name("serve-user-config.yaml")
+    changed.write_text(yaml.safe_dump(config))
+    done = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "--non-blocking", "-a",
+                           ray.get_runtime_context().gcs_address, str(changed)], capture_output=True, text=True,
+                          env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for _ in range(120):
+        after = httpx.get(server["url"] + "/health").json()["engine"]
+        if after["max_batch_size"] == 16:
+            break
+        time.sleep(0.5)
+    assert after["max_batch_size"] == 16 and after["replica"] == before["replica"]
 
 
 def test_a_client_that_disconnects_frees_its_batch_slot(server):
