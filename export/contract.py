@@ -132,18 +132,6 @@ class ExportContract:
                  for _ in range(self.n_layers)]
         return ids, positions, mask, cache
 
-    def numpy_inputs(self, ids, positions, mask, past) -> dict[str, Any]:
-        """An ONNX Runtime feed from numpy arrays; past None or [] means P = 0."""
-        import numpy as np
-
-        feed = {INPUT_IDS: ids, POSITIONS: positions, ATTENTION_MASK: mask}
-        if not past:
-            empty = np.zeros((ids.shape[0], self.n_kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
-            past = [(empty, empty)] * self.n_layers
-        for name, array in zip(past_names(self.n_layers), (a for kv in past for a in kv)):
-            feed[name] = array
-        return feed
-
 
 def wrap_for_export(model):
     """The ctxmem Transformer seen through the contract: flat outputs (logits, k0, v0, k1, v1, ...)."""
