@@ -1,6 +1,8 @@
 """The PyTorch backend of the memory/generation loop (ONNX Runtime has its own in ctxmem.export)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -45,3 +47,15 @@ class TorchBackend:
         if last_only:
             logits = logits[:, -1]
         return logits.float().cpu().numpy(), present
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` intra-op threads, restored afterwards. Decode-sized matmuls gain
+    nothing from more threads, and spinning OpenMP threads starve a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,6 @@ verification.json beside the export either way.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
@@ -240,18 +239,12 @@ def _error_dict(err: Exception) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
 def _one_torch_thread():
     """The reference runs decode-sized matmuls, where extra OpenMP threads only spin: on a busy
-    2-core machine 2 threads cost ~10x the CPU time of 1 for the same check. Restored afterwards."""
-    import torch
+    2-core machine 2 threads cost ~10x the CPU time of 1 for the same check."""
+    from ctxmem.backend import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def verify_export(export_dir: str | Path, checkpoint_dir: str | Path | None = None, *, model=None,

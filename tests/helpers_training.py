@@ -1,7 +1,6 @@
 """Shared pieces of the training tests: tiny corpora, runs in this process or through the CLI."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -25,18 +24,12 @@ def write_text_corpus(folder: Path) -> Path:
     return folder
 
 
-@contextlib.contextmanager
 def one_thread():
     """In-process runs with one intra-op thread: torch was imported before any OMP_WAIT_POLICY
     could apply, and spinning OpenMP threads crawl on the shared CI cores."""
-    import torch
+    from ctxmem.backend import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def train_inprocess(out: Path, data: Path, *overrides: str, resume: str | None = None, config: Path = TINY):
