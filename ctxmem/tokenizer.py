@@ -42,6 +42,7 @@ Only the stdlib is imported here at module level; `tokenizers` is imported by th
 """
 from __future__ import annotations
 
+import abc
 import codecs
 import json
 import operator
@@ -129,7 +130,7 @@ def _write_atomic(path: str | Path, text: str) -> Path:
 
 
 # ---- base class --------------------------------------------------------------------------------
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface. Subclasses fill `_table` (raw bytes per id; None = no token), `special_ids`,
     `_specials` (special token text -> id) and the pad/bos/eos ids (None where the tokenizer has none).
 
@@ -162,11 +163,13 @@ class Tokenizer:
         """Every special token's text -> id."""
         return dict(self._specials)
 
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
+    @abc.abstractmethod
     def id_to_token(self, id: int) -> str | None:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     def stop_ids(self) -> set[int]:
         """Ids that end a generation: eos, <|end|>, and the end-of-turn tokens of imported chat
@@ -193,8 +196,9 @@ class Tokenizer:
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
     def _encode_plain(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     # -- decoding --
     def token_bytes(self, id: int, *, skip_special: bool = False) -> bytes:
@@ -230,12 +234,14 @@ class Tokenizer:
         return text
 
     def _decode_fallback(self, ids: list[int], skip_special: bool) -> str:
-        raise NotImplementedError
+        """Decoding for tokenizers that are not byte-exact; byte-exact ones never get here."""
+        return b"".join(self.token_bytes(i, skip_special=skip_special) for i in ids
+                        if 0 <= i < self.vocab_size).decode("utf-8", errors="replace")
 
     # -- files --
+    @abc.abstractmethod
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json (atomically) at `path`, or inside it if it is a directory."""
-        raise NotImplementedError
 
 
 # ---- bytes -------------------------------------------------------------------------------------
