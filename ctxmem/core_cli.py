@@ -88,7 +88,6 @@ def _build_generator(args):
 def cmd_generate(args) -> int:
     from dataclasses import replace
 
-    from .sampling import GenerationConfig
     from .tokenizer import ChatTemplate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -96,8 +95,7 @@ def cmd_generate(args) -> int:
     overrides = {k: v for k, v in dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}
-    config = replace(generator.defaults, **overrides)
-    GenerationConfig(**config.__dict__)  # validate the merged values
+    config = replace(generator.defaults, **overrides)  # replace() re-runs the validation
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
