@@ -68,20 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _build_generator(args):
     import importlib
-    from dataclasses import replace
-
-    from .memory import ContextMemory, MemoryConfig
 
     module, name = BACKENDS[args.backend]
     loader = getattr(importlib.import_module(module), name)
     generator = loader(args.model)
-    base = generator.memory_config
-    if any(v is not None for v in (args.policy, args.window, args.sinks, args.chunk)):
-        policy = args.policy or base.policy
-        start = base if policy == base.policy else MemoryConfig(policy=policy)
-        given = {k: v for k, v in dict(window=args.window, sinks=args.sinks, chunk=args.chunk).items() if v is not None}
-        generator.memory_config = replace(start, policy=policy, **given)
-        ContextMemory(generator.backend, generator.memory_config)  # fail now on a bad combination
+    backend = generator.backend
+    # fails now, naming the setting, on a bad combination
+    generator.memory_config = generator.memory_config.with_overrides(
+        backend.max_seq_len, backend.uses_rope, policy=args.policy, window=args.window, sinks=args.sinks,
+        chunk=args.chunk)
     return generator
 
 
@@ -92,10 +87,9 @@ def cmd_generate(args) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     generator = _build_generator(args)
-    overrides = {k: v for k, v in dict(
+    config = generator.defaults.with_overrides(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}
-    config = replace(generator.defaults, **overrides)  # replace() re-runs the validation
+        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]

@@ -62,7 +62,33 @@ class MemoryConfig:
             raise MemoryConfigError(f"recompute window must be in [2, {max_seq_len}] (the model's context), got {window}")
         if not 1 <= self.chunk < window:
             raise MemoryConfigError(f"recompute chunk must be in [1, window), got {self.chunk}")
-        return replace(self, sinks=0)
+        return replace(self, window=window, sinks=0)
+
+    def with_overrides(self, max_seq_len: int, uses_rope: bool = True, **given: Any) -> "MemoryConfig":
+        """This config (usually the one an artifact saved) with a caller's overrides, resolved.
+
+        The one override path of the project: the CLI, the MLflow pyfunc and the server all call it.
+        ``None`` means "not set" (keep this config's value); 0 is a value (``sinks=0`` = window only).
+        A different ``policy`` starts from that policy's defaults, not from this config's numbers.
+        Setting only ``sinks`` (or only ``window``) re-derives the other: this config's value when it
+        still fits the model's context, else the most that fits. Raises MemoryConfigError."""
+        unknown = sorted(set(given) - {"policy", "window", "sinks", "chunk"})
+        if unknown:
+            raise MemoryConfigError(f"unknown memory settings {unknown}; known: policy, window, sinks, chunk")
+        given = {k: v for k, v in given.items() if v is not None}
+        for key, value in given.items():
+            if key != "policy" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise MemoryConfigError(f"{key} must be an integer, got {value!r}")
+        policy = given.pop("policy", self.policy)
+        start = self if policy == self.policy else MemoryConfig(policy=policy)
+        if policy == "sink":
+            if "sinks" in given and "window" not in given and start.window is not None:
+                given["window"] = min(start.window, max_seq_len - given["sinks"])
+            if "window" in given and "sinks" not in given:
+                given["sinks"] = max(0, min(start.sinks, max_seq_len - given["window"]))
+        if policy == "recompute" and "window" in given and "chunk" not in given:
+            given["chunk"] = max(1, min(start.chunk, given["window"] - 1))
+        return replace(start, policy=policy, **given).resolve(max_seq_len, uses_rope)
 
     @property
     def capacity(self) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -37,6 +37,16 @@ class GenerationConfig:
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
             raise GenerationConfigError("stop must be a list of non-empty strings")
+
+    def with_overrides(self, **given) -> "GenerationConfig":
+        """This config (usually an artifact's saved defaults) with the fields a caller set;
+        ``None`` means "not set". The one override path: the CLI, the pyfunc and the server call it.
+        Raises GenerationConfigError naming the field (validation re-runs on the result)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise GenerationConfigError(f"unknown generation settings {unknown}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 def _finite(x) -> bool:
