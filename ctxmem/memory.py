@@ -198,9 +198,11 @@ class ContextMemory:
         return MemoryState.empty(batch)
 
     def feed(self, state: MemoryState, rows: Sequence[Sequence[int]] | np.ndarray,
-             valid: np.ndarray | None = None) -> np.ndarray:
+             valid: np.ndarray | None = None, all_logits: bool = False) -> np.ndarray:
         """Append tokens to every row (rows of different lengths are left-padded) and return the
-        logits after each row's last token, float32 (B, V). Evicts first when the policy says so."""
+        logits after each row's last token, float32 (B, V) - or, with ``all_logits``, after every
+        fed column, float32 (B, T, V) (padding columns hold meaningless values). Evicts first when
+        the policy says so."""
         if isinstance(rows, np.ndarray):
             ids = rows.astype(np.int64)
             valid = np.ones_like(ids, dtype=bool) if valid is None else valid.astype(bool)
@@ -218,18 +220,21 @@ class ContextMemory:
                     f"{int(need.max())} tokens do not fit the model's context of {cfg.capacity} under the 'full' "
                     "policy; shorten the input, lower max_new_tokens, or choose policy 'sink' (attention sinks + "
                     "rolling window, constant cost per token) or 'recompute' (re-prefill a sliding window)")
-            return self._forward(state, ids, valid)
+            return self._forward(state, ids, valid, last_only=not all_logits)
         # sink / recompute: feed in pieces that fit beside what is kept
         piece = cfg.window if cfg.policy == "sink" else max(1, cfg.window - cfg.chunk)
-        logits = None
+        logits, every = None, []
         for start in range(0, ids.shape[1], piece):
             part_ids, part_valid = ids[:, start:start + piece], valid[:, start:start + piece]
             self._make_room(state, part_ids.shape[1])
-            step_logits = self._forward(state, part_ids, part_valid)
+            step_logits = self._forward(state, part_ids, part_valid, last_only=not all_logits)
+            if all_logits:
+                every.append(step_logits)
+                continue
             # a row whose piece is all padding keeps the logits it had
             has = part_valid.any(axis=1)
             logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
-        return logits
+        return np.concatenate(every, axis=1) if all_logits else logits
 
     def select(self, state: MemoryState, rows: Sequence[int]) -> MemoryState:
         """The sub-batch of ``rows`` (e.g. the sequences still running)."""
@@ -259,12 +264,12 @@ class ContextMemory:
         return self._take(state, idx, np.take_along_axis(state.mask, idx, axis=1))
 
     # ---- internals --------------------------------------------------------------------------
-    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True) -> np.ndarray:
         before = state.lengths()
         positions = before[:, None] + np.cumsum(valid, axis=1) - 1
         positions = np.maximum(positions, 0).astype(np.int64)
         mask = np.concatenate((state.mask, valid), axis=1)
-        logits, state.past = self.backend.forward(ids, positions, mask, state.past, last_only=True)
+        logits, state.past = self.backend.forward(ids, positions, mask, state.past, last_only=last_only)
         state.mask = mask
         state.tokens = np.concatenate((state.tokens, ids), axis=1)
         state.seen = state.seen + valid.sum(axis=1)
