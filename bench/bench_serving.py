@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -50,12 +49,6 @@ def make_export(preset_name: str) -> Path:
     export_onnx(ckpt, out, verify=False)
     shutil.rmtree(ckpt, ignore_errors=True)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -185,6 +178,7 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from ctxmem.net import free_port
     from ctxmem.serving.app import build_app
     from ctxmem.serving.config import ServeArgs
 

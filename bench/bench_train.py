@@ -207,7 +207,7 @@ def one_rank(args) -> list[dict]:
 
 
 def n_ranks(args, n: int) -> list[dict]:
-    from ctxmem.training.trainer import free_port
+    from ctxmem.net import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "rows.json"

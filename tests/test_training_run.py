@@ -231,7 +231,7 @@ def test_the_mlflow_store_holds_params_metrics_tags_and_artifacts(one_process_z2
 def test_an_unreachable_tracking_server_loses_nothing(chat_data, tmp_path, mlflow_uri, caplog):
     from mlflow import MlflowClient
 
-    from ctxmem.training.trainer import free_port
+    from ctxmem.net import free_port
 
     out = tmp_path / "offline"
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there

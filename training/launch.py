@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ctxmem.net import free_port
+
 from .config import TrainConfig
 from .errors import TrainingError
-from .trainer import free_port
 
 WORKER = "ctxmem.training.worker"
 

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from ctxmem.net import free_port
 
 from . import checkpoints as ckpt
 from .config import TrainConfig
@@ -53,12 +54,6 @@ class TrainResult:
 
 
 # ---- environment ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def process_environment(single: bool):
     """Env for DeepSpeed: the CPU accelerator when there is no GPU, and, for a single process
