@@ -33,8 +33,9 @@ _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limi
 
 
 def default_uri(uri: str | None = None) -> str:
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or "sqlite:///" + str(Path.cwd() / "mlflow.db")
+    from ctxmem.paths import default_tracking_uri
+
+    return default_tracking_uri(uri)  # the one store default, shared with export and serving
 
 
 def _artifact_location(uri: str) -> str | None:
