@@ -68,6 +68,54 @@ def test_overrides_are_typed_and_unknown_keys_are_named():
         TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["steps=many"])
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_shipped_config_loads_and_saves_to_the_same_yaml(path, tmp_path):
+    cfg = TrainConfig.load(path)
+    saved = cfg.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(saved) == cfg and yaml.safe_load(saved.read_text()) == cfg.to_dict()
+    raw = yaml.safe_load(path.read_text())  # every value written in the file is the value loaded
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                loaded = getattr(getattr(cfg, section), key)
+                assert (list(loaded) if isinstance(loaded, tuple) else loaded) == value, f"{section}.{key}"
+        else:
+            assert getattr(cfg, section) == values, section
+
+
+@pytest.mark.parametrize("betas", ["[0.9,0.95,0.5]", "[0.9]", "0.9"])
+def test_a_list_of_the_wrong_length_is_refused_not_truncated(betas):
+    with pytest.raises(TrainConfigError, match=r"optim.betas must be a list of exactly two numbers"):
+        TrainConfig.load(REPO / "infra" / "train-tiny.yaml", [f"optim.betas={betas}"])
+    cfg = TrainConfig.load(REPO / "infra" / "train-tiny.yaml")
+    with pytest.raises(TrainConfigError, match=r"optim.betas must be a list of exactly two numbers"):
+        cfg.replace(**{"optim.betas": [0.9, 0.95, 0.5]})  # the Python path validates the same way
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=true", r"steps must be an integer, got True"),
+    ("zero.stage=2.5", r"zero.stage must be an integer, got 2.5"),
+    ("optim.lr=true", r"optim.lr must be a number, got True"),
+    ("optim.lr=fast", r"optim.lr must be a number, got 'fast'"),
+    ("optim.betas=[0.9, yes]", r"optim.betas.1 must be a number, got True"),
+    ("tracking.enabled=1", r"tracking.enabled must be true or false, got 1"),
+    ("optim=3", r"optim must be a section \(a mapping\), got 3"),
+    ("precision=fp8", r"precision='fp8' is not one of"),
+    ("batch.micro_batch=0", r"batch.micro_batch must be > 0, got 0"),
+])
+def test_a_value_of_the_wrong_type_is_refused_naming_its_key(override, message):
+    with pytest.raises(TrainConfigError, match=message):
+        TrainConfig.load(REPO / "infra" / "train-tiny.yaml", [override])
+
+
+def test_all_unknown_keys_are_named_with_the_known_ones():
+    with pytest.raises(TrainConfigError) as info:
+        TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["stepz=3", "zero.stages=3"])
+    text = str(info.value)
+    assert "unknown key(s) ['stepz'] in the top level" in text and "'steps'" in text
+    assert "unknown key(s) ['zero.stages'] in section 'zero'; known keys: ['cpu_adam', 'offload_optimizer'" in text
+
+
 def test_the_learning_rate_warms_up_then_follows_a_cosine():
     o = TrainConfig.load(REPO / "infra" / "train-tiny.yaml", ["optim.warmup_steps=4", "steps=20"]).optim
     lrs = [o.lr_at(s, 20) for s in range(20)]

@@ -2,21 +2,22 @@
 
     ctxmem train --config infra/train-tiny.yaml steps=50 zero.stage=3 optim.lr=1e-3
 
-Every section is a frozen dataclass that validates in `__post_init__`; unknown keys are errors that
-list the known ones. What depends on the world size (gradient accumulation) is derived by
+Every section is a frozen pydantic model: unknown keys, wrong types and impossible values are
+refused with a `TrainConfigError` that names the dotted key (`optim.betas`) and the known keys.
+What depends on the world size (gradient accumulation) is derived by
 `TrainConfig.accumulation(world_size)`, which also refuses a global batch the ranks cannot split.
 Relative paths (data.path, out, a sqlite tracking uri) are relative to the working directory.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from .errors import TrainConfigError
 
@@ -24,29 +25,57 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _positive(section: str, **values: Any) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise TrainConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
+def _not_a_bool(value: Any) -> Any:
+    # pydantic reads true as 1.0; in a config it is a typo for a number
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a number")
+    return value
 
 
-@dataclass(frozen=True)
-class ModelSection:
+# YAML 1.1 reads `3e-4` (no dot) as a string: numbers accept numeric strings, never true/false.
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
+Integer = Annotated[int, Strict()]  # refuses 2.5, "3" and true
+Positive = Annotated[int, Strict(), Field(gt=0)]
+Flag = Annotated[bool, Strict()]  # refuses 1 and "yes" (YAML's own yes/no are booleans already)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """`tracking:` with nothing under it (YAML null) is an empty section, i.e. all defaults."""
+        if isinstance(data, dict):
+            sections = {name for name, f in cls.model_fields.items()
+                        if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)}
+            return {k: ({} if v is None and k in sections else v) for k, v in data.items()}
+        return data
+
+
+class ModelSection(_Section):
     preset: str = "tiny"
     # Any ModelConfig field except vocab_size, which comes from the tokenizer (rounded up).
-    overrides: dict[str, Any] = field(default_factory=dict)
-    vocab_multiple: int = 64  # embedding rows rounded up to a multiple of this (matmul-friendly)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    vocab_multiple: Positive = 64  # embedding rows rounded up to a multiple of this (matmul-friendly)
 
-    def __post_init__(self) -> None:
-        _positive("model", vocab_multiple=self.vocab_multiple)
-        if not isinstance(self.overrides, dict):
-            raise TrainConfigError(f"model.overrides must be a mapping of ModelConfig fields, got {self.overrides!r}")
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "ModelSection":
         for key in ("vocab_size", "preset"):
             if key in self.overrides:
-                raise TrainConfigError(f"model.overrides.{key} cannot be set: "
-                                       + ("the vocabulary comes from the prepared data's tokenizer"
-                                          if key == "vocab_size" else "use model.preset"))
-        self.build(256)  # validates the preset name and the overrides now, not after launch
+                raise ValueError(f"model.overrides.{key} cannot be set: "
+                                 + ("the vocabulary comes from the prepared data's tokenizer"
+                                    if key == "vocab_size" else "use model.preset"))
+        try:
+            self.build(256)  # validates the preset name and the overrides now, not after launch
+        except TrainConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
 
     def build(self, tokenizer_vocab: int):
         """The ModelConfig for a tokenizer of `tokenizer_vocab` ids (rows rounded up)."""
@@ -61,47 +90,46 @@ class ModelSection:
             raise TrainConfigError(f"model.overrides: {err}") from None
 
 
-@dataclass(frozen=True)
-class DataSection:
+class DataSection(_Section):
     path: str = "data/chatterbot"  # a folder written by `ctxmem data prepare`
-    seq_len: int | None = None  # tokens per training window; None = the model's max_seq_len
-
-    def __post_init__(self) -> None:
-        if self.seq_len is not None:
-            _positive("data", seq_len=self.seq_len)
+    seq_len: Positive | None = None  # tokens per training window; None = the model's max_seq_len
 
 
-@dataclass(frozen=True)
-class BatchSection:
-    global_batch: int = 16  # sequences per optimizer step, all ranks together
-    micro_batch: int = 4  # sequences per rank per forward/backward
-    grad_accum: int | None = None  # None = global_batch / (micro_batch * world_size)
-
-    def __post_init__(self) -> None:
-        _positive("batch", global_batch=self.global_batch, micro_batch=self.micro_batch)
-        if self.grad_accum is not None:
-            _positive("batch", grad_accum=self.grad_accum)
+class BatchSection(_Section):
+    global_batch: Positive = 16  # sequences per optimizer step, all ranks together
+    micro_batch: Positive = 4  # sequences per rank per forward/backward
+    grad_accum: Positive | None = None  # None = global_batch / (micro_batch * world_size)
 
 
-@dataclass(frozen=True)
-class OptimSection:
-    lr: float = 1e-3  # peak learning rate, reached after warmup
-    min_lr: float = 1e-4  # the cosine decays to this at the last step
-    warmup_steps: int = 10  # linear warmup from lr/warmup_steps
-    weight_decay: float = 0.1  # AdamW decay on matrices only (not norms, not biases)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global grad-norm clip; 0 turns it off (DeepSpeed's default is 1.0, so it is always set)
+class OptimSection(_Section):
+    lr: Number = Field(1e-3, gt=0)  # peak learning rate, reached after warmup
+    min_lr: Number = Field(1e-4, ge=0)  # the cosine decays to this at the last step
+    warmup_steps: Integer = Field(10, ge=0)  # linear warmup from lr/warmup_steps
+    weight_decay: Number = Field(0.1, ge=0)  # AdamW decay on matrices only (not norms, not biases)
+    betas: tuple[Number, Number] = (0.9, 0.95)  # Adam's (beta1, beta2), each in [0, 1)
+    eps: Number = Field(1e-8, gt=0)
+    grad_clip: Number = Field(1.0, ge=0)  # global grad-norm clip; 0 turns it off (DeepSpeed's default is 1.0, so it is always set)
 
-    def __post_init__(self) -> None:
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise TrainConfigError(f"optim: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise TrainConfigError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise TrainConfigError("optim: weight_decay and grad_clip must be >= 0 and eps > 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise TrainConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _two_betas(cls, value: Any) -> Any:
+        # checked before pydantic's tuple parsing, whose messages count items past the end
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"optim.betas must be a list of exactly two numbers [beta1, beta2], got {value!r}")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> "OptimSection":
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim: need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        return self
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
@@ -111,82 +139,73 @@ class OptimSection:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass(frozen=True)
-class EvalSection:
-    interval: int = 50  # optimizer steps between evaluations (and one at the end)
-    samples: int = 64  # validation windows per evaluation (capped by the split's size)
-
-    def __post_init__(self) -> None:
-        _positive("eval", interval=self.interval, samples=self.samples)
+class EvalSection(_Section):
+    interval: Positive = 50  # optimizer steps between evaluations (and one at the end)
+    samples: Positive = 64  # validation windows per evaluation (capped by the split's size)
 
 
-@dataclass(frozen=True)
-class CheckpointSection:
-    interval: int = 100  # optimizer steps between DeepSpeed checkpoints (and one at the end)
-    keep: int = 2  # newest checkpoints kept; older ones are deleted
-
-    def __post_init__(self) -> None:
-        _positive("checkpoint", interval=self.interval, keep=self.keep)
+class CheckpointSection(_Section):
+    interval: Positive = 100  # optimizer steps between DeepSpeed checkpoints (and one at the end)
+    keep: Positive = 2  # newest checkpoints kept; older ones are deleted
 
 
-@dataclass(frozen=True)
-class ZeroSection:
-    stage: int = 0  # ZeRO stage 0-3 (Rajbhandari et al. 2020, https://arxiv.org/abs/1910.02054)
-    offload_optimizer: bool = False  # optimizer state + fp32 master weights on the CPU (stage >= 1)
-    offload_params: bool = False  # parameters on the CPU between uses (stage 3)
-    cpu_adam: bool = False  # offload with DeepSpeed's compiled CPUAdam (fast; ~2 min build) instead of torch AdamW
+class ZeroSection(_Section):
+    stage: Integer = 0  # ZeRO stage 0-3 (Rajbhandari et al. 2020, https://arxiv.org/abs/1910.02054)
+    offload_optimizer: Flag = False  # optimizer state + fp32 master weights on the CPU (stage >= 1)
+    offload_params: Flag = False  # parameters on the CPU between uses (stage 3)
+    cpu_adam: Flag = False  # offload with DeepSpeed's compiled CPUAdam (fast; ~2 min build) instead of torch AdamW
 
-    def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise TrainConfigError(f"zero.stage must be 0, 1, 2 or 3, got {self.stage!r}")
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, value: int) -> int:
+        if value not in (0, 1, 2, 3):
+            raise ValueError(f"zero.stage must be 0, 1, 2 or 3, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _offload_needs_partitions(self) -> "ZeroSection":
         if self.offload_optimizer and self.stage == 0:
-            raise TrainConfigError("zero.offload_optimizer needs zero.stage >= 1 (ZeRO-Offload moves the "
-                                   "partitioned optimizer state)")
+            raise ValueError("zero.offload_optimizer needs zero.stage >= 1 (ZeRO-Offload moves the "
+                             "partitioned optimizer state)")
         if self.offload_params and self.stage != 3:
-            raise TrainConfigError("zero.offload_params needs zero.stage 3 (only stage 3 partitions parameters)")
+            raise ValueError("zero.offload_params needs zero.stage 3 (only stage 3 partitions parameters)")
+        return self
 
 
-@dataclass(frozen=True)
-class TrackingSection:
-    enabled: bool = True
+class TrackingSection(_Section):
+    enabled: Flag = True
     uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment: str = "ctxmem"
     run_name: str | None = None  # None = the name of the out folder
-    log_checkpoint: bool = True  # upload the final checkpoint as a run artifact
+    log_checkpoint: Flag = True  # upload the final checkpoint as a run artifact
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     out: str = "runs/train"  # checkpoints, metrics, the final ctxmem checkpoint
-    steps: int = 100  # optimizer steps
-    seed: int = 1234
-    precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp32; fp16 only on GPUs
-    device: str = "auto"  # auto = cuda if available
-    activation_checkpointing: bool = False  # recompute each block in backward (memory for compute)
-    log_interval: int = 10  # steps between log lines / MLflow flushes
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    batch: BatchSection = field(default_factory=BatchSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    zero: ZeroSection = field(default_factory=ZeroSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
+    steps: Positive = 100  # optimizer steps
+    seed: Integer = Field(1234, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on a GPU that has it, else fp32; fp16 only on GPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda if available
+    activation_checkpointing: Flag = False  # recompute each block in backward (memory for compute)
+    log_interval: Positive = 10  # steps between log lines / MLflow flushes
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    batch: BatchSection = Field(default_factory=BatchSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
-    def __post_init__(self) -> None:
-        _positive("train", steps=self.steps, log_interval=self.log_interval)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise TrainConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.precision not in PRECISIONS:
-            raise TrainConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}")
-        if self.device not in DEVICES:
-            raise TrainConfigError(f"device={self.device!r} is not one of {DEVICES}")
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "TrainConfig":
         if self.optim.warmup_steps > self.steps:
-            raise TrainConfigError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
         max_len = self.model.build(256).max_seq_len
         if self.data.seq_len is not None and self.data.seq_len > max_len:
-            raise TrainConfigError(f"data.seq_len={self.data.seq_len} exceeds the model's max_seq_len={max_len} "
-                                   f"(preset {self.model.preset!r}); lower it or override model.overrides.max_seq_len")
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds the model's max_seq_len={max_len} "
+                             f"(preset {self.model.preset!r}); lower it or override model.overrides.max_seq_len")
+        return self
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -228,13 +247,7 @@ class TrainConfig:
 
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        def plain(value: Any) -> Any:
-            if isinstance(value, tuple):
-                return [plain(v) for v in value]
-            if isinstance(value, dict):
-                return {k: plain(v) for k, v in value.items()}
-            return value
-        return plain(dataclasses.asdict(self))
+        return self.model_dump(mode="json")  # tuples become lists: plain YAML
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -250,7 +263,10 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         if not isinstance(data, dict):
             raise TrainConfigError(f"a training config is a mapping of sections, got {type(data).__name__}")
-        return _build(cls, data, "")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise TrainConfigError(describe(err)) from None
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
@@ -268,8 +284,11 @@ class TrainConfig:
             raise TrainConfigError(f"{path}: {err}") from None
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with dotted-key changes, e.g. replace(**{"zero.stage": 3, "steps": 4})."""
-        return TrainConfig.from_dict(apply_overrides(self.to_dict(), [f"{k}={_dump(v)}" for k, v in changes.items()]))
+        """A copy with dotted-key changes, e.g. replace(**{"zero.stage": 3, "steps": 4}), validated again."""
+        data = self.to_dict()
+        for key, value in changes.items():
+            set_dotted(data, key, value)
+        return TrainConfig.from_dict(data)
 
     def with_absolute_paths(self, base: Path | None = None) -> "TrainConfig":
         """Paths made absolute against `base` (default: cwd), for workers whose cwd differs (Ray)."""
@@ -282,12 +301,22 @@ class TrainConfig:
         return self.replace(**changes)
 
 
-def _dump(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+# ---- overrides: the one path from `key.sub=value` to a config mapping ---------------------------
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data[a][b][c] = value for key "a.b.c", creating missing sections (in place)."""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:  # missing, or a section left empty in the YAML
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise TrainConfigError(f"override {key}: {part} is not a section (it holds {node!r})")
+    node[parts[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`section.key=value` strings applied to a config mapping; values are parsed as YAML."""
+    """`section.key=value` strings applied to a copy of a config mapping; values are parsed as YAML."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -297,75 +326,51 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise TrainConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return data
 
 
-def _coerce(value: Any, kind: Any, where: str) -> Any:
-    """YAML value -> the field's type (YAML 1.1 reads 3e-4 as a string; lists become tuples)."""
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
-    if kind is float:
-        if isinstance(value, bool):
-            raise TrainConfigError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise TrainConfigError(f"{where} must be a number, got {value!r}") from None
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TrainConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise TrainConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if kind is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TrainConfigError(f"{where} must be a string, got {value!r}")
-        return str(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TrainConfigError(f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(kind)))
-    if origin is dict or kind is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise TrainConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    return value
+# ---- pydantic's errors, told as the config's keys --------------------------------------------------
+_KINDS = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+          "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+          "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+          "dict_type": "a mapping", "model_type": "a section (a mapping)", "model_attributes_type": "a section (a mapping)",
+          "tuple_type": "a list"}
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
-        raise TrainConfigError(f"unknown key(s) {[prefix + u for u in unknown]} in {where}; "
-                               f"known keys: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise TrainConfigError(f"{prefix}{name} must be a section (a mapping), got {value!r}")
-            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys of the section at `loc` (a path of field names below TrainConfig)."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def describe(err: ValidationError) -> str:
+    """One line per problem, each naming its dotted key, e.g. `steps must be an integer, got 'many'`."""
+    unknown: dict[tuple, list[str]] = {}
+    lines: list[str] = []
+    for e in err.errors(include_url=False):
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc)
+        kind, value, ctx = e["type"], e.get("input"), e.get("ctx") or {}
+        if kind == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(key)
+        elif kind == "value_error":  # our validators: the message names its keys
+            lines.append(str(ctx.get("error", e["msg"])))
+        elif kind in _KINDS:
+            lines.append(f"{key} must be {_KINDS[kind]}, got {value!r}")
+        elif kind in ("greater_than", "greater_than_equal"):
+            op = ">" if kind == "greater_than" else ">="
+            bound = ctx.get("gt", ctx.get("ge"))
+            lines.append(f"{key} must be {op} {bound}, got {value!r}")
+        elif kind == "literal_error":
+            lines.append(f"{key}={value!r} is not one of {ctx.get('expected')}")
         else:
-            kwargs[name] = _coerce(value, kind, prefix + name)
-    return cls(**kwargs)
+            lines.append(f"{key}: {e['msg']}, got {value!r}")
+    named = [f"unknown key(s) {keys} in " + (f"section {'.'.join(section)!r}" if section else "the top level")
+             + f"; known keys: {_known_keys(section)}" for section, keys in unknown.items()]
+    return "; ".join(named + lines)
