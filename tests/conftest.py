@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 
@@ -22,20 +20,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own store
 
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised `tiny` model with the byte tokenizer, saved as a ctxmem checkpoint."""
-    import torch
-
-    from ctxmem.checkpoint import save_checkpoint
-    from ctxmem.config import preset
-    from ctxmem.model import Transformer
-    from ctxmem.tokenizer import ByteTokenizer
-
-    torch.manual_seed(0)
-    tok = ByteTokenizer()
-    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
-    out = tmp_path_factory.mktemp("tiny_ckpt")
-    save_checkpoint(out, model, tok)
-    return out
+# Shared model fixtures (tiny checkpoint and export, trained `small` and its exports).
+pytest_plugins = ["fixtures_models"]

@@ -1,30 +1,20 @@
-"""Shared builders for the export tests: a cheaply trained `small` checkpoint, exports built once
-per session (module-level cache), tampering helpers and a throwaway `mlflow server`."""
+"""Shared builders for the export tests: a cheaply trained `small` checkpoint (the session fixtures
+in fixtures_models.py build it), tampering helpers and a throwaway `mlflow server`."""
 from __future__ import annotations
 
 import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
-import pytest
+from ctxmem.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-_BUILT: dict[str, object] = {}
-
-
-def once(key: str, build: Callable[[], object]):
-    """Build something once per test session (several test modules share the same exports)."""
-    if key not in _BUILT:
-        _BUILT[key] = build()
-    return _BUILT[key]
 
 
 # ---- a trained `small` -------------------------------------------------------------------------------
@@ -43,14 +33,10 @@ def synthetic_text(sentences: int, seed: int) -> str:
 def train_small(out: Path, steps: int = 30, seq_len: int = 64, batch: int = 8) -> Path:
     """`small` preset, byte tokenizer, a plain torch loop (the DeepSpeed trainer is not needed here).
     Writes the checkpoint, val.txt beside it and an mlflow_run.json as the training stage does."""
-    import torch
+    from ctxmem.backend import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: a second OpenMP thread only spins on a shared 2-core machine
-    try:
+    with torch_threads(1):  # small matmuls: a second OpenMP thread only spins on a shared 2-core machine
         return _train_small(out, steps, seq_len, batch)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_small(out: Path, steps: int, seq_len: int, batch: int) -> Path:
@@ -96,45 +82,6 @@ def _train_small(out: Path, steps: int, seq_len: int, batch: int) -> Path:
         "last_train_loss": float(loss.detach())}) + "\n")
     (out.parent / "val.txt").write_text(val_text + "\n")
     return out
-
-
-# ---- session fixtures (import them into a test module to use them) ------------------------------------
-@pytest.fixture(scope="session")
-def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
-    """Built through the CLI, as a user would: sink memory written into the runtime config."""
-    from ctxmem.cli import main
-
-    def build():
-        out = tmp_path_factory.mktemp("tiny_export") / "export"
-        code = main(["export", "--model", str(tiny_checkpoint), "--out", str(out),
-                     "--policy", "sink", "--sinks", "4", "--window", "60"])
-        assert code == 0
-        return out
-    return once(f"tiny_export:{tiny_checkpoint}", build)
-
-
-@pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory) -> Path:
-    # 20 steps of a plain torch loop on a synthetic grammar: loss ~5.6 -> ~2.6, enough to be "trained"
-    return once("small_checkpoint", lambda: train_small(tmp_path_factory.mktemp("small") / "ckpt",
-                                                         steps=20, seq_len=32, batch=4))
-
-
-@pytest.fixture(scope="session")
-def small_export(small_checkpoint, tmp_path_factory) -> Path:
-    from ctxmem.export.onnx_export import export_onnx
-
-    return once("small_export", lambda: export_onnx(small_checkpoint, tmp_path_factory.mktemp("small_x") / "fp32"))
-
-
-@pytest.fixture(scope="session")
-def small_int8(small_export, small_checkpoint, tmp_path_factory) -> Path:
-    from ctxmem.export.onnx_export import derive_variant
-
-    # the same step `ctxmem export --int8` runs after tracing and verifying the fp32 graph
-    return once("small_int8", lambda: derive_variant(small_export, tmp_path_factory.mktemp("small_x") / "int8",
-                                                     "int8", eval_data=small_checkpoint.parent / "val.txt"))
-
 
 
 # ---- tampering ---------------------------------------------------------------------------------------
@@ -185,12 +132,6 @@ def cut_logits(export_dir: Path) -> None:
 
 
 # ---- a real `mlflow server` --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """infra/mlflow/start_server.sh on 127.0.0.1:<free port>, SQLite + local artifacts in `root`."""
 

@@ -1,8 +1,7 @@
-"""Shared pieces of the serving tests: the malformed-request battery, ports, waiting, the YAML patcher."""
+"""Shared pieces of the serving tests: the malformed-request battery, waiting, the YAML patcher."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,12 +11,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout: float = 120.0, proc=None) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers_export import copy_export, tiny_export  # noqa: F401 (fixture)
+from helpers_export import copy_export
 
 from ctxmem.cli import main
 from ctxmem.export.errors import ExportError, ExportModelError, ModelSpecError, RuntimeConfigError

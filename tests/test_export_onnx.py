@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_export import small_checkpoint, small_export, small_int8, tiny_export  # noqa: F401 (fixtures)
-
 from ctxmem.cli import main
 from ctxmem.memory import MemoryConfig
 

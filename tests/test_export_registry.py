@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_export import (MlflowServer, copy_export, small_checkpoint, small_export,  # noqa: F401 (fixtures)
-                            tamper_weights, tiny_export)
+from helpers_export import MlflowServer, copy_export, tamper_weights
 
 from ctxmem.cli import main
 from ctxmem.export.errors import AliasNotFoundError, PromotionRefusedError, RegistryError

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers_export import copy_export, cut_logits, tamper_weights, tiny_export  # noqa: F401 (fixture)
+from helpers_export import copy_export, cut_logits, tamper_weights
 
 from ctxmem.export.errors import AtolError, OutputNameError, ShapeError, TamperedExportError, VerificationError
 from ctxmem.export.verify import check_report, verify_export

@@ -14,7 +14,6 @@ from ctxmem.serving.config import ServeArgs
 from ctxmem.serving.engine import Engine
 from ctxmem.serving.metrics import SPECS
 from ctxmem.serving.store import MemoryStore, StoreConflict
-from helpers_export import tiny_export  # noqa: F401 (session fixture)
 from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests
 
 NAME = "tiny"

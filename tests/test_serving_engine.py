@@ -16,7 +16,6 @@ from ctxmem.sampling import GenerationConfig
 from ctxmem.serving.config import EngineConfig, MemoryOverrides
 from ctxmem.serving.engine import (CachedConversation, Engine, SessionCache, common_prefix, load_model, reuse,
                                    rewind)
-from helpers_export import tiny_export  # noqa: F401 (session fixture: the tiny model, exported once, verified)
 
 
 @pytest.fixture(scope="module")

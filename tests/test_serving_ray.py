@@ -23,9 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers_export import tiny_export  # noqa: F401 (session fixture: verified tiny export, sink window 60)
-from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, free_port, malformed_requests,
-                             patched_serve_yaml, wait_healthy)
+from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, malformed_requests, patched_serve_yaml,
+                             wait_healthy)
+
+from ctxmem.net import free_port
 
 pytestmark = pytest.mark.slow
 NAME = "ctxmem"  # derived from models:/ctxmem@champion
