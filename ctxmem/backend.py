@@ -41,9 +41,12 @@ class TorchBackend:
         self.name = f"torch-{self.device.type}"
 
     @torch.inference_mode()
-    def forward(self, ids, positions, mask, past, last_only=True):
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        logits, present = self.model(t(ids), positions=t(positions), attention_mask=t(mask), past=past, use_cache=True)
+    def forward(self, ids, layout, past, last_only=True):
+        """ids (B, T) int64 numpy; layout: ctxmem.layout.AttentionLayout; past None or per-layer (k, v)."""
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        logits, present = self.model(t(ids), positions=t(layout.positions), past=past, use_cache=True,
+                                     key_positions=t(layout.key_positions), allowed=t(layout.allowed),
+                                     sink_positions=t(layout.sink_positions), sink_keys=t(layout.sink_keys))
         if last_only:
             logits = logits[:, -1]
         return logits.float().cpu().numpy(), present

@@ -3,17 +3,25 @@
 The seed article's loop asks "is the input too long?". Each policy answers it explicitly:
 
 * ``full``      - the ordinary cache. Past the model's context it raises ContextOverflowError.
-* ``sink``      - StreamingLLM (Xiao et al. 2023, arXiv:2309.17453): keep the first ``sinks``
-                  tokens plus the ``window`` most recent, evict the middle. Keys are cached before
-                  rotation and re-rotated by slot order, so positions never exceed sinks+window and
-                  the cost per token stays constant however long the stream.
-* ``recompute`` - when the window is full drop the oldest ``chunk`` tokens and re-run prefill
-                  over what is kept (works for absolute positions too). ``chunk=1`` is the
+* ``sink``      - StreamingLLM (Xiao et al. 2023, arXiv:2309.17453). Token n of a stream attends to
+                  the first ``sinks`` tokens of its stream and the ``window`` most recent tokens up to
+                  and including itself, with positions given by rank within that visible set; the
+                  middle is evicted. Keys are cached before rotation, so positions never exceed
+                  sinks+window and the cost per token stays constant however long the stream. This
+                  meaning holds whatever the piecing: prefill in pieces of any size, left-padded batch
+                  rows, a cached session or a rebuild from the whole history (ctxmem.layout).
+* ``recompute`` - when a row's window is full it drops its oldest ``chunk`` tokens and re-runs prefill
+                  over what it keeps (works for absolute positions too); each row evicts on its own,
+                  so a request's output never depends on its batch neighbours. ``chunk=1`` is the
                   paper's "sliding window with re-computation" baseline.
 
 The bookkeeping (which slots to keep, which positions to give) is numpy over the slot mask, and
 the cache itself is touched only through a backend's ``CacheOps`` - so the PyTorch and the ONNX
 Runtime paths run this same code. Shapes: B rows, S slots, T new tokens, K kept slots.
+
+Invariant of a ``sink`` row: its valid slots are its first ``sinks`` stream tokens followed by a
+contiguous run of its most recent tokens, so each slot's stream index follows from the mask and the
+count of tokens ever fed (``_stream_positions``) and no position array has to be carried around.
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+from .layout import AttentionLayout, build_layout
 
 POLICIES = ("full", "sink", "recompute")
 
@@ -115,9 +125,9 @@ class Backend(Protocol):
     uses_rope: bool
     ops: CacheOps
 
-    def forward(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Any,
+    def forward(self, ids: np.ndarray, layout: AttentionLayout, past: Any,
                 last_only: bool) -> tuple[np.ndarray, Any]:
-        """ids, positions (B, T) int64; mask (B, S+T) bool; past None or S slots.
+        """ids (B, T) int64; layout for the S+T slots (ctxmem.layout); past None or S slots.
         Returns logits float32 (B, V) if last_only else (B, T, V), and the cache of S+T slots."""
         ...
 
@@ -187,11 +197,18 @@ def keep_first_and_last(mask: np.ndarray, first: int, last: int) -> tuple[np.nda
 class ContextMemory:
     """Feeds tokens through a backend under one policy; the only place eviction happens."""
 
-    def __init__(self, backend: Backend, config: MemoryConfig = MemoryConfig(), slack: int | None = None):
+    def __init__(self, backend: Backend, config: MemoryConfig = MemoryConfig(), slack: int | None = None,
+                 piece: int | None = None):
         self.backend = backend
         self.config = config.resolve(backend.max_seq_len, backend.uses_rope)
         # masked (evicted) slots the sink cache may carry before it is compacted
         self.slack = slack if slack is not None else max(8, self.config.capacity // 16)
+        # prefill piece: any size gives the same result under `sink` (exact banding); it bounds the
+        # (T, S) score matrices. recompute must leave room for its window.
+        if self.config.policy == "recompute":
+            self.piece = max(1, self.config.window - self.config.chunk)
+        else:
+            self.piece = piece if piece is not None else max(64, min(self.config.window, 512))
 
     # ---- public -----------------------------------------------------------------------------
     def start(self, batch: int = 1) -> MemoryState:
@@ -221,13 +238,16 @@ class ContextMemory:
                     "policy; shorten the input, lower max_new_tokens, or choose policy 'sink' (attention sinks + "
                     "rolling window, constant cost per token) or 'recompute' (re-prefill a sliding window)")
             return self._forward(state, ids, valid, last_only=not all_logits)
-        # sink / recompute: feed in pieces that fit beside what is kept
-        piece = cfg.window if cfg.policy == "sink" else max(1, cfg.window - cfg.chunk)
+        if cfg.policy == "recompute" and state.batch > 1 and ids.shape[1] > 1 and \
+                (state.lengths() + valid.sum(axis=1) > cfg.window).any():
+            return self._feed_rows_alone(state, ids, valid, all_logits)
         logits, every = None, []
-        for start in range(0, ids.shape[1], piece):
-            part_ids, part_valid = ids[:, start:start + piece], valid[:, start:start + piece]
-            self._make_room(state, part_ids.shape[1])
+        for start in range(0, ids.shape[1], self.piece):
+            part_ids, part_valid = ids[:, start:start + self.piece], valid[:, start:start + self.piece]
+            self._make_room(state, part_valid)
             step_logits = self._forward(state, part_ids, part_valid, last_only=not all_logits)
+            if cfg.policy == "sink":
+                self._evict(state, cfg.window)  # what the last token's window no longer holds
             if all_logits:
                 every.append(step_logits)
                 continue
@@ -235,6 +255,19 @@ class ContextMemory:
             has = part_valid.any(axis=1)
             logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
         return np.concatenate(every, axis=1) if all_logits else logits
+
+    def rewind(self, state: MemoryState, n: int) -> MemoryState:
+        """Forget the last ``n`` tokens of a one-row state (e.g. a reply the client did not keep).
+        Exact while those tokens are still in the cache; the caller checks that they are."""
+        if state.batch != 1:
+            raise ValueError("rewind works on one sequence at a time")
+        mask = state.mask.copy()
+        valid = np.flatnonzero(mask[0])
+        if n > len(valid):
+            raise ValueError(f"cannot rewind {n} tokens: only {len(valid)} are in the cache")
+        if n:
+            mask[0, valid[len(valid) - n:]] = False
+        return self.compact(MemoryState(state.past, mask, state.tokens, state.evicted.copy(), state.seen - n))
 
     def select(self, state: MemoryState, rows: Sequence[int]) -> MemoryState:
         """The sub-batch of ``rows`` (e.g. the sequences still running)."""
@@ -264,46 +297,105 @@ class ContextMemory:
         return self._take(state, idx, np.take_along_axis(state.mask, idx, axis=1))
 
     # ---- internals --------------------------------------------------------------------------
+    def _stream_positions(self, mask: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """mask (B, S), seen (B,) -> (B, S) each slot's index in its stream (sink), or its rank in
+        the cache (recompute, full: a recompute restarts positions at 0)."""
+        rank = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        if self.config.policy != "sink":
+            return rank
+        dropped = (seen - mask.sum(axis=1))[:, None]  # tokens evicted from the middle so far
+        return np.where(rank < self.config.sinks, rank, rank + dropped)
+
     def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True) -> np.ndarray:
-        before = state.lengths()
-        positions = before[:, None] + np.cumsum(valid, axis=1) - 1
-        positions = np.maximum(positions, 0).astype(np.int64)
+        cfg = self.config
         mask = np.concatenate((state.mask, valid), axis=1)
-        logits, state.past = self.backend.forward(ids, positions, mask, state.past, last_only=last_only)
+        seen = state.seen + valid.sum(axis=1)
+        stream = self._stream_positions(mask, seen)
+        if cfg.policy == "sink":
+            layout = build_layout(stream, mask, ids.shape[1], cfg.sinks, cfg.window)
+        else:
+            layout = build_layout(stream, mask, ids.shape[1])
+        logits, state.past = self.backend.forward(ids, layout, state.past, last_only=last_only)
         state.mask = mask
         state.tokens = np.concatenate((state.tokens, ids), axis=1)
-        state.seen = state.seen + valid.sum(axis=1)
+        state.seen = seen
         return logits
 
-    def _make_room(self, state: MemoryState, incoming: int) -> None:
+    def _evict(self, state: MemoryState, recent: int) -> None:
+        """sink: keep each row's first `sinks` tokens and its `recent` most recent, by masking.
+
+        A masked slot is invisible (no attention, no position), so this is exact. The cache is
+        physically compacted only every `slack` slots, which keeps the per-token cost flat instead of
+        copying the whole cache at every step."""
         cfg = self.config
         lengths = state.lengths()
-        if state.past is None or lengths.max() + incoming <= cfg.capacity:
+        if state.past is None or lengths.max() <= cfg.sinks + recent:
+            return
+        idx, kept = keep_first_and_last(state.mask, cfg.sinks, recent)
+        mask = np.zeros_like(state.mask)
+        np.put_along_axis(mask, idx, kept, axis=1)
+        mask &= state.mask
+        state.evicted = state.evicted + lengths - mask.sum(axis=1)
+        state.mask = mask
+        if state.slots > cfg.capacity + self.slack:
+            compacted = self._take(state, idx, kept)
+            state.past, state.mask, state.tokens = compacted.past, compacted.mask, compacted.tokens
+
+    def _make_room(self, state: MemoryState, incoming: np.ndarray) -> None:
+        """Before feeding ``incoming`` (B, T) valid columns."""
+        cfg = self.config
+        if state.past is None:
             return
         if cfg.policy == "sink":
-            idx, kept = keep_first_and_last(state.mask, cfg.sinks, cfg.capacity - cfg.sinks - incoming)
-            # Evict by masking: a masked slot is invisible (no attention, no position), so this is
-            # exact. The cache is physically compacted only every `slack` slots, which keeps the
-            # per-token cost flat instead of copying the whole cache at every step.
-            mask = np.zeros_like(state.mask)
-            np.put_along_axis(mask, idx, kept, axis=1)
-            mask &= state.mask
-            state.evicted = state.evicted + lengths - mask.sum(axis=1)
-            state.mask = mask
-            if state.slots + incoming > cfg.capacity + self.slack:
-                compacted = self._take(state, idx, kept)
-                state.past, state.mask, state.tokens = compacted.past, compacted.mask, compacted.tokens
+            # the first new token reads the sinks and the window - 1 tokens before it; the band in
+            # the layout hides from later new tokens what falls out of their own windows
+            self._evict(state, cfg.window - 1)
             return
-        # recompute: keep the newest tokens and re-run prefill over exactly those
-        keep = cfg.window - max(cfg.chunk, incoming)
-        idx, kept = keep_first_and_last(state.mask, 0, keep)
-        tokens = np.take_along_axis(state.tokens, idx, axis=1)
-        evicted = state.evicted + lengths - kept.sum(axis=1)
-        seen = state.seen
-        fresh = MemoryState.empty(state.batch)
-        self._forward(fresh, tokens, kept)
-        fresh.evicted, fresh.seen = evicted, seen
-        state.__dict__.update(fresh.__dict__)
+        # recompute: a row whose window would overflow keeps its newest tokens and re-runs prefill
+        # over exactly those; the other rows are untouched (each row evicts on its own)
+        lengths, fresh_in = state.lengths(), incoming.sum(axis=1)
+        full = np.flatnonzero((lengths + fresh_in > cfg.window) & (fresh_in > 0))
+        if len(full) == 0:
+            return
+        keep = cfg.window - np.maximum(cfg.chunk, fresh_in[full])
+        rows = [state.kept_tokens(int(r))[len(state.kept_tokens(int(r))) - int(k):] if k > 0 else []
+                for r, k in zip(full, keep)]
+        rows = [r if r else state.kept_tokens(int(i))[-1:] for r, i in zip(rows, full)]
+        redo = MemoryState.empty(len(full))
+        ids, valid = left_pad(rows)
+        self._forward(redo, ids, valid)
+        redo.evicted = state.evicted[full] + lengths[full] - valid.sum(axis=1)
+        redo.seen = state.seen[full]
+        others = np.setdiff1d(np.arange(state.batch), full)
+        if len(others) == 0:
+            merged, order = redo, full
+        else:
+            merged, order = self.merge([self.select(state, others), redo]), np.concatenate((others, full))
+        state.__dict__.update(self.select(merged, np.argsort(order)).__dict__)
+
+    def _feed_rows_alone(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:
+        """recompute, several rows, a feed that overflows some window: where a recompute falls
+        depends on how the feed is cut into pieces, so each row is fed alone, as it would be alone."""
+        T = ids.shape[1]
+        outs, parts = [], []
+        for r in range(state.batch):
+            part = self.select(state, [r]) if state.past is not None else MemoryState.empty(1)
+            cols = np.flatnonzero(valid[r])
+            if len(cols) == 0:
+                outs.append(None)
+            else:
+                got = self.feed(part, ids[r:r + 1, cols], all_logits=all_logits)
+                if all_logits:  # back into the padded columns
+                    full = np.zeros((1, T, got.shape[-1]), np.float32)
+                    full[:, cols] = got
+                    got = full
+                outs.append(got)
+            parts.append(part)
+        width = next(o for o in outs if o is not None).shape
+        outs = [o if o is not None else np.zeros(width, np.float32) for o in outs]
+        merged = self.merge(parts)
+        state.__dict__.update(merged.__dict__)
+        return np.concatenate(outs, axis=0)
 
     def _take(self, state: MemoryState, idx: np.ndarray, kept: np.ndarray) -> MemoryState:
         return MemoryState(self.backend.ops.take(state.past, idx), kept,

@@ -66,8 +66,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d, d, bias=cfg.bias)  # the output projection Wᴼ
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
-                allowed: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
-        """rope: (q_cos, q_sin, k_cos, k_sin), computed once per forward for all layers."""
+                allowed: torch.Tensor | None, past: KV | None,
+                sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, KV]:
+        """rope: (q_cos, q_sin, k_cos, k_sin), computed once per forward for all layers.
+        allowed: None (plain causal) or (B, 1, T, S) bool. sink: None, or (s_cos, s_sin, sink_keys):
+        the query rotated a second time (B, 1, T, D) for scoring the slots flagged in sink_keys
+        (B, S) - attention sinks seen at the distance decoding gives them (see ctxmem.layout)."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -77,6 +81,7 @@ class Attention(nn.Module):
             k = torch.cat((past[0], k), dim=2)  # (B, Hkv, S, D), still unrotated
             v = torch.cat((past[1], v), dim=2)
         present = (k, v)
+        q_plain = q
         if rope is not None:
             q = apply_rope(q, rope[0], rope[1])
             k = apply_rope(k, rope[2], rope[3])
@@ -86,13 +91,27 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, cfg.n_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.n_heads, S, cfg.head_dim)
             v = v[:, :, None].expand(B, cfg.n_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.n_heads, S, cfg.head_dim)
         p = cfg.dropout if self.training else 0.0
-        # softmax(Q Kᵀ / sqrt(D)) V
-        if allowed is None:
+        if sink is not None:
+            y = self._attend_with_sinks(q, apply_rope(q_plain, sink[0], sink[1]), k, v, allowed, sink[2])
+        elif allowed is None:  # softmax(Q Kᵀ / sqrt(D)) V
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, cfg.d_model)
         return self.wo(y), present
+
+    @staticmethod
+    def _attend_with_sinks(q: torch.Tensor, q_sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           allowed: torch.Tensor, sink_keys: torch.Tensor) -> torch.Tensor:
+        """Explicit softmax attention where sink slots are scored against q_sink, others against q.
+        q, q_sink (B, H, T, D); k, v (B, H, S, D); allowed (B, 1, T, S); sink_keys (B, S) -> (B, H, T, D)."""
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        ordinary = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, T, S)
+        to_sinks = torch.matmul(q_sink.float(), k.float().transpose(-1, -2))
+        scores = torch.where(sink_keys[:, None, None, :], to_sinks, ordinary) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, v.float()).to(v.dtype)
 
 
 class FeedForward(nn.Module):
@@ -120,8 +139,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, allowed, past):
-        a, present = self.attn(self.attn_norm(x), rope, allowed, past)
+    def forward(self, x, rope, allowed, past, sink=None):
+        a, present = self.attn(self.attn_norm(x), rope, allowed, past, sink)
         x = x + self.drop(a)
         x = x + self.drop(self.ffn(self.ffn_norm(x)))
         return x, present
@@ -172,12 +191,19 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, past: list[KV] | None = None,
-                use_cache: bool = False):
-        """input_ids (B, T); positions (B, T) of the new tokens; attention_mask (B, P+T) valid slots;
-        past: per layer (k, v) each (B, Hkv, P, D). Returns logits (B, T, V) [, present per layer]."""
+                use_cache: bool = False, key_positions: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None, sink_positions: torch.Tensor | None = None,
+                sink_keys: torch.Tensor | None = None):
+        """input_ids (B, T); positions (B, T) of the new tokens; past: per layer (k, v) each
+        (B, Hkv, P, D). Then either attention_mask (B, P+T) of valid slots (key positions = rank of
+        the slot, causal over slots), or an explicit layout from ctxmem.layout: key_positions (B, S),
+        allowed (B, T, S) bool, and optionally sink_positions (B, T) with sink_keys (B, S) bool.
+        Returns logits (B, T, V) [, present per layer]."""
         B, T = input_ids.shape
         P = past[0][0].shape[2] if past else 0
-        if attention_mask is None and P == 0:
+        if allowed is not None:
+            k_pos, q_pos, allowed = key_positions, positions, allowed[:, None]
+        elif attention_mask is None and P == 0:
             k_pos, allowed = None, None  # plain causal training/prefill path
             q_pos = positions if positions is not None else torch.arange(T, device=input_ids.device).expand(B, T)
         else:
@@ -190,18 +216,20 @@ class Transformer(nn.Module):
         if self.cfg.pos == "learned":
             x = x + self.pos_emb(q_pos)
         x = self.drop(x)
-        rope = None
+        rope, sink = None, None
         if self.cfg.pos == "rope":
             q_cos, q_sin = rope_cos_sin(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
             k_cos, k_sin = (q_cos, q_sin) if k_pos is None else rope_cos_sin(k_pos, self.cfg.head_dim, self.cfg.rope_theta)
             rope = (q_cos, q_sin, k_cos, k_sin)
+            if sink_positions is not None:
+                sink = (*rope_cos_sin(sink_positions, self.cfg.head_dim, self.cfg.rope_theta), sink_keys)
         presents = []
         for i, block in enumerate(self.blocks):
             layer_past = past[i] if past else None
             if self.checkpoint_blocks and self.training:
-                x, present = checkpoint(block, x, rope, allowed, layer_past, use_reentrant=False)
+                x, present = checkpoint(block, x, rope, allowed, layer_past, sink, use_reentrant=False)
             else:
-                x, present = block(x, rope, allowed, layer_past)
+                x, present = block(x, rope, allowed, layer_past, sink)
             presents.append(present)
         logits = self.lm_head(self.norm(x))
         return (logits, presents) if use_cache else logits

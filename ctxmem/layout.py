@@ -1,0 +1,77 @@
+"""Which cached slots each new token reads, and at which rotary positions: the memory's meaning.
+
+Under the ``sink`` policy (``sinks`` S0, ``window`` W) token n of a stream attends to the first S0
+tokens of its stream and the W most recent tokens up to and including itself, with positions given
+by rank within that visible set (StreamingLLM, Xiao et al. 2023, section 3.2). Every path - token by
+token, a prompt fed in pieces of any size, left-padded batch rows, a cached session or a rebuild
+from the whole history, PyTorch or ONNX Runtime - computes exactly this, because every path builds
+its attention from this one function.
+
+With rotary positions a score depends only on the distance between the query's and the key's
+rotation positions. Inside the visible set of token n (rank of n = min(n, S0 + W - 1)):
+  * an ordinary key j (stream index >= S0) sits at distance n - j, its true distance, so query and
+    key are both rotated at their stream index minus a per-row base. The base keeps the angles as
+    small as decoding has them (the row's last new token lands on rank min(n, S0 + W - 1)), so a long
+    stream never evaluates rotary angles at large positions (fp32 angle error grows with position);
+  * a sink key j (< S0) sits at distance min(n, S0 + W - 1) - j, which differs from query to query
+    when a piece holds many: for these keys the query is rotated a second time, at min(n, S0 + W - 1)
+    (``sink_positions``), and the key at j. Token by token (one query, the common case) both query
+    positions coincide and the layout says so (``sink_positions`` None), so decoding pays nothing.
+``recompute`` and ``full`` have no band: positions are ranks in the cache, reads are causal.
+
+Shapes: B rows, S slots (cached + new), T new tokens (the last T slots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class AttentionLayout:
+    """What a backend needs besides the ids and the cache; numpy, built per forward."""
+
+    positions: np.ndarray  # (B, T) int64: query rotation positions (against ordinary keys)
+    key_positions: np.ndarray  # (B, S) int64: key rotation positions
+    allowed: np.ndarray  # (B, T, S) bool: new token i may read slot j
+    sink_positions: np.ndarray | None = None  # (B, T) int64: query rotation positions against sink keys
+    sink_keys: np.ndarray | None = None  # (B, S) bool: the slots scored with sink_positions
+
+    def with_sinks(self) -> "AttentionLayout":
+        """The same layout with the sink inputs always present (a graph with fixed inputs needs them)."""
+        if self.sink_positions is not None:
+            return self
+        return AttentionLayout(self.positions, self.key_positions, self.allowed, self.positions,
+                               np.zeros(self.key_positions.shape, dtype=bool))
+
+
+def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: int = 0,
+                 window: int | None = None) -> AttentionLayout:
+    """stream_pos (B, S) int64: each slot's index in its stream (the rank in the cache for policies
+    without a band); valid (B, S) bool; the last ``n_new`` slots are the new tokens. ``window``
+    None = no band (causal over everything valid). See the module docstring for the meaning."""
+    B, S = valid.shape
+    T = n_new
+    q_pos = stream_pos[:, S - T:]  # (B, T)
+    q_valid = valid[:, S - T:]
+    k = stream_pos[:, None, :]  # (B, 1, S)
+    q = q_pos[:, :, None]  # (B, T, 1)
+    allowed = valid[:, None, :] & (k <= q)
+    if window is not None:
+        allowed &= (k < sinks) | (k > q - window)
+    # a token always reads its own slot, so a padding query never has an all-masked row (NaN)
+    own = np.arange(T)
+    allowed[:, own, S - T + own] = True
+    if window is None:
+        return AttentionLayout(q_pos.astype(np.int64), np.where(valid, stream_pos, 0).astype(np.int64), allowed)
+    top = sinks + window - 1  # the rank of a token whose visible set is full
+    last = np.where(q_valid, q_pos, -1).max(axis=1)  # (B,) the row's last new token
+    base = np.maximum(last - top, 0)[:, None]  # (B, 1)
+    is_sink = valid & (stream_pos < sinks)
+    positions = (q_pos - base).astype(np.int64)
+    key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64)
+    sink_positions = np.minimum(q_pos, top).astype(np.int64)
+    if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
+        return AttentionLayout(positions, key_positions, allowed)
+    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink)
