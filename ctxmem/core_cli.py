@@ -83,7 +83,7 @@ def _build_generator(args):
 def cmd_generate(args) -> int:
     from dataclasses import replace
 
-    from .tokenizer import ChatTemplate
+    from .chat_template import ChatTemplate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     generator = _build_generator(args)

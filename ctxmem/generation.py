@@ -73,7 +73,7 @@ class SequenceDecoder:
     The serving engine's continuous batcher drives these directly, one per request."""
 
     def __init__(self, tokenizer, config: GenerationConfig, prompt_ids: Sequence[int], row: int = 0):
-        from .tokenizer import StreamDecoder
+        from .stream_decode import StreamDecoder
 
         self.row = row
         self.config = config

@@ -236,7 +236,7 @@ def _runtime_config(model, tokenizer, mem: MemoryConfig, saved: dict[str, Any], 
     import torch
 
     from ctxmem.checkpoint import WEIGHTS
-    from ctxmem.tokenizer import ChatTemplate
+    from ctxmem.chat_template import ChatTemplate
 
     run = _read_run_file(ckpt)
     chat = ChatTemplate(tokenizer)

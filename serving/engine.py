@@ -54,7 +54,7 @@ class LoadedModel:
 
     @property
     def template(self):
-        from ctxmem.tokenizer import ChatTemplate
+        from ctxmem.chat_template import ChatTemplate
 
         if not hasattr(self, "_template"):
             self._template = ChatTemplate(self.generator.tokenizer)

@@ -107,7 +107,7 @@ def test_serve_run_on_the_shipped_yaml_answers(server, client):
 
 def test_greedy_text_is_the_same_streamed_unstreamed_and_from_the_onnx_generator(client, reference):
     from ctxmem.sampling import GenerationConfig
-    from ctxmem.tokenizer import ChatTemplate
+    from ctxmem.chat_template import ChatTemplate
 
     greedy = GenerationConfig(max_new_tokens=24, temperature=0)
     prompt = "The quick brown fox"

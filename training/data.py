@@ -89,7 +89,7 @@ def prepare(specs: list[str], out: str | Path, tokenizer: str = "byte", vocab_si
     bar.close()
 
     tok = _make_tokenizer(tokenizer, vocab_size, documents, progress)
-    from ctxmem.tokenizer import ChatTemplate
+    from ctxmem.chat_template import ChatTemplate
 
     template = ChatTemplate(tok)
     eos = tok.eos_id
