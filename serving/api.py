@@ -16,17 +16,20 @@ import asyncio
 import hmac
 import logging
 import time
+from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.core import Metric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
 from .config import ServeArgs, hash_key
 from .errors import APIError, bad_request
-from .metrics import Registry, merge, render
+from .events import Delta, Event, Failed, Finished
+from .metrics import CONTENT_TYPE, ClientTimer, Registry, render
 from .store import ConversationStore, StoreConflict
 
 log = logging.getLogger("ctxmem.serving.api")
@@ -39,9 +42,9 @@ class EngineUnavailable(Exception):
 
 
 class EngineClient(Protocol):
-    def stream(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]: ...
+    def stream(self, request: dict[str, Any]) -> AsyncIterator[list[Event]]: ...
     async def info(self) -> dict[str, Any]: ...
-    async def snapshots(self) -> list[dict]: ...
+    async def snapshots(self) -> list[list[Metric]]: ...  # one metrics snapshot per engine replica
     async def reload(self) -> list[dict]: ...
 
 
@@ -67,7 +70,7 @@ class LocalEngineClient:
 
 
 def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, metrics: Registry | None = None,
-              peer_snapshots: Callable[[], Awaitable[list[dict]]] | None = None) -> FastAPI:
+              peer_snapshots: Callable[[], Awaitable[list[list[Metric]]]] | None = None) -> FastAPI:
     """args must be resolved (`ServeArgs.resolve()`): model_name and key hashes filled in."""
     metrics = metrics or Registry()
     app = FastAPI(title="ctxmem", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -109,7 +112,7 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        return PlainTextResponse(await api.metrics_text(), media_type="text/plain; version=0.0.4")
+        return Response(await api.metrics_text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -300,7 +303,7 @@ class _API:
             raise APIError(409, f"{err}; another turn was added concurrently - fetch the session and retry",
                            code="session_conflict") from None
 
-    async def open_stream(self, payload: dict) -> tuple[list[dict], AsyncIterator[list[dict]]]:
+    async def open_stream(self, payload: dict) -> tuple[list[Event], AsyncIterator[list[Event]]]:
         """The engine's first events (raising their error as HTTP status) and the rest of the stream."""
         retry = _Retry()
         while True:
@@ -312,29 +315,29 @@ class _API:
                 continue
             except StopAsyncIteration:
                 raise APIError(500, "the engine ended the stream without an answer", code="engine_failure") from None
-            if first and first[0]["type"] == "error":
+            if first and isinstance(first[0], Failed):
                 raise APIError.from_event(first[0])
             return first, events
 
-    async def collect(self, payload: dict, arrived: float) -> tuple[str, dict]:
+    async def collect(self, payload: dict, arrived: float) -> tuple[str, Finished]:
         retry = _Retry()
         while True:
             try:
                 first, events = await self.open_stream(payload)
                 text, end = [], None
-                timer = _Timer(self.metrics, arrived)
+                timer = ClientTimer(self.metrics, arrived)
                 async for chunk in _chain(first, events):
                     for ev in chunk:
-                        if ev["type"] == "delta":
-                            timer.tokens(ev["tokens"])
-                            text.append(ev["text"])
-                        elif ev["type"] == "end":
+                        if isinstance(ev, Delta):
+                            timer.tokens(ev.tokens)
+                            text.append(ev.text)
+                        elif isinstance(ev, Finished):
                             end = ev
-                        elif ev["type"] == "error":
+                        elif isinstance(ev, Failed):
                             raise APIError.from_event(ev)
                 if end is None:
                     raise EngineUnavailable("stream ended early")
-                timer.done(end)
+                timer.done(end.usage.prompt_tokens, end.usage.completion_tokens)
                 return "".join(text), end
             except EngineUnavailable as err:
                 # nothing reached the client yet: the turn is rebuilt from the request on another replica
@@ -344,21 +347,21 @@ class _API:
         model = self.args.model_name
         include_usage = payload.get("include_usage", False)
         chunk_fn = P.chat_chunk if kind == "chat" else P.completion_chunk
-        timer = _Timer(self.metrics, arrived)
+        timer = ClientTimer(self.metrics, arrived)
         text: list[str] = []
         if kind == "chat":
             yield P.sse(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
         try:
             async for chunk in _chain(first, events):
                 for ev in chunk:
-                    if ev["type"] == "delta":
-                        timer.tokens(ev["tokens"])
-                        if ev["text"]:
-                            text.append(ev["text"])
-                            body = {"content": ev["text"]} if kind == "chat" else ev["text"]
+                    if isinstance(ev, Delta):
+                        timer.tokens(ev.tokens)
+                        if ev.text:
+                            text.append(ev.text)
+                            body = {"content": ev.text} if kind == "chat" else ev.text
                             yield P.sse(chunk_fn(rid, model, created, body))
-                    elif ev["type"] == "end":
-                        timer.done(ev)
+                    elif isinstance(ev, Finished):
+                        timer.done(ev.usage.prompt_tokens, ev.usage.completion_tokens)
                         if record is not None:
                             try:
                                 await asyncio.to_thread(record, "".join(text), ev)
@@ -367,7 +370,7 @@ class _API:
                                 yield P.DONE
                                 return
                         usage = P.usage(ev)
-                        last = chunk_fn(rid, model, created, {} if kind == "chat" else "", ev["finish_reason"],
+                        last = chunk_fn(rid, model, created, {} if kind == "chat" else "", ev.finish_reason,
                                         None if include_usage else usage)
                         if session:
                             last["session"] = session
@@ -376,7 +379,7 @@ class _API:
                             yield P.sse(chunk_fn(rid, model, created, {}, None, usage, empty=True))
                         yield P.DONE
                         return
-                    elif ev["type"] == "error":
+                    elif isinstance(ev, Failed):
                         yield P.sse(APIError.from_event(ev).body())
                         yield P.DONE
                         return
@@ -388,17 +391,16 @@ class _API:
             yield P.DONE
 
     # -- metrics --
-    async def metrics_text(self) -> str:
+    async def metrics_text(self) -> bytes:
+        """Every ingress and engine replica's metrics, summed, in the Prometheus text format."""
         ingress = await self.peer_snapshots() if self.peer_snapshots else [self.metrics.snapshot()]
         try:
             engines = await asyncio.wait_for(self.engine.snapshots(), timeout=10)
         except Exception as err:  # noqa: BLE001 - still show the ingress side
             log.warning("engine metrics unavailable: %s", err)
             engines = []
-        engines = [e for e in engines if isinstance(e, dict)]
-        merged = merge([*ingress, *engines])
-        merged["ctxmem_engine_replicas"] = {(): float(len(engines))}
-        return render(merged)
+        engines = [e for e in engines if isinstance(e, list)]
+        return render([*ingress, *engines], engine_replicas=len(engines))
 
 
 class _Retry:
@@ -416,38 +418,12 @@ class _Retry:
         self.attempt += 1
 
 
-async def _chain(first: list[dict], rest: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
+async def _chain(first: list[Event], rest: AsyncIterator[list[Event]]) -> AsyncIterator[list[Event]]:
     yield first
     async for chunk in rest:
         yield chunk
 
 
-def _stats(end: dict) -> dict:
-    return {"usage": end["usage"], "finish_reason": end["finish_reason"]}
-
-
-class _Timer:
-    """Time to first token and inter-token latency as the client sees them (at the ingress)."""
-
-    def __init__(self, metrics: Registry, arrived: float):
-        self.metrics, self.arrived = metrics, arrived
-        self.last: float | None = None
-
-    def tokens(self, n: int) -> None:
-        if n <= 0:
-            return
-        now = time.perf_counter()
-        if self.last is None:
-            self.metrics.observe("ctxmem_time_to_first_token_seconds", now - self.arrived)
-            n -= 1
-        elif n:
-            # coalesced deltas: spread the gap over the tokens that arrived together
-            self.metrics.observe("ctxmem_inter_token_latency_seconds", (now - self.last) / n, count=n)
-        self.last = now
-
-    def done(self, end: dict) -> None:
-        u = end["usage"]
-        self.metrics.inc("ctxmem_prompt_tokens_total", u["prompt_tokens"])
-        self.metrics.inc("ctxmem_completion_tokens_total", u["completion_tokens"])
-        self.metrics.observe("ctxmem_request_duration_seconds", time.perf_counter() - self.arrived)
-
+def _stats(end: Finished) -> dict:
+    """What the conversation store keeps about a turn (JSON)."""
+    return {"usage": asdict(end.usage), "finish_reason": end.finish_reason}

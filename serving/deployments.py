@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator
 
+from prometheus_client.core import Metric
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -19,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from .api import EngineUnavailable, build_api
 from .config import EngineConfig, ServeArgs
 from .errors import APIError
+from .events import Event
 from .metrics import Registry
 
 log = logging.getLogger("ctxmem.serving")
@@ -57,14 +59,14 @@ class EngineDeployment:
                                "model: build it with ctxmem.serving.app:build_app")
         return self.engine
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]:
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[Event]]:
         async for chunk in self._engine().generate(request):
             yield chunk
 
     def info(self) -> dict[str, Any]:
         return {**self._engine().info(), "replica": self.replica, "actor_name": self.actor_name}
 
-    def metrics_snapshot(self) -> dict:
+    def metrics_snapshot(self) -> list[Metric]:
         return self._engine().metrics.snapshot()
 
     async def reload(self) -> dict[str, Any]:
@@ -89,7 +91,7 @@ class RayEngineClient:
         self._handle = handle
         self._stream = handle.options(stream=True)
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[list[dict]]:
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[list[Event]]:
         try:
             async for chunk in self._stream.generate.remote(request):
                 yield chunk
@@ -104,9 +106,9 @@ class RayEngineClient:
         except _GONE as err:
             raise EngineUnavailable(str(err)[:300]) from None
 
-    async def snapshots(self) -> list[dict]:
+    async def snapshots(self) -> list[list[Metric]]:
         results = await self._handle.broadcast("metrics_snapshot").results_async(timeout_s=10, return_exceptions=True)
-        return [r for r in results if isinstance(r, dict)]
+        return [r for r in results if isinstance(r, list)]
 
     async def reload(self) -> list[dict]:
         results = await self._handle.broadcast("reload").results_async(timeout_s=600, return_exceptions=True)
@@ -129,16 +131,16 @@ class IngressDeployment:
     def __serve_build_asgi_app__(self):
         return build_api(self.client, self.args, self.store, self.metrics, self._peer_snapshots)
 
-    def metrics_snapshot(self) -> dict:
+    def metrics_snapshot(self) -> list[Metric]:
         return self.metrics.snapshot()
 
-    async def _peer_snapshots(self) -> list[dict]:
+    async def _peer_snapshots(self) -> list[list[Metric]]:
         """Every ingress replica's metrics, so one scrape sees the whole application."""
         ctx = serve.get_replica_context()
         try:
             handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
             results = await handle.broadcast("metrics_snapshot").results_async(timeout_s=5, return_exceptions=True)
-            snaps = [r for r in results if isinstance(r, dict)]
+            snaps = [r for r in results if isinstance(r, list)]
             return snaps or [self.metrics.snapshot()]
         except Exception as err:  # noqa: BLE001 - fall back to this replica's view
             log.warning("ingress broadcast failed (%s); /metrics shows this replica only", err)

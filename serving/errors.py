@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .events import Failed
+
 
 class APIError(Exception):
     """An error the client should see as is. `status` picks the HTTP code; the rest is the body."""
@@ -19,15 +21,13 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def to_event(self) -> dict[str, Any]:
-        """The engine's stream event for this error (crosses the Ray boundary as a plain dict)."""
-        return {"type": "error", "status": self.status, "message": self.message, "error_type": self.type,
-                "param": self.param, "code": self.code}
+    def to_event(self) -> Failed:
+        """The engine's stream event for this error."""
+        return Failed(self.status, self.message, self.type, self.param, self.code)
 
     @classmethod
-    def from_event(cls, event: dict[str, Any]) -> "APIError":
-        return cls(event["status"], event["message"], type=event.get("error_type"), param=event.get("param"),
-                   code=event.get("code"))
+    def from_event(cls, event: Failed) -> "APIError":
+        return cls(event.status, event.message, type=event.error_type, param=event.param, code=event.code)
 
 
 def _default_type(status: int) -> str:

@@ -1,156 +1,171 @@
-"""Mergeable Prometheus metrics without a client library.
+"""Prometheus metrics of the serving stack, on `prometheus_client`, merged across replicas.
 
-Each replica (ingress or engine) keeps a `Registry`; `/metrics` collects every replica's
-`snapshot()` (a plain dict, cheap to send through Ray), `merge`s them and renders the text format
-(https://prometheus.io/docs/instrumenting/exposition_formats/). Counters and histograms add up
-across replicas; gauges add up too (running sequences, cached conversations).
+Each replica (ingress or engine) keeps a `Registry`: the metrics below in its own
+`prometheus_client.CollectorRegistry` (nothing in the library's global registry, so two engines in
+one process - or two tests - never share counts). `/metrics` collects every replica's `snapshot()`
+(the collected metric families, picklable, so they cross Ray), `render` sums them per series and
+writes the text format with `generate_latest`. Counters, histograms and gauges all add up across
+replicas (running sequences, cached conversations).
+
+The ingress records the request, token and latency series (`ClientTimer`), the engines the
+scheduler and KV-cache series; every replica declares all of them, so a scrape always lists each.
 """
 from __future__ import annotations
 
-import bisect
-import threading
-from typing import Any, Iterable
+import time
+from typing import Iterable, NamedTuple
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
-# name -> (kind, help, buckets)
-SPECS: dict[str, tuple[str, str, tuple | None]] = {
-    "ctxmem_requests_total": ("counter", "HTTP requests by endpoint and status code", None),
-    "ctxmem_prompt_tokens_total": ("counter", "prompt tokens of finished requests", None),
-    "ctxmem_completion_tokens_total": ("counter", "generated tokens of finished requests", None),
-    "ctxmem_time_to_first_token_seconds": ("histogram", "request arrival to first token, at the ingress",
-                                           LATENCY_BUCKETS),
-    "ctxmem_inter_token_latency_seconds": ("histogram", "gap between consecutive tokens of a stream, at the ingress",
-                                           LATENCY_BUCKETS),
-    "ctxmem_request_duration_seconds": ("histogram", "request arrival to last token, at the ingress",
-                                        LATENCY_BUCKETS),
-    "ctxmem_batch_size": ("histogram", "sequences in each decode step of the engine", BATCH_BUCKETS),
-    "ctxmem_prefill_tokens_total": ("counter", "prompt tokens run through the model (not reused from cache)", None),
-    "ctxmem_cached_tokens_total": ("counter", "prompt tokens whose KV state was reused", None),
-    "ctxmem_kv_cache_lookups_total": ("counter", "conversation KV cache lookups by result (hit, miss)", None),
-    "ctxmem_evicted_tokens_total": ("counter", "tokens the window evicted from finished requests' contexts", None),
-    "ctxmem_queue_seconds": ("histogram", "engine queue wait before prefill", LATENCY_BUCKETS),
-    "ctxmem_running_sequences": ("gauge", "sequences in the running batch", None),
-    "ctxmem_waiting_requests": ("gauge", "requests queued in the engine", None),
-    "ctxmem_kv_cache_sessions": ("gauge", "conversation states kept by the engine", None),
-    "ctxmem_kv_cache_bytes": ("gauge", "bytes of conversation states kept by the engine", None),
-    "ctxmem_engine_replicas": ("gauge", "engine replicas that answered this scrape", None),
+
+class Spec(NamedTuple):
+    kind: str  # counter, gauge or histogram
+    help: str
+    buckets: tuple | None = None
+    labels: tuple[str, ...] = ()
+
+
+SPECS: dict[str, Spec] = {
+    "ctxmem_requests_total": Spec("counter", "HTTP requests by endpoint and status code",
+                                  labels=("endpoint", "status")),
+    "ctxmem_prompt_tokens_total": Spec("counter", "prompt tokens of finished requests"),
+    "ctxmem_completion_tokens_total": Spec("counter", "generated tokens of finished requests"),
+    "ctxmem_time_to_first_token_seconds": Spec("histogram", "request arrival to first token, at the ingress",
+                                               LATENCY_BUCKETS),
+    "ctxmem_inter_token_latency_seconds": Spec("histogram", "gap between consecutive tokens of a stream, at the "
+                                               "ingress", LATENCY_BUCKETS),
+    "ctxmem_request_duration_seconds": Spec("histogram", "request arrival to last token, at the ingress",
+                                            LATENCY_BUCKETS),
+    "ctxmem_batch_size": Spec("histogram", "sequences in each decode step of the engine", BATCH_BUCKETS),
+    "ctxmem_prefill_tokens_total": Spec("counter", "prompt tokens run through the model (not reused from cache)"),
+    "ctxmem_cached_tokens_total": Spec("counter", "prompt tokens whose KV state was reused"),
+    "ctxmem_kv_cache_lookups_total": Spec("counter", "conversation KV cache lookups by result (hit, miss)",
+                                          labels=("result",)),
+    "ctxmem_evicted_tokens_total": Spec("counter", "tokens the window evicted from finished requests' contexts"),
+    "ctxmem_queue_seconds": Spec("histogram", "engine queue wait before prefill", LATENCY_BUCKETS),
+    "ctxmem_running_sequences": Spec("gauge", "sequences in the running batch"),
+    "ctxmem_waiting_requests": Spec("gauge", "requests queued in the engine"),
+    "ctxmem_kv_cache_sessions": Spec("gauge", "conversation states kept by the engine"),
+    "ctxmem_kv_cache_bytes": Spec("gauge", "bytes of conversation states kept by the engine"),
 }
-
-
-def _key(labels: dict[str, str] | None) -> tuple:
-    return tuple(sorted((labels or {}).items()))
+# added by `render` (how many engine snapshots this scrape merged), not kept by any replica
+ENGINE_REPLICAS = "ctxmem_engine_replicas"
+ENGINE_REPLICAS_HELP = "engine replicas that answered this scrape"
 
 
 class Registry:
-    """Thread-safe counters, gauges and histograms keyed by (name, labels)."""
+    """One replica's metrics (thread-safe: prometheus_client locks each series)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[str, dict[tuple, Any]] = {}
+        self.registry = CollectorRegistry()
+        self._metrics = {}
+        for name, spec in SPECS.items():
+            if spec.kind == "histogram":
+                metric = Histogram(name, spec.help, spec.labels, buckets=spec.buckets, registry=self.registry)
+            else:
+                metric = {"counter": Counter, "gauge": Gauge}[spec.kind](name, spec.help, spec.labels,
+                                                                         registry=self.registry)
+            self._metrics[name] = metric
+
+    def _series(self, name: str, labels: dict[str, str] | None):
+        metric = self._metrics[name]
+        return metric.labels(**labels) if labels else metric
 
     def inc(self, name: str, value: float = 1.0, labels: dict[str, str] | None = None) -> None:
-        with self._lock:
-            series = self._values.setdefault(name, {})
-            k = _key(labels)
-            series[k] = series.get(k, 0.0) + value
+        self._series(name, labels).inc(value)
 
     def set(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
-        with self._lock:
-            self._values.setdefault(name, {})[_key(labels)] = float(value)
+        self._series(name, labels).set(value)
 
     def observe(self, name: str, value: float, labels: dict[str, str] | None = None, count: int = 1) -> None:
-        buckets = SPECS[name][2]
-        with self._lock:
-            series = self._values.setdefault(name, {})
-            k = _key(labels)
-            h = series.get(k)
-            if h is None:
-                h = series[k] = {"buckets": [0] * (len(buckets) + 1), "sum": 0.0, "count": 0}
-            h["buckets"][bisect.bisect_left(buckets, value)] += count
-            h["sum"] += value * count
-            h["count"] += count
+        """`count` observations of `value` (tokens that arrived together share one gap)."""
+        series = self._series(name, labels)
+        for _ in range(count):
+            series.observe(value)
 
-    def snapshot(self) -> dict[str, list]:
-        """{name: [[labels as pairs, value], ...]} - JSON/pickle friendly."""
-        with self._lock:
-            return {name: [[list(map(list, k)), _copy(v)] for k, v in series.items()]
-                    for name, series in self._values.items()}
+    def snapshot(self) -> list[Metric]:
+        """The collected metric families: plain picklable objects, cheap to send through Ray."""
+        return list(self.registry.collect())
 
-    def get(self, name: str, labels: dict[str, str] | None = None) -> Any:
-        with self._lock:
-            return _copy(self._values.get(name, {}).get(_key(labels)))
+    def text(self) -> bytes:
+        """This replica alone, in the Prometheus text format."""
+        return render([self.snapshot()])
 
 
-def _copy(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {"buckets": list(v["buckets"]), "sum": v["sum"], "count": v["count"]}
-    return v
+class _Collected:
+    """A prometheus_client collector over families collected elsewhere."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
-def merge(snapshots: Iterable[dict[str, list]]) -> dict[str, dict[tuple, Any]]:
-    out: dict[str, dict[tuple, Any]] = {}
-    for snap in snapshots:
-        for name, series in snap.items():
-            dst = out.setdefault(name, {})
-            for labels, value in series:
-                k = tuple(tuple(p) for p in labels)
-                if isinstance(value, dict):
-                    cur = dst.get(k)
-                    if cur is None:
-                        dst[k] = _copy(value)
-                    else:
-                        cur["buckets"] = [a + b for a, b in zip(cur["buckets"], value["buckets"])]
-                        cur["sum"] += value["sum"]
-                        cur["count"] += value["count"]
-                else:
-                    dst[k] = dst.get(k, 0.0) + value
-    return out
+def merge(snapshots: Iterable[list[Metric]]) -> list[Metric]:
+    """Sum every series (same sample name and labels) across replicas' snapshots. `_created`
+    timestamps are dropped: a sum of creation times means nothing."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    for snapshot in snapshots:
+        for family in snapshot:
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            series = values[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                series[key] = series.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
 
 
-def _labels(pairs: Iterable[tuple[str, str]], extra: tuple[str, str] | None = None) -> str:
-    items = list(pairs) + ([extra] if extra else [])
-    if not items:
-        return ""
-    esc = lambda s: str(s).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')  # noqa: E731
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in items) + "}"
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # of what `render` writes
 
 
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+def render(snapshots: Iterable[list[Metric]], engine_replicas: int | None = None) -> bytes:
+    """The merged snapshots in the Prometheus text format; with `engine_replicas`, also that gauge."""
+    families = merge(snapshots)
+    if engine_replicas is not None:
+        families.append(GaugeMetricFamily(ENGINE_REPLICAS, ENGINE_REPLICAS_HELP, value=engine_replicas))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected(families))
+    return generate_latest(registry)
 
 
-def render(merged: dict[str, dict[tuple, Any]]) -> str:
-    lines: list[str] = []
-    for name, (kind, help_, buckets) in SPECS.items():
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        series = merged.get(name, {})
-        if not series and kind != "histogram":
-            lines.append(f"{name} 0")
-        for labels, value in sorted(series.items()):
-            if kind == "histogram":
-                cumulative = 0
-                for bound, n in zip(list(buckets) + ["+Inf"], value["buckets"]):
-                    cumulative += n
-                    le = bound if bound == "+Inf" else _num(bound)
-                    lines.append(f"{name}_bucket{_labels(labels, ('le', str(le)))} {cumulative}")
-                lines.append(f"{name}_sum{_labels(labels)} {_num(value['sum'])}")
-                lines.append(f"{name}_count{_labels(labels)} {value['count']}")
-            else:
-                lines.append(f"{name}{_labels(labels)} {_num(value)}")
-    return "\n".join(lines) + "\n"
+class ClientTimer:
+    """Time to first token and inter-token latency of one request as the client sees them (at the
+    ingress), fed with the token counts of the chunks as they are sent.
 
+    Tokens that arrive together (a coalesced chunk) share the gap since the previous chunk; the ones
+    that arrive with the first token follow it with no gap. So per request the inter-token histogram
+    gets completion_tokens - 1 observations summing to (last token - first token)."""
 
-def histogram_quantile(h: dict[str, Any], q: float, buckets: tuple) -> float | None:
-    """Upper bucket bound holding quantile q (coarse; for logs and the README example)."""
-    if not h or not h["count"]:
-        return None
-    target, seen = q * h["count"], 0
-    for bound, n in zip(list(buckets) + [float("inf")], h["buckets"]):
-        seen += n
-        if seen >= target:
-            return bound
-    return float("inf")
+    def __init__(self, metrics: Registry, arrived: float):
+        self.metrics, self.arrived = metrics, arrived
+        self.last: float | None = None
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.observe("ctxmem_time_to_first_token_seconds", now - self.arrived)
+            if n > 1:
+                self.metrics.observe("ctxmem_inter_token_latency_seconds", 0.0, count=n - 1)
+        else:
+            self.metrics.observe("ctxmem_inter_token_latency_seconds", (now - self.last) / n, count=n)
+        self.last = now
+
+    def done(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.metrics.inc("ctxmem_prompt_tokens_total", prompt_tokens)
+        self.metrics.inc("ctxmem_completion_tokens_total", completion_tokens)
+        self.metrics.observe("ctxmem_request_duration_seconds", time.perf_counter() - self.arrived)

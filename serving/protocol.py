@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import bad_request
+from .events import Finished
 
 ROLES = ("system", "user", "assistant")  # ctxmem.tokenizer.ChatTemplate's roles
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system prompts
@@ -272,25 +273,25 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(end: dict[str, Any]) -> dict[str, Any]:
+def usage(end: Finished) -> dict[str, Any]:
     """OpenAI usage + prompt_tokens_details.cached_tokens (KV reuse) + evicted_tokens (the window)."""
-    u = end["usage"]
-    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-            "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
-            "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
-            "evicted_tokens": u["evicted_tokens"]}
+    u = end.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "evicted_tokens": u.evicted_tokens}
 
 
-def completion_response(rid: str, model: str, text: str, end: dict[str, Any], created: int | None = None) -> dict:
+def completion_response(rid: str, model: str, text: str, end: Finished, created: int | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]}],
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason}],
             "usage": usage(end)}
 
 
-def chat_response(rid: str, model: str, text: str, end: dict[str, Any], created: int | None = None) -> dict:
+def chat_response(rid: str, model: str, text: str, end: Finished, created: int | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": end["finish_reason"]}],
+                         "finish_reason": end.finish_reason}],
             "usage": usage(end)}
 
 

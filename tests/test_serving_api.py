@@ -12,7 +12,7 @@ import pytest
 from ctxmem.serving.api import LocalEngineClient, build_api
 from ctxmem.serving.config import ServeArgs
 from ctxmem.serving.engine import Engine
-from ctxmem.serving.metrics import SPECS
+from ctxmem.serving.metrics import ENGINE_REPLICAS, SPECS, ClientTimer, Registry, render
 from ctxmem.serving.store import MemoryStore, StoreConflict
 from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests
 
@@ -143,11 +143,64 @@ def test_metrics_expose_every_declared_series_in_prometheus_text(stack):
     app, _, _ = stack
     call(app, "POST", "/v1/completions", headers=AUTH, json={"model": NAME, "prompt": "m", "max_tokens": 3})
     text = call(app, "GET", "/metrics").text
-    for name, (kind, _, _) in SPECS.items():
-        assert f"# TYPE {name} {kind}" in text
+    for name, spec in SPECS.items():
+        assert f"# TYPE {name} {spec.kind}" in text
+    assert f"# TYPE {ENGINE_REPLICAS} gauge" in text and f"{ENGINE_REPLICAS} 1.0" in text
     assert 'ctxmem_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "ctxmem_time_to_first_token_seconds_count" in text
     assert "ctxmem_batch_size_bucket" in text
+
+
+def test_a_request_that_sets_only_sinks_is_served_with_the_window_re_derived(stack):
+    """sinks=100 with the model's window of 60 would overflow the 128-token context; the window is
+    re-derived to fit (one override path) instead of answering 400."""
+    app, _, _ = stack
+    r = call(app, "POST", "/v1/completions", headers=AUTH,
+             json={"model": NAME, "prompt": "w" * 150, "max_tokens": 3, "sinks": 100})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["evicted_tokens"] > 0
+    r = call(app, "POST", "/v1/completions", headers=AUTH,
+             json={"model": NAME, "prompt": "w", "max_tokens": 3, "window": 200})
+    check_error_shape(r.status_code, r.json(), 400, "window too large")
+    assert r.json()["error"]["param"] == "window"
+
+
+def _sample(text: bytes, series: str) -> float:
+    for line in text.decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in the metrics text")
+
+
+def test_every_token_of_a_stream_reaches_the_inter_token_histogram():
+    """A request whose first chunk carries 3 tokens and second 2: one time to first token and
+    4 inter-token gaps (the 2 that came with the first token with no gap)."""
+    metrics = Registry()
+    timer = ClientTimer(metrics, arrived=0.0)
+    timer.tokens(3)
+    timer.tokens(2)
+    timer.done(prompt_tokens=7, completion_tokens=5)
+    text = metrics.text()
+    assert _sample(text, "ctxmem_time_to_first_token_seconds_count") == 1
+    assert _sample(text, "ctxmem_inter_token_latency_seconds_count") == 4
+    assert _sample(text, 'ctxmem_inter_token_latency_seconds_bucket{le="0.001"}') >= 2  # the two with no gap
+    assert _sample(text, "ctxmem_completion_tokens_total") == 5
+
+
+def test_metrics_of_replicas_add_up_and_registries_share_nothing():
+    a, b = Registry(), Registry()
+    a.inc("ctxmem_requests_total", labels={"endpoint": "/v1/completions", "status": "200"})
+    b.inc("ctxmem_requests_total", 2, labels={"endpoint": "/v1/completions", "status": "200"})
+    a.observe("ctxmem_batch_size", 3)
+    b.observe("ctxmem_batch_size", 12, count=2)
+    b.set("ctxmem_running_sequences", 4)
+    assert _sample(a.text(), "ctxmem_running_sequences") == 0  # b's gauge is b's alone
+    merged = render([a.snapshot(), b.snapshot()], engine_replicas=2)
+    assert _sample(merged, 'ctxmem_requests_total{endpoint="/v1/completions",status="200"}') == 3
+    assert _sample(merged, "ctxmem_batch_size_count") == 3 and _sample(merged, "ctxmem_batch_size_sum") == 27
+    assert _sample(merged, 'ctxmem_batch_size_bucket{le="4.0"}') == 1
+    assert _sample(merged, "ctxmem_running_sequences") == 4 and _sample(merged, ENGINE_REPLICAS) == 2
+    assert b"_created" not in merged
 
 
 def test_health_is_503_when_the_engine_is_down(tiny_export):  # noqa: F811

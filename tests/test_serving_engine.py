@@ -14,8 +14,10 @@ import pytest
 
 from ctxmem.sampling import GenerationConfig
 from ctxmem.serving.config import EngineConfig, MemoryOverrides
-from ctxmem.serving.engine import (CachedConversation, Engine, SessionCache, common_prefix, load_model, reuse,
-                                   rewind)
+from ctxmem.serving.engine import Engine
+from ctxmem.serving.events import Delta, Event, Failed, Finished
+from ctxmem.serving.kv_reuse import CachedConversation, SessionCache, common_prefix, reuse, rewind
+from ctxmem.serving.loading import load_served_model
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +39,17 @@ def reference(export_dir):
     return load_onnx_generator(export_dir)
 
 
-def run(engine: Engine, request: dict) -> tuple[str, dict, list[dict]]:
+def run(engine: Engine, request: dict) -> tuple[str, Event, list[Event]]:
     return asyncio.run(collect(engine, request))
 
 
-async def collect(engine: Engine, request: dict) -> tuple[str, dict, list[dict]]:
+async def collect(engine: Engine, request: dict) -> tuple[str, Event, list[Event]]:
     text, events = [], []
     async for chunk in engine.generate(request):
         for ev in chunk:
             events.append(ev)
-            if ev["type"] == "delta":
-                text.append(ev["text"])
+            if isinstance(ev, Delta):
+                text.append(ev.text)
     return "".join(text), events[-1], events
 
 
@@ -67,8 +69,8 @@ def test_a_greedy_completion_equals_the_onnx_generator(engine, reference):
                              memory=engine.model.memory)[0]
     text, end, _ = run(engine, completion("Hello there", 20))
     assert text == ref.text
-    assert end["usage"]["completion_tokens"] == ref.completion_tokens
-    assert end["usage"]["prompt_tokens"] == ref.prompt_tokens
+    assert end.usage.completion_tokens == ref.completion_tokens
+    assert end.usage.prompt_tokens == ref.prompt_tokens
 
 
 def test_concurrent_requests_share_decode_steps_and_match_solo_decoding(engine, reference):
@@ -86,7 +88,7 @@ def test_concurrent_requests_share_decode_steps_and_match_solo_decoding(engine, 
 
     results = asyncio.run(main())
     assert [r[0] for r in results] == [r.text for r in refs]
-    assert max(r[1]["batch_mean"] for r in results) > 8
+    assert max(r[1].batch_mean for r in results) > 8
 
 
 def test_a_new_request_joins_the_running_batch_between_decode_steps(engine):
@@ -102,7 +104,7 @@ def test_a_new_request_joins_the_running_batch_between_decode_steps(engine):
             order.append("long")
 
         async def short():
-            while sum(ev.get("tokens", 0) for ev in long_events) < 5:  # the long one is mid-flight
+            while sum(ev.tokens for ev in long_events if isinstance(ev, Delta)) < 5:  # the long one is mid-flight
                 await asyncio.sleep(0.001)
             text, end, events = await collect(engine, completion("short", 5))
             order.append("short")
@@ -113,11 +115,11 @@ def test_a_new_request_joins_the_running_batch_between_decode_steps(engine):
 
     order, end, events, long_events = asyncio.run(main())
     assert order == ["short", "long"]
-    assert end["finish_reason"] == "length" and end["usage"]["completion_tokens"] == 5
-    assert max(ev["batch"] for ev in events if ev["type"] == "delta") == 2
-    assert max(ev["batch"] for ev in long_events if ev["type"] == "delta") == 2
-    assert 1 < long_events[-1]["batch_mean"] < 2  # shared some steps, ran alone for the rest
-    assert long_events[-1]["usage"]["completion_tokens"] == 120
+    assert end.finish_reason == "length" and end.usage.completion_tokens == 5
+    assert max(ev.batch for ev in events if isinstance(ev, Delta)) == 2
+    assert max(ev.batch for ev in long_events if isinstance(ev, Delta)) == 2
+    assert 1 < long_events[-1].batch_mean < 2  # shared some steps, ran alone for the rest
+    assert long_events[-1].usage.completion_tokens == 120
 
 
 def test_a_conversation_turn_prefills_only_the_new_tokens(engine, export_dir):
@@ -134,17 +136,17 @@ def test_a_conversation_turn_prefills_only_the_new_tokens(engine, export_dir):
             text, end, events = run(engine, request)
             plain, plain_end, _ = run(fresh, {**request, "session_id": None})
             assert text == plain
-            usage = end["usage"]
+            usage = end.usage
             if turn == 0:
-                assert end["cache"] == "miss" and usage["cached_tokens"] == 0
+                assert end.cache == "miss" and usage.cached_tokens == 0
             else:
-                assert end["cache"] == "hit"
+                assert end.cache == "hit"
                 # at least the previous prompt; its reply too where its text re-tokenizes the same way
-                assert usage["cached_tokens"] >= previous_prompt
-                new_tokens = usage["prompt_tokens"] - usage["cached_tokens"]
-                assert new_tokens == usage["prefill_tokens"] < 40  # the new user message, not the history
-            assert plain_end["usage"]["prefill_tokens"] == plain_end["usage"]["prompt_tokens"]
-            previous_prompt = usage["prompt_tokens"]
+                assert usage.cached_tokens >= previous_prompt
+                new_tokens = usage.prompt_tokens - usage.cached_tokens
+                assert new_tokens == usage.prefill_tokens < 40  # the new user message, not the history
+            assert plain_end.usage.prefill_tokens == plain_end.usage.prompt_tokens
+            previous_prompt = usage.prompt_tokens
             messages.append({"role": "assistant", "content": text})
     finally:
         fresh.close()
@@ -159,8 +161,8 @@ def test_an_edited_history_rewinds_the_cached_state_to_the_common_prefix(engine)
     _, end, _ = run(engine, {"kind": "chat", "messages": edited, "session_id": "conv-edit",
                              "generation": {"max_new_tokens": 6, "temperature": 0.0}})
     prefix = engine.model.template.render(base, add_generation_prompt=True)
-    assert end["cache"] == "hit"
-    assert end["usage"]["cached_tokens"] >= len(prefix)
+    assert end.cache == "hit"
+    assert end.usage.cached_tokens >= len(prefix)
 
 
 def test_an_overlong_conversation_is_kept_going_by_the_window_and_reports_evictions(engine):
@@ -170,24 +172,35 @@ def test_an_overlong_conversation_is_kept_going_by_the_window_and_reports_evicti
         messages.append({"role": "user", "content": f"message number {turn} with some padding words"})
         text, end, _ = run(engine, {"kind": "chat", "messages": messages, "session_id": "conv-long",
                                     "generation": {"max_new_tokens": 8, "temperature": 0.0}})
-        assert end["type"] == "end"
-        evicted.append(end["usage"]["evicted_tokens"])
+        assert isinstance(end, Finished)
+        evicted.append(end.usage.evicted_tokens)
         messages.append({"role": "assistant", "content": text})
-    assert end["usage"]["prompt_tokens"] > 3 * engine.model.memory.capacity
+    assert end.usage.prompt_tokens > 3 * engine.model.memory.capacity
     assert evicted[-1] > 0 and evicted == sorted(evicted)
-    assert end["cache"] == "hit" and end["usage"]["prefill_tokens"] < 50
+    assert end.cache == "hit" and end.usage.prefill_tokens < 50
 
 
 def test_the_full_policy_rejects_an_overflow_up_front_with_a_400(engine):
     _, end, _ = run(engine, completion("x" * 200, 8, memory={"policy": "full"}))
-    assert end["type"] == "error" and end["status"] == 400 and end["code"] == "context_length_exceeded"
+    assert isinstance(end, Failed) and end.status == 400 and end.code == "context_length_exceeded"
 
 
 def test_a_per_request_window_is_validated_against_the_model(engine):
     _, end, _ = run(engine, completion("hello", 4, memory={"policy": "sink", "window": 10**6}))
-    assert end["type"] == "error" and end["status"] == 400
+    assert isinstance(end, Failed) and end.status == 400 and end.param == "window"
     _, end, _ = run(engine, completion("y" * 100, 4, memory={"policy": "sink", "window": 16, "sinks": 2}))
-    assert end["type"] == "end" and end["usage"]["evicted_tokens"] > 0
+    assert isinstance(end, Finished) and end.usage.evicted_tokens > 0
+
+
+def test_a_request_that_sets_only_sinks_gets_the_window_re_derived(engine):
+    """The model's window (60) + 100 sinks does not fit its 128-token context: the window shrinks to
+    what fits instead of the request being refused."""
+    b = engine.model.generator.backend
+    assert engine.model.memory.window + 100 > b.max_seq_len
+    job = engine.prepare(completion("z", 2, memory={"sinks": 100}), emit=lambda events: None)
+    assert (job.memory.policy, job.memory.sinks, job.memory.window) == ("sink", 100, b.max_seq_len - 100)
+    _, end, _ = run(engine, completion("z" * 150, 4, memory={"sinks": 100}))
+    assert isinstance(end, Finished) and end.usage.evicted_tokens > 0
 
 
 def test_a_cancelled_request_leaves_the_batch(engine):
@@ -212,8 +225,8 @@ def test_a_full_queue_answers_429(export_dir):
             return await asyncio.gather(*[collect(eng, completion("q", 30)) for _ in range(6)])
 
         ends = [r[1] for r in asyncio.run(main())]
-        assert any(e["type"] == "error" and e["status"] == 429 for e in ends)
-        assert any(e["type"] == "end" for e in ends)
+        assert any(isinstance(e, Failed) and e.status == 429 for e in ends)
+        assert any(isinstance(e, Finished) for e in ends)
     finally:
         eng.close()
 
@@ -225,20 +238,21 @@ def test_batching_off_runs_one_sequence_at_a_time(export_dir):
             return await asyncio.gather(*[collect(eng, completion(f"p{i}", 6)) for i in range(4)])
 
         for _, end, events in asyncio.run(main()):
-            assert end["type"] == "end"
-            assert all(ev["batch"] == 1 for ev in events if ev["type"] == "delta")
+            assert isinstance(end, Finished)
+            assert all(ev.batch == 1 for ev in events if isinstance(ev, Delta))
     finally:
         eng.close()
 
 
 def test_a_checkpoint_directory_falls_back_to_pytorch(tiny_checkpoint):
-    model = load_model(EngineConfig(model=str(tiny_checkpoint)))
+    model = load_served_model(EngineConfig(model=str(tiny_checkpoint)))
     assert model.kind == "torch"
 
 
 def test_the_server_upgrades_a_full_policy_model_to_a_window_unless_told(export_dir):
-    assert load_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(policy="full"))).memory.policy == "full"
-    window = load_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(window=32, sinks=2))).memory
+    full = load_served_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(policy="full")))
+    assert full.memory.policy == "full"
+    window = load_served_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(window=32, sinks=2))).memory
     assert (window.policy, window.window, window.sinks) == ("sink", 32, 2)
 
 
@@ -256,6 +270,22 @@ def test_session_cache_is_lru_bounded_in_entries_and_bytes():
     assert len(cache) == 1 and cache.nbytes == 95
     cache.put("e", item(101))  # larger than the whole cache: not kept
     assert cache.take("e") is None
+
+
+def test_swapping_a_model_out_drops_only_its_conversation_states():
+    from ctxmem.serving.metrics import Registry
+    from ctxmem.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(EngineConfig(model="unused"), Registry())
+    try:
+        scheduler.cache.put("old-1", CachedConversation("old", None, [], None, 10))
+        scheduler.cache.put("new-1", CachedConversation("new", None, [], None, 20))
+        scheduler.cache.put("old-2", CachedConversation("old", None, [], None, 30))
+        scheduler.drop_version("old")
+        assert len(scheduler.cache) == 1 and scheduler.cache.nbytes == 20
+        assert scheduler.cache.take("new-1").version == "new"
+    finally:
+        scheduler.stop()
 
 
 def test_common_prefix():
@@ -308,7 +338,7 @@ def test_reconfigure_to_another_model_rolls_over_while_a_request_is_in_flight(ex
 
         info, end = asyncio.run(main())
         assert info["changed"] is True and info["kind"] == "torch"
-        assert end["type"] == "end" and end["usage"]["completion_tokens"] == 300
-        assert run(eng, completion("after", 3))[1]["type"] == "end"
+        assert isinstance(end, Finished) and end.usage.completion_tokens == 300
+        assert isinstance(run(eng, completion("after", 3))[1], Finished)
     finally:
         eng.close()

@@ -1,0 +1,119 @@
+"""Conversation KV reuse: an engine replica keeps the KV state of recent conversations, so a turn
+that extends one prefills only its new tokens.
+
+`SessionCache` is a bounded LRU of `CachedConversation`s; `reuse` advances a cached state to the
+longest common prefix with a new prompt (`rewind`ing what diverged, as long as those tokens are still
+in the window). The cache is an accelerator only: a miss rebuilds the state from the prompt.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ctxmem.memory import ContextMemory, MemoryConfig, MemoryState
+
+
+def past_nbytes(past: Any) -> int:
+    if past is None:
+        return 0
+    return int(sum(k.nbytes + v.nbytes for k, v in past))  # numpy arrays and torch tensors alike
+
+
+@dataclass
+class CachedConversation:
+    version: str  # the model it was computed with
+    memory: MemoryConfig
+    history: list[int]  # every token fed into `state`, in order
+    state: MemoryState  # batch of 1
+    nbytes: int
+
+
+class SessionCache:
+    """LRU of conversation states, bounded in entries and bytes. `take` removes the entry: one
+    request owns a state at a time, and puts it back (extended) when it finishes."""
+
+    def __init__(self, max_bytes: int, max_entries: int):
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self._items: OrderedDict[str, CachedConversation] = OrderedDict()
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self, sid: str) -> CachedConversation | None:
+        with self._lock:
+            item = self._items.pop(sid, None)
+            if item is not None:
+                self.nbytes -= item.nbytes
+            return item
+
+    def put(self, sid: str, item: CachedConversation) -> None:
+        with self._lock:
+            old = self._items.pop(sid, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            if item.nbytes > self.max_bytes or self.max_entries == 0:
+                return
+            self._items[sid] = item
+            self.nbytes += item.nbytes
+            while self._items and (self.nbytes > self.max_bytes or len(self._items) > self.max_entries):
+                _, dropped = self._items.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+
+    def drop_version(self, version: str) -> int:
+        """Forget the states computed with model `version` (swapped out); returns how many went."""
+        with self._lock:
+            stale = [sid for sid, item in self._items.items() if item.version == version]
+            for sid in stale:
+                self.nbytes -= self._items.pop(sid).nbytes
+            return len(stale)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if len(diff) else n
+
+
+def rewind(memory: ContextMemory, state: MemoryState, n: int) -> MemoryState:
+    """Forget the last n tokens of a one-row state (mask their slots out, drop the columns). The caller
+    checks they are still in the cache - the sink window only ever evicts from the middle."""
+    mask = state.mask.copy()
+    valid = np.flatnonzero(mask[0])
+    mask[0, valid[len(valid) - n:]] = False
+    return memory.compact(MemoryState(state.past, mask, state.tokens, state.evicted.copy(), state.seen - n))
+
+
+def reuse(entry: CachedConversation, prompt: list[int], memory: ContextMemory) -> tuple[MemoryState, int] | None:
+    """The cached state advanced to the longest common prefix with `prompt`, and that prefix's length;
+    None when nothing can be reused. At least one prompt token is always left to feed (its logits start
+    the reply), so a repeated prompt rewinds one token."""
+    state, history = entry.state, entry.history
+    if int(state.seen[0]) != len(history):
+        return None  # bookkeeping mismatch: never guess, rebuild
+    p = min(common_prefix(history, prompt), len(prompt) - 1)
+    if p <= 0:
+        return None
+    back = len(history) - p
+    if back:
+        kept = int(state.lengths()[0])
+        evicted = int(state.seen[0]) > kept
+        # with evictions the cache holds [sinks | recent tail]; only the tail can be rewound
+        protected = memory.config.sinks if evicted and memory.config.policy == "sink" else 0
+        if back > kept - protected:
+            return None
+        state = rewind(memory, state, back)
+    return state, p
