@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 ATTRIBUTES = ("code", "number", "pin", "key", "password", "ticket", "label", "price")
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "grey", "brown", "pink",
@@ -96,22 +97,26 @@ class FactGenerator:
         """About `chars` characters (at least one sentence) of plain filler sentences."""
         sentences, size = [], 0
         while not sentences or size < chars:
-            s = f"{self.rng.choice(_FILLER_SUBJECTS)} {self.rng.choice(_FILLER_VERBS)} {self.rng.choice(_FILLER_OBJECTS)}."
+            words = (self.rng.choice(_FILLER_SUBJECTS), self.rng.choice(_FILLER_VERBS), self.rng.choice(_FILLER_OBJECTS))
+            s = " ".join(words) + "."
             sentences.append(s[0].upper() + s[1:])
             size += len(s) + 1
         return " ".join(sentences)
 
-    def document(self, n_facts: int = 4, questions: int | None = None, max_gap_chars: int = 300) -> str:
+    def document(self, n_facts: int = 4, questions: int | None = None, max_gap_chars: int = 300,
+                 filler: Callable[[int], str] | None = None) -> str:
         """A training document: facts stated among filler, then questions about them (in another
         order) answered, with filler between - so facts and their questions lie at varied distances.
-        Keep `max_gap_chars` x (facts + questions) within the training context for in-window recall."""
+        Keep `max_gap_chars` x (facts + questions) within the training context for in-window recall.
+        filler(chars) -> text gives the filler (default: this generator's filler sentences)."""
+        filler = filler or self.filler
         facts = self.facts(n_facts)
         asked = self.rng.sample(facts, n_facts if questions is None else min(questions, n_facts))
         parts = []
         for fact in facts:
-            parts.append(self.filler(self.rng.randint(0, max_gap_chars)))
+            parts.append(filler(self.rng.randint(0, max_gap_chars)))
             parts.append(fact.statement)
         for fact in asked:
-            parts.append(self.filler(self.rng.randint(0, max_gap_chars)))
+            parts.append(filler(self.rng.randint(0, max_gap_chars)))
             parts.append(fact.qa)
         return " ".join(p for p in parts if p)

@@ -34,7 +34,9 @@ def register(subparsers) -> None:
                     "train/validation token shards, meta.json and tokenizer.json to --out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="corpora: chatterbot (English dialogues, the default), chatterbot:LANG[,LANG] or chatterbot:all, "
-               "stdlib (Python's standard library sources), or paths to .txt/.md/.py files, .jsonl files "
+               "stdlib (Python's standard library sources), recall[:FRACTION|:N] (synthetic key-value recall "
+               "documents: FRACTION of the mix, default 0.1, or N documents alone), "
+               "or paths to .txt/.md/.py files, .jsonl files "
                "({\"text\": ...} or {\"messages\": [...]} per line), chatterbot-style .yml, or folders of them.")
     prep.add_argument("--corpus", nargs="+", default=None, metavar="NAME_OR_PATH",
                       help="corpora to read (default: chatterbot)")

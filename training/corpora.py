@@ -8,6 +8,13 @@ Embedded corpora (no download: they are Python packages or Python itself)
                                        multi-turn dialogues in ~25 languages; default English.
     stdlib                             the .py sources of the running Python's standard library
                                        (PSF licence): a large plain-text stream.
+Synthetic
+    recall[:FRACTION|:DOCUMENTS]       key-value recall documents (ctxmem.recall_facts): facts such
+                                       as "The code of the blue door is 4812." among filler, then
+                                       questions about them with their answers. Mixed with other
+                                       corpora it makes FRACTION of the characters (default 0.1) and
+                                       takes its filler from their text; alone, or as recall:N, it
+                                       writes N documents (default 2000) with synthetic filler.
 Paths
     FILE.txt / .md / .rst / .py / ...  one document per file (UTF-8)
     FILE.jsonl                         one document per line: {"text": ...} or {"messages": [...]}
@@ -17,27 +24,39 @@ Paths
 from __future__ import annotations
 
 import json
+import random
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
+
+from ctxmem.recall_facts import FactGenerator
 
 from .errors import DataError
 
 Document = Union[str, list[dict]]
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 STRUCTURED_SUFFIXES = (".jsonl", ".yml", ".yaml")
-EMBEDDED = ("chatterbot", "stdlib")
+EMBEDDED = ("chatterbot", "stdlib", "recall")
 DEFAULT_CORPUS = "chatterbot"
+RECALL_FRACTION = 0.1  # `recall` mixed into other corpora: its share of the characters
+RECALL_DOCUMENTS = 2000  # `recall` alone: documents written
+RECALL_FACTS = 3  # facts (and questions) per recall document
+# filler between a fact and its question: at most this many characters per gap, so with 3 facts most
+# questions come within ~400 characters of their fact - inside a small model's training context
+RECALL_GAP_CHARS = 100
+RECALL_FILLER_POOL = 2_000_000  # characters of the other corpora sampled for filler
 
 
 @dataclass(frozen=True)
 class Corpus:
     spec: str  # what the user typed
-    name: str  # "chatterbot", "stdlib" or "path"
+    name: str  # "chatterbot", "stdlib", "recall" or "path"
     files: tuple[Path, ...]
     license: str
+    fraction: float | None = None  # recall: share of the mix's characters (None: the default)
+    documents: int | None = None  # recall: documents to write (None: sized by the fraction)
 
 
 def resolve(spec: str) -> Corpus:
@@ -47,6 +66,8 @@ def resolve(spec: str) -> Corpus:
         return _chatterbot(spec, arg)
     if name == "stdlib" and not arg and not Path(spec).exists():
         return _stdlib(spec)
+    if name == "recall" and not Path(spec).exists():
+        return _recall(spec, arg)
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"corpus {spec!r} is neither an existing file or folder nor an embedded corpus "
@@ -86,6 +107,79 @@ def _stdlib(spec: str) -> Corpus:
     files = tuple(sorted(p for p in root.rglob("*.py")
                          if not skip.intersection(p.relative_to(root).parts)))
     return Corpus(spec, "stdlib", files, "PSF-2.0 (Python standard library)")
+
+
+def _recall(spec: str, arg: str) -> Corpus:
+    if not arg:
+        return Corpus(spec, "recall", (), "synthetic (ctxmem)")
+    try:
+        number = float(arg)
+    except ValueError:
+        number = None
+    if number is not None and 0.0 < number < 1.0:
+        return Corpus(spec, "recall", (), "synthetic (ctxmem)", fraction=number)
+    if number is not None and number >= 1 and number == int(number) and "." not in arg:
+        return Corpus(spec, "recall", (), "synthetic (ctxmem)", documents=int(number))
+    raise DataError(f"corpus {spec!r}: recall takes a fraction of the mix in (0, 1) (recall:0.2) or a number "
+                    f"of documents (recall:500), got {arg!r}")
+
+
+def recall_documents(corpus: Corpus, others: list[Document], seed: int = 0) -> list[str]:
+    """The documents of a `recall` corpus, sized against `others` (the other corpora's documents,
+    whose text also gives the filler; synthetic filler when there are none)."""
+    gen = FactGenerator(seed)
+    pool = _filler_pool(others, seed)
+    filler = (lambda chars: _pool_slice(pool, chars, gen.rng)) if pool else None
+    if corpus.documents is not None or not others:
+        if corpus.fraction is not None:
+            raise DataError(f"corpus {corpus.spec!r}: a fraction needs other corpora to mix into (e.g. "
+                            f"--corpus chatterbot {corpus.spec}); alone, give a number of documents (recall:500)")
+        count = corpus.documents or RECALL_DOCUMENTS
+        return [gen.document(RECALL_FACTS, max_gap_chars=RECALL_GAP_CHARS, filler=filler) for _ in range(count)]
+    fraction = corpus.fraction or RECALL_FRACTION
+    target = fraction / (1.0 - fraction) * sum(_chars(d) for d in others)
+    docs, size = [], 0
+    while size < target:
+        docs.append(gen.document(RECALL_FACTS, max_gap_chars=RECALL_GAP_CHARS, filler=filler))
+        size += len(docs[-1])
+    return docs
+
+
+def add_recall(sources: list[Corpus], documents: list[Document], seed: int = 0) -> list[dict[str, Any]]:
+    """Append the documents of every `recall` source (generated after the others were read, so they
+    can be sized against them) to `documents`; returns their meta.json entries."""
+    meta = []
+    others = list(documents)
+    for corpus in sources:
+        if corpus.name == "recall":
+            docs = recall_documents(corpus, others, seed)
+            documents.extend(docs)
+            meta.append({"spec": corpus.spec, "kind": "recall", "license": corpus.license, "files": 0,
+                         "documents": len(docs)})
+    return meta
+
+
+def _chars(doc: Document) -> int:
+    return len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
+
+
+def _filler_pool(documents: list[Document], seed: int) -> str:
+    """Up to RECALL_FILLER_POOL characters of the documents' text (plain text and message contents)."""
+    texts = [t for d in documents for t in ([d] if isinstance(d, str) else [m["content"] for m in d])]
+    random.Random(seed).shuffle(texts)
+    pool, size = [], 0
+    for text in texts:
+        if size >= RECALL_FILLER_POOL:
+            break
+        pool.append(text)
+        size += len(text) + 1
+    return " ".join(pool)
+
+
+def _pool_slice(pool: str, chars: int, rng: random.Random) -> str:
+    chars = min(chars, len(pool))
+    start = rng.randint(0, len(pool) - chars)
+    return pool[start:start + chars].strip()
 
 
 def read_file(path: Path, conversations_only: bool = False) -> Iterator[Document]:

@@ -77,6 +77,8 @@ def prepare(specs: list[str], out: str | Path, tokenizer: str = "byte", vocab_si
     corpus_meta = []
     bar = tqdm(total=sum(len(c.files) for c in sources), desc="reading", unit="file", disable=not progress)
     for corpus in sources:
+        if corpus.name == "recall":
+            continue  # synthetic: generated below, sized against the corpora read here
         before = len(documents)
         for path in corpus.files:
             documents.extend(corpora.read_file(path, conversations_only=corpus.name == "chatterbot"))
@@ -87,6 +89,7 @@ def prepare(specs: list[str], out: str | Path, tokenizer: str = "byte", vocab_si
         corpus_meta.append({"spec": corpus.spec, "kind": corpus.name, "license": corpus.license,
                             "files": len(corpus.files), "documents": len(documents) - before})
     bar.close()
+    corpus_meta += corpora.add_recall(sources, documents, seed)
 
     tok = _make_tokenizer(tokenizer, vocab_size, documents, progress)
     from ctxmem.chat_template import ChatTemplate
