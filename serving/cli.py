@@ -70,7 +70,7 @@ def serve_args(args: argparse.Namespace):
 def _tracking_uri(args: argparse.Namespace) -> str | None:
     if not args.model.startswith(("models:/", "runs:/")):
         return args.tracking_uri
-    from ctxmem.export.registry import default_tracking_uri
+    from ctxmem.paths import default_tracking_uri
 
     return default_tracking_uri(args.tracking_uri)  # absolute: replicas may not share this cwd
 

@@ -3,14 +3,18 @@ infra/serve.yaml - whose model, models:/ctxmem@champion, is resolved through a r
 (SQLite store) holding the tiny export. Only the store, port, conversation store, API key and CPU
 fractions are patched. Covered: the official openai client, a 40-turn conversation past the window,
 a killed engine replica, a malformed-request battery, 32 concurrent streams, metrics, and promoting
-a new champion under load.
+a new champion under load. The serving README's commands run here as written (`serve run`, both
+`ctxmem serve` lines, the reload `curl`, the Python example), with only the flags that point them at
+this test's cluster, port, registry and stores added.
 
 Nothing asserts on wall-clock time: KV reuse shows as prefill token counts and cache hits.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,8 +32,23 @@ from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, malformed_r
 
 from ctxmem.net import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # every test here runs against the module's Ray cluster
 NAME = "ctxmem"  # derived from models:/ctxmem@champion
+README = REPO / "serving" / "README.md"
+
+
+def readme_commands(program: str) -> list[str]:
+    """The command lines of the serving README's bash blocks that start with `program` (after any
+    VAR=value assignments), comments removed."""
+    text = README.read_text()
+    lines = []
+    for block in text.split("```bash\n")[1:]:
+        for line in block.split("```", 1)[0].splitlines():
+            words = [w for w in shlex.split(line, comments=True) if "=" not in w or w.startswith("-")]
+            if words and words[0] == program:
+                lines.append(line.split("  #", 1)[0].strip())
+    assert lines, f"no `{program}` command in {README}"
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +77,16 @@ def server(tiny_export, registry, tmp_path_factory):  # noqa: F811
         "api_keys": [API_KEY], "max_tokens_limit": 512, "session_store": f"sqlite:///{tmp}/sessions.sqlite",
         "engine": {"tracking_uri": registry["uri"]}})
     log = open(tmp / "serve-run.log", "wb")
+    # the README's `RAY_AUTH_MODE=token serve run infra/serve.yaml`, on the patched copy of the YAML and
+    # joining this test's cluster (-a)
+    (command,) = readme_commands("serve")
+    words = shlex.split(command)
+    assignments = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    argv = [w for w in words if w not in [f"{k}={v}" for k, v in assignments.items()]]
+    assert argv == ["serve", "run", "infra/serve.yaml"] and assignments == {"RAY_AUTH_MODE": "token"}, command
     serve_cli = Path(sys.executable).parent / "serve"
-    cli_env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60's CLI needs it against a token-auth cluster
     proc = subprocess.Popen([str(serve_cli), "run", "-a", ctx.address_info["gcs_address"], str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env=cli_env)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **assignments})
     url = f"http://127.0.0.1:{port}"
     try:
         health = wait_healthy(url, timeout=180, proc=proc)
@@ -202,7 +227,12 @@ def test_promoting_a_new_champion_rolls_the_replicas_over_without_dropping_a_str
     from ctxmem.export.registry import CHAMPION, promote, register_export
 
     url, uri = server["url"], server["registry"]["uri"]
-    assert httpx.post(url + "/admin/reload", headers=AUTH, timeout=120).json()["replicas"][0]["changed"] is False
+    # the README's reload command, as written but for the port
+    (curl,) = readme_commands("curl")
+    done = subprocess.run(["bash", "-c", curl.replace("http://127.0.0.1:8000", url) + " --silent --show-error"],
+                          env={**os.environ, "KEY": API_KEY}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["replicas"][0]["changed"] is False
     before = httpx.get(url + "/health").json()["engine"]["path"]
     version = register_export(tiny_export, NAME, tracking_uri=uri)["version"]
     promote(NAME, CHAMPION, version=version, tracking_uri=uri, force=True,
@@ -279,22 +309,38 @@ def test_the_readme_python_example_runs(server, capsys):
     assert capsys.readouterr().out
 
 
-def test_ctxmem_serve_runs_the_same_application_beside_it(server, tiny_export, tmp_path):  # noqa: F811
-    """`ctxmem serve` joins the running cluster and adds its application under a route prefix."""
+@pytest.mark.parametrize("index", range(len(readme_commands("ctxmem"))))
+def test_the_readme_ctxmem_serve_commands_run_beside_the_yaml_application(server, tiny_export, tmp_path, index):  # noqa: F811,E501
+    """Each `ctxmem serve` line of the README, as written, plus flags that join the running cluster on
+    its port and add the application under a route prefix of its own (conversations in tmp)."""
     import ray
 
+    command = readme_commands("ctxmem")[index]
+    argv = [str(tiny_export) if w == "path/to/export" else w for w in shlex.split(command)]
+    assert argv[:2] == ["ctxmem", "serve"], command
     port = int(server["url"].rsplit(":", 1)[1])
-    cmd = [str(Path(sys.executable).parent / "ctxmem"), "serve", "--model", str(tiny_export), "--port", str(port),
-           "--address", ray.get_runtime_context().gcs_address, "--app-name", "cli", "--route-prefix", "/cli",
-           "--engine-cpus", "0.25", "--api-key", "cli-key", "--session-store", f"sqlite:///{tmp_path}/cli.sqlite"]
+    app = f"readme{index}"
+    argv = [str(Path(sys.executable).parent / "ctxmem"), *argv[1:], "--port", str(port),
+            "--address", ray.get_runtime_context().gcs_address, "--app-name", app, "--route-prefix", f"/{app}",
+            "--session-store", f"sqlite:///{tmp_path}/sessions.sqlite"]
+    key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": server["registry"]["uri"]}
+    env.pop("CTXMEM_API_KEYS", None)
     log = open(tmp_path / "cli.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        url = server["url"] + "/cli"
-        health = wait_healthy(url, timeout=120, proc=proc)
-        assert health["model"] == tiny_export.name and health["engine"]["path"] == str(tiny_export)
-        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer cli-key"}, timeout=60,
-                       json={"model": tiny_export.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        url = f"{server['url']}/{app}"
+        health = wait_healthy(url, timeout=180, proc=proc)
+        assert health["engine"]["kind"] == "onnx"
+        if "models:/" in command:  # resolved through the registry ($MLFLOW_TRACKING_URI)
+            assert health["model"] == NAME and health["engine"]["spec"] == "models:/ctxmem@champion"
+        else:
+            assert health["model"] == tiny_export.name and health["engine"]["path"] == str(tiny_export)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if key:
+            assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        r = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=120,
+                       json={"model": health["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     except Exception:
         log.flush()
