@@ -44,6 +44,7 @@ class TorchBackend:
     def forward(self, ids, layout, past, last_only=True):
         """ids (B, T) int64 numpy; layout: ctxmem.layout.AttentionLayout; past None or per-layer (k, v)."""
         t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        layout = layout.trimmed()
         logits, present = self.model(t(ids), positions=t(layout.positions), past=past, use_cache=True,
                                      key_positions=t(layout.key_positions), allowed=t(layout.allowed),
                                      sink_positions=t(layout.sink_positions), sink_keys=t(layout.sink_keys))

@@ -38,6 +38,15 @@ class AttentionLayout:
     sink_positions: np.ndarray | None = None  # (B, T) int64: query rotation positions against sink keys
     sink_keys: np.ndarray | None = None  # (B, S) bool: the slots scored with sink_positions
 
+    def trimmed(self) -> "AttentionLayout":
+        """sink_keys cut to the slots up to the last sink (B, S'), S' <= S: sinks are a stream's first
+        tokens, so they sit in the first few slots and an eager backend scores only those twice."""
+        if self.sink_keys is None:
+            return self
+        span = int(np.flatnonzero(self.sink_keys.any(axis=0)).max(initial=-1)) + 1
+        return AttentionLayout(self.positions, self.key_positions, self.allowed, self.sink_positions,
+                               self.sink_keys[:, :max(span, 1)])
+
     def with_sinks(self) -> "AttentionLayout":
         """The same layout with the sink inputs always present (a graph with fixed inputs needs them)."""
         if self.sink_positions is not None:

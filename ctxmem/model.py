@@ -103,15 +103,20 @@ class Attention(nn.Module):
     @staticmethod
     def _attend_with_sinks(q: torch.Tensor, q_sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            allowed: torch.Tensor, sink_keys: torch.Tensor) -> torch.Tensor:
-        """Explicit softmax attention where sink slots are scored against q_sink, others against q.
-        q, q_sink (B, H, T, D); k, v (B, H, S, D); allowed (B, 1, T, S); sink_keys (B, S) -> (B, H, T, D)."""
+        """Attention where sink slots are scored against q_sink and the others against q: SDPA over q,
+        with the difference on the sink slots added as a bias. Sinks are a stream's first tokens, so
+        they lie among the first S' slots (sink_keys may be cut to those) and only they are scored
+        twice. Measured faster than an explicit softmax, and than one SDPA over [q, q_sink] against
+        [k, 0 | 0, k] (different query and value widths leave the fused kernel).
+        q, q_sink (B, H, T, D); k, v (B, H, S, D); allowed (B, 1, T, S); sink_keys (B, S') -> (B, H, T, D)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
-        ordinary = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, T, S)
-        to_sinks = torch.matmul(q_sink.float(), k.float().transpose(-1, -2))
-        scores = torch.where(sink_keys[:, None, None, :], to_sinks, ordinary) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        return torch.matmul(weights, v.float()).to(v.dtype)
+        span = sink_keys.shape[-1]
+        k_head = k[:, :, :span].transpose(-1, -2)  # (B, H, D, S')
+        fix = (torch.matmul(q_sink, k_head) - torch.matmul(q, k_head)) * scale  # (B, H, T, S')
+        fix = fix.masked_fill(~sink_keys[:, None, None, :], 0.0)  # zero off the sinks
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        bias = torch.cat((bias[..., :span] + fix, bias[..., span:].expand(-1, fix.shape[1], -1, -1)), dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class FeedForward(nn.Module):
