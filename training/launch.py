@@ -1,13 +1,13 @@
 """Launchers: each starts `trainer.train` on every rank; none changes what a rank computes.
 
     in-process   `ctxmem train` with --nproc 1 (the default): this process is rank 0 of 1
-    local        `--nproc N`: N local processes, torchrun-style environment, on 127.0.0.1
+    torchrun     `--nproc N`: N local processes started by torchrun (run in this process), on 127.0.0.1
     DeepSpeed    `--hostfile FILE`: DeepSpeed's multi-node launcher (pdsh/ssh) on the hosts of FILE
     Ray Train    `--ray --num-workers N [--use-gpu]`: `TorchTrainer` on a local or existing Ray cluster
 
 Each process started by a launcher runs `python -m ctxmem.training.worker` with the same config
-and overrides, so every rank resolves the same TrainConfig. (torchrun itself works too, for
-multi-node launches by hand: see training/README.md.)
+and overrides, so every rank resolves the same TrainConfig. (torchrun by hand works too, for
+multi-node launches: see training/README.md.)
 """
 from __future__ import annotations
 
@@ -58,55 +58,46 @@ def _run(cmd: list[str]) -> int:
             signal.signal(s, handler)
 
 
-def run_local(nproc: int, args: list[str], grace_s: float = 60.0) -> int:
-    """`--nproc N`: N ranks on this machine, torchrun-style (RANK, LOCAL_RANK, WORLD_SIZE,
-    MASTER_ADDR=127.0.0.1, MASTER_PORT in each environment).
+# Seconds torchrun gives the ranks to finish after a signal or a failed rank, before SIGKILL: long
+# enough for every rank to write its checkpoint partition (torchrun's own default is 30 s).
+SHUTDOWN_GRACE_S = 120
 
-    The ranks run in their own session: a signal to this process (Ctrl-C, SIGTERM) is passed to
-    each rank exactly once, so every rank checkpoints and exits (a second signal would abort
-    them). If a rank fails, the others are stopped (SIGTERM, then SIGKILL after `grace_s`)."""
-    import time
 
-    base = _child_env()
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-                LOCAL_WORLD_SIZE=str(nproc))
-    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    procs = [subprocess.Popen([sys.executable, "-m", WORKER, *args], start_new_session=True,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    received: list[int] = []
+def torchrun_args(nproc: int, args: list[str]) -> list[str]:
+    """`torchrun` arguments for N ranks of the worker on this machine, rendezvous on loopback."""
+    return ["--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "0.5",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--module", WORKER, *args]
 
-    def forward(signum, frame):
-        if signum in received:  # a second Ctrl-C: abort without saving
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            return
-        received.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+
+def run_local(nproc: int, args: list[str]) -> int:
+    """`--nproc N`: N ranks on this machine, started and watched by torchrun (`torch.distributed.run`,
+    run in this process).
+
+    torchrun starts each rank in its own session, so a terminal's Ctrl-C reaches this process only
+    and torchrun passes it (or a SIGTERM) to every rank once: each rank finishes its step, saves a
+    checkpoint and exits. If a rank fails, torchrun stops the others (SIGTERM, SIGKILL after
+    SHUTDOWN_GRACE_S). Returns 128 + the signal after a signal, else the first failed rank's code."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # torchrun replaces them
     try:
-        failed_at = None
-        while any(p.poll() is None for p in procs):
-            bad = [p.returncode for p in procs if p.poll() not in (None, 0)]
-            if bad and failed_at is None and not received:
-                failed_at = time.monotonic()  # one rank failed: the others may wait in a collective forever
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.2)
+        run(get_args_parser().parse_args(torchrun_args(nproc, args)))
+        return 0
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # -9: killed by SIGKILL
+        print(f"rank {rank} exited with code {failure.exitcode}; torchrun stopped the other ranks",
+              file=sys.stderr, flush=True)
+        return code
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    codes = [p.returncode for p in procs]
-    if received:
-        return 128 + received[0]
-    return next((c for c in codes if c != 0), 0)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def deepspeed_command(hostfile: str, args: list[str], launcher_args: list[str] | None = None) -> list[str]:
