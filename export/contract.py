@@ -1,32 +1,36 @@
 """The export contract: the one place that says what the ONNX graph takes and gives.
 
 One graph serves prefill and decode. Shapes: B batch, T new tokens, P past (cached) slots,
-M mask length (= P + T), Hkv key/value heads, D head_dim, V vocab, L layers.
+M slots in all (= P + T), Hkv key/value heads, D head_dim, V vocab, L layers.
 
-    inputs   input_ids        int64    (B, T)        the new tokens
-             positions        int64    (B, T)        their positions inside the cache (query rotation)
-             attention_mask   bool     (B, M)        valid slots: the P cached ones, then the T new ones
+    inputs   input_ids        int64    (B, T)         the new tokens
+             positions        int64    (B, T)         query rotation positions (against ordinary keys)
+             key_positions    int64    (B, M)         key rotation positions, cached slots then new ones
+             allowed          bool     (B, T, M)      new token i may read slot j
+             sink_positions   int64    (B, T)         query rotation positions against sink keys
+             sink_keys        bool     (B, M)         slots scored with sink_positions
              past_key_<i>     float    (B, Hkv, P, D) keys of layer i, stored *before* rotation
              past_value_<i>   float    (B, Hkv, P, D)
     outputs  logits           float32  (B, T, V)
              present_key_<i>  float    (B, Hkv, P+T, D)  the cache to feed back next step
              present_value_<i>
 
-Key positions are derived inside the graph from the mask (cumsum - 1), as in ctxmem.model, so
-the sink/window bookkeeping in ctxmem.memory only gathers slots and hands positions over; the
-graph never learns the policy. The mask gets its own dimension M because torch.export cannot
+The attention layout (which slot each token reads, at which rotary positions) is computed by
+ctxmem.layout for every policy, so the graph never learns the policy and the sink window has one
+meaning in PyTorch and ONNX Runtime alike. M has its own dimension because torch.export cannot
 declare a dimension as the sum of two others; ONNX Runtime checks M = P + T at run time.
 P = 0 (the first prefill) is a valid size.
-
-Export-only rewrites live in ``export_patches`` below, never in ctxmem.model.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-INPUT_IDS, POSITIONS, ATTENTION_MASK, LOGITS = "input_ids", "positions", "attention_mask", "logits"
+import numpy as np
+
+INPUT_IDS, POSITIONS, LOGITS = "input_ids", "positions", "logits"
+KEY_POSITIONS, ALLOWED, SINK_POSITIONS, SINK_KEYS = "key_positions", "allowed", "sink_positions", "sink_keys"
+CONTRACT_VERSION = 2  # 2: explicit attention layout (exact sink window); 1 derived positions from a (B, M) mask
 # Names of the dynamic dimensions as they appear in the ONNX graph.
 BATCH, NEW_TOKENS, PAST_LEN, MASK_LEN = "batch", "new_tokens", "past_len", "mask_len"
 CACHE_LAYOUT = "per layer (key, value), each (batch, kv_heads, slots, head_dim); keys stored before rotary embedding"
@@ -76,7 +80,10 @@ class ExportContract:
         cache = (BATCH, self.n_kv_heads, PAST_LEN, self.head_dim)
         return [TensorDecl(INPUT_IDS, "int64", (BATCH, NEW_TOKENS)),
                 TensorDecl(POSITIONS, "int64", (BATCH, NEW_TOKENS)),
-                TensorDecl(ATTENTION_MASK, "bool", (BATCH, MASK_LEN)),
+                TensorDecl(KEY_POSITIONS, "int64", (BATCH, MASK_LEN)),
+                TensorDecl(ALLOWED, "bool", (BATCH, NEW_TOKENS, MASK_LEN)),
+                TensorDecl(SINK_POSITIONS, "int64", (BATCH, NEW_TOKENS)),
+                TensorDecl(SINK_KEYS, "bool", (BATCH, MASK_LEN)),
                 *(TensorDecl(n, self.cache_dtype, cache) for n in past_names(self.n_layers))]
 
     def outputs(self) -> list[TensorDecl]:
@@ -100,7 +107,7 @@ class ExportContract:
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
                 "vocab_size": self.vocab_size, "cache_dtype": self.cache_dtype, "cache_layout": CACHE_LAYOUT,
-                "keys_before_rotation": True, "key_positions": "cumsum(attention_mask) - 1",
+                "keys_before_rotation": True, "version": CONTRACT_VERSION, "layout": "ctxmem.layout",
                 "inputs": [t.to_dict() for t in self.inputs()], "outputs": [t.to_dict() for t in self.outputs()]}
 
     @classmethod
@@ -116,21 +123,29 @@ class ExportContract:
         batch, new, past, mask = Dim(BATCH), Dim(NEW_TOKENS), Dim(PAST_LEN), Dim(MASK_LEN)
         cache = {0: batch, 2: past}
         return {"input_ids": {0: batch, 1: new}, "positions": {0: batch, 1: new},
-                "attention_mask": {0: batch, 1: mask}, "past": [(cache, cache) for _ in range(self.n_layers)]}
+                "key_positions": {0: batch, 1: mask}, "allowed": {0: batch, 1: new, 2: mask},
+                "sink_positions": {0: batch, 1: new}, "sink_keys": {0: batch, 1: mask},
+                "past": [(cache, cache) for _ in range(self.n_layers)]}
 
     def example_inputs(self, batch: int = EXAMPLE_BATCH, new: int = EXAMPLE_NEW, past: int = EXAMPLE_PAST):
-        """(input_ids, positions, attention_mask, past) torch tensors to trace with."""
+        """The arguments of ExportWrapper.forward as torch tensors to trace with: a layout where sinks
+        are scored apart, so the traced graph holds both scoring paths."""
         import torch
+
+        from ctxmem.layout import build_layout
 
         gen = torch.Generator().manual_seed(0)
         dtype = getattr(torch, self.cache_dtype)
         ids = torch.randint(0, self.vocab_size, (batch, new), generator=gen)
-        positions = torch.arange(past, past + new).expand(batch, new).contiguous()
-        mask = torch.ones(batch, past + new, dtype=torch.bool)
+        stream = np.broadcast_to(np.arange(past + new) + 40, (batch, past + new)).copy()
+        stream[:, :2] = (0, 1)  # two sinks, then a stream far past them
+        layout = build_layout(stream, np.ones((batch, past + new), bool), new, sinks=2, window=past).with_sinks()
+        t = torch.from_numpy
         shape = (batch, self.n_kv_heads, past, self.head_dim)
         cache = [(torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
                  for _ in range(self.n_layers)]
-        return ids, positions, mask, cache
+        return (ids, t(layout.positions), t(layout.key_positions), t(layout.allowed), t(layout.sink_positions),
+                t(layout.sink_keys), cache)
 
 
 def wrap_for_export(model):
@@ -142,38 +157,10 @@ def wrap_for_export(model):
             super().__init__()
             self.model = inner
 
-        def forward(self, input_ids, positions, attention_mask, past):
-            logits, presents = self.model(input_ids, positions=positions, attention_mask=attention_mask,
-                                          past=[tuple(kv) for kv in past], use_cache=True)
+        def forward(self, input_ids, positions, key_positions, allowed, sink_positions, sink_keys, past):
+            logits, presents = self.model(input_ids, positions=positions, past=[tuple(kv) for kv in past],
+                                          use_cache=True, key_positions=key_positions, allowed=allowed,
+                                          sink_positions=sink_positions, sink_keys=sink_keys)
             return (logits.float(), *(t for kv in presents for t in kv))
 
     return ExportWrapper(model).eval()
-
-
-# ---- export-only rewrites --------------------------------------------------------------------
-def _attention_allowed_exportable(mask, n_new: int):
-    """ctxmem.model.attention_allowed without the slice `slots[S - T:]`, whose length torch.export
-    cannot prove equal to T (it becomes a data-dependent size); the query slots are built as
-    arange(T) + (S - T) instead. Same values: tests/test_export_contract.py checks it."""
-    import torch
-
-    S = mask.shape[1]
-    slots = torch.arange(S, device=mask.device)
-    q_slots = torch.arange(n_new, device=mask.device) + (S - n_new)  # (T,)
-    causal = slots[None, :] <= q_slots[:, None]  # (T, S)
-    allowed = causal[None] & mask.bool()[:, None, :]  # (B, T, S)
-    allowed = allowed | (slots[None, :] == q_slots[:, None])[None]  # a token always reads its own slot
-    return allowed[:, None]  # (B, 1, T, S)
-
-
-@contextlib.contextmanager
-def export_patches() -> Iterator[None]:
-    """Swap in the exportable equivalents while torch.onnx.export traces, then restore."""
-    import ctxmem.model as model_module
-
-    original = model_module.attention_allowed
-    model_module.attention_allowed = _attention_allowed_exportable
-    try:
-        yield
-    finally:
-        model_module.attention_allowed = original

@@ -24,7 +24,7 @@ from typing import Any
 
 from ctxmem.memory import MemoryConfig
 
-from .contract import ExportContract, export_patches, wrap_for_export
+from .contract import ExportContract, wrap_for_export
 from .errors import ExportError, VerificationError
 from .runtime import DATA_FILE, MODEL_FILE, REPORT_FILE, RUNTIME_CONFIG, TOKENIZER_FILE, RuntimeConfig, file_sha256
 
@@ -134,14 +134,16 @@ def derive_variant(fp32_export: str | Path, out_dir: str | Path, variant: str, *
             config.optimization.update(quantization="dynamic int8 (onnxruntime.quantization.quantize_dynamic)",
                                        quantized_ops=["MatMul"], weight_type="QInt8", per_channel=False)
         elif variant == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
+            from .fp16 import convert_keeping_angles_fp32
 
-            # logits stay float32 for the shared sampler; the cache becomes float16 (half the memory)
-            half = convert_float_to_float16(onnx.load(str(src / MODEL_FILE)), keep_io_types=["logits"])
+            # logits stay float32 for the shared sampler; the cache becomes float16 (half the memory);
+            # rotary angles stay float32 (export/fp16.py)
+            half, kept_fp32 = convert_keeping_angles_fp32(onnx.load(str(src / MODEL_FILE)))
             onnx.save_model(half, str(work / MODEL_FILE), save_as_external_data=True, location=DATA_FILE,
                             size_threshold=1024)
             config.contract = ExportContract.from_dict({**config.contract, "cache_dtype": "float16"}).to_dict()
-            config.optimization.update(conversion="float16 (onnxruntime.transformers.float16), logits kept float32")
+            config.optimization.update(conversion="float16 (onnxruntime.transformers.float16), logits kept float32",
+                                       fp32_nodes=f"{len(kept_fp32)} rotary-angle nodes (positions to Cos/Sin)")
         else:
             raise ExportError(f"unknown variant {variant!r}; choose int8 or fp16")
         optimize_offline(work / MODEL_FILE, out, OFFLINE_LEVEL, config)
@@ -160,7 +162,7 @@ def trace(model, contract: ExportContract, out_dir: Path, opset: int) -> Path:
     path = out_dir / MODEL_FILE
     wrapper = wrap_for_export(model)
     try:
-        with export_patches(), torch.no_grad(), _quiet_exporter():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 wrapper, contract.example_inputs(), dynamic_shapes=contract.dynamic_shapes(),
                 input_names=contract.input_names, output_names=contract.output_names,

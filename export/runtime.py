@@ -10,28 +10,34 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ctxmem.config import ConfigError, ModelConfig
 from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
 
-from .contract import ATTENTION_MASK, INPUT_IDS, POSITIONS, ExportContract, past_names
-from .errors import ExportModelError, OutputNameError, ProviderError, RuntimeConfigError
+from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, POSITIONS, SINK_KEYS, SINK_POSITIONS, ExportContract,
+                       past_names)
+from .errors import ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError
+from .providers import choose_provider, is_auto, ort_name
 
 log = logging.getLogger(__name__)
 
 RUNTIME_CONFIG = "runtime_config.json"
 MODEL_FILE, DATA_FILE, TOKENIZER_FILE, REPORT_FILE = "model.onnx", "model.onnx.data", "tokenizer.json", "verification.json"
 FORMAT, FORMAT_VERSION = "ctxmem-onnx-export", 1
-VARIANTS = ("fp32", "int8", "fp16")
 _RERUN = "re-run `ctxmem export --model CHECKPOINT --out {dir}`"
 
 
-@dataclass
+# Validated by pydantic (a pydantic dataclass, not a BaseModel: BaseModel reserves the name
+# `model_config`, which is this class's typed view of the `model` section). Strict: a JSON value of
+# the wrong type is refused, not coerced; unknown keys are refused.
+@pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True))
 class RuntimeConfig:
     """Everything serving needs besides the graph and the tokenizer (runtime_config.json)."""
 
@@ -39,7 +45,7 @@ class RuntimeConfig:
     contract: dict[str, Any]  # ExportContract.to_dict(): names, dims, dtypes, cache layout
     memory: dict[str, Any]  # the resolved MemoryConfig serving starts with (policy, window, sinks, chunk)
     opset: int
-    variant: str = "fp32"  # fp32 | int8 (dynamic quantisation, CPU) | fp16 (GPU)
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"  # int8: dynamic quantisation (CPU); fp16: GPU
     generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig defaults
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids, stop ids, text -> id
     chat_template: dict[str, Any] = field(default_factory=dict)  # style, role tokens, stop strings
@@ -53,14 +59,13 @@ class RuntimeConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        """Checks across fields, after pydantic has checked each field's type."""
         if self.format != FORMAT:
             raise RuntimeConfigError(f"format is {self.format!r}, expected {FORMAT!r}")
         if self.format_version > FORMAT_VERSION:
             raise RuntimeConfigError(f"format_version {self.format_version} is newer than this ctxmem reads "
                                      f"({FORMAT_VERSION}); upgrade ctxmem")
-        if self.variant not in VARIANTS:
-            raise RuntimeConfigError(f"variant {self.variant!r} is not one of {VARIANTS}")
-        if not isinstance(self.opset, int) or self.opset < 18:
+        if self.opset < 18:
             raise RuntimeConfigError(f"opset must be an integer >= 18, got {self.opset!r}")
         try:
             cfg = self.model_config
@@ -89,6 +94,16 @@ class RuntimeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Any) -> "RuntimeConfig":
+        """Validated construction; every problem is a RuntimeConfigError that names the key."""
+        if not isinstance(data, dict):
+            raise RuntimeConfigError(f"must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls(**data)
+        except ValidationError as err:
+            raise RuntimeConfigError(describe_validation_error(err)) from None
+
     def save(self, export_dir: str | Path) -> Path:
         path = Path(export_dir) / RUNTIME_CONFIG
         tmp = path.with_name(path.name + ".tmp")
@@ -113,20 +128,27 @@ class RuntimeConfig:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RuntimeConfigError(f"{path} is not readable JSON ({err}); {rerun}") from None
-        if not isinstance(data, dict):
-            raise RuntimeConfigError(f"{path} must hold a JSON object; {rerun}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
-        if missing:
-            raise RuntimeConfigError(f"{path} lacks {missing}; {rerun}")
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            return cls.from_dict(data)
         except RuntimeConfigError as err:
             raise RuntimeConfigError(f"{path}: {err}; {rerun}") from None
-        except TypeError as err:
-            raise RuntimeConfigError(f"{path} is malformed ({err}); {rerun}") from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """pydantic's errors as one line that names the keys: missing ones first, then unknown ones, then
+    the first value of a wrong type."""
+    problems = err.errors()
+    missing = [".".join(map(str, e["loc"])) for e in problems if e["type"] == "missing"]
+    if missing:
+        return f"lacks {missing}"
+    unknown = [".".join(map(str, e["loc"])) for e in problems if e["type"] == "unexpected_keyword_argument"]
+    if unknown:
+        known = [f.name for f in dataclasses.fields(RuntimeConfig)]
+        return f"has unknown keys {unknown} (known: {', '.join(known)})"
+    first = problems[0]
+    key = ".".join(map(str, first["loc"]))
+    got = repr(first.get("input"))
+    return f"key {key!r}: {first['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -143,26 +165,7 @@ def export_hashes(export_dir: str | Path) -> dict[str, str]:
     return {name: file_sha256(export_dir / name) for name in (MODEL_FILE, DATA_FILE) if (export_dir / name).exists()}
 
 
-# ---- sessions --------------------------------------------------------------------------------
-_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def choose_provider(provider: str | None = None) -> str:
-    """'cuda'/'cpu' or a full ORT provider name; None = CUDA when this onnxruntime has it, else CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider is None:
-        return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
-    name = _PROVIDER_NAMES.get(provider.lower(), provider)
-    if name not in available:
-        extra = " (install onnxruntime-gpu instead of onnxruntime: pip install -e .[export,gpu])" \
-            if name == "CUDAExecutionProvider" else ""
-        raise ProviderError(f"execution provider {provider!r} is not in this onnxruntime build{extra}; "
-                            f"available: {available}")
-    return name
-
-
+# ---- sessions ----------------------------------------------------------------------------------
 def create_session(model_path: str | Path, provider: str | None = None, intra_op_threads: int = 1):
     """An InferenceSession on the chosen provider, logging which one actually runs.
 
@@ -171,7 +174,7 @@ def create_session(model_path: str | Path, provider: str | None = None, intra_op
     import onnxruntime as ort
 
     model_path = Path(model_path)
-    wanted = choose_provider(provider)
+    wanted = ort_name(choose_provider(provider))
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # one thread per replica by default: replicas scale out
     options.inter_op_num_threads = 1
@@ -191,7 +194,7 @@ def create_session(model_path: str | Path, provider: str | None = None, intra_op
     if running != wanted:
         message = (f"asked for {wanted} but ONNX Runtime runs {running} (CUDA/cuDNN libraries missing or "
                    "incompatible; ORT fell back silently)")
-        if provider is not None:
+        if not is_auto(provider):
             raise ProviderError(message)
         log.warning(message)
     log.info("ONNX Runtime %s on %s (intra-op threads: %d) for %s", ort.__version__, running, intra_op_threads,
@@ -237,12 +240,17 @@ class OrtBackend:
         self._cache_dtype = np.dtype(self.contract.cache_dtype)
         self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
 
-    def run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past) -> list[np.ndarray]:
+    def run(self, ids: np.ndarray, layout, past) -> list[np.ndarray]:
         """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...).
-        ids, positions (B, T) int64; mask (B, P+T) bool; past None/[] (P = 0) or per layer (k, v)."""
+        ids (B, T) int64; layout: ctxmem.layout.AttentionLayout over the P+T slots; past None/[]
+        (P = 0) or per layer (k, v)."""
+        layout = layout.with_sinks()  # the graph always takes the sink inputs
         feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
-                POSITIONS: np.ascontiguousarray(positions, dtype=np.int64),
-                ATTENTION_MASK: np.ascontiguousarray(mask, dtype=bool)}
+                POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
+                KEY_POSITIONS: np.ascontiguousarray(layout.key_positions, dtype=np.int64),
+                ALLOWED: np.ascontiguousarray(layout.allowed, dtype=bool),
+                SINK_POSITIONS: np.ascontiguousarray(layout.sink_positions, dtype=np.int64),
+                SINK_KEYS: np.ascontiguousarray(layout.sink_keys, dtype=bool)}
         if past:
             arrays = [a for kv in past for a in kv]
         else:
@@ -251,31 +259,25 @@ class OrtBackend:
         feed.update(zip(self._past_names, arrays))
         return self.session.run(self.output_names, feed)
 
-    def forward(self, ids, positions, mask, past, last_only=True):
-        outs = self.run(ids, positions, mask, past)
+    def forward(self, ids, layout, past, last_only=True):
+        outs = self.run(ids, layout, past)
         logits = outs[0][:, -1] if last_only else outs[0]
         present = list(zip(outs[1::2], outs[2::2]))  # (B, Hkv, S+T, D) per layer
         return np.asarray(logits, dtype=np.float32), present
 
 
-def is_model_uri(spec: str | Path) -> bool:
-    return isinstance(spec, str) and spec.startswith(("models:/", "runs:/"))
-
-
 def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
                         intra_op_threads: int = 1):
-    """A ctxmem Generator over ONNX Runtime: the core's sampler, memory policies and loop.
-
-    ``export_dir`` may also be a `models:/NAME@ALIAS` or `runs:/ID/PATH` URI (downloaded through
-    MLflow). The memory policy and generation defaults come from the runtime config unless given."""
+    """A ctxmem Generator over ONNX Runtime on a local export directory: the core's sampler, memory
+    policies and loop. The memory policy and generation defaults come from the runtime config unless
+    given. For `models:/...` and `runs:/...` specs use ctxmem.export.resolve.open_onnx_generator."""
     from ctxmem.generation import Generator
     from ctxmem.sampling import GenerationConfig
     from ctxmem.tokenizer import load_tokenizer
 
-    if is_model_uri(export_dir):
-        from .registry import resolve_model
-
-        export_dir = resolve_model(str(export_dir))
+    if isinstance(export_dir, str) and export_dir.startswith(("models:/", "runs:/")):
+        raise ModelSpecError(f"{export_dir} is a registry URI; the ONNX Runtime engine loads an export directory: "
+                             "resolve it first (ctxmem.export.resolve.open_onnx_generator does both)")
     export_dir = Path(export_dir)
     config = RuntimeConfig.load(export_dir)
     backend = OrtBackend(export_dir, provider=provider, intra_op_threads=intra_op_threads, config=config)

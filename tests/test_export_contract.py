@@ -8,17 +8,15 @@ import torch
 
 from ctxmem.config import preset
 from ctxmem.memory import MemoryConfig
-from ctxmem.model import attention_allowed
-from ctxmem.export.contract import (EXAMPLE_PAST, ExportContract, _attention_allowed_exportable, export_patches,
-                                    past_names, present_names)
+from ctxmem.export.contract import EXAMPLE_PAST, ExportContract, past_names, present_names
 from ctxmem.export.errors import RuntimeConfigError
 from ctxmem.export.runtime import RUNTIME_CONFIG, RuntimeConfig
 
 
 def test_contract_names_inputs_and_outputs_per_layer_in_cache_order():
     c = ExportContract.for_model(preset("tiny"))
-    assert c.input_names == ["input_ids", "positions", "attention_mask", "past_key_0", "past_value_0",
-                             "past_key_1", "past_value_1"]
+    assert c.input_names == ["input_ids", "positions", "key_positions", "allowed", "sink_positions", "sink_keys",
+                             "past_key_0", "past_value_0", "past_key_1", "past_value_1"]
     assert c.output_names == ["logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
     assert past_names(1) == ["past_key_0", "past_value_0"] and present_names(1) == ["present_key_0", "present_value_0"]
 
@@ -27,7 +25,8 @@ def test_contract_gives_the_mask_its_own_dynamic_dimension_and_fixes_heads_and_h
     cfg = preset("tiny")
     c = ExportContract.for_model(cfg)
     dims = {t.name: t.dims for t in c.inputs()}
-    assert dims["attention_mask"] == ("batch", "mask_len")
+    assert dims["key_positions"] == dims["sink_keys"] == ("batch", "mask_len")
+    assert dims["allowed"] == ("batch", "new_tokens", "mask_len")
     assert dims["past_key_0"] == ("batch", cfg.n_kv_heads, "past_len", cfg.head_dim)
     assert c.output_shapes(batch=3, new=1, past=0)["present_value_1"] == (3, cfg.n_kv_heads, 1, cfg.head_dim)
     assert c.output_shapes(batch=2, new=4, past=5)["logits"] == (2, 4, cfg.vocab_size)
@@ -41,22 +40,15 @@ def test_contract_round_trips_through_its_dict_and_rejects_other_cache_dtypes():
         ExportContract(2, 2, 24, 263, cache_dtype="int8")
 
 
-@pytest.mark.parametrize("batch,past,new", [(1, 0, 5), (2, 7, 1), (3, 4, 4)])
-def test_export_patch_computes_the_same_attention_mask_as_the_model(batch, past, new):
-    g = torch.Generator().manual_seed(batch + past + new)
-    mask = torch.rand(batch, past + new, generator=g) > 0.3
-    mask[:, -new:] = True
-    # exact equality: both are boolean functions of the same mask
-    assert torch.equal(_attention_allowed_exportable(mask, new), attention_allowed(mask, new))
-
-
-def test_export_patches_are_restored_after_tracing():
-    import ctxmem.model as m
-
-    before = m.attention_allowed
-    with export_patches():
-        assert m.attention_allowed is _attention_allowed_exportable
-    assert m.attention_allowed is before
+def test_the_traced_example_scores_sinks_apart_so_the_graph_holds_both_paths():
+    """The graph is traced once: its example must take the sink path, or the exporter would bake in
+    an example where the sink query positions equal the ordinary ones and prune nothing visible."""
+    c = ExportContract.for_model(preset("tiny"))
+    ids, positions, key_positions, allowed, sink_positions, sink_keys, past = c.example_inputs()
+    assert ids.shape == positions.shape == sink_positions.shape
+    assert allowed.shape == (ids.shape[0], ids.shape[1], key_positions.shape[1])
+    assert sink_keys.any() and not torch.equal(sink_positions, positions)
+    assert len(past) == c.n_layers and past[0][0].shape[2] == EXAMPLE_PAST
 
 
 def _config(**changes) -> RuntimeConfig:
