@@ -12,7 +12,7 @@ log = logging.getLogger("ctxmem.generate")
 
 # Where each --backend comes from; imported only when chosen, so the core never loads onnxruntime.
 BACKENDS = {"torch": ("ctxmem.generation", "load_generator"),
-            "onnx": ("ctxmem.export.runtime", "load_onnx_generator")}
+            "onnx": ("ctxmem.export.resolve", "open_onnx_generator")}  # dirs, runs:/, models:/
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -111,14 +111,14 @@ def compare_backends(reference, candidate, windows: np.ndarray, batch: int = 8) 
             "top1_agreement": agree / count, "tokens": count}
 
 
-def open_backend(spec: str | Path, provider: str | None = None):
+def open_backend(spec: str | Path, provider: str | None = None, tracking_uri: str | None = None):
     """(backend, tokenizer, kind) for a checkpoint directory, an export directory or a model URI."""
     from ctxmem.tokenizer import load_tokenizer
 
-    from .registry import resolve_model
+    from .resolve import resolve_model
     from .runtime import RUNTIME_CONFIG, OrtBackend
 
-    path = resolve_model(spec)
+    path = resolve_model(spec, tracking_uri)
     if (path / RUNTIME_CONFIG).is_file():
         return OrtBackend(path, provider=provider), load_tokenizer(path / "tokenizer.json"), "onnx"
     from ctxmem.backend import TorchBackend
@@ -128,9 +128,10 @@ def open_backend(spec: str | Path, provider: str | None = None):
 
 
 def evaluate(spec: str | Path, data: str | Path, block: int | None = None, batch: int = 8,
-             max_windows: int | None = None, provider: str | None = None) -> EvalResult:
+             max_windows: int | None = None, provider: str | None = None,
+             tracking_uri: str | None = None) -> EvalResult:
     """`ctxmem eval`: loss and perplexity of a checkpoint or an export on `data`."""
-    backend, tokenizer, _ = open_backend(spec, provider)
+    backend, tokenizer, _ = open_backend(spec, provider, tracking_uri)
     block = min(block or backend.max_seq_len, backend.max_seq_len)
     windows = load_windows(data, tokenizer, block, max_windows)
     return evaluate_backend(backend, windows, batch, str(data))

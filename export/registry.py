@@ -1,6 +1,5 @@
-"""MLflow model registry for exports: register, promote through a gate, list, and resolve
-`--model SPEC` (a directory, `runs:/<id>/<path>`, `models:/NAME@ALIAS`, `models:/NAME/VERSION`)
-to a local directory.
+"""MLflow model registry for exports: register, promote through a gate, list. Resolving
+`models:/NAME@ALIAS` and friends to a local directory is resolve.py's job.
 
 Aliases, not stages (deprecated in MLflow): `challenger` is where a new version waits, `champion`
 is what serving loads. Moving an alias goes through `promote`, whose gate refuses a version whose
@@ -9,111 +8,33 @@ current champion's beyond a tolerance - unless forced with a reason, which is re
 version and on the registered model.
 
 Store: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db with
-artifacts in mlruns/ beside it - the same default as `ctxmem train`, so lineage links up.
+artifacts in mlruns/ beside it - ctxmem.paths.default_tracking_uri, the default of every stage, so
+lineage links up.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import getpass
-import hashlib
 import json
 import logging
-import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .errors import (AliasNotFoundError, ModelSpecError, PromotionRefusedError, RegistryError, VerificationError)
-from .runtime import MODEL_FILE, RUNTIME_CONFIG, RuntimeConfig, export_hashes
+from ctxmem.paths import default_artifact_location, default_tracking_uri
+
+from .errors import PromotionRefusedError, RegistryError, VerificationError
+from .resolve import resolve_model
+from .runtime import RuntimeConfig, export_hashes
+from .store import alias_version, mlflow_client, model_version, registered_model
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PPL_TOLERANCE = 0.02  # a candidate may be at most 2% worse in validation perplexity than the champion
 EXPERIMENT = "ctxmem-models"
-TAG = "ctxmem."
 TAG_VALUE_LIMIT = 5000  # MLflow's limit on a model version tag value
-CACHE_ENV = "CTXMEM_MODEL_CACHE"
-
-
-# ---- the store ----------------------------------------------------------------------------------
-def default_tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (as training)."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path.cwd() / "mlflow.db")
-
-
-def _artifact_location(uri: str) -> str | None:
-    """SQLite stores keep artifacts in mlruns/ beside the database; a server chooses its own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return None
-
-
-@contextlib.contextmanager
-def _mlflow(uri: str) -> Iterator[Any]:
-    """An MlflowClient on `uri`, with MLflow's errors turned into RegistryError. Nothing global is
-    changed (no mlflow.set_tracking_uri): every call below names its store explicitly."""
-    # An unreachable server should fail in seconds, not after MLflow's default minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    except MlflowException as err:
-        raise RegistryError(f"MLflow at {uri}: {_first_line(err)}") from None
-    except OSError as err:  # requests' ConnectionError is an OSError
-        raise RegistryError(f"cannot reach the MLflow tracking server at {uri} ({_first_line(err)}); start it "
-                            "(see infra/mlflow/README.md) or pass another --tracking-uri") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(getattr(err, "message", None) or err).strip()
-    return text.splitlines()[0][:400] if text else type(err).__name__
-
-
-def _missing(err: Exception) -> bool:
-    return getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
-
-
-def _registered_model(client, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as err:
-        if not _missing(err):
-            raise
-        names = sorted(m.name for m in client.search_registered_models())
-        raise RegistryError(f"no registered model {name!r} in {client.tracking_uri}; registered models: "
-                            f"{names or 'none'}") from None
-
-
-def _alias_version(client, name: str, alias: str) -> str:
-    aliases = dict(_registered_model(client, name).aliases)  # search_model_versions does not show aliases
-    if alias not in aliases:
-        known = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
-        raise AliasNotFoundError(f"registered model {name!r} has no alias {alias!r}; its aliases: {known}. "
-                                 f"Set one with `ctxmem registry promote --name {name} --version V --alias {alias}`")
-    return str(aliases[alias])
-
-
-def _model_version(client, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    _registered_model(client, name)
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as err:
-        if not _missing(err):
-            raise
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise RegistryError(f"registered model {name!r} has no version {version}; versions: {versions}") from None
 
 
 # ---- register ---------------------------------------------------------------------------------------
@@ -166,7 +87,7 @@ def register_export(export_dir: str | Path, name: str, *, tracking_uri: str | No
                                 "to register it for inspection (promotion will refuse it)")
     metrics = _metrics(export_dir, config, eval_data, eval_windows)
     uri = default_tracking_uri(tracking_uri)
-    with _mlflow(uri) as client:
+    with mlflow_client(uri) as client:
         experiment_id, parent = _experiment_for(client, uri, config.source.get("run_id"))
         tags = {"ctxmem.kind": "registration", "ctxmem.export": str(export_dir), "mlflow.runName": f"register-{name}"}
         if parent:
@@ -298,7 +219,7 @@ def _experiment_for(client, uri: str, source_run_id: str | None) -> tuple[str, s
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id, None
-    return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri)), None
+    return client.create_experiment(EXPERIMENT, artifact_location=default_artifact_location(uri)), None
 
 
 def _requirements() -> list[str]:
@@ -325,11 +246,11 @@ def promote(name: str, alias: str, *, version: str | int | None = None, from_ali
     if force and not (reason and reason.strip()):
         raise RegistryError("--force needs --reason '...': a forced promotion is recorded with its reason")
     uri = default_tracking_uri(tracking_uri)
-    with _mlflow(uri) as client:
+    with mlflow_client(uri) as client:
         if from_alias is not None:
-            version = _alias_version(client, name, from_alias)
-        mv = _model_version(client, name, str(version))
-        aliases = dict(_registered_model(client, name).aliases)
+            version = alias_version(client, name, from_alias)
+        mv = model_version(client, name, str(version))
+        aliases = dict(registered_model(client, name).aliases)
         previous = str(aliases[alias]) if alias in aliases else None
         failures = _gate(client, name, mv, alias, previous, tolerance, gate_alias)
         if failures and not force:
@@ -390,8 +311,8 @@ def list_versions(name: str | None = None, tracking_uri: str | None = None) -> l
     """One row per version: aliases, verification, variant, metrics, lineage."""
     uri = default_tracking_uri(tracking_uri)
     rows = []
-    with _mlflow(uri) as client:
-        models = [_registered_model(client, name)] if name else list(client.search_registered_models())
+    with mlflow_client(uri) as client:
+        models = [registered_model(client, name)] if name else list(client.search_registered_models())
         for model in models:
             by_version: dict[str, list[str]] = {}
             for alias, v in dict(model.aliases).items():
@@ -424,90 +345,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
 
 
-# ---- resolve ----------------------------------------------------------------------------------------
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ctxmem" / "models")
-
-
-def resolve_model(spec: str | Path, *, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """A local directory (export or checkpoint) for a --model SPEC:
-    a directory; `runs:/<run_id>/<path>`; `models:/NAME@ALIAS`; `models:/NAME/VERSION`.
-    URIs are downloaded through MLflow into a cache keyed by store, name, version and run."""
-    text = str(spec)
-    if not text.startswith(("models:/", "runs:/")):
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise ModelSpecError(f"{path} does not exist; --model takes a checkpoint or export directory, "
-                                 "runs:/<run_id>/<path>, or models:/NAME@ALIAS (or models:/NAME/VERSION)")
-        if not path.is_dir():
-            raise ModelSpecError(f"{path} is a file; --model takes a directory (checkpoint or export) or a URI")
-        return path
-    uri = default_tracking_uri(tracking_uri)
-    root = Path(cache_dir) if cache_dir else cache_root()
-    store = hashlib.sha1(uri.encode()).hexdigest()[:10]
-    parsed = _parse_models_uri(text) if text.startswith("models:/") else None  # syntax before any I/O
-    with _mlflow(uri) as client:
-        if parsed is not None:
-            name, version, alias = parsed
-            if alias is not None:
-                version = _alias_version(client, name, alias)
-            mv = _model_version(client, name, version)
-            target = root / store / _safe(name) / f"v{mv.version}-{(mv.run_id or 'norun')[:12]}"
-            source = mv.source  # the artifact location itself: no second lookup through the global registry
-        else:
-            body = text[len("runs:/"):]
-            run_id, _, sub = body.partition("/")
-            if not run_id:
-                raise ModelSpecError(f"{text}: expected runs:/<run_id>/<artifact path>")
-            target = root / store / "runs" / run_id / (_safe(sub) or "_root")
-            source = client.get_run(run_id).info.artifact_uri.rstrip("/") + ("/" + sub.strip("/") if sub else "")
-        if not (target / ".complete").exists():
-            _download(source, target, uri)
-    return _find_model_dir(target, text)
-
-
-def _parse_models_uri(text: str) -> tuple[str, str | None, str | None]:
-    """models:/NAME@ALIAS -> (NAME, None, ALIAS); models:/NAME/VERSION -> (NAME, VERSION, None)."""
-    body = text[len("models:/"):]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        if name and alias and "/" not in alias:
-            return name, None, alias
-    else:
-        name, _, version = body.rpartition("/")
-        if name and version.isdigit():
-            return name, version, None
-    raise ModelSpecError(f"{text}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip("/"))
-
-
-def _download(source: str, target: Path, uri: str) -> None:
-    import mlflow.artifacts
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
-        (tmp / ".complete").write_text(source + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _find_model_dir(root: Path, spec: str) -> Path:
-    """The export (runtime_config.json) or checkpoint (config.json + model.safetensors) inside a download."""
-    candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
-    for path in candidates:
-        if (path / RUNTIME_CONFIG).is_file() and (path / MODEL_FILE).is_file():
-            return path
-    for path in candidates:
-        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-            return path
-    raise ModelSpecError(f"{spec} downloaded to {root} but holds neither a ctxmem export ({RUNTIME_CONFIG} + "
-                         f"{MODEL_FILE}) nor a checkpoint (config.json + model.safetensors)")
+# resolve_model and default_tracking_uri are re-exported: older imports name them here
+__all__ = ["register_export", "promote", "list_versions", "format_table", "resolve_model", "default_tracking_uri",
+           "CHAMPION", "CHALLENGER", "PPL_TOLERANCE"]

@@ -71,12 +71,29 @@ def test_export_dir_without_runtime_config_says_to_rerun_export(tiny_export, tmp
 
 
 def test_spec_that_is_a_file_or_a_malformed_uri_is_a_model_spec_error(tiny_export, tmp_path):
-    from ctxmem.export.registry import resolve_model
+    from ctxmem.export.resolve import resolve_model
+    from ctxmem.export.runtime import load_onnx_generator
 
     with pytest.raises(ModelSpecError, match="is a file"):
         resolve_model(tiny_export / "model.onnx")
     with pytest.raises(ModelSpecError, match="models:/NAME@ALIAS"):
         resolve_model("models:/only-a-name", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    # the ONNX Runtime engine loads directories only; resolution is the layer above it
+    with pytest.raises(ModelSpecError, match="open_onnx_generator"):
+        load_onnx_generator("models:/ctx@champion")
+
+
+def test_provider_settings_are_auto_cpu_or_cuda(capsys, tiny_export):
+    from ctxmem.export.errors import ProviderError
+    from ctxmem.export.resolve import choose_provider
+
+    assert choose_provider(None) == choose_provider("auto") == choose_provider("AUTO")
+    assert choose_provider("cpu") == choose_provider("CPUExecutionProvider") == "cpu"
+    with pytest.raises(ProviderError, match="'tpu' is not one of auto, cpu, cuda"):
+        choose_provider("tpu")
+    code, err = _run(capsys, "eval", "--model", str(tiny_export), "--data", str(tiny_export / "tokenizer.json"),
+                     "--provider", "tpu")
+    assert code == 1 and "not one of auto, cpu, cuda" in err
 
 
 def test_explicit_cuda_provider_without_onnxruntime_gpu_is_refused(tiny_export):

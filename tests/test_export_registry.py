@@ -79,7 +79,7 @@ def test_challenger_to_champion_then_a_tampered_version_is_refused_and_champion_
     assert table[2].split()[:4] == ["ctx", "2", "-", "failed"]
 
     # serving side: the champion by alias, through the ONNX engine and through the pyfunc
-    from ctxmem.export.registry import resolve_model
+    from ctxmem.export.resolve import open_onnx_generator, resolve_model
     from ctxmem.export.runtime import load_onnx_generator
     from ctxmem.sampling import GenerationConfig
 
@@ -90,7 +90,7 @@ def test_challenger_to_champion_then_a_tampered_version_is_refused_and_champion_
     local = resolve_model("models:/ctx@champion")
     assert json.loads((local / "verification.json").read_text())["status"] == "passed"
     config = GenerationConfig(max_new_tokens=12, stop_token_ids=[])
-    served = load_onnx_generator("models:/ctx@champion").generate(["sink"], config)[0]
+    served = open_onnx_generator("models:/ctx@champion").generate(["sink"], config)[0]
     assert served.token_ids == load_onnx_generator(tiny_export).generate(["sink"], config)[0].token_ids
 
     import mlflow.pyfunc
@@ -161,7 +161,7 @@ def test_a_version_registered_around_ctxmem_without_verification_is_refused(stor
 def test_runs_uri_resolves_to_the_checkpoint_a_training_run_logged(store, tiny_checkpoint):
     from mlflow import MlflowClient
 
-    from ctxmem.export.registry import resolve_model
+    from ctxmem.export.resolve import resolve_model
 
     client = MlflowClient(store, store)
     run = client.create_run(client.create_experiment("training-artifacts"))
@@ -173,8 +173,8 @@ def test_runs_uri_resolves_to_the_checkpoint_a_training_run_logged(store, tiny_c
 
 @pytest.mark.slow
 def test_register_promote_load_and_generate_against_a_real_mlflow_server(tiny_export, tmp_path, monkeypatch):
-    from ctxmem.export.registry import promote, register_export, resolve_model
-    from ctxmem.export.runtime import load_onnx_generator
+    from ctxmem.export.registry import promote, register_export
+    from ctxmem.export.resolve import open_onnx_generator, resolve_model
 
     server = MlflowServer(tmp_path / "server")
     try:
@@ -188,7 +188,7 @@ def test_register_promote_load_and_generate_against_a_real_mlflow_server(tiny_ex
             resolve_model("models:/served@staging")
         path = resolve_model("models:/served@champion")
         assert (path / "model.onnx.data").stat().st_size == (tiny_export / "model.onnx.data").stat().st_size
-        done = load_onnx_generator("models:/served@champion").generate(["hello"])[0]
+        done = open_onnx_generator("models:/served@champion").generate(["hello"])[0]
         assert done.completion_tokens > 0
         # artifacts went through the server's proxy into its own folder, not the client's disk
         assert any((tmp_path / "server" / "artifacts").rglob("model.onnx"))
