@@ -110,19 +110,38 @@ def _add_eval(sub) -> None:
 
 
 # ---- handlers -------------------------------------------------------------------------------------
-def _memory(args):
+def _memory(args, ckpt):
+    """The memory policy written to the runtime config: the checkpoint's saved one (its
+    generation_config.json) with --policy/--window/--sinks/--chunk applied through the core's one
+    override path (unset flags keep the saved values). None when no flag is given: export_onnx then
+    writes the saved policy as it is.
+
+    A checkpoint that saved `full` (the default: it keeps no window) given a window flag but no
+    --policy gets the windowed policy these flags describe: sink where the model has rotary
+    positions, else recompute - as `--window` has always meant for `ctxmem export`."""
+    from ctxmem.checkpoint import CONFIG, CheckpointError, load_generation_defaults
+    from ctxmem.config import ConfigError, ModelConfig
     from ctxmem.memory import MemoryConfig
 
-    given = {k: v for k, v in dict(window=args.window, sinks=args.sinks, chunk=args.chunk).items() if v is not None}
-    if args.policy is None and not given:
+    flags = dict(window=args.window, sinks=args.sinks, chunk=args.chunk)
+    if args.policy is None and all(v is None for v in flags.values()):
         return None
-    return MemoryConfig(policy=args.policy or "sink", **given)
+    try:
+        cfg = ModelConfig.load(ckpt / CONFIG)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    uses_rope = cfg.pos == "rope"
+    saved = MemoryConfig(**load_generation_defaults(ckpt).get("memory", {}))
+    policy = args.policy
+    if policy is None and saved.policy == "full":
+        policy = "sink" if uses_rope else "recompute"
+    return saved.with_overrides(cfg.max_seq_len, uses_rope, policy=policy, **flags)
 
 
 def cmd_export(args) -> int:
     from .errors import ModelSpecError
     from .onnx_export import export_onnx
-    from .registry import resolve_model
+    from .resolve import resolve_model
     from .runtime import RUNTIME_CONFIG
     from .verify import read_report, summarize
 
@@ -132,7 +151,7 @@ def cmd_export(args) -> int:
     run_id = args.model[len("runs:/"):].split("/", 1)[0] if args.model.startswith("runs:/") else None
     try:
         out = export_onnx(ckpt, args.out, opset=args.opset, verify=args.verify, int8=args.int8, fp16=args.fp16,
-                          memory=_memory(args), source_run_id=run_id, eval_data=args.eval_data,
+                          memory=_memory(args, ckpt), source_run_id=run_id, eval_data=args.eval_data,
                           verify_tokens=args.tokens)
     finally:
         report = read_report(args.out)
@@ -185,7 +204,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
     result = evaluate(args.model, args.data, block=args.block, batch=args.batch, max_windows=args.max_windows,
-                      provider=args.provider)
+                      provider=args.provider, tracking_uri=args.tracking_uri)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

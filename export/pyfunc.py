@@ -5,7 +5,12 @@ tokenizer, sampler and memory policy (it runs ctxmem.export.runtime.load_onnx_ge
 Signature (tensor-based, every dimension dynamic):
     inputs   prompt  str (-1,)        one prompt per row
     outputs  text    str (-1,)        the completion of each prompt
-    params   max_new_tokens, temperature, top_k, top_p, seed (-1 = none), policy, window, sinks
+    params   max_new_tokens, temperature, top_k, top_p, seed, policy, window, sinks
+
+MLflow params must have a typed default, so "not set" is spelled with a sentinel no one would mean:
+seed -1, policy "", window 0 and sinks -1 mean "keep the export's own value" (its runtime config).
+`requested()` turns them into None, the core's "unset", in this one place; the overrides then go
+through GenerationConfig.with_overrides and MemoryConfig.with_overrides like every other caller's.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ import mlflow.pyfunc
 import numpy as np
 
 ARTIFACT_KEY = "export"
+GENERATION_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+MEMORY_PARAMS = ("policy", "window", "sinks")
+UNSET = {"seed": -1, "policy": "", "window": 0, "sinks": -1}  # the schema defaults that mean "not set"
 
 
 def signature():
@@ -27,8 +35,25 @@ def signature():
         outputs=Schema([TensorSpec(np.dtype(str), (-1,), "text")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
                             ParamSpec("top_k", "long", 0), ParamSpec("top_p", "double", 1.0),
-                            ParamSpec("seed", "long", -1), ParamSpec("policy", "string", ""),
-                            ParamSpec("window", "long", 0), ParamSpec("sinks", "long", -1)]))
+                            ParamSpec("seed", "long", UNSET["seed"]), ParamSpec("policy", "string", UNSET["policy"]),
+                            ParamSpec("window", "long", UNSET["window"]), ParamSpec("sinks", "long", UNSET["sinks"])]))
+
+
+def requested(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Every known param, None where the caller did not set it (absent, or its sentinel default)."""
+    params = params or {}
+    out = {}
+    for key in GENERATION_PARAMS + MEMORY_PARAMS:
+        value = params.get(key)
+        if value is None or (key in UNSET and value == UNSET[key]):
+            out[key] = None
+        elif key == "policy":
+            out[key] = str(value)
+        elif key in ("temperature", "top_p"):
+            out[key] = float(value)
+        else:  # MLflow "long" params may arrive as numpy integers
+            out[key] = int(value)
+    return out
 
 
 def onnx_signature(contract) -> dict[str, Any]:
@@ -52,24 +77,14 @@ class OnnxGeneratorModel(mlflow.pyfunc.PythonModel):
         self.generator = load_onnx_generator(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        from dataclasses import replace
-
-        from ctxmem.memory import MemoryConfig
-
         prompts = _prompts(model_input)
-        params = params or {}
-        gen = {k: params[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p") if k in params}
-        if params.get("seed", -1) is not None and int(params.get("seed", -1)) >= 0:
-            gen["seed"] = int(params["seed"])
-        config = replace(self.generator.defaults, **gen)
-        memory = None
-        if params.get("policy") or params.get("window") or int(params.get("sinks", -1)) >= 0:
-            base = self.generator.memory_config
-            policy = params.get("policy") or base.policy
-            start = base if policy == base.policy else MemoryConfig(policy=policy)
-            memory = replace(start, policy=policy,
-                             **({"window": int(params["window"])} if params.get("window") else {}),
-                             **({"sinks": int(params["sinks"])} if int(params.get("sinks", -1)) >= 0 else {}))
+        given = requested(params)
+        config = self.generator.defaults.with_overrides(**{k: given[k] for k in GENERATION_PARAMS})
+        memory = None  # None: the export's own memory policy
+        if any(given[k] is not None for k in MEMORY_PARAMS):
+            backend = self.generator.backend
+            memory = self.generator.memory_config.with_overrides(
+                backend.max_seq_len, backend.uses_rope, **{k: given[k] for k in MEMORY_PARAMS})
         done = self.generator.generate(prompts, config, memory)
         return {"text": np.asarray([c.text for c in done], dtype=str)}
 
