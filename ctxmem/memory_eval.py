@@ -18,9 +18,10 @@ scored, per policy:
                    tokens, then pieces of ``chunk`` (each piece follows exactly one re-prefill).
 * ``recompute`` chunk=1 - StreamingLLM's quality reference (sliding window with re-computation):
                    the token at stream position t is predicted from a fresh prefill of the ``window``
-                   tokens ending at t-1. One window prefill per token is slow, so it is measured on
-                   at most ``reference_tokens`` evenly spaced positions (all when the stream is not
-                   longer); its records cover those positions.
+                   tokens ending at t-1. One window prefill per token is slow, so before 10x the
+                   window it is measured on at most ``reference_tokens`` evenly spaced positions (its
+                   bucket records cover those); beyond 10x the window on every position, so the
+                   promotion gate compares the policies on exactly the same tokens there.
 
 Records ``{"policy", "sinks", "window", "chunk", "start", "end", "ppl"}``: ``[start, end)`` is the
 range of stream positions a perplexity covers (position 0 is never predicted). One record per
@@ -62,6 +63,7 @@ BEYOND_WINDOWS = 10  # the "far past the window" range starts here, in windows
 RESULT_FILE = "memory_eval.json"
 STREAMING_PNG = "memory_eval_streaming.png"
 RECALL_PNG = "memory_eval_recall.png"
+LOGITS_BUDGET = 1 << 26  # float32 logits held at once per forward (256 MiB)
 
 
 class MemoryEvalError(ValueError):
@@ -358,7 +360,9 @@ def streaming_nll(backend, stream: np.ndarray, run: PolicyRun, *, piece: int, re
     if run.policy == "full":
         cols, values = _strided_full(backend, inputs, targets, run.window, batch)
     elif run.policy == "recompute" and run.chunk == 1:
-        cols = _sample_columns(len(inputs), reference_tokens)
+        # every column predicting a position >= 10x the window, a sample of those before
+        far = min(len(inputs), max(0, BEYOND_WINDOWS * run.window - 1))
+        cols = np.concatenate((_sample_columns(far, reference_tokens), np.arange(far, len(inputs))))
         logits = sliding_window_logits(backend, inputs, cols, run.window, batch)
         values = token_nll(logits, targets[cols])
     else:
@@ -406,7 +410,7 @@ def _strided_full(backend, inputs: np.ndarray, targets: np.ndarray, context: int
         start += stride
     memory = ContextMemory(backend, MemoryConfig("full"))
     cols, values = [], []
-    for group in _equal_length_groups(blocks, batch):
+    for group in _equal_length_groups(blocks, rows_per_forward(batch, context, backend.vocab_size)):
         rows = np.stack([inputs[a:b] for a, b, _ in group])  # (B, T)
         logits = memory.feed(memory.start(len(group)), rows, all_logits=True)  # (B, T, V)
         for (a, b, first), row_logits in zip(group, logits):
@@ -414,6 +418,12 @@ def _strided_full(backend, inputs: np.ndarray, targets: np.ndarray, context: int
             cols.append(keep)
             values.append(token_nll(row_logits[keep - a], targets[keep]))
     return np.concatenate(cols), np.concatenate(values)
+
+
+def rows_per_forward(batch: int, columns: int, vocab: int) -> int:
+    """At most `batch` rows, fewer when their all-column logits (rows, columns, V) float32 would
+    pass LOGITS_BUDGET (a 50k vocabulary at 1k columns is 200 MB a row)."""
+    return max(1, min(batch, LOGITS_BUDGET // max(1, columns * vocab)))
 
 
 def _equal_length_groups(blocks: list[tuple[int, int, int]], batch: int):
@@ -428,6 +438,7 @@ def _equal_length_groups(blocks: list[tuple[int, int, int]], batch: int):
 
 
 def _sample_columns(total: int, budget: int | None) -> np.ndarray:
+    """`budget` evenly spaced columns of range(total) (all of them when budget is None or larger)."""
     if budget is None or budget >= total:
         return np.arange(total)
     if budget < 1:
@@ -574,8 +585,9 @@ def answer_correct(backend, trial: RecallTrials, run: PolicyRun, *, piece: int, 
     # predicted[:, k] = argmax after input column T - 1 - longest + k, i.e. for the last `longest` tokens
     predicted = np.empty((B, longest), dtype=np.int64)
     first = T - 1 - longest  # input column predicting the first of the last `longest` tokens
-    for s in range(0, B, batch):
-        rows = ids[s:s + batch]
+    step = rows_per_forward(batch, min(T, max(piece, run.window)), backend.vocab_size)
+    for s in range(0, B, step):
+        rows = ids[s:s + step]
         if run.policy == "recompute":  # chunk=1: a fresh window prefill per answer token
             for r, row in enumerate(rows):
                 cols = np.arange(first, T - 1)

@@ -132,6 +132,15 @@ def test_full_policy_is_strided_over_the_context(backend):
     assert got[300] == pytest.approx(token_nll(logits[0, 299 - 192], stream[300]), abs=1e-6)
 
 
+def test_the_chunk1_reference_is_sampled_before_10x_the_window_and_complete_beyond(backend):
+    stream = np.random.default_rng(4).integers(0, backend.vocab_size, 12 * WINDOW)
+    with torch_one_thread():
+        nll = streaming_nll(backend, stream, PolicyRun("recompute", 0, WINDOW, 1), piece=WINDOW, reference_tokens=8)
+    far = BEYOND_WINDOWS * WINDOW
+    assert (~np.isnan(nll[1:far])).sum() == 8
+    assert not np.isnan(nll[far:]).any()
+
+
 def test_recall_trial_places_the_value_at_the_distance():
     tok = ByteTokenizer()
     filler = np.asarray(tok.encode(FactGenerator(seed=3).filler(2000)), dtype=np.int64)
