@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ctxmem.checkpoint import load_model
 from ctxmem.cli import main
+from ctxmem.training.config import TrainConfig
 from ctxmem.training.data import prepare
 from helpers_training import REPO, ctxmem, losses, metrics, one_thread, summary, train_inprocess, tree_state
 
@@ -97,11 +98,13 @@ def test_zero3_on_two_cpu_ranks_matches_one_process(one_process_z3, two_ranks_z3
     assert summary(two_ranks_z3[0])["engine"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
 
 
+@pytest.mark.slow
 def test_zero2_and_zero3_in_one_process_train_the_same_model(one_process_z2, one_process_z3):
     _assert_same_losses(one_process_z2[0], one_process_z3[0], PARITY_ATOL)
 
 
 # ---- 2. resume -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_is_bit_identical(one_process_z2, chat_data, tmp_path):
     ref, _ = one_process_z2
     mid = ref / "checkpoints" / "step_0000004"
@@ -117,6 +120,43 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(one_process_z2, chat_
     val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
     assert val == [r["val_loss"] for r in metrics(ref) if r.get("step") == 8 and "val_loss" in r]
 
+
+
+@pytest.mark.slow
+def test_the_logged_learning_rate_is_the_one_the_optimizer_used(one_process_z2, chat_data, tmp_path):
+    ref, _ = one_process_z2
+    optim = TrainConfig.load(ref / "config.yaml").optim
+    ref_lr = {r["step"]: r["lr"] for r in metrics(ref) if "lr" in r}
+    assert [ref_lr[s] for s in range(1, 9)] == pytest.approx([optim.lr_at(s, 8) for s in range(8)])
+    # Resumed with more steps: the first step runs on the rate the checkpoint's scheduler had set
+    # (the 8-step cosine), the steps after it on the 12-step cosine; the log says so.
+    out = tmp_path / "longer"
+    train_inprocess(out, chat_data, "zero.stage=2", "steps=12", resume=str(ref / "checkpoints" / "step_0000004"))
+    lr, ls = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}, losses(out)
+    assert lr[5] == ref_lr[5] != pytest.approx(optim.lr_at(4, 12))
+    assert ls[6] == losses(ref)[6]  # step 5 really updated with the 8-step rate: the same weights after it
+    assert [lr[s] for s in range(6, 13)] == pytest.approx([optim.lr_at(s - 1, 12) for s in range(6, 13)])
+
+
+@pytest.mark.slow
+def test_each_micro_batch_of_a_step_draws_its_own_dropout(chat_data, tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    dropped = []  # zero patterns of every training-time dropout call, in call order
+    original = F.dropout
+
+    def recording(input, p=0.5, training=True, inplace=False):
+        out = original(input, p, training, inplace)
+        if training and p > 0:
+            dropped.append(out == 0)
+        return out
+    monkeypatch.setattr(F, "dropout", recording)
+    # 1 process, global batch 8 = micro-batch 2 x 4 micro-steps
+    train_inprocess(tmp_path / "run", chat_data, "model.overrides.dropout=0.5", "steps=1", "optim.warmup_steps=1")
+    per_micro_step = len(dropped) // 4
+    assert per_micro_step > 0 and len(dropped) == 4 * per_micro_step
+    first = [dropped[m * per_micro_step] for m in range(4)]  # the embedding dropout of each micro-step
+    assert all(not torch.equal(first[0], other) for other in first[1:])
 
 # ---- 3. the consolidated checkpoint ------------------------------------------------------------------
 @pytest.mark.slow
@@ -135,6 +175,7 @@ def test_the_zero3_checkpoint_consolidates_to_the_live_weights_and_generates(two
     assert capsys.readouterr().out.rstrip("\n")  # 8 steps of training: the text itself is not judged
 
 
+@pytest.mark.slow
 def test_every_stage_writes_a_loadable_fp32_checkpoint(one_process_z2, chat_data, tmp_path):
     out = tmp_path / "z0"
     train_inprocess(out, chat_data, "zero.stage=0", "steps=2")
@@ -149,6 +190,7 @@ def _trains(out) -> bool:
     return sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.5
 
 
+@pytest.mark.slow
 def test_a_bf16_run_trains(chat_data, tmp_path):
     out = tmp_path / "bf16"
     result = train_inprocess(out, chat_data, "precision=bf16", "zero.stage=1", "steps=16")
@@ -160,6 +202,7 @@ def test_a_bf16_run_trains(chat_data, tmp_path):
     assert next(load_model(out / "final").parameters()).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_an_offload_run_with_activation_checkpointing_trains(chat_data, tmp_path):
     out = tmp_path / "offload"
     result = train_inprocess(out, chat_data, "zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true",
@@ -204,6 +247,7 @@ def test_ray_train_with_two_cpu_workers_writes_the_same_checkpoint(chat_data, on
 
 
 # ---- 6. MLflow ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_mlflow_store_holds_params_metrics_tags_and_artifacts(one_process_z2, mlflow_uri):
     from mlflow import MlflowClient
 
@@ -228,6 +272,7 @@ def test_the_mlflow_store_holds_params_metrics_tags_and_artifacts(one_process_z2
     assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json"} <= ckpt
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_loses_nothing(chat_data, tmp_path, mlflow_uri, caplog):
     from mlflow import MlflowClient
 
@@ -265,7 +310,6 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(chat_data, tmp_path):
     assert f"resume with: ctxmem train --config {out / 'config.yaml'} --resume" in err
     assert (out / "checkpoints" / f"step_{s['step']:07d}" / "ctxmem_state.json").exists()
     # and it does resume, in place, from the config it wrote (in this process: one launch is enough)
-    from ctxmem.training.config import TrainConfig
     from ctxmem.training.trainer import train
 
     with one_thread():
@@ -298,6 +342,7 @@ def test_missing_prepared_data_is_refused(tmp_path, capsys):
     assert "not a prepared data folder" in err and "ctxmem data prepare" in err
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_on_resume_is_refused_and_nothing_is_overwritten(one_process_z2, chat_data, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(one_process_z2[0], out)
@@ -316,6 +361,7 @@ def test_a_corrupt_checkpoint_on_resume_is_refused_and_nothing_is_overwritten(on
     assert "is incomplete" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_fresh_run_does_not_overwrite_existing_checkpoints(one_process_z2, chat_data, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(one_process_z2[0], out)
@@ -325,6 +371,7 @@ def test_a_fresh_run_does_not_overwrite_existing_checkpoints(one_process_z2, cha
     assert tree_state(out) == before
 
 
+@pytest.mark.slow
 def test_the_cpu_demo_config_runs(chat_data, tmp_path):
     # the demo's own settings, shortened: 3 steps instead of 1000, no MLflow store in the repo
     out = tmp_path / "demo"

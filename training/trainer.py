@@ -8,12 +8,16 @@ Per optimizer step s (0-based) on W ranks with A micro-steps each:
             DeepSpeed averages gradients over ranks, so the update is that of the global mean loss
     one all-reduce carries [sum of micro losses, stop requested] to every rank: the logged loss is
     the global-batch mean and every rank agrees on when to stop after a signal
-Dropout randomness is seeded from (seed, step, rank), so a resumed run draws what an
-uninterrupted one would without saving RNG states.
+Dropout randomness is seeded per micro-batch from (seed, step, micro_step * W + rank), the slot
+BatchPlan fills with the same windows at every world size: each micro-batch draws its own masks, a
+resumed run draws what an uninterrupted one would without saving RNG states, and N ranks draw what
+one process draws for the same windows. The learning rate is torch's LambdaLR over
+`OptimSection.lr_at`, stepped by DeepSpeed at each optimizer step; the logged lr is the one it set.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -54,6 +58,13 @@ class TrainResult:
 
 
 # ---- environment ---------------------------------------------------------------------------------
+def dropout_seed(seed: int, step: int, slot: int) -> int:
+    """The torch seed for the dropout of micro-batch `slot` (= micro_step * world + rank) of optimizer
+    step `step`: distinct for every (seed, step, slot), the same on every machine and world size."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{slot}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 @contextlib.contextmanager
 def process_environment(single: bool):
     """Env for DeepSpeed: the CPU accelerator when there is no GPU, and, for a single process
@@ -239,6 +250,7 @@ class _Run:
 
         def schedule(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: optim.lr_at(s, total) / optim.lr)
+        # DeepSpeed builds the scheduler on its optimizer and steps it once per optimizer step
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                                        lr_scheduler=schedule, dist_init_required=False)
         return engine, scheduler, ds_config
@@ -307,8 +319,9 @@ class _Run:
             for step in range(start, self.cfg.steps):
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), dtype=torch.float64)
+                lr = scheduler.get_last_lr()[0]  # what this step's update uses (restored on resume)
                 for m in range(self.accum):
-                    torch.manual_seed(self.cfg.seed * 1_000_003 + step * 1009 + self.rank)  # dropout
+                    torch.manual_seed(dropout_seed(self.cfg.seed, step, m * self.world + self.rank))
                     idx = self.plan.micro_indices(step, m, self.rank, self.world, self.cfg.batch.micro_batch)
                     x, y = self.train_split.batch(idx)
                     x, y = x.to(engine.device), y.to(engine.device)
@@ -325,7 +338,6 @@ class _Run:
                 done = step + 1
                 grad_norm = engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else None
-                lr = self.cfg.optim.lr_at(step, self.cfg.steps)
                 row = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_step / dt, "step_time": dt,
                        "epoch": self.plan.epoch_of(done)}

@@ -1,5 +1,5 @@
 """The DeepSpeed config, built from the training config: parallelism is applied from outside, the
-model never learns its ZeRO stage (STYLE.md, habit 2).
+model never learns its ZeRO stage.
 
 ZeRO (Rajbhandari et al. 2020, https://arxiv.org/abs/1910.02054) partitions across N data-parallel
 ranks, for Ψ parameters trained with Adam in mixed precision:
