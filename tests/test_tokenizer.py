@@ -245,6 +245,11 @@ def test_stream_decoder_starts_a_new_stream_after_flush(bpe):
         assert "".join(second) + decoder.flush() == "文 ok"
 
 
+def test_stream_decoder_names_the_tokenizer_it_cannot_stream():
+    with pytest.raises(TypeError, match="ByteTokenizer or a BPETokenizer, got str"):
+        StreamDecoder("not a tokenizer")
+
+
 def test_stream_decoder_streams_wordpiece_tokenizers_as_they_decode():
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
