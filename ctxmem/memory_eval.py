@@ -98,22 +98,22 @@ def run_label(policy: str, sinks: int, window: int, chunk: int | None = None) ->
     return f"recompute (chunk={chunk})" if chunk is not None else "recompute"
 
 
-def streaming_runs(context: int, window: int, sinks: int) -> list[PolicyRun]:
-    """full, sink (S sinks), window-only, recompute chunk=1 and chunk=window/4 (one when equal)."""
-    runs = [PolicyRun("full", 0, context), PolicyRun("sink", sinks, window)]
-    if sinks:
-        runs.append(PolicyRun("sink", 0, window))
-    runs.append(PolicyRun("recompute", 0, window, 1))
+def streaming_runs(context: int, window: int, sinks: int, rope: bool = True) -> list[PolicyRun]:
+    """full, sink (S sinks), window-only, recompute chunk=1 and chunk=window/4 (one when equal).
+    Without rotary positions the sink policy cannot run (it re-assigns positions): left out."""
+    runs = recall_runs(context, window, sinks, rope)
     if window // 4 > 1:
         runs.append(PolicyRun("recompute", 0, window, window // 4))
     return runs
 
 
-def recall_runs(context: int, window: int, sinks: int) -> list[PolicyRun]:
+def recall_runs(context: int, window: int, sinks: int, rope: bool = True) -> list[PolicyRun]:
     """full, sink, window-only and the recompute chunk=1 reference (recall records carry no chunk)."""
-    runs = [PolicyRun("full", 0, context), PolicyRun("sink", sinks, window)]
-    if sinks:
-        runs.append(PolicyRun("sink", 0, window))
+    runs = [PolicyRun("full", 0, context)]
+    if rope:
+        runs.append(PolicyRun("sink", sinks, window))
+        if sinks:
+            runs.append(PolicyRun("sink", 0, window))
     runs.append(PolicyRun("recompute", 0, window, 1))
     return runs
 
@@ -324,7 +324,10 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
 
     stream = tokens[:length]
     result = MemoryEvalResult(text_hash)
-    for run in streaming_runs(context, window, sinks):
+    if not backend.uses_rope:
+        log.warning("the model has learned absolute positions: the sink policy cannot run, measuring full and "
+                    "recompute only")
+    for run in streaming_runs(context, window, sinks, backend.uses_rope):
         log.info("streaming perplexity: %s over %d tokens", run.label, length)
         nll = streaming_nll(backend, stream, run, piece=piece, reference_tokens=reference_tokens, batch=batch)
         result.streaming.extend(perplexity_records(nll, run, window))
@@ -335,7 +338,10 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
 
 
 def _check_window(backend, window: int, sinks: int) -> None:
-    for cfg in (MemoryConfig("sink", window=window, sinks=sinks), MemoryConfig("recompute", window=window, chunk=1)):
+    configs = [MemoryConfig("recompute", window=window, chunk=1)]
+    if backend.uses_rope:
+        configs.append(MemoryConfig("sink", window=window, sinks=sinks))
+    for cfg in configs:
         try:
             cfg.resolve(backend.max_seq_len, backend.uses_rope)
         except MemoryConfigError as err:
@@ -569,7 +575,7 @@ def recall_by_distance(backend, tokens: np.ndarray, tokenizer, *, window: int, s
     records = []
     for d in distances:
         trial = builder.build(d)
-        for run in recall_runs(backend.max_seq_len, window, sinks):
+        for run in recall_runs(backend.max_seq_len, window, sinks, backend.uses_rope):
             log.info("recall: %s at distance %d (%d trials)", run.label, d, trials)
             correct = answer_correct(backend, trial, run, piece=piece or window, batch=batch)
             records.append({"policy": run.policy, "sinks": run.sinks, "window": run.window, "distance": d,

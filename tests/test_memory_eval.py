@@ -97,6 +97,17 @@ def test_too_short_text_says_how_long_it_must_be(backend):
         evaluate_memory(backend, list(range(5000)), tok, text_hash="x", window=200, sinks=SINKS)
 
 
+def test_a_model_with_learned_positions_is_measured_without_the_sink_policy(text):
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    learned = TorchBackend(Transformer(preset("tiny", vocab_size=tok.vocab_size, pos="learned")))
+    with torch_one_thread():
+        result = evaluate_memory(learned, tok.encode(text), tok, text_hash="x", window=WINDOW, sinks=SINKS,
+                                 distances=[48], trials=1, reference_tokens=16)
+    assert {r["policy"] for r in result.streaming} == {"full", "recompute"}
+    assert {r["policy"] for r in result.recall} == {"full", "recompute"}
+
+
 def test_plots_are_written(result, tmp_path):
     paths = result.save(tmp_path)
     assert json.loads(paths["json"].read_text()) == result.to_dict()
