@@ -1,12 +1,15 @@
-"""The `ctxmem` command line: help for every option, generate pipes, errors are one clear line."""
+"""The `ctxmem` command line: help for every option, generate pipes, errors are one clear line.
+Only the piping test starts the installed `ctxmem` script; the others call `main` in this process."""
 import argparse
+import io
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ctxmem.cli import build_parser
+from ctxmem.cli import build_parser, main
 
 CTXMEM = [str(Path(sys.executable).parent / "ctxmem")]
 
@@ -44,20 +47,21 @@ def test_generate_prints_only_the_continuation_on_stdout(tiny_checkpoint):
     assert "generated" in run.stderr and "policy=full" in run.stderr
 
 
-def test_generate_reads_the_prompt_from_stdin_and_slides_with_the_sink_policy(tiny_checkpoint):
-    run = subprocess.run(CTXMEM + ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "200",
-                                   "--policy", "sink", "--window", "32", "--sinks", "4"],
-                         input="x" * 300, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "policy=sink window=32 sinks=4 prompt_tokens=300" in run.stderr
+def test_generate_reads_the_prompt_from_stdin_and_slides_with_the_sink_policy(tiny_checkpoint, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="ctxmem")
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * 300))
+    code = main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "200",
+                 "--policy", "sink", "--window", "32", "--sinks", "4"])
+    assert code == 0
+    assert "policy=sink window=32 sinks=4 prompt_tokens=300" in caplog.text
 
 
-def test_overlong_prompt_under_full_policy_is_one_clear_error_line(tiny_checkpoint):
-    run = subprocess.run(CTXMEM + ["generate", "--model", str(tiny_checkpoint), "--prompt", "y" * 500],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1].startswith("error: prompt (500 tokens)")
-    assert "Traceback" not in run.stderr and run.stdout == ""
+def test_overlong_prompt_under_full_policy_is_one_clear_error_line(tiny_checkpoint, capsys):
+    code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", "y" * 500])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: prompt (500 tokens)")
+    assert "Traceback" not in err and out == ""
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -65,14 +69,16 @@ def test_overlong_prompt_under_full_policy_is_one_clear_error_line(tiny_checkpoi
     (["generate", "--model", "{ckpt}", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
     (["generate", "--model", "{ckpt}", "--prompt", "x", "--policy", "sink", "--window", "500"], "must be between 1 and the model's context"),
 ])
-def test_bad_generate_arguments_fail_with_a_message(tiny_checkpoint, argv, message):
-    argv = [a.replace("{ckpt}", str(tiny_checkpoint)) for a in argv]
-    run = subprocess.run(CTXMEM + argv, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+def test_bad_generate_arguments_fail_with_a_message(tiny_checkpoint, capsys, argv, message):
+    code = main([a.replace("{ckpt}", str(tiny_checkpoint)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
 
 
-def test_info_lists_presets_and_describes_a_checkpoint(tiny_checkpoint):
-    run = subprocess.run(CTXMEM + ["info"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "gpt-124m" in run.stdout and "torch" in run.stdout
-    run = subprocess.run(CTXMEM + ["info", "--model", str(tiny_checkpoint)], capture_output=True, text=True, timeout=120)
-    assert '"kind": "checkpoint"' in run.stdout and '"ByteTokenizer"' in run.stdout
+def test_info_lists_presets_and_describes_a_checkpoint(tiny_checkpoint, capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt-124m" in out and "torch" in out
+    assert main(["info", "--model", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert '"kind": "checkpoint"' in out and '"ByteTokenizer"' in out
