@@ -37,6 +37,7 @@ class AttentionLayout:
     allowed: np.ndarray  # (B, T, S) bool: new token i may read slot j
     sink_positions: np.ndarray | None = None  # (B, T) int64: query rotation positions against sink keys
     sink_keys: np.ndarray | None = None  # (B, S) bool: the slots scored with sink_positions
+    valid: np.ndarray | None = None  # (B, S) bool: the slots the memory holds (for checks; not a graph input)
 
     def trimmed(self) -> "AttentionLayout":
         """sink_keys cut to the slots up to the last sink (B, S'), S' <= S: sinks are a stream's first
@@ -45,14 +46,14 @@ class AttentionLayout:
             return self
         span = int(np.flatnonzero(self.sink_keys.any(axis=0)).max(initial=-1)) + 1
         return AttentionLayout(self.positions, self.key_positions, self.allowed, self.sink_positions,
-                               self.sink_keys[:, :max(span, 1)])
+                               self.sink_keys[:, :max(span, 1)], self.valid)
 
     def with_sinks(self) -> "AttentionLayout":
         """The same layout with the sink inputs always present (a graph with fixed inputs needs them)."""
         if self.sink_positions is not None:
             return self
         return AttentionLayout(self.positions, self.key_positions, self.allowed, self.positions,
-                               np.zeros(self.key_positions.shape, dtype=bool))
+                               np.zeros(self.key_positions.shape, dtype=bool), self.valid)
 
 
 def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: int = 0,
@@ -73,7 +74,8 @@ def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: i
     own = np.arange(T)
     allowed[:, own, S - T + own] = True
     if window is None:
-        return AttentionLayout(q_pos.astype(np.int64), np.where(valid, stream_pos, 0).astype(np.int64), allowed)
+        return AttentionLayout(q_pos.astype(np.int64), np.where(valid, stream_pos, 0).astype(np.int64), allowed,
+                               valid=valid)
     top = sinks + window - 1  # the rank of a token whose visible set is full
     last = np.where(q_valid, q_pos, -1).max(axis=1)  # (B,) the row's last new token
     base = np.maximum(last - top, 0)[:, None]  # (B, 1)
@@ -82,5 +84,5 @@ def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: i
     key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64)
     sink_positions = np.minimum(q_pos, top).astype(np.int64)
     if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
-        return AttentionLayout(positions, key_positions, allowed)
-    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink)
+        return AttentionLayout(positions, key_positions, allowed, valid=valid)
+    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ctxmem.layout import build_layout
+
 from .errors import EvalError
 
 
@@ -67,7 +69,8 @@ def window_logits(backend, windows: np.ndarray, batch: int = 8):
         inputs, targets = rows[:, :-1], rows[:, 1:]
         b, t = inputs.shape
         positions = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
-        logits, _ = backend.forward(inputs, positions, np.ones((b, t), dtype=bool), None, last_only=False)
+        layout = build_layout(positions, np.ones((b, t), dtype=bool), t)  # plain causal over the window
+        logits, _ = backend.forward(inputs, layout, None, last_only=False)
         yield inputs, targets, logits
 
 

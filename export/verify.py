@@ -119,14 +119,12 @@ class _Lockstep:
 
         B, T = ids.shape
         P = layout.key_positions.shape[1] - T
-        # a cached slot that no new token may read has been evicted (masked, compacted or banded away)
-        readable = layout.allowed.any(axis=1)  # (B, P + T)
-        cached = readable[:, :P].sum(axis=1)
+        valid = layout.valid  # (B, P + T) the slots the memory holds
         if past is None and self.calls:  # the recompute policy re-prefills what it kept: a slide
             self.slides += 1
-        elif past is not None and (cached < self.valid).any():
-            self.slides += 1  # the sink policy evicted some cached slots
-        self.valid = readable.sum(axis=1)
+        elif past is not None and (valid[:, :P].sum(axis=1) < self.valid).any():
+            self.slides += 1  # the sink policy evicted (masked or compacted away) some cached slots
+        self.valid = valid.sum(axis=1)
         stage = "prefill" if past is None and not self.slides else ("after_slide" if self.slides else "decode")
         stage = self.label or stage
         where = (f"{stage} (call {self.calls}, batch {B}, new tokens {T}, past {P}"

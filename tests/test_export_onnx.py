@@ -51,6 +51,7 @@ def test_verification_passes_at_prefill_decode_and_after_three_window_slides(tin
 def test_one_graph_serves_prefill_from_empty_past_and_decode_at_any_batch(tiny_export, tiny_checkpoint):
     from ctxmem.checkpoint import load_model
     from ctxmem.export.runtime import OrtBackend
+    from ctxmem.layout import build_layout
 
     model, ort = load_model(tiny_checkpoint), OrtBackend(tiny_export)
     rng = np.random.default_rng(0)
@@ -64,7 +65,9 @@ def test_one_graph_serves_prefill_from_empty_past_and_decode_at_any_batch(tiny_e
         with torch.no_grad():
             logits, past_t = model(torch.from_numpy(ids), positions=torch.from_numpy(positions),
                                    attention_mask=torch.from_numpy(mask), past=past_t, use_cache=True)
-        got, past_o = ort.forward(ids, positions, mask, past_o, last_only=False)
+        # the model's own mask path (positions = rank) against the graph fed the equivalent layout
+        got, past_o = ort.forward(ids, build_layout(np.broadcast_to(np.arange(P + T), (B, P + T)).copy(), mask, T),
+                                  past_o, last_only=False)
         assert got.shape == (B, T, 263) and past_o[0][0].shape == (B, 2, P + T, 24)
         np.testing.assert_allclose(got, logits.numpy(), atol=ATOL, rtol=ATOL)
 
@@ -133,8 +136,20 @@ def test_fp16_variant_keeps_a_half_precision_cache_and_the_loss(tiny_export, tmp
     assert abs(report["accuracy"]["loss_rel_change"]) <= 0.02
     backend = OrtBackend(out)
     assert backend.contract.cache_dtype == "float16"
-    logits, past = backend.forward(np.array([[1, 2, 3]]), np.array([[0, 1, 2]]), np.ones((1, 3), bool), None)
+    from ctxmem.layout import build_layout
+
+    layout = build_layout(np.array([[0, 1, 2]]), np.ones((1, 3), bool), 3)
+    logits, past = backend.forward(np.array([[1, 2, 3]]), layout, None)
     assert logits.dtype == np.float32 and past[0][0].dtype == np.float16
+    # rotary angles are computed in fp32 (an fp16 angle at position ~1000 is off by up to 0.5 rad) ...
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(out / "model.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    angles = [n for n in graph.node if n.op_type in ("Cos", "Sin")]
+    assert angles and all(types.get(n.input[0]) == onnx.TensorProto.FLOAT for n in angles)
+    # ... and verification compared the end of the context, where they are largest
+    assert report["stages"]["end_of_context"]["last_position"] >= 127 + 4
 
 
 def test_int8_export_verifies_fp32_first_then_writes_only_the_variant(tiny_checkpoint, tiny_export, tmp_path,
