@@ -1,9 +1,12 @@
 """export/README.md and infra/mlflow/README.md tell the truth: every command parses, every file and
-name they cite exists."""
+name they cite exists, and every command of export/README.md runs, in order, on the layout it names."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,68 @@ def _examples():
 def test_every_ctxmem_example_in_the_export_docs_is_a_valid_command(example):
     args = build_parser().parse_args(shlex.split(example))
     assert callable(args.func)
+
+
+def _export_readme_commands() -> list[str]:
+    text = (REPO / "export" / "README.md").read_text()
+    section = text.split("## Commands\n", 1)[1].split("\n## ", 1)[0]
+    return [line.split(".venv/bin/ctxmem ", 1)[1].strip()
+            for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+            for line in block.replace("\\\n", " ").splitlines() if line.startswith(".venv/bin/ctxmem ")]
+
+
+def _training_layout(checkpoint: Path, work: Path) -> Path:
+    """What `ctxmem train --config infra/train-tiny.yaml` leaves behind, on the tiny test model: the
+    checkpoint in runs/tiny/final, logged to an MLflow run as `checkpoint/` in the default store,
+    and that run's id in runs/tiny/final/mlflow_run.json."""
+    from mlflow import MlflowClient
+
+    from ctxmem.paths import default_artifact_location, default_tracking_uri
+
+    final = shutil.copytree(checkpoint, work / "runs" / "tiny" / "final")
+    uri = default_tracking_uri()
+    client = MlflowClient(uri, uri)
+    run = client.create_run(client.create_experiment("ctxmem-train", default_artifact_location(uri)))
+    client.log_artifacts(run.info.run_id, str(final), "checkpoint")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    (final / "mlflow_run.json").write_text(json.dumps(
+        {"run_id": run.info.run_id, "tracking_uri": uri, "experiment": "ctxmem-train"}) + "\n")
+    return final
+
+
+@pytest.mark.slow
+def test_every_command_of_the_export_readme_runs_in_order_on_the_layout_it_names(
+        tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from helpers_export import synthetic_text
+
+    from ctxmem.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the documented default: ./mlflow.db
+    monkeypatch.setenv("CTXMEM_MODEL_CACHE", str(tmp_path / "cache"))
+    final = _training_layout(tiny_checkpoint, tmp_path)
+    (tmp_path / "notes.txt").write_text(synthetic_text(200, seed=3))
+    monkeypatch.setenv("RUN_ID", json.loads((final / "mlflow_run.json").read_text())["run_id"])
+
+    commands = _export_readme_commands()
+    assert len(commands) >= 15 and any("models:/" in c for c in commands) and any("runs:/" in c for c in commands)
+    outputs = []
+    for command in commands:
+        code = main(shlex.split(os.path.expandvars(command)))
+        out, err = capsys.readouterr()
+        assert code == 0, f"`ctxmem {command}` failed:\n{err[-3000:]}"
+        outputs.append(out)
+
+    for name in ("tiny", "tiny-int8", "tiny-fp16", "again"):
+        report = json.loads((tmp_path / "exports" / name / "verification.json").read_text())
+        assert report["status"] == "passed", name
+    runtime = json.loads((tmp_path / "exports" / "tiny" / "runtime_config.json").read_text())
+    assert runtime["memory"] == {"policy": "sink", "window": 124, "sinks": 4, "chunk": 1}
+    assert runtime["source"]["run_id"] == os.environ["RUN_ID"]
+    listed = outputs[commands.index("registry list --name ctxmem-chat")].splitlines()
+    assert [row.split()[:2] for row in listed[1:]] == [["ctxmem-chat", "1"], ["ctxmem-chat", "2"]]
+    assert "ctxmem-chat@champion -> version 1 (was version 2)" in outputs[-2]  # the rollback drill
+    assert outputs[-1].strip()  # the champion generated text
 
 
 def test_runtime_config_fields_in_the_readme_are_the_dataclass_fields():
