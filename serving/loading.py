@@ -61,21 +61,21 @@ def server_memory(generator: Generator, overrides: MemoryOverrides | None) -> Me
 def load_served_model(config: EngineConfig) -> LoadedModel:
     """Export dir (has model.onnx) -> ONNX Runtime; checkpoint dir (model.safetensors) -> PyTorch."""
     path = resolve_spec(config)
-    setting = None if config.provider == "auto" else config.provider
     if (path / "model.onnx").exists():
         from ctxmem.export.runtime import load_onnx_generator
 
         threads = config.intra_op_threads or 1  # one thread per CPU replica: scale out with replicas
-        # auto (None): the runtime picks CUDA where this onnxruntime has it; report what actually runs
-        generator = load_onnx_generator(path, provider=setting, intra_op_threads=threads)
-        provider = "cuda" if getattr(generator.backend, "provider", "").startswith("CUDA") else "cpu"
+        # the runtime chooses (auto: CUDA where this onnxruntime has it; cuda: an error where it does not
+        # take); report what actually runs
+        generator = load_onnx_generator(path, provider=config.provider, intra_op_threads=threads)
+        provider = "cuda" if generator.backend.provider.startswith("CUDA") else "cpu"
         kind = "onnx"
     elif (path / "model.safetensors").exists():
         import torch
 
         from ctxmem.generation import load_generator
 
-        provider = "cuda" if setting in (None, "cuda") and torch.cuda.is_available() else "cpu"
+        provider = "cuda" if config.provider != "cpu" and torch.cuda.is_available() else "cpu"
         threads = config.intra_op_threads or (1 if provider == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)

@@ -249,6 +249,18 @@ def test_a_checkpoint_directory_falls_back_to_pytorch(tiny_checkpoint):
     assert model.kind == "torch"
 
 
+def test_a_model_spec_that_names_nothing_is_a_clear_error(tmp_path):
+    from ctxmem.export.errors import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="nowhere does not exist; --model takes a checkpoint or export"):
+        load_served_model(EngineConfig(model=str(tmp_path / "nowhere")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ModelSpecError, match="is a file"):
+        load_served_model(EngineConfig(model=str(tmp_path / "file")))
+    with pytest.raises(FileNotFoundError, match="neither model.onnx .* nor model.safetensors"):
+        load_served_model(EngineConfig(model=str(tmp_path)))
+
+
 def test_the_server_upgrades_a_full_policy_model_to_a_window_unless_told(export_dir):
     full = load_served_model(EngineConfig(model=str(export_dir), memory=MemoryOverrides(policy="full")))
     assert full.memory.policy == "full"
