@@ -275,7 +275,7 @@ class _API:
         self.check_model(req.model)
         payload["session_id"] = sid
 
-        def record(text: str, end: dict) -> None:
+        def record(text: str, end: Finished) -> None:
             self.store.append(sid, turns, [new, {"role": "assistant", "content": text}], _stats(end))
 
         return await self.respond(payload, "chat", req.stream, arrived, record, session={"id": sid, "turns": turns + 1})
@@ -296,7 +296,7 @@ class _API:
         return StreamingResponse(self.sse(first, events, kind, rid, created, arrived, payload, record, session),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _record(self, record, text: str, end: dict) -> None:
+    async def _record(self, record, text: str, end: Finished) -> None:
         try:
             await asyncio.to_thread(record, text, end)
         except StoreConflict as err:

@@ -20,7 +20,7 @@ from ctxmem.sampling import GenerationConfig, GenerationConfigError
 from .config import EngineConfig
 from .errors import APIError, bad_request
 from .events import FINAL, Event, coalesce
-from .loading import LoadedModel, load_served_model, resolve_spec
+from .loading import LoadedModel, load_served_model, model_directory
 from .metrics import Registry
 from .scheduler import AsyncSink, Job, Scheduler
 
@@ -142,7 +142,7 @@ class Engine:
         """Re-resolve the model spec (a registry alias may have moved) and roll over to it if it changed.
         In-flight sequences finish on the old model; new requests use the new one."""
         with self._reload_lock:
-            path = resolve_spec(self.config)
+            path = model_directory(self.config)
             if not force and path.resolve() == self.model.path.resolve():
                 return {**self.info(), "changed": False}
             new = load_served_model(self.config)

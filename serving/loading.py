@@ -40,7 +40,7 @@ class LoadedModel:
         return self._template
 
 
-def resolve_spec(config: EngineConfig) -> Path:
+def model_directory(config: EngineConfig) -> Path:
     """The local directory of the configured model (a registry alias is looked up now: it moves when a
     new champion is promoted; downloads are cached per version)."""
     return Path(resolve_model(config.model, tracking_uri=config.tracking_uri))
@@ -60,7 +60,7 @@ def server_memory(generator: Generator, overrides: MemoryOverrides | None) -> Me
 
 def load_served_model(config: EngineConfig) -> LoadedModel:
     """Export dir (has model.onnx) -> ONNX Runtime; checkpoint dir (model.safetensors) -> PyTorch."""
-    path = resolve_spec(config)
+    path = model_directory(config)
     if (path / "model.onnx").exists():
         from ctxmem.export.runtime import load_onnx_generator
 
