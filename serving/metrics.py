@@ -91,10 +91,6 @@ class Registry:
         """The collected metric families: plain picklable objects, cheap to send through Ray."""
         return list(self.registry.collect())
 
-    def text(self) -> bytes:
-        """This replica alone, in the Prometheus text format."""
-        return render([self.snapshot()])
-
 
 class _Collected:
     """A prometheus_client collector over families collected elsewhere."""

@@ -180,7 +180,7 @@ def test_every_token_of_a_stream_reaches_the_inter_token_histogram():
     timer.tokens(3)
     timer.tokens(2)
     timer.done(prompt_tokens=7, completion_tokens=5)
-    text = metrics.text()
+    text = render([metrics.snapshot()])
     assert _sample(text, "ctxmem_time_to_first_token_seconds_count") == 1
     assert _sample(text, "ctxmem_inter_token_latency_seconds_count") == 4
     assert _sample(text, 'ctxmem_inter_token_latency_seconds_bucket{le="0.001"}') >= 2  # the two with no gap
@@ -194,7 +194,7 @@ def test_metrics_of_replicas_add_up_and_registries_share_nothing():
     a.observe("ctxmem_batch_size", 3)
     b.observe("ctxmem_batch_size", 12, count=2)
     b.set("ctxmem_running_sequences", 4)
-    assert _sample(a.text(), "ctxmem_running_sequences") == 0  # b's gauge is b's alone
+    assert _sample(render([a.snapshot()]), "ctxmem_running_sequences") == 0  # b's gauge is b's alone
     merged = render([a.snapshot(), b.snapshot()], engine_replicas=2)
     assert _sample(merged, 'ctxmem_requests_total{endpoint="/v1/completions",status="200"}') == 3
     assert _sample(merged, "ctxmem_batch_size_count") == 3 and _sample(merged, "ctxmem_batch_size_sum") == 27
