@@ -177,39 +177,3 @@ def test_the_hostfile_example_parses_into_ranks():
     cfg = TrainConfig.load(REPO / "infra" / "train-gpu-124m.yaml")
     assert cfg.accumulation(16) == 1  # the GPU config splits over the example's 16 ranks
 
-
-def _readme_commands():
-    import re
-
-    text = (REPO / "training" / "README.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip():
-                yield line.strip()
-
-
-@pytest.mark.parametrize("command", list(_readme_commands()))
-def test_every_command_in_the_training_readme_is_valid(command):
-    words = shlex.split(command)
-    for word in words:  # every shipped file it names exists
-        path = word.split("=", 1)[-1]
-        if path.startswith("infra/"):
-            assert (REPO / path).exists(), path
-    if words[0] == "kubectl":
-        return
-    if words[0] == "torchrun":
-        from ctxmem.training.worker import main as worker_main  # noqa: F401 - the module it runs exists
-
-        assert words[words.index("-m") + 1] == "ctxmem.training.worker"
-        cfg = TrainConfig.load(REPO / words[words.index("--config") + 1])
-        nnodes, per_node = int(words[words.index("--nnodes") + 1]), int(words[words.index("--nproc-per-node") + 1])
-        cfg.accumulation(nnodes * per_node)
-        return
-    assert words[0] == "ctxmem"
-    args = build_parser().parse_args(words[1:])
-    assert callable(args.func)
-    if args.command == "train" and args.config and args.config.startswith("infra/"):
-        cfg = TrainConfig.load(REPO / args.config, args.overrides)
-        world = (_hostfile_slots(str(REPO / args.hostfile)) if args.hostfile
-                 else args.num_workers if args.ray else args.nproc)
-        cfg.accumulation(world)  # the batch splits over the ranks the command starts

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
                        help="continue from the newest checkpoint in OUT, or from PATH (a checkpoint or run folder)")
     train.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds checkpoints")
     where = train.add_mutually_exclusive_group()
-    where.add_argument("--nproc", type=int, default=1, help="local rank processes (torchrun-style; default 1: this process)")
+    where.add_argument("--nproc", type=int, default=1, help="local rank processes, started by torchrun (default 1: this process)")
     where.add_argument("--hostfile", help="multi-node: DeepSpeed launcher over the hosts of this file")
     where.add_argument("--ray", action="store_true", help="run on Ray Train (TorchTrainer)")
     train.add_argument("--launcher-args", default="", help="extra DeepSpeed launcher options with --hostfile, quoted")
