@@ -163,6 +163,10 @@ def test_a_request_that_sets_only_sinks_is_served_with_the_window_re_derived(sta
              json={"model": NAME, "prompt": "w", "max_tokens": 3, "window": 200})
     check_error_shape(r.status_code, r.json(), 400, "window too large")
     assert r.json()["error"]["param"] == "window"
+    r = call(app, "POST", "/v1/completions", headers=AUTH,
+             json={"model": NAME, "prompt": "w", "max_tokens": 3, "sinks": 10**6})
+    check_error_shape(r.status_code, r.json(), 400, "sinks too many")
+    assert r.json()["error"]["param"] == "sinks"
 
 
 def _sample(text: bytes, series: str) -> float:

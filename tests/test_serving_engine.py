@@ -192,6 +192,17 @@ def test_a_per_request_window_is_validated_against_the_model(engine):
     assert isinstance(end, Finished) and end.usage.evicted_tokens > 0
 
 
+def test_a_generation_setting_the_model_cannot_take_is_a_400_naming_it(engine):
+    from ctxmem.serving.errors import APIError
+
+    with pytest.raises(APIError) as caught:
+        engine.prepare({"kind": "completion", "prompt": "x", "generation": {"top_p": 0.0}}, emit=lambda events: None)
+    assert caught.value.status == 400 and caught.value.param == "top_p" and "top_p" in caught.value.message
+    job = engine.prepare({"kind": "completion", "prompt": "x", "generation": {"top_k": None, "seed": 3}},
+                         emit=lambda events: None)
+    assert job.generation.seed == 3 and job.generation.top_k == engine.model.generator.defaults.top_k  # None = unset
+
+
 def test_a_request_that_sets_only_sinks_gets_the_window_re_derived(engine):
     """The model's window (60) + 100 sinks does not fit its 128-token context: the window shrinks to
     what fits instead of the request being refused."""
