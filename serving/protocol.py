@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import bad_request
 from .events import Finished
 
-ROLES = ("system", "user", "assistant")  # ctxmem.tokenizer.ChatTemplate's roles
+ROLES = ("system", "user", "assistant")  # ctxmem.chat_template.ChatTemplate's roles
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system prompts
 MAX_STOP = 4
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,256}$")
