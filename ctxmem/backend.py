@@ -38,6 +38,7 @@ class TorchBackend:
         self.max_seq_len = model.cfg.max_seq_len
         self.vocab_size = model.cfg.vocab_size
         self.uses_rope = model.cfg.pos == "rope"
+        self.sink_token_id = model.cfg.sink_token_id  # prepended to every stream by ContextMemory
         self.name = f"torch-{self.device.type}"
 
     @torch.inference_mode()

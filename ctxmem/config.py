@@ -14,6 +14,11 @@ from typing import Any
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("relu", "gelu", "swiglu")
 POSITIONS = ("rope", "learned")
+# How the model holds attention sinks (StreamingLLM section 3.3; gpt-oss): none = whatever token
+# starts a stream; token = one dedicated learnable token, the last id of the vocabulary, that
+# begins every training sequence and every stream at inference; learned = a learned logit per head
+# added to the softmax denominator (attention may rest on "nothing").
+SINKS = ("none", "token", "learned")
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     bias: bool = False  # biases in the attention/FFN projections (the seed article has them)
     dropout: float = 0.0
+    sink: str = "none"  # see SINKS
     preset: str = "custom"
     head_dim: int = field(init=False)
 
@@ -58,7 +64,7 @@ class ModelConfig:
         self.head_dim = self.d_model // self.n_heads
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
-        for name, allowed in (("norm", NORMS), ("ffn", FFNS), ("pos", POSITIONS)):
+        for name, allowed in (("norm", NORMS), ("ffn", FFNS), ("pos", POSITIONS), ("sink", SINKS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if not 0.0 <= self.dropout < 1.0:
@@ -102,6 +108,11 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
+    @property
+    def sink_token_id(self) -> int | None:
+        """sink='token': the id of the dedicated sink token (the vocabulary's last); else None."""
+        return self.vocab_size - 1 if self.sink == "token" else None
+
     def num_params(self) -> int:
         d, f, kv = self.d_model, self.d_ff, self.n_kv_heads * self.head_dim
         attn = d * d * 2 + d * kv * 2
@@ -111,7 +122,8 @@ class ModelConfig:
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.max_seq_len * d if self.pos == "learned" else 0
         final_norm = d * (2 if self.norm == "layernorm" else 1)
-        return self.n_layers * (attn + ffn + norms + bias) + emb + pos + final_norm
+        head_sinks = self.n_heads if self.sink == "learned" else 0
+        return self.n_layers * (attn + ffn + norms + bias + head_sinks) + emb + pos + final_norm
 
     # ---- Hugging Face Llama family --------------------------------------------------------
     @classmethod
@@ -143,6 +155,9 @@ class ModelConfig:
     def to_hf_llama(self) -> dict[str, Any]:
         if (self.norm, self.ffn, self.pos, self.bias) != ("rmsnorm", "swiglu", "rope", False):
             raise ConfigError("only rmsnorm + swiglu + rope models without biases map onto Llama")
+        if self.sink == "learned":
+            raise ConfigError("sink='learned' adds a learned logit per head to the softmax, which "
+                              "LlamaForCausalLM has no place for; export this model with `ctxmem export` (ONNX)")
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": self.vocab_size, "hidden_size": self.d_model,

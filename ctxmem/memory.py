@@ -201,6 +201,7 @@ class ContextMemory:
                  piece: int | None = None):
         self.backend = backend
         self.config = config.resolve(backend.max_seq_len, backend.uses_rope)
+        self.sink_token: int | None = getattr(backend, "sink_token_id", None)
         # masked (evicted) slots the sink cache may carry before it is compacted
         self.slack = slack if slack is not None else max(8, self.config.capacity // 16)
         # prefill piece: any size gives the same result under `sink` (exact banding); it bounds the
@@ -229,6 +230,18 @@ class ContextMemory:
             ids, valid = left_pad(rows)
         if ids.shape[1] == 0:
             raise ValueError("nothing to feed: every row is empty")
+        starts = (state.seen == 0) & valid.any(axis=1)
+        if self.sink_token is None or not starts.any():
+            return self._feed(state, ids, valid, all_logits)
+        # a model trained with a sink token (ModelConfig.sink='token') sees it first in every stream,
+        # as in training: rows starting now get it prepended; the sink's own logits are dropped
+        rows = [([self.sink_token] if starts[r] else []) + ids[r][valid[r]].tolist() for r in range(len(ids))]
+        wide, wide_valid = left_pad(rows)
+        out = self._feed(state, wide, wide_valid, all_logits)
+        return out[:, -ids.shape[1]:] if all_logits else out
+
+    def _feed(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:
+        """feed() after the input is (B, T) ids with their valid mask."""
         cfg = self.config
         if cfg.policy == "full":
             need = state.lengths() + valid.sum(axis=1)
@@ -384,7 +397,7 @@ class ContextMemory:
             if len(cols) == 0:
                 outs.append(None)
             else:
-                got = self.feed(part, ids[r:r + 1, cols], all_logits=all_logits)
+                got = self._feed(part, ids[r:r + 1, cols], np.ones((1, len(cols)), bool), all_logits)
                 if all_logits:  # back into the padded columns
                     full = np.zeros((1, T, got.shape[-1]), np.float32)
                     full[:, cols] = got

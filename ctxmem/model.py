@@ -64,6 +64,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, kv, bias=cfg.bias)
         self.wv = nn.Linear(d, kv, bias=cfg.bias)
         self.wo = nn.Linear(d, d, bias=cfg.bias)  # the output projection Wᴼ
+        if cfg.sink == "learned":  # one logit per head in every softmax denominator, value zero
+            self.head_sink = nn.Parameter(torch.zeros(cfg.n_heads))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
                 allowed: torch.Tensor | None, past: KV | None,
@@ -91,7 +93,9 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, cfg.n_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.n_heads, S, cfg.head_dim)
             v = v[:, :, None].expand(B, cfg.n_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.n_heads, S, cfg.head_dim)
         p = cfg.dropout if self.training else 0.0
-        if sink is not None:
+        if cfg.sink == "learned":
+            y = self._attend_explicit(q, k, v, allowed, sink, q_plain, rope, p)
+        elif sink is not None:
             y = self._attend_with_sinks(q, apply_rope(q_plain, sink[0], sink[1]), k, v, allowed, sink[2])
         elif allowed is None:  # softmax(Q Kᵀ / sqrt(D)) V
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -99,6 +103,26 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, cfg.d_model)
         return self.wo(y), present
+
+    def _attend_explicit(self, q, k, v, allowed, sink, q_plain, rope, p: float) -> torch.Tensor:
+        """softmax over the scores and the head's learned sink logit (whose value is zero), explicit
+        because SDPA has no extra column. allowed None = causal. Shapes as _attend_with_sinks."""
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(D)  # (B, H, T, S)
+        if sink is not None:
+            q_sink = apply_rope(q_plain, sink[0], sink[1]).float()
+            span = sink[2].shape[-1]
+            to_sinks = torch.matmul(q_sink, k[:, :, :span].float().transpose(-1, -2)) / math.sqrt(D)
+            head = torch.where(sink[2][:, None, None, :], to_sinks, scores[..., :span])
+            scores = torch.cat((head, scores[..., span:]), dim=-1)
+        if allowed is None:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        extra = self.head_sink.float()[None, :, None, None].expand(B, H, T, 1)
+        weights = torch.softmax(torch.cat((scores, extra), dim=-1), dim=-1)[..., :S]  # (B, H, T, S)
+        weights = F.dropout(weights, p) if p else weights
+        return torch.matmul(weights, v.float()).to(v.dtype)
 
     @staticmethod
     def _attend_with_sinks(q: torch.Tensor, q_sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
