@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+from .eval_memory_cli import add_memory_eval
+
 log = logging.getLogger("ctxmem.export")
 
 
@@ -95,11 +97,12 @@ def _add_registry(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint or an export",
+    p = sub.add_parser("eval", help="validation perplexity, or (eval memory) quality and recall past the window",
                        description="Mean next-token loss over non-overlapping windows of DATA (a `ctxmem data "
-                                   "prepare` folder: its validation split; or a text file).")
+                                   "prepare` folder: its validation split; or a text file). `ctxmem eval memory`: "
+                                   "streaming perplexity per memory policy and recall by distance.")
     p.add_argument("--model", required=True, metavar="SPEC", help="checkpoint or export directory, runs:/, models:/")
-    p.add_argument("--data", required=True, help="prepared data folder or text file")
+    p.add_argument("--data", default=None, help="prepared data folder or text file (required for perplexity)")
     p.add_argument("--block", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
@@ -107,6 +110,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _uri_arg(p)
     p.set_defaults(func=cmd_eval)
+    add_memory_eval(p)  # `ctxmem eval memory` (export/eval_memory_cli.py)
 
 
 # ---- handlers -------------------------------------------------------------------------------------

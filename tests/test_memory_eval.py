@@ -195,7 +195,7 @@ def test_answer_correct_matches_greedy_decoding(backend, run):
 
 
 @pytest.mark.slow  # builds the ONNX export of the tiny model
-def test_checkpoint_and_onnx_export_agree(tiny_checkpoint, tiny_export, text):
+def test_checkpoint_and_onnx_export_agree(tiny_checkpoint, tiny_export, text, tmp_path, capsys):
     from ctxmem.export.runtime import OrtBackend
 
     tok = ByteTokenizer()
@@ -210,3 +210,77 @@ def test_checkpoint_and_onnx_export_agree(tiny_checkpoint, tiny_export, text):
         assert {k: v for k, v in a.items() if k != "ppl"} == {k: v for k, v in b.items() if k != "ppl"}
         assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-3)
     assert torch_result.recall == onnx_result.recall
+    # and through the command line, as a user runs it on an export
+    from ctxmem.cli import main
+
+    (tmp_path / "text.txt").write_text(text)
+    assert main(["eval", "memory", "--model", str(tiny_export), "--text", str(tmp_path / "text.txt"),
+                 *EVAL_ARGS[:-1], "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == onnx_result.to_dict()
+
+
+# ---- the command line: `ctxmem eval memory` -----------------------------------------------------------
+EVAL_ARGS = ["--window", str(WINDOW), "--sinks", str(SINKS), "--distances", "48", "--trials", "2",
+             "--reference-tokens", "16"]
+
+
+def test_cli_eval_memory_prints_saves_and_logs_to_mlflow(tiny_checkpoint, text, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from ctxmem.cli import main
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(text)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["eval", "memory", "--model", str(tiny_checkpoint), "--text", str(text_file), *EVAL_ARGS,
+                 "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "streaming perplexity" in printed and "window-only" in printed and "d=48" in printed
+    saved = MemoryEvalResult.from_json((tmp_path / "out" / "memory_eval.json").read_text())
+    assert saved.text_sha256 == text_sha256(text) and saved.length == 20 * WINDOW
+    assert (tmp_path / "out" / "memory_eval_streaming.png").stat().st_size > 0
+    assert (tmp_path / "out" / "memory_eval_recall.png").stat().st_size > 0
+
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("ctxmem-eval").experiment_id])
+    assert run.data.params["text_sha256"] == saved.text_sha256 and run.data.params["backend"] == "torch"
+    assert run.data.metrics["memory.ppl_beyond_10x.sink2"] == pytest.approx(saved.beyond("sink", SINKS)["ppl"])
+    assert run.data.metrics["memory.recall.window_only.d48"] == \
+        next(r["accuracy"] for r in saved.recall if r["policy"] == "sink" and r["sinks"] == 0)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "memory_eval")}
+    assert logged == {"memory_eval/memory_eval.json", "memory_eval/memory_eval_streaming.png",
+                      "memory_eval/memory_eval_recall.png"}
+
+
+def test_cli_eval_memory_on_a_prepared_folder_and_eval_perplexity_as_before(tiny_checkpoint, text, tmp_path,
+                                                                            capsys):
+    import hashlib
+
+    from ctxmem.cli import main
+    from ctxmem.training.data import TokenData, prepare
+
+    (tmp_path / "corpus.txt").write_text(text)
+    prepare([str(tmp_path / "corpus.txt")], tmp_path / "data", val_fraction=0.3, progress=False)
+    assert main(["eval", "memory", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "data"),
+                 *EVAL_ARGS, "--json"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    val = np.concatenate([np.asarray(a, dtype="<i8") for a in TokenData(tmp_path / "data").split("val", 1).arrays])
+    assert saved["text_sha256"] == hashlib.sha256(val.tobytes()).hexdigest()
+    assert {r["distance"] for r in saved["recall"]} == {48}
+    # `ctxmem eval --model X --data Y` keeps meaning validation perplexity
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "corpus.txt")]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_eval_memory_errors_are_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    from ctxmem.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short " * 10)
+    assert main(["eval", "memory", "--model", str(tiny_checkpoint), "--text", str(short), *EVAL_ARGS]) == 1
+    assert "has 100 tokens; this run needs at least 320" in capsys.readouterr().err
+    assert main(["eval", "memory", "--model", str(tiny_checkpoint)]) == 1
+    assert "exactly one of --text FILE or --data DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # perplexity (the default) still needs --data
+        main(["eval", "--model", str(tiny_checkpoint)])
+    assert "--data" in capsys.readouterr().err
