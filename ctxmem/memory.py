@@ -90,6 +90,9 @@ class MemoryConfig:
             if key != "policy" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise MemoryConfigError(f"{key} must be an integer, got {value!r}")
         policy = given.pop("policy", self.policy)
+        if policy == "full" and given:
+            raise MemoryConfigError(f"policy 'full' keeps every token and takes no {sorted(given)}; to bound "
+                                    "the memory choose policy 'sink' (or 'recompute') as well")
         start = self if policy == self.policy else MemoryConfig(policy=policy)
         if policy == "sink":
             if "sinks" in given and "window" not in given and start.window is not None:

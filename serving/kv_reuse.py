@@ -89,12 +89,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def rewind(memory: ContextMemory, state: MemoryState, n: int) -> MemoryState:
-    """Forget the last n tokens of a one-row state (mask their slots out, drop the columns). The caller
-    checks they are still in the cache - the sink window only ever evicts from the middle."""
-    mask = state.mask.copy()
-    valid = np.flatnonzero(mask[0])
-    mask[0, valid[len(valid) - n:]] = False
-    return memory.compact(MemoryState(state.past, mask, state.tokens, state.evicted.copy(), state.seen - n))
+    """Forget the last n tokens of a one-row state (ContextMemory.rewind). The caller checks they are
+    still in the cache - the sink window only ever evicts from the middle."""
+    return memory.rewind(state, n)
 
 
 def reuse(entry: CachedConversation, prompt: list[int], memory: ContextMemory) -> tuple[MemoryState, int] | None:

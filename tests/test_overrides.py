@@ -67,3 +67,11 @@ def test_generation_overrides():
         saved.with_overrides(top_p=0.0)
     with pytest.raises(GenerationConfigError, match="unknown generation settings"):
         saved.with_overrides(temprature=1.0)
+
+
+def test_full_takes_no_window_instead_of_dropping_it_silently():
+    with pytest.raises(MemoryConfigError, match="policy 'full'"):
+        MemoryConfig().with_overrides(CTX, window=64)
+    with pytest.raises(MemoryConfigError, match="policy 'full'"):
+        MemoryConfig(policy="sink").with_overrides(CTX, policy="full", sinks=2)
+    assert MemoryConfig(policy="sink").with_overrides(CTX, policy="full").window == CTX
