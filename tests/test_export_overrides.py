@@ -26,7 +26,9 @@ def test_export_flags_start_from_the_checkpoints_saved_policy(tiny_checkpoint, t
     assert _memory(_flags(), tiny_checkpoint) is None  # nothing set: export writes the saved policy
     # the checkpoint saved nothing (policy full): --window alone means a sink window, as documented
     assert _memory(_flags(window=44), tiny_checkpoint) == MemoryConfig("sink", window=44, sinks=4, chunk=1)
-    assert _memory(_flags(policy="full", window=44), tiny_checkpoint) == MemoryConfig("full", window=ctx, sinks=0)
+    with pytest.raises(MemoryConfigError, match="policy 'full'"):  # full has no window: said, not dropped
+        _memory(_flags(policy="full", window=44), tiny_checkpoint)
+    assert _memory(_flags(policy="full"), tiny_checkpoint) == MemoryConfig("full", window=ctx, sinks=0)
 
     saved = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     (saved / "generation_config.json").write_text(json.dumps(
