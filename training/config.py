@@ -55,9 +55,12 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     preset: str = "tiny"
-    # Any ModelConfig field except vocab_size, which comes from the tokenizer (rounded up).
+    # Any ModelConfig field except vocab_size, which comes from the tokenizer (rounded up), and sink.
     overrides: dict[str, Any] = Field(default_factory=dict)
     vocab_multiple: Positive = 64  # embedding rows rounded up to a multiple of this (matmul-friendly)
+    # Attention sinks trained into the model (ctxmem.config.SINKS): none; token = a dedicated sink
+    # token (one id past the tokenizer's) starts every training sample; learned = a logit per head.
+    sink: Literal["none", "token", "learned"] = "none"
 
     @field_validator("overrides", mode="before")
     @classmethod
@@ -66,11 +69,11 @@ class ModelSection(_Section):
 
     @model_validator(mode="after")
     def _buildable(self) -> "ModelSection":
-        for key in ("vocab_size", "preset"):
+        for key in ("vocab_size", "preset", "sink"):
             if key in self.overrides:
                 raise ValueError(f"model.overrides.{key} cannot be set: "
                                  + ("the vocabulary comes from the prepared data's tokenizer"
-                                    if key == "vocab_size" else "use model.preset"))
+                                    if key == "vocab_size" else f"use model.{key}"))
         try:
             self.build(256)  # validates the preset name and the overrides now, not after launch
         except TrainConfigError as err:
@@ -78,12 +81,15 @@ class ModelSection(_Section):
         return self
 
     def build(self, tokenizer_vocab: int):
-        """The ModelConfig for a tokenizer of `tokenizer_vocab` ids (rows rounded up)."""
+        """The ModelConfig for a tokenizer of `tokenizer_vocab` ids (rows rounded up). sink=token
+        adds one id past the tokenizer's before rounding: the model's last id is the sink token,
+        never a tokenizer id (ModelConfig.sink_token_id = vocab_size - 1)."""
         from ctxmem.config import ConfigError, preset
 
-        vocab = self.vocab_multiple * math.ceil(tokenizer_vocab / self.vocab_multiple)
+        ids = tokenizer_vocab + (1 if self.sink == "token" else 0)
+        vocab = self.vocab_multiple * math.ceil(ids / self.vocab_multiple)
         try:
-            return preset(self.preset, **{**self.overrides, "vocab_size": vocab})
+            return preset(self.preset, **{**self.overrides, "vocab_size": vocab, "sink": self.sink})
         except ConfigError as err:
             raise TrainConfigError(f"model: {err}") from None
         except TypeError as err:  # an override that is not a ModelConfig field
@@ -93,6 +99,10 @@ class ModelSection(_Section):
 class DataSection(_Section):
     path: str = "data/chatterbot"  # a folder written by `ctxmem data prepare`
     seq_len: Positive | None = None  # tokens per training window; None = the model's max_seq_len
+    # How samples are cut from the token stream (training/data.py): crop = consecutive windows
+    # wherever they fall; document = each sample starts at a document (or continues a long one)
+    # with the tokenizer's BOS at position 0, as streams start at inference.
+    samples: Literal["crop", "document"] = "crop"
 
 
 class BatchSection(_Section):
@@ -139,9 +149,27 @@ class OptimSection(_Section):
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+class MemoryEvalSection(_Section):
+    """ctxmem.memory_eval on the final checkpoint over the validation split, logged to the run."""
+    enabled: Flag = False
+    window: Positive | None = None  # recent tokens every policy keeps; None = half the model's context
+    sinks: Integer = Field(4, ge=0)  # attention sinks of the sink policy
+    length: Positive | None = None  # stream tokens; None = 20x the window
+    distances: list[Positive] | None = None  # recall distances; None = spread inside and beyond the window
+    trials: Positive = 32  # recall facts per distance and policy
+    reference_tokens: Positive = 1024  # recompute(chunk=1) positions measured before 10x the window
+
+
 class EvalSection(_Section):
     interval: Positive = 50  # optimizer steps between evaluations (and one at the end)
     samples: Positive = 64  # validation windows per evaluation (capped by the split's size)
+    memory: MemoryEvalSection = Field(default_factory=MemoryEvalSection)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _flag_is_enabled(cls, value: Any) -> Any:
+        """`eval.memory: true` is short for `eval.memory.enabled: true` with the defaults."""
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 class CheckpointSection(_Section):
@@ -205,6 +233,10 @@ class TrainConfig(_Section):
         if self.data.seq_len is not None and self.data.seq_len > max_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds the model's max_seq_len={max_len} "
                              f"(preset {self.model.preset!r}); lower it or override model.overrides.max_seq_len")
+        memory = self.eval.memory
+        if memory.enabled and memory.window is not None and memory.window + memory.sinks > max_len:
+            raise ValueError(f"eval.memory: window ({memory.window}) + sinks ({memory.sinks}) exceeds the model's "
+                             f"max_seq_len={max_len}; lower eval.memory.window")
         return self
 
     # ---- derived ------------------------------------------------------------------------------

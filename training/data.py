@@ -11,8 +11,10 @@ Documents are shuffled (seeded) and split whole into train/validation by charact
 with EOS. Conversations are rendered with `ctxmem.tokenizer.ChatTemplate`. The shards are read back
 with `numpy.memmap`, so training never loads a corpus into memory.
 
-Batches: the training split is cut into non-overlapping windows of seq_len + 1 tokens (inputs and
-shifted targets). Optimizer step s reads global sample positions [s*G, (s+1)*G) of an endless
+Batches: the training split is cut into samples of seq_len + 1 tokens (inputs and shifted targets),
+see `Split`: with `data.samples: crop` (the default) consecutive windows wherever they fall, with
+`document` windows that start at a document with the tokenizer's BOS in front. A model with a sink
+token gets it in front of every sample. Optimizer step s reads global sample positions [s*G, (s+1)*G) of an endless
 sequence of seeded epoch permutations; micro-step m of rank r reads the slice
 [(m*W + r)*b, (m*W + r + 1)*b) of it (G global batch, W world size, b micro batch). So the samples
 of a step do not depend on the world size (the one-process vs ZeRO-ranks parity test relies on
@@ -220,28 +222,98 @@ class _ShardWriter:
 
 
 # ---- reading -----------------------------------------------------------------------------------
-class Split:
-    """Non-overlapping windows of `seq_len + 1` tokens over memory-mapped shards (never across shards)."""
+SAMPLES = ("crop", "document")
+IGNORE = -100  # a target the loss skips (torch's cross_entropy ignore_index)
 
-    def __init__(self, arrays: list[np.ndarray], seq_len: int):
-        self.arrays, self.seq_len = arrays, seq_len
-        counts = [max(0, (len(a) - 1) // seq_len) for a in arrays]
+
+def sample_prefix(samples: str, sink_token_id: int | None, bos_id: int | None) -> tuple[int, ...]:
+    """The fixed tokens every sample starts with: the model's sink token (sink=token), then BOS
+    (samples=document). Raises DataError when document samples need a BOS the tokenizer lacks."""
+    if samples not in SAMPLES:
+        raise DataError(f"data.samples={samples!r} is not one of {SAMPLES}")
+    prefix = [] if sink_token_id is None else [int(sink_token_id)]
+    if samples == "document":
+        if bos_id is None:
+            raise DataError("data.samples=document starts every sample with the tokenizer's BOS token, and this "
+                            "tokenizer has none; use data.samples=crop or prepare the data with a tokenizer that has one")
+        prefix.append(int(bos_id))
+    return tuple(prefix)
+
+
+class Split:
+    """Samples of `seq_len + 1` tokens over memory-mapped shards (a sample never crosses shards).
+
+    A sample is `prefix` (P fixed tokens: the sink token and/or BOS, see `sample_prefix`) followed
+    by n = seq_len + 1 - P tokens of the stream starting at a sample offset. Inputs are its first
+    seq_len tokens, targets its last seq_len; a target that is a prefix token is IGNORE, so the
+    first target scored is the first stream token after the prefix (with no prefix: the second).
+    Offsets advance by `stride` = the stream tokens a sample scores, so every token is a target once:
+      crop      every stride tokens from each shard's start (P=0: the plain seq_len windows).
+      document  every document start (a shard's start, the token after each EOS) and, inside a
+                document longer than one sample, every stride tokens further - so each sample has
+                its BOS at position 0 and a long document is still read whole. A sample runs on
+                into the next documents when its own is shorter (packed; EOS separates them).
+    """
+
+    def __init__(self, arrays: list[np.ndarray], seq_len: int, prefix: tuple[int, ...] = (),
+                 samples: str = "crop", eos_id: int | None = None):
+        if samples not in SAMPLES:
+            raise DataError(f"data.samples={samples!r} is not one of {SAMPLES}")
+        if len(prefix) >= seq_len:
+            raise DataError(f"data.seq_len={seq_len} leaves no stream tokens after the {len(prefix)} fixed "
+                            "token(s) every sample starts with; raise data.seq_len")
+        if samples == "document" and eos_id is None:
+            raise DataError("data.samples=document needs the data's EOS id to find documents; prepare the data again")
+        self.arrays, self.seq_len, self.samples = arrays, seq_len, samples
+        self.prefix = np.asarray(prefix, dtype=np.int64)
+        self.n = seq_len + 1 - len(prefix)  # stream tokens per sample
+        self.stride = self.n if len(prefix) else self.n - 1
+        # per shard: None = offsets i * stride (crop), else the offsets themselves (document)
+        self._offsets: list[np.ndarray | None] = []
+        counts = []
+        for a in arrays:
+            if samples == "crop":
+                self._offsets.append(None)
+                counts.append(max(0, (len(a) - self.n) // self.stride + 1))
+            else:
+                offsets = self._document_offsets(a, int(eos_id))
+                self._offsets.append(offsets)
+                counts.append(len(offsets))
         self.starts = np.cumsum([0] + counts)
         self.n_windows = int(self.starts[-1])
         self.tokens = sum(len(a) for a in arrays)
 
+    def _document_offsets(self, tokens: np.ndarray, eos_id: int) -> np.ndarray:
+        """Offsets (k,) int64 of the document-aligned samples of one shard whose n tokens fit in it."""
+        ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1  # one past each EOS
+        bounds = np.unique(np.concatenate([[0], ends, [len(tokens)]]))
+        starts, lengths = bounds[:-1], np.diff(bounds)
+        # a document of L tokens (its EOS included) is scored by ceil((L - 1) / stride) samples, at least one
+        per_doc = np.maximum(1, -(-(lengths - 1) // self.stride))
+        first = np.repeat(starts, per_doc)
+        within = np.arange(len(first)) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+        offsets = first + within * self.stride
+        return offsets[offsets + self.n <= len(tokens)].astype(np.int64)
+
     def window(self, i: int) -> np.ndarray:
+        """Sample i: its prefix and stream tokens, (seq_len + 1,) int64."""
         shard = int(np.searchsorted(self.starts, i, side="right") - 1)
-        offset = (i - int(self.starts[shard])) * self.seq_len
-        return self.arrays[shard][offset: offset + self.seq_len + 1]
+        k = i - int(self.starts[shard])
+        offsets = self._offsets[shard]
+        offset = k * self.stride if offsets is None else int(offsets[k])
+        stream = np.asarray(self.arrays[shard][offset: offset + self.n], dtype=np.int64)
+        return np.concatenate([self.prefix, stream]) if len(self.prefix) else stream
 
     def batch(self, indices) -> "tuple[Any, Any]":
-        """(inputs, targets), each (len(indices), seq_len) int64 tensors."""
+        """(inputs, targets), each (len(indices), seq_len) int64 tensors; targets IGNORE where they
+        would predict a prefix token."""
         import torch
 
-        rows = np.stack([self.window(int(i)).astype(np.int64) for i in indices])
+        rows = np.stack([self.window(int(i)) for i in indices])
         tokens = torch.from_numpy(rows)
-        return tokens[:, :-1], tokens[:, 1:]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+        targets[:, : max(0, len(self.prefix) - 1)] = IGNORE
+        return inputs, targets
 
 
 class TokenData:
@@ -283,12 +355,24 @@ class TokenData:
 
         return load_tokenizer(self.path / self.meta["tokenizer"])
 
-    def split(self, name: str, seq_len: int) -> Split:
-        split = Split(self._arrays[name], seq_len)
+    def stream(self, name: str, limit: int) -> np.ndarray:
+        """Split `name`'s tokens in order (shards concatenated), at most `limit`, (k,) int64."""
+        parts, left = [], limit
+        for a in self._arrays[name]:
+            if left <= 0:
+                break
+            parts.append(np.asarray(a[:left], dtype=np.int64))
+            left -= len(parts[-1])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def split(self, name: str, seq_len: int, prefix: tuple[int, ...] = (), samples: str = "crop") -> Split:
+        """The samples of split `name` (see Split; prefix from `sample_prefix`)."""
+        split = Split(self._arrays[name], seq_len, prefix, samples, self.meta.get("eos_id"))
         if split.n_windows == 0:
             what = "training" if name == "train" else "validation"
-            raise DataError(f"the {what} split of {self.path} has {split.tokens} tokens, fewer than one window of "
-                            f"data.seq_len + 1 = {seq_len + 1}; use a larger corpus"
+            raise DataError(f"the {what} split of {self.path} has {split.tokens} tokens, fewer than one sample of "
+                            f"{split.n} stream tokens (data.seq_len + 1 = {seq_len + 1}"
+                            + (f", less {len(prefix)} fixed token(s)" if prefix else "") + "); use a larger corpus"
                             + (", a larger --val-fraction" if name == "val" else "") + " or a shorter data.seq_len")
         return split
 

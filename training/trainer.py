@@ -55,6 +55,7 @@ class TrainResult:
     mlflow: dict[str, Any] = field(default_factory=dict)
     exit_code: int = 0
     consolidated_max_abs_diff: float | None = None
+    memory_eval: dict[str, Any] | None = None  # eval.memory: {"json", "metrics"} or {"error"}
 
 
 # ---- environment ---------------------------------------------------------------------------------
@@ -130,8 +131,11 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None, overwrite: 
     if check_device:
         cfg.runtime(_cuda_available(cfg), True)
     data = TokenData(cfg.data.path)
-    data.split("train", cfg.seq_len)
-    data.split("val", cfg.seq_len)
+    training_splits(cfg, data)
+    if cfg.eval.memory.enabled:
+        from .final_memory_eval import check_memory_eval
+
+        check_memory_eval(cfg, data)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"out={out} is a file; give a folder")
@@ -151,6 +155,17 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None, overwrite: 
         raise TrainingError(f"{out} already holds checkpoints (newest {tags[-1]}); continue that run with "
                             f"--resume, start over with --overwrite, or choose another out=")
     return point
+
+
+def training_splits(cfg: TrainConfig, data) -> tuple[Any, Any]:
+    """(train, val) Splits as the config samples them: data.samples, and the model's sink token
+    (sink=token) in front of every sample. The validation split is cut the same way, so the two
+    losses compare."""
+    from .data import sample_prefix
+
+    model_cfg = cfg.model.build(data.vocab_size)
+    prefix = sample_prefix(cfg.data.samples, model_cfg.sink_token_id, data.tokenizer().bos_id)
+    return tuple(data.split(name, cfg.seq_len, prefix, cfg.data.samples) for name in ("train", "val"))
 
 
 def _cuda_available(cfg: TrainConfig) -> bool:
@@ -218,8 +233,7 @@ class _Run:
         self.data = TokenData(cfg.data.path)
         self.tokenizer = self.data.tokenizer()
         self.seq_len = cfg.seq_len
-        self.train_split = self.data.split("train", self.seq_len)
-        self.val_split = self.data.split("val", self.seq_len)
+        self.train_split, self.val_split = training_splits(cfg, self.data)
         self.plan = BatchPlan(self.train_split.n_windows, cfg.batch.global_batch, cfg.seed)
         self.model_cfg = cfg.model.build(self.data.vocab_size)
         self.progress = progress
@@ -285,6 +299,8 @@ class _Run:
         import torch.distributed as dist
         import torch.nn.functional as F
 
+        from .data import IGNORE
+
         engine, scheduler, ds_config = self._engine()
         self.engine = engine
         start = 0
@@ -326,7 +342,8 @@ class _Run:
                     x, y = self.train_split.batch(idx)
                     x, y = x.to(engine.device), y.to(engine.device)
                     logits = engine(x)  # (b, T, V)
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                           ignore_index=IGNORE)  # targets of a sample's fixed prefix skipped
                     engine.backward(loss)
                     engine.step()  # the optimizer steps at the last micro-step only
                     loss_sum += loss.detach().double().cpu()
@@ -410,7 +427,7 @@ class _Run:
         import torch.distributed as dist
         import torch.nn.functional as F
 
-        from .data import eval_plan
+        from .data import IGNORE, eval_plan
 
         engine = self.engine
         engine.eval()
@@ -423,7 +440,8 @@ class _Run:
                 losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(engine.device).reshape(-1),
                                          reduction="none").view(y.shape).sum(-1).double().cpu()  # (b,)
                 w = torch.tensor(weights, dtype=torch.float64)
-                totals += torch.stack([(losses * w).sum(), w.sum() * y.shape[1]])
+                scored = (y != IGNORE).sum(-1).double()  # (b,) targets that are not a sample's fixed prefix
+                totals += torch.stack([(losses * w).sum(), (scored * w).sum()])
         engine.train()
         totals = totals.to(engine.device)
         dist.all_reduce(totals)
@@ -516,6 +534,8 @@ class _Run:
             tmp.rename(final)
             result.final = final
             png = tracking.plot_losses(self.out / METRICS, self.out / "loss_curve.png")
+            if self.cfg.eval.memory.enabled:
+                result.memory_eval = self._memory_eval(final, step)
             if self.tracker:
                 self.tracker.log_metrics({"final_val_loss": result.val_loss, "final_val_ppl": result.val_ppl,
                                           "consolidated_max_abs_diff": result.consolidated_max_abs_diff}, step)
@@ -535,6 +555,30 @@ class _Run:
             self.report({"step": step, "status": "completed", "val_loss": result.val_loss,
                          "val_ppl": result.val_ppl}, self.out / FINAL if self.rank == 0 else None)
         return result
+
+    def _memory_eval(self, final: Path, step: int) -> dict[str, Any] | None:
+        """eval.memory: the memory evaluation of the final checkpoint (rank 0), saved in OUT/memory_eval
+        and logged to the run (metrics at the last step, memory_eval.json and PNGs as artifacts). A
+        failure is reported and recorded, and the run still completes: its checkpoint is intact."""
+        from ctxmem.memory_eval import MemoryEvalError
+
+        from .final_memory_eval import FOLDER, run_memory_eval
+
+        log.info("memory evaluation of %s over the validation split", final)
+        try:
+            done = run_memory_eval(self.cfg, final, self.data, self.out / FOLDER, self.device_kind)
+        except MemoryEvalError as err:
+            log.error("memory evaluation failed: %s", err)
+            if self.tracker:
+                self.tracker.set_tags({"memory_eval_error": str(err)[:4000]})
+            return {"error": str(err)}
+        print(done.result.table(), file=sys.stderr, flush=True)
+        if self.tracker:
+            self.tracker.log_metrics(done.result.metrics(), step)
+            self.tracker.set_tags(done.params)
+            for path in done.paths.values():
+                self.tracker.log_artifact(path, FOLDER)
+        return {"json": str(done.paths["json"]), "metrics": done.result.metrics()}
 
     @staticmethod
     def _mlflow_note(info: dict[str, Any]) -> str:
@@ -560,6 +604,6 @@ class _Run:
                 "val_ppl": result.val_ppl, "world_size": self.world, "zero_stage": self.cfg.zero.stage,
                 "precision": self.precision, "device": self.device_kind, "launcher": self.launcher,
                 "consolidated_max_abs_diff": result.consolidated_max_abs_diff, "mlflow": result.mlflow,
-                "engine": self._engine_facts(),
+                "engine": self._engine_facts(), "memory_eval": result.memory_eval,
                 "resume": self._resume_hint() if result.status != "completed" else None}
         (self.out / SUMMARY).write_text(json.dumps(data, indent=2) + "\n")
