@@ -19,7 +19,7 @@ CONFIGS = sorted((REPO / "infra").glob("train-*.yaml"))
 def test_every_shipped_training_config_is_listed_here_and_resolves():
     # a new config must be added to the tests that run it (test_training_run.py)
     assert {c.name for c in CONFIGS} == {"train-tiny.yaml", "train-cpu-demo.yaml", "train-gpu-124m.yaml",
-                                         "train-ray-cpu.yaml"}
+                                         "train-ray-cpu.yaml", "train-cpu-memory.yaml"}  # memory: test_bench_sinks.py
     for path in CONFIGS:
         cfg = TrainConfig.load(path)
         assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # round-trips

@@ -142,9 +142,10 @@ MEMORY = ("eval.memory.enabled=true", "eval.memory.window=48", "eval.memory.sink
 
 @pytest.fixture(scope="module")
 def token_run(chat_data, tmp_path_factory):
-    """sink=token on document samples, ZeRO-2, memory evaluation at the end, MLflow file store."""
+    """sink=token on document samples, ZeRO-2, memory evaluation at the end, MLflow in a SQLite file
+    (the project's embedded store; MLflow 3 refuses its plain file store)."""
     root = tmp_path_factory.mktemp("token")
-    uri = (root / "mlruns").as_uri()
+    uri = "sqlite:///" + str(root / "mlflow.db")
     result = train_inprocess(root / "run", chat_data, "model.sink=token", "data.samples=document", "zero.stage=2",
                              "steps=4", "eval.interval=4", "checkpoint.interval=4", *MEMORY,
                              "tracking.enabled=true", f"tracking.uri={uri}", "tracking.log_checkpoint=false")
