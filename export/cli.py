@@ -1,4 +1,4 @@
-"""`ctxmem export`, `ctxmem registry {register,promote,list}` and `ctxmem eval`.
+"""`ctxmem export`, `ctxmem registry {register,evaluate-memory,promote,list}` and `ctxmem eval`.
 
 Only argparse here at import time: torch, onnx, onnxruntime and mlflow load inside the handlers.
 Handlers return exit codes; user errors are the typed exceptions of export/errors.py, which
@@ -73,8 +73,36 @@ def _add_registry(sub) -> None:
     r.add_argument("--allow-unverified", action="store_true",
                    help="register even if verification failed or is missing (tagged; promotion will refuse it)")
     r.add_argument("--description", default=None, help="model version description shown in the registry")
+    _no_memory_gate_arg(r)
     _uri_arg(r)
     r.set_defaults(func=cmd_register)
+
+    em = rs.add_parser("evaluate-memory", help="record a memory evaluation (eval memory) on a model version",
+                       description="Run `ctxmem eval memory` on the version's export (--text / --data), or take "
+                                   "an existing memory_eval.json (--result), and record it on the version: metrics "
+                                   "and memory_eval/ artifacts in its run, the summary the champion gate reads as "
+                                   "the version tag ctxmem.memory_eval.")
+    em.add_argument("--name", required=True, help="registered model name")
+    which = em.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", default=None, help="version number to evaluate")
+    which.add_argument("--from-alias", default=None, help="evaluate the version an alias points at (challenger)")
+    source = em.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", default=None, help="UTF-8 text file to measure the version's export on")
+    source.add_argument("--data", default=None, help="`ctxmem data prepare` folder (its validation split)")
+    source.add_argument("--result", default=None,
+                        help="an existing memory_eval.json (or its folder, PNGs beside it), e.g. training's")
+    em.add_argument("--window", type=int, default=None, help="recent tokens kept (default: half the model's context)")
+    em.add_argument("--sinks", type=int, default=4, help="attention sinks of the sink policy (default 4)")
+    em.add_argument("--length", type=int, default=None, help="stream tokens (default: 20x the window)")
+    em.add_argument("--distances", type=int, nargs="+", default=None, metavar="D", help="recall distances in tokens")
+    em.add_argument("--trials", type=int, default=32, help="recall facts per distance and policy (default 32)")
+    em.add_argument("--reference-tokens", type=int, default=1024,
+                    help="positions before 10x the window measured by the recompute(chunk=1) reference (default 1024)")
+    em.add_argument("--seed", type=int, default=0, help="seed of the recall facts (default 0)")
+    em.add_argument("--provider", default=None, help="ONNX Runtime provider: cpu, cuda (default: auto)")
+    em.add_argument("--out", default=None, help="also keep memory_eval.json and the PNGs in this folder")
+    _uri_arg(em)
+    em.set_defaults(func=cmd_evaluate_memory)
 
     pr = rs.add_parser("promote", help="point an alias at a version, through the promotion gate")
     pr.add_argument("--name", required=True, help="registered model name")
@@ -86,6 +114,7 @@ def _add_registry(sub) -> None:
                     help="champion gate: how much worse (relative) validation perplexity may be (default 0.02)")
     pr.add_argument("--force", action="store_true", help="override a refusal (needs --reason; recorded)")
     pr.add_argument("--reason", default=None, help="why --force overrides the gate (recorded as a tag)")
+    _no_memory_gate_arg(pr)
     _uri_arg(pr)
     pr.set_defaults(func=cmd_promote)
 
@@ -94,6 +123,12 @@ def _add_registry(sub) -> None:
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     _uri_arg(ls)
     ls.set_defaults(func=cmd_list)
+
+
+def _no_memory_gate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-memory-gate", dest="memory_gate", action="store_false",
+                   help="champion gate: skip the memory evaluation check (sink perplexity past the window vs "
+                        "recompute and vs the champion); warned and recorded in the promotion decision")
 
 
 def _add_eval(sub) -> None:
@@ -176,7 +211,8 @@ def cmd_register(args) -> int:
     print(f"registered {result['name']} version {result['version']} (verification {result['verification']}{ppl}; "
           f"run {result['run_id']})")
     if args.alias:
-        record = promote(args.name, args.alias, version=result["version"], tracking_uri=args.tracking_uri)
+        record = promote(args.name, args.alias, version=result["version"], tracking_uri=args.tracking_uri,
+                         memory_gate=args.memory_gate)
         print(f"{args.name}@{record['alias']} -> version {record['version']}")
     return 0
 
@@ -185,10 +221,31 @@ def cmd_promote(args) -> int:
     from .registry import promote
 
     record = promote(args.name, args.alias, version=args.version, from_alias=args.from_alias, force=args.force,
-                     reason=args.reason, tolerance=args.tolerance, tracking_uri=args.tracking_uri)
+                     reason=args.reason, tolerance=args.tolerance, tracking_uri=args.tracking_uri,
+                     memory_gate=args.memory_gate)
     forced = f" (forced: {record['reason']}; gate said: {'; '.join(record['gate'])})" if record["forced"] else ""
     previous = f" (was version {record['previous_version']})" if record["previous_version"] else ""
-    print(f"{args.name}@{record['alias']} -> version {record['version']}{previous}{forced}")
+    skipped = " (memory gate skipped: --no-memory-gate)" if record.get("memory_gate", "").startswith("skipped") else ""
+    print(f"{args.name}@{record['alias']} -> version {record['version']}{previous}{forced}{skipped}")
+    return 0
+
+
+def cmd_evaluate_memory(args) -> int:
+    from .registry_memory import record_memory_eval
+
+    result, summary = record_memory_eval(
+        args.name, args.version, from_alias=args.from_alias, text=args.text, data=args.data, result_file=args.result,
+        tracking_uri=args.tracking_uri, provider=args.provider, out=args.out, window=args.window, sinks=args.sinks,
+        length=args.length, distances=args.distances, trials=args.trials, seed=args.seed,
+        reference_tokens=args.reference_tokens)
+    print(result.table())
+    if summary["sink_ppl"] is not None and summary["recompute_ppl"] is not None:
+        ratio = f"sink ppl beyond 10x the window {summary['sink_ppl']:.4f} = " \
+                f"{summary['sink_ppl'] / summary['recompute_ppl']:.3f}x recompute(chunk=1); "
+    else:
+        ratio = "no sink/recompute perplexity beyond 10x the window (the champion gate will refuse it); "
+    print(f"recorded on {args.name} version {summary['version']}: {ratio}text sha256 {summary['text_sha256'][:12]}; "
+          f"run {summary['run_id']}")
     return 0
 
 

@@ -4,8 +4,10 @@
 Aliases, not stages (deprecated in MLflow): `challenger` is where a new version waits, `champion`
 is what serving loads. Moving an alias goes through `promote`, whose gate refuses a version whose
 verification failed or is missing, or (for champion) whose validation perplexity is worse than the
-current champion's beyond a tolerance - unless forced with a reason, which is recorded on the
-version and on the registered model.
+current champion's beyond a tolerance, or whose memory evaluation fails the memory gate
+(registry_memory.py: sink perplexity far past the window against recompute and against the
+champion on the same text) - unless forced with a reason, which is recorded on the version and on
+the registered model.
 
 Store: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db with
 artifacts in mlruns/ beside it - ctxmem.paths.default_tracking_uri, the default of every stage, so
@@ -24,6 +26,7 @@ from typing import Any
 
 from ctxmem.paths import default_artifact_location, default_tracking_uri
 
+from . import registry_memory
 from .errors import PromotionRefusedError, RegistryError, VerificationError
 from .resolve import resolve_model
 from .runtime import RuntimeConfig, export_hashes
@@ -238,8 +241,9 @@ def _requirements() -> list[str]:
 # ---- promote ----------------------------------------------------------------------------------------
 def promote(name: str, alias: str, *, version: str | int | None = None, from_alias: str | None = None,
             force: bool = False, reason: str | None = None, tolerance: float = PPL_TOLERANCE,
-            tracking_uri: str | None = None, gate_alias: str = CHAMPION) -> dict[str, Any]:
+            tracking_uri: str | None = None, gate_alias: str = CHAMPION, memory_gate: bool = True) -> dict[str, Any]:
     """Point `name@alias` at a version, through the gate (see the module docstring).
+    memory_gate=False skips the memory evaluation part of the champion gate (a warning; recorded).
     Returns the decision record, which is also stored as tags."""
     if (version is None) == (from_alias is None):
         raise RegistryError("give exactly one of --version V or --from-alias ALIAS (e.g. --from-alias challenger)")
@@ -253,16 +257,26 @@ def promote(name: str, alias: str, *, version: str | int | None = None, from_ali
         aliases = dict(registered_model(client, name).aliases)
         previous = str(aliases[alias]) if alias in aliases else None
         failures = _gate(client, name, mv, alias, previous, tolerance, gate_alias)
+        memory = _memory_gate(client, name, mv, alias, previous, gate_alias, memory_gate)
+        if isinstance(memory, list):
+            failures += memory
         if failures and not force:
             stays = f"{name}@{alias} stays on version {previous}" if previous else f"{name}@{alias} stays unset"
             raise PromotionRefusedError(
                 f"refused to point {name}@{alias} at version {mv.version}: {'; '.join(failures)}. {stays}. "
-                "Fix the cause (re-export and verify, register with --eval-data) or override with "
-                "--force --reason '...' (recorded)")
+                "Fix the cause (re-export and verify, register with --eval-data, record a memory evaluation) "
+                "or override with --force --reason '...' (recorded)")
         record = {"alias": alias, "version": str(mv.version), "previous_version": previous,
                   "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "by": _user(),
                   "forced": bool(force and failures), "reason": reason, "gate": failures or "passed",
                   "val_ppl": mv.tags.get("ctxmem.val_ppl")}
+        if alias == gate_alias:
+            record["memory_gate"] = "skipped (--no-memory-gate)" if memory == "skipped" else \
+                ("passed" if not memory else "failed")
+            summary = registry_memory.recorded(mv)
+            if summary:
+                record["memory_eval"] = {k: summary.get(k) for k in ("text_sha256", "window", "sinks", "sink_ppl",
+                                                                     "recompute_ppl")}
         client.set_registered_model_alias(name, alias, str(mv.version))
         value = json.dumps(record)
         client.set_model_version_tag(name, str(mv.version), f"ctxmem.promotion.{alias}", value)
@@ -290,6 +304,22 @@ def _gate(client, name: str, mv, alias: str, previous: str | None, tolerance: fl
             failures.append(f"validation perplexity {cand:.4g} is worse than the {alias}'s {champ:.4g} "
                             f"(version {previous}) by more than {100 * tolerance:g}%")
     return failures
+
+
+def _memory_gate(client, name: str, mv, alias: str, previous: str | None, gate_alias: str,
+                 enabled: bool) -> list[str] | str:
+    """The memory part of the gate (registry_memory.py) for the gated alias: its failures, or
+    "skipped" when disabled (warned: the version is promoted without a memory check)."""
+    if alias != gate_alias:
+        return []
+    if not enabled:
+        log.warning("promoting %s version %s to @%s WITHOUT the memory gate (--no-memory-gate): its sink perplexity "
+                    "past the window is not checked; the decision records the skip", name, mv.version, alias)
+        return "skipped"
+    champion = None
+    if previous is not None and str(previous) != str(mv.version):
+        champion = client.get_model_version(name, str(previous))
+    return registry_memory.memory_gate(name, mv, champion)
 
 
 def _float(value) -> float | None:

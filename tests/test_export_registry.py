@@ -48,7 +48,10 @@ def test_challenger_to_champion_then_a_tampered_version_is_refused_and_champion_
                  "--eval-data", str(text), "--alias", "challenger"]) == 0
     out = capsys.readouterr().out
     assert "registered ctx version 1 (verification passed, val_ppl" in out and "ctx@challenger -> version 1" in out
-    assert main(["registry", "promote", "--name", "ctx", "--from-alias", "challenger", "--alias", "champion"]) == 0
+    # the memory gate (tests/test_registry_memory_gate.py) is skipped here, and the decision says so
+    assert main(["registry", "promote", "--name", "ctx", "--from-alias", "challenger", "--alias", "champion",
+                 "--no-memory-gate"]) == 0
+    assert "ctx@champion -> version 1 (memory gate skipped: --no-memory-gate)" in capsys.readouterr().out
     assert _aliases(store, "ctx") == {"challenger": "1", "champion": "1"}
 
     # a tampered export is refused: its files no longer match the report's hashes, and re-verified
@@ -128,7 +131,7 @@ def test_champion_gate_compares_perplexity_and_a_forced_promotion_is_recorded(
     version = client.get_model_version("gate", good["version"])
     assert version.tags["ctxmem.source_run_id"] == run.info.run_id
     assert json.loads(version.tags["ctxmem.verification_report"])["greedy"]["tokens_matched"] == 128
-    promote("gate", "champion", version=good["version"])
+    promote("gate", "champion", version=good["version"], memory_gate=False)  # this test: the perplexity gate
 
     worse = register_export(tiny_export, "gate", eval_data=data)  # random weights: perplexity ~ vocabulary size
     with pytest.raises(PromotionRefusedError, match=r"validation perplexity .* worse than the champion's"):
@@ -183,7 +186,7 @@ def test_register_promote_load_and_generate_against_a_real_mlflow_server(tiny_ex
         monkeypatch.setenv("CTXMEM_MODEL_CACHE", str(tmp_path / "cache"))
         result = register_export(tiny_export, "served")
         assert result["tracking_uri"] == server.uri and result["verification"] == "passed"
-        promote("served", "champion", version=result["version"])
+        promote("served", "champion", version=result["version"], memory_gate=False)
         with pytest.raises(AliasNotFoundError, match="@champion -> v1"):
             resolve_model("models:/served@staging")
         path = resolve_model("models:/served@champion")
