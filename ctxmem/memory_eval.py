@@ -302,8 +302,8 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
     tokenised with `tokenizer`). window: recent tokens kept (default half the model's context);
     length: stream tokens (default 20x the window); distances: recall distances (default spread
     inside and beyond the window); trials: facts per distance and policy."""
-    context = backend.max_seq_len
-    window = context // 2 if window is None else window
+    context = stream_context(backend)
+    window = backend.max_seq_len // 2 if window is None else window
     _check_window(backend, window, sinks)
     length = STREAM_WINDOWS * window if length is None else length
     if length <= window + 1:
@@ -335,6 +335,12 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
         result.recall = recall_by_distance(backend, tokens, tokenizer, window=window, sinks=sinks,
                                            distances=distances, trials=trials, seed=seed, piece=piece, batch=batch)
     return result
+
+
+def stream_context(backend) -> int:
+    """Stream tokens the model's context holds under ``full``: one fewer for a model with a sink token
+    (ModelConfig.sink='token'), which ContextMemory puts first in every stream."""
+    return backend.max_seq_len - (getattr(backend, "sink_token_id", None) is not None)
 
 
 def _check_window(backend, window: int, sinks: int) -> None:
@@ -575,7 +581,7 @@ def recall_by_distance(backend, tokens: np.ndarray, tokenizer, *, window: int, s
     records = []
     for d in distances:
         trial = builder.build(d)
-        for run in recall_runs(backend.max_seq_len, window, sinks, backend.uses_rope):
+        for run in recall_runs(stream_context(backend), window, sinks, backend.uses_rope):
             log.info("recall: %s at distance %d (%d trials)", run.label, d, trials)
             correct = answer_correct(backend, trial, run, piece=piece or window, batch=batch)
             records.append({"policy": run.policy, "sinks": run.sinks, "window": run.window, "distance": d,
