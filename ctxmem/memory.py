@@ -208,11 +208,12 @@ class ContextMemory:
         # masked (evicted) slots the sink cache may carry before it is compacted
         self.slack = slack if slack is not None else max(8, self.config.capacity // 16)
         # prefill piece: any size gives the same result under `sink` (exact banding); it bounds the
-        # (T, S) score matrices. recompute must leave room for its window.
+        # (T, S) score matrices, S = sinks + window - 1 + T. 256 measured best for a 4x-window prompt
+        # (bench/bench_memory.py: 512 and 128 were slower). recompute must leave room for its window.
         if self.config.policy == "recompute":
             self.piece = max(1, self.config.window - self.config.chunk)
         else:
-            self.piece = piece if piece is not None else max(64, min(self.config.window, 512))
+            self.piece = piece if piece is not None else max(64, min(self.config.window, 256))
 
     # ---- public -----------------------------------------------------------------------------
     def start(self, batch: int = 1) -> MemoryState:

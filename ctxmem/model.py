@@ -133,6 +133,8 @@ class Attention(nn.Module):
         twice. Measured faster than an explicit softmax, and than one SDPA over [q, q_sink] against
         [k, 0 | 0, k] (different query and value widths leave the fused kernel).
         q, q_sink (B, H, T, D); k, v (B, H, S, D); allowed (B, 1, T, S); sink_keys (B, S') -> (B, H, T, D)."""
+        if _FLASH_CPU is not None and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _attend_in_two_parts(q, q_sink, k, v, allowed, sink_keys)
         scale = 1.0 / math.sqrt(q.shape[-1])
         span = sink_keys.shape[-1]
         k_head = k[:, :, :span].transpose(-1, -2)  # (B, H, D, S')
@@ -141,6 +143,34 @@ class Attention(nn.Module):
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
         bias = torch.cat((bias[..., :span] + fix, bias[..., span:].expand(-1, fix.shape[1], -1, -1)), dim=-1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+# PyTorch's fused CPU attention that also returns the log-sum-exp of each row; where present, the
+# sink path merges two softmax parts with it instead of materialising a (B, H, T, S) bias.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_in_two_parts(q, q_sink, k, v, allowed, sink_keys) -> torch.Tensor:
+    """Same result as the bias path of Attention._attend_with_sinks: softmax over the ordinary slots
+    (fused kernel, with its log-sum-exp) and over the sink slots (explicit, S' columns), merged by
+    their log-sum-exps. Shapes as there."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    span = sink_keys.shape[-1]
+    is_sink = torch.zeros(allowed.shape[-1], dtype=torch.bool, device=q.device).expand(sink_keys.shape[0], -1)
+    is_sink = torch.cat((sink_keys, is_sink[:, span:]), dim=-1)[:, None, None, :]  # (B, 1, 1, S)
+    ordinary = allowed & ~is_sink
+    bias = torch.zeros(ordinary.shape, dtype=q.dtype).masked_fill(~ordinary, float("-inf"))
+    out_o, lse_o = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)  # (B, H, T, D), (B, H, T)
+    has_o = ordinary.any(dim=-1)  # (B, 1, T): a stream's first tokens may read sinks only
+    lse_o = lse_o.masked_fill(~has_o, float("-inf"))
+    out_o = out_o.masked_fill(~has_o[..., None], 0.0)
+    s = torch.matmul(q_sink, k[:, :, :span].transpose(-1, -2)) * scale  # (B, H, T, S')
+    s = s.masked_fill(~(allowed[..., :span] & is_sink[..., :span]), float("-inf"))
+    lse_s = torch.logsumexp(s, dim=-1)  # (B, H, T); -inf where a query reads no sink
+    lse = torch.logaddexp(lse_o, lse_s)
+    w_o = torch.exp(lse_o - lse).nan_to_num(0.0)[..., None]
+    w_s = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # (B, H, T, S') already normalised jointly
+    return (w_o * out_o + torch.matmul(w_s, v[:, :, :span])).to(v.dtype)
 
 
 class FeedForward(nn.Module):
