@@ -56,6 +56,7 @@ def add_memory_eval(parser: argparse.ArgumentParser) -> None:
 
 def cmd_eval_memory(args: argparse.Namespace) -> int:
     from ctxmem.memory_eval import evaluate_memory
+    from ctxmem.paths import TRACKING_URI_ENV
 
     from .errors import EvalError
     from .evaluate import open_backend
@@ -71,7 +72,7 @@ def cmd_eval_memory(args: argparse.Namespace) -> int:
     print(result.to_json() if args.json else result.table())
     for name, path in paths.items():
         log.info("wrote %s (%s)", path, name)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = args.tracking_uri or os.environ.get(TRACKING_URI_ENV)  # set explicitly: no default store here
     if uri:
         params = {"model": args.model, "backend": kind, "source": source, "text_sha256": sha,
                   "window": result.window, "sinks": args.sinks, "length": result.length, "trials": args.trials,
