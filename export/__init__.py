@@ -14,6 +14,7 @@ no cycle). Nothing heavy is imported here; each loads torch / onnx / onnxruntime
     verify.py       verify_export(): names -> shapes -> values (prefill, decode, after slides) -> greedy
     onnx_export.py  export_onnx(): trace, offline ORT optimisation, int8/fp16 variants, runtime config
     pyfunc.py       the MLflow pyfunc wrapper that generates text from a registered export
+    registry_memory.py  a memory evaluation recorded on a model version; the champion gate's memory part
     registry.py     register / promote (gated aliases) / list
     cli.py          `ctxmem export`, `ctxmem registry ...`, `ctxmem eval`
 See export/README.md.

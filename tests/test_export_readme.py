@@ -90,6 +90,19 @@ def test_every_command_of_the_export_readme_runs_in_order_on_the_layout_it_names
     listed = outputs[commands.index("registry list --name ctxmem-chat")].splitlines()
     assert [row.split()[:2] for row in listed[1:]] == [["ctxmem-chat", "1"], ["ctxmem-chat", "2"]]
     assert "ctxmem-chat@champion -> version 1 (was version 2)" in outputs[-2]  # the rollback drill
+    # the memory evaluation: one made by `eval memory` and recorded from its file, one measured by the
+    # registry, on the same text - so the champion gate compared them (and passed version 2)
+    recorded = [out for command, out in zip(commands, outputs) if command.startswith("registry evaluate-memory")]
+    assert len(recorded) == 2 and all("\nrecorded on ctxmem-chat version" in out for out in recorded)
+    from mlflow import MlflowClient
+
+    from ctxmem.paths import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(), default_tracking_uri())
+    tags = {v: json.loads(client.get_model_version("ctxmem-chat", v).tags["ctxmem.memory_eval"]) for v in "12"}
+    assert tags["1"]["text_sha256"] == tags["2"]["text_sha256"] and tags["1"]["window"] == tags["2"]["window"] == 32
+    decision = json.loads(client.get_model_version("ctxmem-chat", "2").tags["ctxmem.promotion.champion"])
+    assert decision["gate"] == "passed" and decision["memory_gate"] == "passed"
     assert outputs[-1].strip()  # the champion generated text
 
 
