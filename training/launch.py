@@ -77,12 +77,15 @@ def run_local(nproc: int, args: list[str]) -> int:
     and torchrun passes it (or a SIGTERM) to every rank once: each rank finishes its step, saves a
     checkpoint and exits. If a rank fails, torchrun stops the others (SIGTERM, SIGKILL after
     SHUTDOWN_GRACE_S). Returns 128 + the signal after a signal, else the first failed rank's code."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun hands its own environment to the ranks: these are set for the run and removed after it
+    added = {key: value for key, value in (("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+                                           ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S)))
+             if key not in os.environ}
+    os.environ.update(added)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # torchrun replaces them
     try:
         run(get_args_parser().parse_args(torchrun_args(nproc, args)))
@@ -98,6 +101,8 @@ def run_local(nproc: int, args: list[str]) -> int:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def deepspeed_command(hostfile: str, args: list[str], launcher_args: list[str] | None = None) -> list[str]:
