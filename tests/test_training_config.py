@@ -73,14 +73,14 @@ def test_each_shipped_config_loads_and_saves_to_the_same_yaml(path, tmp_path):
     cfg = TrainConfig.load(path)
     saved = cfg.save(tmp_path / "config.yaml")
     assert TrainConfig.load(saved) == cfg and yaml.safe_load(saved.read_text()) == cfg.to_dict()
-    raw = yaml.safe_load(path.read_text())  # every value written in the file is the value loaded
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                loaded = getattr(getattr(cfg, section), key)
-                assert (list(loaded) if isinstance(loaded, tuple) else loaded) == value, f"{section}.{key}"
-        else:
-            assert getattr(cfg, section) == values, section
+    # every value written in the file, at any depth, is the value loaded (the rest are defaults)
+    def written(raw: dict, loaded: dict, prefix: str = "") -> None:
+        for key, value in raw.items():
+            if isinstance(value, dict) and value:
+                written(value, loaded[key], f"{prefix}{key}.")
+            else:
+                assert loaded[key] == value, prefix + key
+    written(yaml.safe_load(path.read_text()), cfg.to_dict())
 
 
 @pytest.mark.parametrize("betas", ["[0.9,0.95,0.5]", "[0.9]", "0.9"])
