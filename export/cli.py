@@ -54,9 +54,11 @@ def _add_export(sub) -> None:
 
 
 def _add_registry(sub) -> None:
-    p = sub.add_parser("registry", help="MLflow model registry: register, promote (gated aliases), list",
-                       description="Register verified exports, move aliases (challenger -> champion) through a "
-                                   "gate, and list versions with their aliases and metrics.")
+    p = sub.add_parser("registry", help="MLflow model registry: register, evaluate-memory, promote (gated aliases), "
+                                        "list",
+                       description="Register verified exports, record their memory evaluation, move aliases "
+                                   "(challenger -> champion) through a gate, and list versions with their aliases "
+                                   "and metrics.")
     rs = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
     r = rs.add_parser("register", help="verify an export and register it as a new model version")
@@ -92,13 +94,13 @@ def _add_registry(sub) -> None:
     source.add_argument("--result", default=None,
                         help="an existing memory_eval.json (or its folder, PNGs beside it), e.g. training's")
     em.add_argument("--window", type=int, default=None, help="recent tokens kept (default: half the model's context)")
-    em.add_argument("--sinks", type=int, default=4, help="attention sinks of the sink policy (default 4)")
+    em.add_argument("--sinks", type=int, default=None, help="attention sinks of the sink policy (default 4)")
     em.add_argument("--length", type=int, default=None, help="stream tokens (default: 20x the window)")
     em.add_argument("--distances", type=int, nargs="+", default=None, metavar="D", help="recall distances in tokens")
-    em.add_argument("--trials", type=int, default=32, help="recall facts per distance and policy (default 32)")
-    em.add_argument("--reference-tokens", type=int, default=1024,
+    em.add_argument("--trials", type=int, default=None, help="recall facts per distance and policy (default 32)")
+    em.add_argument("--reference-tokens", type=int, default=None,
                     help="positions before 10x the window measured by the recompute(chunk=1) reference (default 1024)")
-    em.add_argument("--seed", type=int, default=0, help="seed of the recall facts (default 0)")
+    em.add_argument("--seed", type=int, default=None, help="seed of the recall facts (default 0)")
     em.add_argument("--provider", default=None, help="ONNX Runtime provider: cpu, cuda (default: auto)")
     em.add_argument("--out", default=None, help="also keep memory_eval.json and the PNGs in this folder")
     _uri_arg(em)

@@ -354,6 +354,7 @@ def list_versions(name: str | None = None, tracking_uri: str | None = None) -> l
                              "verification": t.get("ctxmem.verification", "missing"),
                              "variant": t.get("ctxmem.variant", "?"), "val_loss": _float(t.get("ctxmem.val_loss")),
                              "val_ppl": _float(t.get("ctxmem.val_ppl")),
+                             **_memory_columns(mv),
                              "source_run_id": t.get("ctxmem.source_run_id") or None, "run_id": mv.run_id,
                              "created": _dt.datetime.fromtimestamp(mv.creation_timestamp / 1000,
                                                                    _dt.timezone.utc).isoformat(timespec="seconds")})
@@ -361,12 +362,27 @@ def list_versions(name: str | None = None, tracking_uri: str | None = None) -> l
     return rows
 
 
+def _memory_columns(mv) -> dict[str, Any]:
+    """The recorded memory evaluation, if any: sink and recompute(chunk=1) perplexity beyond 10x the
+    window, and the text they were measured on."""
+    summary = registry_memory.recorded(mv) or {}
+    return {"memory_sink_ppl": _float(summary.get("sink_ppl")),
+            "memory_recompute_ppl": _float(summary.get("recompute_ppl")),
+            "memory_text_sha256": summary.get("text_sha256")}
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("name", "version", "aliases", "verification", "variant", "val_loss", "val_ppl", "source_run_id")
+    head = ("name", "version", "aliases", "verification", "variant", "val_loss", "val_ppl", "sink/recompute",
+            "memory_text", "source_run_id")
     def cell(row, key):
         value = row.get(key)
         if key == "aliases":
             return ",".join("@" + a for a in value) or "-"
+        if key == "sink/recompute":  # beyond 10x the window; the memory gate allows up to 1.10
+            sink, ref = row.get("memory_sink_ppl"), row.get("memory_recompute_ppl")
+            return f"{sink / ref:.3f}" if sink and ref else "-"
+        if key == "memory_text":
+            return (row.get("memory_text_sha256") or "-")[:12]
         if isinstance(value, float):
             return f"{value:.4f}"
         return "-" if value in (None, "") else str(value)

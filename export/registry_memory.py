@@ -91,6 +91,10 @@ def record_memory_eval(name: str, version: str | int | None = None, *, from_alia
                             "--result memory_eval.json (an evaluation already made, e.g. by training)")
     if (version is None) == (from_alias is None):
         raise RegistryError("give exactly one of --version V or --from-alias ALIAS")
+    given = sorted(f"--{k.replace('_', '-')}" for k, v in eval_options.items() if v is not None)
+    if result_file is not None and given:
+        raise RegistryError(f"{', '.join(given)} set how to measure, but --result records an evaluation already "
+                            "made, as it is; drop them, or measure with --text FILE / --data DIR instead")
     uri = default_tracking_uri(tracking_uri)
     with mlflow_client(uri) as client:
         if from_alias is not None:

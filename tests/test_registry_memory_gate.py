@@ -129,6 +129,10 @@ def test_the_gate_refuses_a_challenger_worse_than_the_champion_on_the_same_text(
     assert "sink perplexity beyond 10x the window 9.3000 is worse than the champion's 9.0000 (version 1)" in err
     assert "1.10x" not in err  # the ratio passed: only the comparison with the champion failed
     assert aliases(store, "vs") == {"champion": champion, "challenger": worse}
+    assert main(["registry", "list", "--name", "vs"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    column = table[0].split().index("sink/recompute")
+    assert [row.split()[column:column + 2] for row in table[1:]] == [["1.023", TEXT_A[:12]], ["1.011", TEXT_A[:12]]]
 
 
 def test_the_gate_refuses_numbers_measured_on_different_texts_naming_both_hashes(store, tmp_path):
@@ -182,6 +186,8 @@ def test_record_errors_name_the_problem(store, tmp_path):
     (tmp_path / "bad.json").write_text('{"streaming": []}')
     with pytest.raises(EvalError, match=r"not a memory evaluation result .*missing \['recall', 'text_sha256'\]"):
         record_memory_eval("errors", version, result_file=tmp_path / "bad.json")
+    with pytest.raises(RegistryError, match=r"--length, --window set how to measure, but --result records"):
+        record_memory_eval("errors", version, result_file=tmp_path / "bad.json", window=32, length=640, sinks=None)
     with pytest.raises(RegistryError, match=r"no version 7; versions: \[1\]"):
         record_memory_eval("errors", "7", result_file=tmp_path / "bad.json")
 
