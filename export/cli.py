@@ -92,7 +92,8 @@ def _add_registry(sub) -> None:
     source.add_argument("--text", default=None, help="UTF-8 text file to measure the version's export on")
     source.add_argument("--data", default=None, help="`ctxmem data prepare` folder (its validation split)")
     source.add_argument("--result", default=None,
-                        help="an existing memory_eval.json (or its folder, PNGs beside it), e.g. training's")
+                        help="an existing memory_eval.json or its folder (PNGs beside it), or runs:/RUN_ID/memory_eval "
+                             "(training's end-of-run evaluation, eval.memory)")
     em.add_argument("--window", type=int, default=None, help="recent tokens kept (default: half the model's context)")
     em.add_argument("--sinks", type=int, default=None, help="attention sinks of the sink policy (default 4)")
     em.add_argument("--length", type=int, default=None, help="stream tokens (default: 20x the window)")

@@ -100,13 +100,17 @@ def record_memory_eval(name: str, version: str | int | None = None, *, from_alia
         if from_alias is not None:
             version = alias_version(client, name, from_alias)
         mv = model_version(client, name, str(version))
-    if result_file is not None:
-        result, source, plots = _read_result(Path(result_file), MemoryEvalResult)
-    else:
-        result, source = _measure(f"models:/{name}/{mv.version}", text or data, uri, provider, eval_options)
-        plots = None
     with tempfile.TemporaryDirectory(prefix="ctxmem-memory-eval-") as tmp:
-        paths = result.save(out or tmp)
+        if result_file is not None:
+            local = _fetch_result(str(result_file), uri, Path(tmp) / "fetched")
+            result, source, plots = _read_result(local, MemoryEvalResult)
+            if str(result_file).startswith("runs:/"):
+                source = f"{result_file} (text sha256 {result.text_sha256[:12]})"
+        else:
+            result, source = _measure(f"models:/{name}/{mv.version}", text or data, uri, provider, eval_options)
+            plots = None
+        # PNGs are drawn unless the result file came with both (then those are logged, not redrawn)
+        paths = result.save(out or Path(tmp) / "saved", plots=out is not None or len(plots or {}) < 2)
         if plots:  # the PNGs made with the result file, when they are beside it, rather than new ones
             paths.update(plots)
         summary = summarize(result, source)
@@ -119,6 +123,29 @@ def record_memory_eval(name: str, version: str | int | None = None, *, from_alia
              summary["run_id"])
     summary["version"] = str(mv.version)
     return result, summary
+
+
+def _fetch_result(spec: str, uri: str, target: Path) -> Path:
+    """A local path for --result: as given, or downloaded from runs:/<run_id>/<path> (training logs its
+    end-of-run evaluation as the run's memory_eval/ folder)."""
+    if not spec.startswith("runs:/"):
+        return Path(spec)
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from .store import first_line
+
+    run_id, _, sub = spec[len("runs:/"):].partition("/")
+    if not run_id or not sub.strip("/"):
+        raise EvalError(f"{spec}: expected runs:/<run_id>/<path of memory_eval.json or its folder>, e.g. "
+                        "runs:/RUN_ID/memory_eval (where training logs its end-of-run memory evaluation)")
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target), tracking_uri=uri)
+    except (MlflowException, OSError) as err:
+        raise EvalError(f"cannot download {spec} from {uri} ({first_line(err)}); check the run id and the path "
+                        "(`memory_eval` in a run with eval.memory on)") from None
+    return Path(local)
 
 
 def _read_result(path: Path, result_cls):

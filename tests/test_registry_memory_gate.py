@@ -93,6 +93,21 @@ def test_a_recorded_result_round_trips_through_the_version_and_its_run(store, tm
     local = client.download_artifacts(tag["run_id"], "memory_eval/memory_eval.json", str(tmp_path / "back"))
     assert MemoryEvalResult.from_json(Path(local).read_text()) == result
 
+    # training's end-of-run evaluation, taken from its run (logged there as memory_eval/)
+    from ctxmem.export.registry_memory import record_memory_eval
+
+    training = client.create_run(client.create_experiment("memory-train")).info.run_id
+    trained = memory_result(TEXT_B, sink=7.0, recompute=6.9)
+    client.log_artifacts(training, str(trained.save(tmp_path / "train_out")["json"].parent), "memory_eval")
+    second = new_version(store, "roundtrip")
+    _, summary = record_memory_eval("roundtrip", second, result_file=f"runs:/{training}/memory_eval")
+    assert summary["source"].startswith(f"runs:/{training}/memory_eval") and summary["sink_ppl"] == 7.0
+    assert json.loads(client.get_model_version("roundtrip", second).tags["ctxmem.memory_eval"])["text_sha256"] == TEXT_B
+    from ctxmem.export.errors import EvalError
+
+    with pytest.raises(EvalError, match=r"cannot download runs:/[0-9a-f]+/nothing"):
+        record_memory_eval("roundtrip", second, result_file=f"runs:/{training}/nothing")
+
 
 def test_the_gate_passes_good_challengers_and_refuses_one_over_1_10x_recompute(store, tmp_path):
     from ctxmem.export.registry import promote
