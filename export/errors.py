@@ -82,8 +82,11 @@ class AliasNotFoundError(RegistryError):
 
 
 class PromotionRefusedError(RegistryError):
-    """The promotion gate refused to move an alias; the message gives the reason and the way around it."""
+    """The promotion gate refused to move an alias; the message gives every reason (verification,
+    validation perplexity, the memory evaluation: missing, measured on another text, sink perplexity
+    past the window too high) and the way around each."""
 
 
 class EvalError(ExportError):
-    """Evaluation data that cannot be read or is too short."""
+    """Evaluation data that cannot be read or is too short, or a memory evaluation result file
+    (`registry evaluate-memory --result`) that cannot be read."""
