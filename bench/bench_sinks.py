@@ -2,6 +2,7 @@
 far longer than its window, and does it still recall what it read?
 
     .venv/bin/python bench/bench_sinks.py                  # train all six variants (~20 min each on 2 cores)
+    .venv/bin/python bench/bench_sinks.py --set steps=150  # shorter trainings (config overrides for all)
     .venv/bin/python bench/bench_sinks.py --quick          # tiny model, a few steps: the whole path in minutes
     .venv/bin/python bench/bench_sinks.py --checkpoint token/document=runs/cpu-memory-token/final \\
         --variants token/document                          # measure checkpoints trained before
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -259,6 +261,7 @@ def table(measured: list[Measured], settings: dict[str, Any], header: str) -> st
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads crawl on shared cores
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # progress on stderr
     cfg = base_config(args)
     out = Path(args.out or ("runs/bench-sinks-quick" if args.quick else "runs/bench-sinks"))
     data_path = Path(args.data) if args.data else (out / "data" if args.quick else Path(cfg.data.path))
