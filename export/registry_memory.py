@@ -95,6 +95,10 @@ def record_memory_eval(name: str, version: str | int | None = None, *, from_alia
     if result_file is not None and given:
         raise RegistryError(f"{', '.join(given)} set how to measure, but --result records an evaluation already "
                             "made, as it is; drop them, or measure with --text FILE / --data DIR instead")
+    measure_on = text if text is not None else data
+    if measure_on is not None and not Path(measure_on).exists():  # before the version's export is downloaded
+        raise EvalError(f"{measure_on} does not exist; --text takes a UTF-8 text file, --data a `ctxmem data prepare` "
+                        "folder")
     uri = default_tracking_uri(tracking_uri)
     with mlflow_client(uri) as client:
         if from_alias is not None:

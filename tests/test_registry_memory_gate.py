@@ -196,6 +196,8 @@ def test_record_errors_name_the_problem(store, tmp_path):
     version = new_version(store, "errors")
     with pytest.raises(RegistryError, match="exactly one of --text FILE, --data DIR"):
         record_memory_eval("errors", version)
+    with pytest.raises(EvalError, match="missing.txt does not exist; --text takes a UTF-8 text file"):
+        record_memory_eval("errors", version, text=tmp_path / "missing.txt")
     with pytest.raises(EvalError, match="does not exist; --result takes a memory_eval.json"):
         record_memory_eval("errors", version, result_file=tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"streaming": []}')
