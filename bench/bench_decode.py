@@ -129,13 +129,15 @@ def memory_floor(paths: dict[str, Path]) -> str:
     import numpy as np
 
     from ctxmem.export.runtime import OrtBackend
+    from ctxmem.layout import build_layout
 
     nbytes = (paths["fp32"] / "model.onnx.data").stat().st_size
     data = np.ones(nbytes // 4, dtype=np.float32)
     backend = OrtBackend(paths["fp32"], provider="cpu")
     c = backend.contract
     past = [(np.zeros((1, c.n_kv_heads, 40, c.head_dim), np.float32),) * 2] * c.n_layers
-    step = lambda: backend.run(np.zeros((1, 1), np.int64), np.full((1, 1), 40), np.ones((1, 41), bool), past)  # noqa: E731
+    layout = build_layout(np.arange(41)[None], np.ones((1, 41), bool), 1)  # one decode step after 40 tokens
+    step = lambda: backend.run(np.zeros((1, 1), np.int64), layout, past)  # noqa: E731
     read, graph = _best(lambda: [data.sum() for _ in range(20)], 3)[0] / 20, _best(lambda: [step() for _ in range(20)], 3)[0] / 20
     return (f"batch-1 floor: one ORT fp32 graph step takes {graph * 1e3:.2f} ms; streaming its {nbytes / 2**20:.1f} MiB "
             f"of fp32 weights once takes {read * 1e3:.2f} ms on this machine (int8 reads a quarter of that)")
