@@ -11,6 +11,14 @@ class GenerationConfigError(ValueError):
     pass
 
 
+class NonFiniteLogitsError(ValueError):
+    """Every logit of a row was NaN or infinite: the model produced nothing to pick from."""
+
+
+SEED_MAX = 2**63 - 1  # numpy's generators take any int >= 0; the wire format stops at a signed 64-bit int
+_LOGIT_MAX = float(np.finfo(np.float64).max)
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 64
@@ -33,6 +41,9 @@ class GenerationConfig:
         for name, ok, what in checks:
             if not ok:
                 raise GenerationConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                          and 0 <= self.seed <= SEED_MAX):
+            raise GenerationConfigError(f"seed must be an integer in [0, 2**63-1] or None, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -54,7 +65,12 @@ def _finite(x) -> bool:
 
 
 class Sampler:
-    """Picks the next token for one sequence; owns that sequence's random generator."""
+    """Picks the next token for one sequence; owns that sequence's random generator.
+
+    Never overflows on valid settings: a tiny temperature or an extreme repetition penalty saturates
+    instead of producing inf/NaN. Logits that are already non-finite (a broken model or backend) are
+    handled deterministically: greedy over the finite values, or `NonFiniteLogitsError` when there
+    are none."""
 
     def __init__(self, config: GenerationConfig):
         self.config = config
@@ -64,18 +80,28 @@ class Sampler:
         """logits (V,) float32 -> token id."""
         cfg = self.config
         logits = logits.astype(np.float64, copy=True)
-        if cfg.repetition_penalty != 1.0 and history is not None and len(history):
-            seen = np.unique(np.asarray(history, dtype=np.int64))
-            seen = seen[seen < logits.shape[0]]
-            vals = logits[seen]
-            logits[seen] = np.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
-        if cfg.temperature == 0:
-            return int(np.argmax(logits))
-        logits /= cfg.temperature
-        if cfg.top_k and cfg.top_k < logits.shape[0]:
-            kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
-            logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
+        finite = np.isfinite(logits)
+        if not finite.all():
+            if not finite.any():
+                raise NonFiniteLogitsError(f"all {logits.shape[0]} logits are NaN or infinite; the model "
+                                           "produced no usable distribution for this sequence")
+            return int(np.argmax(np.where(finite, logits, -np.inf)))
+        with np.errstate(over="ignore", under="ignore"):
+            if cfg.repetition_penalty != 1.0 and history is not None and len(history):
+                seen = np.unique(np.asarray(history, dtype=np.int64))
+                seen = seen[(seen >= 0) & (seen < logits.shape[0])]
+                vals = logits[seen]
+                logits[seen] = np.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
+                np.clip(logits, -_LOGIT_MAX, _LOGIT_MAX, out=logits)  # an extreme penalty saturates, not inf
+            if cfg.temperature == 0:
+                return int(np.argmax(logits))
+            # shift before dividing: every value is <= 0 (0 at the max), so a tiny temperature sends the
+            # others to -inf (greedy in the limit) and never the max to +inf (inf - inf = NaN)
+            logits = (logits - logits.max()) / cfg.temperature
+            if cfg.top_k and cfg.top_k < logits.shape[0]:
+                kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
+                logits[logits < kth] = -np.inf
+            probs = np.exp(logits)  # the max is exp(0) = 1, so the sum is >= 1
         probs /= probs.sum()
         if cfg.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")

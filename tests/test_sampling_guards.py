@@ -1,0 +1,92 @@
+"""The sampler never lets inf/NaN through: extreme-but-valid settings saturate to the right limit, and
+non-finite logits are handled deterministically per row (greedy over the finite values, or a clear
+error when there are none)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctxmem.sampling import GenerationConfig, GenerationConfigError, NonFiniteLogitsError, Sampler
+
+V = 50
+
+
+def logits(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 3, V).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    x = logits()
+    for seed in range(5):
+        sampler = Sampler(GenerationConfig(temperature=temperature, seed=seed))
+        assert sampler(x) == int(np.argmax(x))
+
+
+@pytest.mark.parametrize("top_p", [1e-12, 1e-300])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    x = logits(1)
+    assert Sampler(GenerationConfig(temperature=1.0, top_p=top_p, seed=0))(x) == int(np.argmax(x))
+
+
+@pytest.mark.parametrize("top_k", [1, V, V + 1, 2**62])
+def test_any_top_k_gives_a_token_in_the_vocabulary(top_k):
+    x = logits(2)
+    token = Sampler(GenerationConfig(temperature=2.0, top_k=top_k, seed=3))(x)
+    assert 0 <= token < V
+    if top_k == 1:
+        assert token == int(np.argmax(x))
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-30, 1e30, 1e300])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-300])
+def test_extreme_repetition_penalties_saturate(penalty, temperature):
+    x = logits(3)
+    x[7] = 5.0
+    x[9] = -5.0
+    history = [7, 9, 7, V + 3]  # an id outside the vocabulary is ignored, not an IndexError
+    token = Sampler(GenerationConfig(temperature=temperature, repetition_penalty=penalty, seed=1))(x, history)
+    assert 0 <= token < V
+    if penalty < 1 and temperature <= 1e-300 or penalty < 1 and temperature == 0:
+        assert token == 7  # a penalty below 1 rewards the seen positive logit without bound
+    if penalty > 1 and temperature == 0:
+        assert token not in (7, 9)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_non_finite_logits_fall_back_to_greedy_over_the_finite_values(bad, temperature):
+    x = logits(4)
+    best = int(np.argmax(x))
+    x[(best + 1) % V] = bad
+    x[(best + 2) % V] = np.nan
+    picks = {Sampler(GenerationConfig(temperature=temperature, seed=s))(x) for s in range(4)}
+    assert picks == {best}
+
+
+def test_a_row_with_no_finite_logit_fails_with_a_clear_error():
+    x = np.full(V, np.nan, dtype=np.float32)
+    x[3] = np.inf
+    with pytest.raises(NonFiniteLogitsError, match="NaN or infinite"):
+        Sampler(GenerationConfig(temperature=1.0, seed=0))(x)
+
+
+def test_ordinary_sampling_still_follows_the_seed_and_distribution():
+    x = logits(5)
+    a = [Sampler(GenerationConfig(temperature=1.0, seed=11))(x) for _ in range(3)]
+    assert len(set(a)) == 1  # same seed, same first draw
+    sampler = Sampler(GenerationConfig(temperature=1.0, seed=12))
+    draws = np.bincount([sampler(x) for _ in range(4000)], minlength=V) / 4000
+    p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    assert np.abs(draws - p).max() < 0.05
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_a_seed_outside_the_signed_64_bit_range_is_refused_by_name(seed):
+    with pytest.raises(GenerationConfigError, match="seed"):
+        GenerationConfig(seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1])
+def test_the_seed_range_ends_are_accepted(seed):
+    assert 0 <= Sampler(GenerationConfig(temperature=1.0, seed=seed))(logits()) < V
