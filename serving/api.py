@@ -58,9 +58,10 @@ class LocalEngineClient:
         return self.engine.generate(request)
 
     async def info(self):
-        if not self.engine.healthy():
+        info = self.engine.info()
+        if info["scheduler"] == "stopped":
             raise EngineUnavailable("engine scheduler is not running")
-        return self.engine.info()
+        return info
 
     async def snapshots(self):
         return [self.engine.metrics.snapshot()]
@@ -108,6 +109,9 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
             info = await asyncio.wait_for(engine.info(), timeout=10)
         except Exception as err:  # noqa: BLE001
             return JSONResponse({"status": "unavailable", "error": str(err)[:200]}, status_code=503)
+        if isinstance(info, dict) and info.get("scheduler", "running") != "running":
+            # the engine's loop died and is being restarted: requests queue meanwhile
+            return JSONResponse({"status": "degraded", "model": args.model_name, "engine": info}, status_code=503)
         return {"status": "ok", "model": args.model_name, "engine": info}
 
     @app.get("/metrics")

@@ -156,9 +156,11 @@ class Engine:
         b = m.generator.backend
         return {"spec": m.spec, "path": str(m.path), "kind": m.kind, "provider": m.provider, "version": m.version,
                 "max_seq_len": b.max_seq_len, "vocab_size": b.vocab_size, "memory": m.memory.to_dict(),
-                "max_batch_size": self.config.max_batch_size, "kv_reuse": self.config.kv_reuse}
+                "max_batch_size": self.config.max_batch_size, "kv_reuse": self.config.kv_reuse,
+                "scheduler": self.scheduler.state(), "scheduler_restarts": self.scheduler.restarts}
 
     def healthy(self) -> bool:
+        """The scheduler loop is running (not while it restarts after a death)."""
         return self.scheduler.alive()
 
     def close(self) -> None:

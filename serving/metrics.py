@@ -46,6 +46,10 @@ SPECS: dict[str, Spec] = {
     "ctxmem_kv_cache_lookups_total": Spec("counter", "conversation KV cache lookups by result (hit, miss)",
                                           labels=("result",)),
     "ctxmem_evicted_tokens_total": Spec("counter", "tokens the window evicted from finished requests' contexts"),
+    "ctxmem_failed_sequences_total": Spec("counter", "requests failed alone by an error while prefilling or "
+                                          "decoding them (the batch went on)", labels=("stage",)),
+    "ctxmem_scheduler_restarts_total": Spec("counter", "times an engine's scheduler loop died and was restarted "
+                                            "(its running requests failed)"),
     "ctxmem_queue_seconds": Spec("histogram", "engine queue wait before prefill", LATENCY_BUCKETS),
     "ctxmem_running_sequences": Spec("gauge", "sequences in the running batch"),
     "ctxmem_waiting_requests": Spec("gauge", "requests queued in the engine"),

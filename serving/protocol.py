@@ -21,7 +21,23 @@ from .events import Finished
 
 ROLES = ("system", "user", "assistant")  # ctxmem.chat_template.ChatTemplate's roles
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system prompts
-MAX_STOP = 4
+MAX_STOP = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # per stop string
+SEED_MAX = 2**63 - 1  # OpenAI documents seed as a signed 64-bit integer
+TOP_K_MAX = 2**31 - 1  # values at or above the vocabulary keep every token
+REPETITION_PENALTY_MAX = 100.0
+
+# What each sampling parameter accepts, as the messages and serving/README.md's table say it.
+RANGES = {
+    "max_tokens": "an integer from 1 to this server's max_tokens_limit",
+    "max_completion_tokens": "an integer from 1 to this server's max_tokens_limit",
+    "temperature": "a number in [0, 2] (0 = greedy)",
+    "top_p": "a number in (0, 1] (1 = off)",
+    "top_k": f"an integer in [0, {TOP_K_MAX}] (0 = off)",
+    "repetition_penalty": f"a number in (0, {REPETITION_PENALTY_MAX:g}] (1 = off)",
+    "seed": "an integer in [0, 2**63-1]",
+    "stop": f"a string or a list of up to {MAX_STOP} strings of 1 to {MAX_STOP_CHARS} characters",
+}
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,256}$")
 
 
@@ -69,7 +85,7 @@ class _Req(BaseModel):
     stream: Bool = False
     stream_options: dict[str, Any] | None = None
     stop: Str | list[Str] | None = None
-    seed: Int | None = None
+    seed: Int | None = Field(default=None, ge=0, le=SEED_MAX)
     user: Str | None = None
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
@@ -79,8 +95,8 @@ class _Req(BaseModel):
     store: Bool | None = None
     service_tier: Str | None = None
     # ctxmem extras (`extra_body=` in the openai client)
-    top_k: Int | None = Field(default=None, ge=0)
-    repetition_penalty: Number | None = Field(default=None, gt=0)
+    top_k: Int | None = Field(default=None, ge=0, le=TOP_K_MAX)
+    repetition_penalty: Number | None = Field(default=None, gt=0, le=REPETITION_PENALTY_MAX)
     policy: Literal["full", "sink", "recompute"] | None = None
     window: Int | None = Field(default=None, ge=1)
     sinks: Int | None = Field(default=None, ge=0)
@@ -146,8 +162,16 @@ def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
             code = "missing_required_parameter"
         else:
             msg = f"invalid value for {param}: {first.get('msg', 'invalid')}"
+            if param in RANGES:
+                msg = (f"invalid value for {param}: {_shown(first.get('input'))} ({first.get('msg', 'invalid')}); "
+                       f"send {RANGES[param]}")
             code = "invalid_value"
         raise bad_request(msg, param=param, code=code) from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-before", "function-after"}
@@ -162,10 +186,13 @@ def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | No
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", param="logit_bias")
     if max_tokens is not None and max_tokens > limit:
-        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit}", param="max_tokens")
+        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit}; send at most {limit}",
+                          param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise bad_request(f"stop must be up to {MAX_STOP} non-empty strings", param="stop")
+    if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        longest = max(len(s) for s in stop)
+        raise bad_request(f"invalid value for stop: {len(stop)} strings, the longest {longest} characters; "
+                          f"send {RANGES['stop']}", param="stop")
     if req.stream_options is not None:
         if not req.stream:
             raise bad_request("stream_options is only allowed with stream=true", param="stream_options")

@@ -10,6 +10,12 @@ One scheduler thread owns the model. Each iteration it
 3. lets finished or cancelled sequences leave (`ContextMemory.select`), keeping the KV state of those
    that belong to a conversation in the bounded LRU (`kv_reuse.SessionCache`).
 
+No request can take the loop down: an exception while prefilling or stepping one sequence fails that
+request alone (a `Failed` event) and the others go on. Should the loop itself still die, a supervisor
+fails the requests it was running, counts the restart (`ctxmem_scheduler_restarts_total`), reports
+itself down (`alive()`, so `/health` says degraded) for a short backoff, and starts it again; queued
+requests wait and are served by the new loop.
+
 Sampling, detokenisation and stop rules stay in `ctxmem.generation.SequenceDecoder`; eviction stays in
 `ctxmem.memory.ContextMemory`. Events (`events.py`) go out through `Job.emit`, batched per step.
 """
@@ -38,6 +44,8 @@ from .loading import LoadedModel
 from .metrics import Registry
 
 log = logging.getLogger("ctxmem.serving.scheduler")
+RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)  # after the 1st, 2nd, 3rd, later deaths in a row
+STABLE_S = 60.0  # a loop that ran this long before dying starts the backoff over
 
 
 @dataclass
@@ -89,15 +97,18 @@ class Scheduler:
         self._out: dict[int, tuple[Job, list[Event]]] = {}
         self._stop = False
         self._running = 0
-        self.error: BaseException | None = None
+        self._admitting: list[Job] = []  # taken from the queue, not yet in a group (for the supervisor)
+        self._down = False  # between a loop's death and its restart
+        self.error: BaseException | None = None  # why the loop last died (kept after the restart)
+        self.restarts = 0
         self._thread = threading.Thread(target=self._run, name="ctxmem-scheduler", daemon=True)
         self._thread.start()
 
     # -- control (any thread) --
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._stop or self.error is not None:
-                raise APIError(503, "the engine is shutting down or failed; retry", code="engine_unavailable")
+            if self._stop or not self._thread.is_alive():
+                raise APIError(503, "the engine is shutting down; retry", code="engine_unavailable")
             if len(self._queue) >= self.config.max_queued:
                 raise APIError(429, f"the engine has {len(self._queue)} requests waiting; retry later",
                                code="queue_full")
@@ -119,7 +130,14 @@ class Scheduler:
         self.cache.drop_version(version)
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        """The loop is running (False while it restarts after a death, and once stopped)."""
+        return self._thread.is_alive() and not self._down and not self._stop
+
+    def state(self) -> str:
+        """"running", "restarting" (the loop died; requests queue until it is back) or "stopped"."""
+        if self._stop or not self._thread.is_alive():
+            return "stopped"
+        return "restarting" if self._down else "running"
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -138,30 +156,57 @@ class Scheduler:
 
     # -- the loop (scheduler thread) --
     def _run(self) -> None:
+        """The supervisor: runs the loop until `stop`, restarting it whenever it dies."""
+        deaths = 0
+        while True:
+            started = time.monotonic()
+            try:
+                self._loop()
+                return  # stopped
+            except BaseException as err:  # noqa: BLE001 - whatever killed the loop, the replica stays up
+                log.exception("scheduler loop died; failing its in-flight requests and restarting")
+                self._down = True
+                self.error = err
+                self.restarts += 1
+                deaths = 1 if time.monotonic() - started >= STABLE_S else deaths + 1
+                self._supervised(self.metrics.inc, "ctxmem_scheduler_restarts_total")
+                self._supervised(self._fail_in_flight, APIError(
+                    500, f"the engine's scheduler failed while running this request ({type(err).__name__}: {err}); "
+                    "retry it", code="engine_failure"))
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stop, timeout=RESTART_BACKOFF_S[min(deaths, 4) - 1]):
+                    return
+                self._down = False
+            log.warning("scheduler loop restarted (%d restarts so far)", self.restarts)
+
+    @staticmethod
+    def _supervised(fn, *args) -> None:
         try:
-            while True:
-                with self._cond:
-                    while not self._stop and not self._queue and not self._count_running():
-                        self._cond.wait()
-                    if self._stop:
-                        break
-                    admitted = self._take_admissions()
-                for job in admitted:
-                    self._admit(job)
-                self._flush()
-                for key in list(self._groups):
-                    group = self._groups[key]
-                    if group.seqs:
-                        self._decode(group)
-                    if not group.seqs:
-                        del self._groups[key]
-                self._flush()
-                self._count_running()
-                self._gauges()
-        except BaseException as err:  # noqa: BLE001 - a dead loop must fail health checks, not hang clients
-            log.exception("scheduler loop died")
-            self.error = err
-            self._fail_all(APIError(500, f"engine failure: {err}", code="engine_failure"))
+            fn(*args)
+        except Exception:  # noqa: BLE001 - the supervisor itself must not die
+            log.exception("scheduler supervisor: %s failed", getattr(fn, "__name__", fn))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._queue and not self._count_running():
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._admitting = self._take_admissions()
+            while self._admitting:
+                self._admit(self._admitting[0])
+                self._admitting.pop(0)
+            self._flush()
+            for key in list(self._groups):
+                group = self._groups[key]
+                if group.seqs:
+                    self._decode(group)
+                if not group.seqs:
+                    del self._groups[key]
+            self._flush()
+            self._count_running()
+            self._gauges()
 
     def _take_admissions(self) -> list[Job]:
         room = self.config.max_batch_size - self._count_running()
@@ -229,6 +274,7 @@ class Scheduler:
             self._emit(job, bad_request(str(err), param="policy").to_event())
         except Exception as err:  # noqa: BLE001 - one bad request must not take the batch down
             log.exception("prefill failed for request %s", job.id)
+            self.metrics.inc("ctxmem_failed_sequences_total", labels={"stage": "prefill"})
             self._emit(job, APIError(500, f"prefill failed: {err}", code="engine_failure").to_event())
 
     def _decode(self, group: Group) -> None:
@@ -251,21 +297,36 @@ class Scheduler:
             return
         self.metrics.observe("ctxmem_batch_size", batch)
         leaving: list[int] = []
+        failed: list[int] = []
         for i, s in enumerate(seqs):
-            s.history.append(s.next_token)
-            s.batch_sum += batch
-            s.steps += 1
-            delta = s.decoder.step(logits[i])
+            try:  # one row's sampling or detokenising error fails that row only
+                s.history.append(s.next_token)
+                s.batch_sum += batch
+                s.steps += 1
+                delta = s.decoder.step(logits[i])
+            except Exception as err:  # noqa: BLE001
+                self._fail_row(s, err)
+                failed.append(i)
+                continue
             self._emit(s.job, Delta(delta.text, 1, batch))
             if s.decoder.finished:
                 leaving.append(i)
             else:
                 s.next_token = delta.token_id
-        if leaving:
-            for i in leaving:
+        for i in leaving:
+            try:
                 self._finish(seqs[i], memory, memory.select(group.state, [i]))
-            gone = set(leaving)
+            except Exception as err:  # noqa: BLE001
+                self._fail_row(seqs[i], err)
+        if leaving or failed:
+            gone = set(leaving) | set(failed)
             self._keep(group, [i for i in range(batch) if i not in gone])
+
+    def _fail_row(self, seq: Seq, err: Exception) -> None:
+        log.exception("decode failed for request %s; the other rows go on", seq.job.id)
+        self.metrics.inc("ctxmem_failed_sequences_total", labels={"stage": "decode"})
+        self._emit(seq.job, APIError(500, f"generation failed for this request ({type(err).__name__}: {err}); "
+                                          "retry it, or change its sampling settings", code="engine_failure").to_event())
 
     def _keep(self, group: Group, rows: list[int]) -> None:
         group.seqs = [group.seqs[i] for i in rows]
@@ -320,14 +381,15 @@ class Scheduler:
         m.set("ctxmem_kv_cache_sessions", len(self.cache))
         m.set("ctxmem_kv_cache_bytes", self.cache.nbytes)
 
-    def _fail_all(self, err: APIError) -> None:
-        for group in self._groups.values():
-            for s in group.seqs:
-                self._emit(s.job, err.to_event())
-        with self._cond:
-            while self._queue:
-                self._emit(self._queue.popleft(), err.to_event())
+    def _fail_in_flight(self, err: APIError) -> None:
+        """After the loop died: every running or half-admitted request gets `err` and leaves (their
+        state may be inconsistent); the queue stays for the restarted loop."""
+        jobs = list({id(j): j for j in [s.job for g in self._groups.values() for s in g.seqs] + self._admitting}.values())
+        self._groups, self._admitting = {}, []
+        for job in jobs:
+            self._emit(job, err.to_event())
         self._flush()
+        self._count_running()
 
 
 class AsyncSink:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import numpy as np
 import pytest
@@ -365,3 +366,133 @@ def test_reconfigure_to_another_model_rolls_over_while_a_request_is_in_flight(ex
         assert isinstance(run(eng, completion("after", 3))[1], Finished)
     finally:
         eng.close()
+
+
+# ---- no request can hurt the replica -----------------------------------------------------------------
+POISON_SEED = 4242
+
+
+def test_a_row_whose_logits_go_non_finite_fails_alone_while_the_batch_goes_on(engine, reference, monkeypatch):
+    """A fault injected into one row (its logits turn NaN after 3 tokens, so the real sampler has
+    nothing to pick from) fails that request with a 500 event; the request sharing its decode steps
+    streams on and equals its solo decoding."""
+    from ctxmem.generation import SequenceDecoder
+
+    step = SequenceDecoder.step
+
+    def faulty_step(self, logits):
+        if self.config.seed == POISON_SEED and len(self.token_ids) >= 3:
+            logits = np.full_like(logits, np.nan)
+        return step(self, logits)
+
+    monkeypatch.setattr(SequenceDecoder, "step", faulty_step)
+    ref = reference.generate(["the healthy one"], GenerationConfig(max_new_tokens=40, temperature=0),
+                             memory=engine.model.memory)[0]
+    before = _counter(engine, "ctxmem_failed_sequences_total", {"stage": "decode"})
+
+    async def main():
+        healthy_events: list[Event] = []
+
+        async def healthy():
+            async for chunk in engine.generate(completion("the healthy one", 40)):
+                healthy_events.extend(chunk)
+
+        async def poisoned():
+            while sum(ev.tokens for ev in healthy_events if isinstance(ev, Delta)) < 3:
+                await asyncio.sleep(0.001)
+            poison = completion("poisoned", 30)
+            poison["generation"]["seed"] = POISON_SEED
+            return await collect(engine, poison)
+
+        _, (_, poison_end, poison_events) = await asyncio.gather(healthy(), poisoned())
+        return healthy_events, poison_end, poison_events
+
+    healthy_events, poison_end, poison_events = asyncio.run(main())
+    assert isinstance(poison_end, Failed) and poison_end.status == 500 and poison_end.code == "engine_failure"
+    assert "NonFiniteLogitsError" in poison_end.message
+    assert sum(ev.tokens for ev in poison_events if isinstance(ev, Delta)) == 3  # it had streamed before failing
+    end = healthy_events[-1]
+    assert isinstance(end, Finished) and end.usage.completion_tokens == 40
+    assert "".join(ev.text for ev in healthy_events if isinstance(ev, Delta)) == ref.text
+    assert max(ev.batch for ev in healthy_events if isinstance(ev, Delta)) == 2  # they shared decode steps
+    assert _counter(engine, "ctxmem_failed_sequences_total", {"stage": "decode"}) == before + 1
+    assert engine.healthy() and engine.scheduler.restarts == 0
+
+
+def test_extreme_but_valid_sampling_settings_finish(engine):
+    """Settings at the ends of their ranges that used to overflow the sampler (5e-324 / T = inf)."""
+    greedy, _, _ = run(engine, completion("extreme", 12))
+    for generation in ({"temperature": 5e-324, "seed": 0}, {"temperature": 1e-300, "top_p": 1e-12},
+                       {"temperature": 2.0, "top_k": 2**31 - 1, "seed": 2**63 - 1},
+                       {"temperature": 1.0, "repetition_penalty": 1e-300}, {"repetition_penalty": 100.0}):
+        request = completion("extreme", 12)
+        request["generation"].update(generation)
+        text, end, _ = run(engine, request)
+        assert isinstance(end, Finished) and end.usage.completion_tokens >= 1, (generation, end)
+        if 0 < generation.get("temperature", 1.0) <= 1e-300:
+            assert text == greedy, generation  # a vanishing temperature is greedy
+
+
+def test_a_dead_scheduler_loop_fails_its_requests_and_is_restarted(export_dir):
+    """An exception outside any row kills the loop: its running request fails with a 500 event, the
+    supervisor counts the restart and reports the engine down meanwhile, and a request submitted
+    while it is down is served by the restarted loop."""
+    from ctxmem.serving.events import FINAL
+    from ctxmem.serving.metrics import render
+
+    eng = Engine(EngineConfig(model=str(export_dir)))
+    sched = eng.scheduler
+    armed = {"on": False, "fired": False}
+    gauges = sched._gauges
+
+    def dying_gauges():
+        if armed["on"] and not armed["fired"]:
+            armed["fired"] = True
+            raise RuntimeError("injected loop fault")
+        gauges()
+
+    seen_down: list[tuple] = []
+    queued_meanwhile: list[Event] = []
+    fail_in_flight = sched._fail_in_flight
+
+    def observed_fail_in_flight(err):  # before the failure reaches the client, so no race with the test
+        seen_down.append((eng.healthy(), sched.state(), eng.info()["scheduler"]))
+        sched.submit(eng.prepare(completion("while down", 6), queued_meanwhile.extend))
+        fail_in_flight(err)
+
+    sched._gauges = dying_gauges
+    sched._fail_in_flight = observed_fail_in_flight
+    try:
+        async def main():
+            events: list[Event] = []
+            async for chunk in eng.generate(completion("killed mid-stream", 200)):
+                events.extend(chunk)
+                if sum(ev.tokens for ev in events if isinstance(ev, Delta)) >= 3:
+                    armed["on"] = True
+            return events
+
+        events = asyncio.run(main())
+        assert isinstance(events[-1], Failed) and events[-1].status == 500
+        assert "injected loop fault" in events[-1].message and events[-1].code == "engine_failure"
+        assert seen_down == [(False, "restarting", "restarting")]
+        for _ in range(500):  # the restarted loop serves what queued meanwhile
+            if queued_meanwhile and isinstance(queued_meanwhile[-1], FINAL):
+                break
+            time.sleep(0.02)
+        assert isinstance(queued_meanwhile[-1], Finished) and queued_meanwhile[-1].usage.completion_tokens == 6
+        assert eng.healthy() and sched.state() == "running" and sched.restarts == 1
+        assert isinstance(sched.error, RuntimeError)
+        assert b"ctxmem_scheduler_restarts_total 1.0" in render([eng.metrics.snapshot()])
+        _, end, _ = run(eng, completion("after the restart", 5))
+        assert isinstance(end, Finished) and end.usage.completion_tokens == 5
+    finally:
+        eng.close()
+    assert sched.state() == "stopped" and not eng.healthy()
+
+
+def _counter(engine: Engine, name: str, labels: dict[str, str]) -> float:
+    for family in engine.metrics.snapshot():
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
