@@ -90,3 +90,23 @@ class PromotionRefusedError(RegistryError):
 class EvalError(ExportError):
     """Evaluation data that cannot be read or is too short, or a memory evaluation result file
     (`registry evaluate-memory --result`) that cannot be read."""
+
+
+class UnsafeFilePathError(RuntimeConfigError):
+    """A file path in runtime_config.json (its ``files`` section) that leaves the export folder: an
+    absolute path, a ``..`` component, or a symlink pointing outside. ``key`` names it (``files.model``)."""
+
+    def __init__(self, message: str, *, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+class ArtifactIntegrityError(RegistryError):
+    """A downloaded model whose files differ from the sha256 recorded for them (at registration, or
+    in the export's verification report). ``file`` is the first such file, ``expected`` and ``actual``
+    its recorded and downloaded sha256 (``actual`` None: the file is missing). The download is removed
+    before this is raised: nothing of it is loaded or cached."""
+
+    def __init__(self, message: str, *, file: str, expected: str, actual: str | None):
+        super().__init__(message)
+        self.file, self.expected, self.actual = file, expected, actual

@@ -7,7 +7,8 @@ SPEC is one of
     models:/NAME@ALIAS      the version an alias points at, looked up now (aliases move on promotion)
     models:/NAME/VERSION    a fixed version
 URIs are downloaded through MLflow once into $CTXMEM_MODEL_CACHE (default ~/.cache/ctxmem/models),
-keyed by store, name, version and run.
+keyed by store, name, version and run: atomically, under a lock, and checked against the sha256
+recorded for the version before anything is loaded (model_cache.py).
 
 Layering: this module sits above the ONNX Runtime engine (runtime.py), which imports nothing from
 here; mlflow loads inside the functions that need it.
@@ -15,18 +16,20 @@ here; mlflow loads inside the functions that need it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ctxmem.memory import MemoryConfig
 from ctxmem.paths import default_tracking_uri
 
 from .errors import ModelSpecError
+from .model_cache import Expected, fetch_verified
 from .providers import choose_provider
-from .runtime import MODEL_FILE, RUNTIME_CONFIG, load_onnx_generator
-from .store import alias_version, mlflow_client, model_version
+from .runtime import load_onnx_generator
+from .store import EXPORT_SHA256_TAG, alias_version, mlflow_client, model_version, recorded_hashes
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "CTXMEM_MODEL_CACHE"
 URI_PREFIXES = ("models:/", "runs:/")
@@ -64,15 +67,15 @@ def resolve_model(spec: str | Path, tracking_uri: str | None = None, *, cache_di
             mv = model_version(client, name, version)
             target = root / store / _safe(name) / f"v{mv.version}-{(mv.run_id or 'norun')[:12]}"
             source = mv.source  # the artifact location itself: no second lookup through the global registry
+            expected = _version_expected(mv, text)
         else:
             run_id, _, sub = text[len("runs:/"):].partition("/")
             if not run_id:
                 raise ModelSpecError(f"{text}: expected runs:/<run_id>/<artifact path>")
             target = root / store / "runs" / run_id / (_safe(sub) or "_root")
             source = client.get_run(run_id).info.artifact_uri.rstrip("/") + ("/" + sub.strip("/") if sub else "")
-        if not (target / ".complete").exists():
-            _download(source, target, uri)
-    return _find_model_dir(target, text)
+            expected = Expected()  # nothing is recorded for a run's folder: its own verification report, if any
+        return fetch_verified(source, target, uri, text, expected)
 
 
 def open_onnx_generator(spec: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
@@ -101,34 +104,19 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip("/"))
 
 
-def _download(source: str, target: Path, uri: str) -> None:
-    """Into a temporary sibling first, renamed when complete: a crash never leaves a half cache entry."""
-    import mlflow.artifacts
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
-        (tmp / ".complete").write_text(source + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _find_model_dir(root: Path, spec: str) -> Path:
-    """The export (runtime_config.json) or checkpoint (config.json + model.safetensors) inside a download."""
-    candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
-    for path in candidates:
-        if (path / RUNTIME_CONFIG).is_file() and (path / MODEL_FILE).is_file():
-            return path
-    for path in candidates:
-        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-            return path
-    raise ModelSpecError(f"{spec} downloaded to {root} but holds neither a ctxmem export ({RUNTIME_CONFIG} + "
-                         f"{MODEL_FILE}) nor a checkpoint (config.json + model.safetensors)")
+def _version_expected(mv, spec: str) -> Expected:
+    """What a registered version's download must match: the sha256 its registration recorded."""
+    hashes = recorded_hashes(mv)
+    if hashes is None:
+        log.warning("%s: version %s of %s has no recorded sha256 (tag %s; it was not registered with `ctxmem "
+                    "registry register`): only its own verification report, if any, vouches for the download",
+                    spec, mv.version, mv.name, EXPORT_SHA256_TAG)
+    fix = (f"The stored artifact of {mv.name} version {mv.version} changed after it was registered: register the "
+           f"export again (`ctxmem registry register --export DIR --name {mv.name}`) and promote the new version, or "
+           f"point the alias at an intact version (`ctxmem registry promote --name {mv.name} --version V --alias "
+           "ALIAS`)")
+    return Expected(hashes, f"recorded for {mv.name} version {mv.version} at registration (tag {EXPORT_SHA256_TAG})",
+                    fix)
 
 
 __all__ = ["resolve_model", "choose_provider", "open_onnx_generator", "is_model_uri", "cache_root", "CACHE_ENV"]

@@ -11,11 +11,11 @@ import hashlib
 import json
 import logging
 from dataclasses import field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ctxmem.config import ConfigError, ModelConfig
@@ -23,7 +23,8 @@ from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
 
 from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, POSITIONS, SINK_KEYS, SINK_POSITIONS, ExportContract,
                        past_names)
-from .errors import ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError
+from .errors import (ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError,
+                     UnsafeFilePathError)
 from .providers import choose_provider, is_auto, ort_name
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 RUNTIME_CONFIG = "runtime_config.json"
 MODEL_FILE, DATA_FILE, TOKENIZER_FILE, REPORT_FILE = "model.onnx", "model.onnx.data", "tokenizer.json", "verification.json"
 FORMAT, FORMAT_VERSION = "ctxmem-onnx-export", 1
+DEFAULT_FILES = {"model": MODEL_FILE, "external_data": DATA_FILE, "tokenizer": TOKENIZER_FILE,
+                 "verification": REPORT_FILE}  # runtime_config.json `files`: paths relative to the export folder
 _RERUN = "re-run `ctxmem export --model CHECKPOINT --out {dir}`"
 
 
@@ -51,12 +54,25 @@ class RuntimeConfig:
     chat_template: dict[str, Any] = field(default_factory=dict)  # style, role tokens, stop strings
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint, its sha256, run id, tracking uri, metrics
     optimization: dict[str, Any] = field(default_factory=dict)  # offline ORT level, quantisation settings
-    files: dict[str, str] = field(default_factory=lambda: {
-        "model": MODEL_FILE, "external_data": DATA_FILE, "tokenizer": TOKENIZER_FILE, "verification": REPORT_FILE})
+    files: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FILES))  # paths relative to the export folder
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)  # ctxmem, torch, onnx, onnxruntime at export time
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    @field_validator("files")
+    @classmethod
+    def _files_stay_in_the_folder(cls, files: dict[str, str]) -> dict[str, str]:
+        """Every file of an export lives inside its folder: a config copied from elsewhere (or a
+        registry download) must not make serving open /etc/... or ../../. Symlinks need the folder
+        itself and are checked by file_path() (load() does it for every key)."""
+        for key, value in files.items():
+            problem = file_path_problem(value)
+            if problem:
+                raise UnsafeFilePathError(f"key 'files.{key}' is {value!r}, {problem}; every file of an export lives "
+                                          f"inside its folder: give a path relative to it (e.g. "
+                                          f"{DEFAULT_FILES.get(key, MODEL_FILE)!r})", key=f"files.{key}")
+        return files
 
     def __post_init__(self) -> None:
         """Checks across fields, after pydantic has checked each field's type."""
@@ -91,6 +107,11 @@ class RuntimeConfig:
         return MemoryConfig(**self.memory)
 
     # ---- files ---------------------------------------------------------------------------
+    def file_path(self, export_dir: str | Path, key: str) -> Path:
+        """The file `files.<key>` names, inside `export_dir` once symlinks are followed
+        (UnsafeFilePathError naming the key otherwise)."""
+        return confined_file(export_dir, self.files.get(key, DEFAULT_FILES.get(key, "")), f"files.{key}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -129,9 +150,43 @@ class RuntimeConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RuntimeConfigError(f"{path} is not readable JSON ({err}); {rerun}") from None
         try:
-            return cls.from_dict(data)
+            config = cls.from_dict(data)
+            for key in config.files:
+                config.file_path(export_dir, key)
+        except UnsafeFilePathError as err:
+            raise UnsafeFilePathError(f"{path}: {err}; {rerun}", key=err.key) from None
         except RuntimeConfigError as err:
             raise RuntimeConfigError(f"{path}: {err}; {rerun}") from None
+        return config
+
+
+def file_path_problem(value: str) -> str | None:
+    """Why `value` cannot name a file inside an export folder, or None when it can (syntax only:
+    symlinks are confined_file's)."""
+    if not value.strip():
+        return "an empty path"
+    posix, windows = PurePosixPath(value), PureWindowsPath(value)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive:
+        return "an absolute path"
+    if ".." in posix.parts or ".." in windows.parts:
+        return "a path that climbs out of the export folder with '..'"
+    return None
+
+
+def confined_file(export_dir: str | Path, relative: str, key: str) -> Path:
+    """`export_dir / relative`, refused (UnsafeFilePathError naming `key`) unless it stays inside
+    `export_dir` after every symlink on the way is followed."""
+    problem = file_path_problem(relative)
+    if problem:
+        raise UnsafeFilePathError(f"{key} is {relative!r}, {problem}; it must name a file inside {export_dir}",
+                                  key=key)
+    root = Path(export_dir).resolve()
+    path = Path(export_dir) / relative
+    real = path.resolve()  # follows symlinks, also a dangling one's target
+    if not real.is_relative_to(root):
+        raise UnsafeFilePathError(f"{key} is {relative!r}, which leads out of the export folder {root} (to {real}, "
+                                  "through a symlink); copy the file into the folder instead of linking it", key=key)
+    return path
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -282,7 +337,7 @@ def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = No
     export_dir = Path(export_dir)
     config = RuntimeConfig.load(export_dir)
     backend = OrtBackend(export_dir, provider=provider, intra_op_threads=intra_op_threads, config=config)
-    tokenizer = load_tokenizer(export_dir / config.files.get("tokenizer", TOKENIZER_FILE))
+    tokenizer = load_tokenizer(config.file_path(export_dir, "tokenizer"))
     mem = memory or config.memory_config
     return Generator(backend, tokenizer, mem, GenerationConfig(**config.generation))
 

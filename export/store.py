@@ -8,6 +8,7 @@ mlflow is imported inside the functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any, Iterator
 
@@ -77,3 +78,33 @@ def model_version(client, name: str, version: str):
             raise
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         raise RegistryError(f"registered model {name!r} has no version {version}; versions: {versions}") from None
+
+
+EXPORT_SHA256_TAG = "ctxmem.export_sha256"  # {file name in the export: sha256}, set by `registry register`
+_HEX = frozenset("0123456789abcdef")
+
+
+def recorded_hashes(mv) -> dict[str, str] | None:
+    """The sha256 that registration recorded for a version's export files (the tag
+    ctxmem.export_sha256), or None for a version registered without ctxmem. A tag that is not a
+    {relative file name: sha256} object is a RegistryError: nothing recorded can be trusted."""
+    from .runtime import file_path_problem
+
+    text = (mv.tags or {}).get(EXPORT_SHA256_TAG)
+    if text is None:
+        return None
+    where = f"version {mv.version} of {mv.name!r}: its tag {EXPORT_SHA256_TAG}"
+    try:
+        hashes = json.loads(text)
+    except ValueError:
+        hashes = None
+    if not isinstance(hashes, dict) or not hashes:
+        raise RegistryError(f"{where} is not a JSON object of file sha256 ({text[:80]!r}); register the export again")
+    for name, digest in hashes.items():
+        problem = file_path_problem(name)
+        if problem:
+            raise RegistryError(f"{where} names {name!r}, {problem}; register the export again")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+            raise RegistryError(f"{where} gives {name!r} the sha256 {digest!r}, not 64 hex digits; register the "
+                                "export again")
+    return hashes
