@@ -166,6 +166,30 @@ def test_a_version_without_recorded_hashes_warns_and_a_malformed_record_is_refus
         resolve_model("models:/untagged/3")
 
 
+def test_every_file_the_record_names_is_checked_not_only_the_graph(store, cache, tiny_export, tmp_path):
+    """The check covers whatever the version's record names: a record over the tokenizer and the
+    runtime config refuses a changed tokenizer."""
+    from mlflow import MlflowClient
+
+    from ctxmem.export.resolve import resolve_model
+
+    source = copy_export(tiny_export, tmp_path / "source")
+    names = (MODEL_FILE, DATA_FILE, "tokenizer.json", RUNTIME_CONFIG)
+    record = {n: file_sha256(source / n) for n in names}
+    client = MlflowClient(store, store)
+    client.create_registered_model("wide")
+    client.create_model_version("wide", source=source.as_uri(), tags={"ctxmem.export_sha256": json.dumps(record)})
+    assert {n: file_sha256(resolve_model("models:/wide/1") / n) for n in names} == record
+
+    tokenizer = source / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + " ")  # still valid JSON, other bytes
+    client.create_model_version("wide", source=source.as_uri(), tags={"ctxmem.export_sha256": json.dumps(record)})
+    with pytest.raises(ArtifactIntegrityError, match="tokenizer.json does not match the sha256 recorded for wide "
+                                                     "version 2") as err:
+        resolve_model("models:/wide/2")
+    assert err.value.file == "tokenizer.json" and err.value.actual == file_sha256(tokenizer)
+
+
 # ---- one atomic download per version ------------------------------------------------------------------
 RESOLVER = """
 import json, logging, sys
