@@ -8,6 +8,7 @@ no cycle). Nothing heavy is imported here; each loads torch / onnx / onnxruntime
     providers.py    choose_provider(): the one choice of ONNX Runtime execution provider (auto/cpu/cuda)
     runtime.py      RuntimeConfig (runtime_config.json), OrtBackend, load_onnx_generator(export_dir)
     store.py        an MLflow client on a store URI; registered model / alias / version lookups
+    model_cache.py  one verified, atomic download per version into the local cache (lock, temp, rename)
     resolve.py      resolve_model(): --model SPEC (dir, runs:/, models:/) -> local directory;
                     open_onnx_generator(SPEC)
     evaluate.py     validation loss / perplexity for checkpoints and exports (`ctxmem eval`)
