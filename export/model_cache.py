@@ -53,9 +53,11 @@ def fetch_verified(source: str, target: Path, uri: str, spec: str, expected: Exp
             if not bad:
                 return model_dir
             log.warning("%s: the cached copy in %s changed after it was downloaded (%s differs from the sha256 %s); "
-                        "downloading it again", spec, target, bad[0][0], _origin(expected, bad))
-        if target.exists():  # a changed copy, or a folder a crash left without its marker: no one reads either
+                        "downloading it again", spec, target, bad[0][0], _origin(expected))
+        if target.exists():  # a changed copy, or a folder without its marker: no one reads either
             _discard(target)
+        for stale in target.parent.glob(f".{target.name}.download-*"):  # a holder that died mid-download
+            shutil.rmtree(stale, ignore_errors=True)  # (a live one would hold the lock we hold)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
         try:
             log.info("downloading %s from %s into %s", spec, source, target)
@@ -129,7 +131,7 @@ def _report_hashes(model_dir: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in hashes.items()}
 
 
-def _origin(expected: Expected, bad) -> str:
+def _origin(expected: Expected) -> str:
     return expected.origin if expected.hashes is not None else f"that the download's own {REPORT_FILE} recorded"
 
 
@@ -138,7 +140,7 @@ def _integrity_error(spec: str, expected: Expected, bad) -> ArtifactIntegrityErr
     files = "; ".join(f"{n}: recorded sha256 {w}, downloaded {g or 'no such file'}" for n, w, g in bad)
     fix = expected.fix if expected.hashes is not None else \
         "The download is incomplete or the stored artifact is corrupt: try again, or log the artifact anew"
-    return ArtifactIntegrityError(f"{spec}: {name} does not match the sha256 {_origin(expected, bad)} ({files}); the "
+    return ArtifactIntegrityError(f"{spec}: {name} does not match the sha256 {_origin(expected)} ({files}); the "
                                   f"download was removed and nothing of it was loaded. {fix}",
                                   file=name, expected=want, actual=got)
 
