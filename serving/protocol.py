@@ -177,7 +177,8 @@ def _shown(value: Any) -> str:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-before", "function-after"}
 
 
-def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | None) -> dict[str, Any]:
+def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | None,
+            max_tokens_param: str = "max_tokens") -> dict[str, Any]:
     if req.n != 1:
         raise bad_request("only n=1 is supported", param="n")
     if req.presence_penalty or req.frequency_penalty:
@@ -186,8 +187,8 @@ def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | No
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", param="logit_bias")
     if max_tokens is not None and max_tokens > limit:
-        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit}; send at most {limit}",
-                          param="max_tokens")
+        raise bad_request(f"{max_tokens_param}={max_tokens} is above this server's limit of {limit}; "
+                          f"send at most {limit}", param=max_tokens_param)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         longest = max(len(s) for s in stop)
@@ -247,7 +248,8 @@ def parse_chat(data: dict[str, Any], limit: int, default_max_tokens: int) -> tup
             req.max_tokens != req.max_completion_tokens:
         raise bad_request("max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
     messages = normalise_messages(req.messages)
-    body = _common(req, limit, default_max_tokens, req.max_completion_tokens or req.max_tokens)
+    body = _common(req, limit, default_max_tokens, req.max_completion_tokens or req.max_tokens,
+                   "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     return req, {"kind": "chat", "messages": messages, **body}
 
 
