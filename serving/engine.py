@@ -160,8 +160,9 @@ class Engine:
                 "scheduler": self.scheduler.state(), "scheduler_restarts": self.scheduler.restarts}
 
     def healthy(self) -> bool:
-        """The scheduler loop is running (not while it restarts after a death)."""
-        return self.scheduler.alive()
+        """Worth keeping: the scheduler runs, or restarts after an isolated death (a replica whose loop
+        keeps dying, or that stopped, is not - Ray Serve's health check then replaces it)."""
+        return self.scheduler.state() != "stopped" and not self.scheduler.crash_looping()
 
     def close(self) -> None:
         self.scheduler.stop()

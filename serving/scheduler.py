@@ -13,8 +13,9 @@ One scheduler thread owns the model. Each iteration it
 No request can take the loop down: an exception while prefilling or stepping one sequence fails that
 request alone (a `Failed` event) and the others go on. Should the loop itself still die, a supervisor
 fails the requests it was running, counts the restart (`ctxmem_scheduler_restarts_total`), reports
-itself down (`alive()`, so `/health` says degraded) for a short backoff, and starts it again; queued
-requests wait and are served by the new loop.
+itself down (`state()`, so `/health` says degraded) for a short backoff, and starts it again; queued
+requests wait and are served by the new loop. Only a loop that keeps dying (`crash_looping`) makes the
+replica unhealthy, so that Ray Serve replaces it.
 
 Sampling, detokenisation and stop rules stay in `ctxmem.generation.SequenceDecoder`; eviction stays in
 `ctxmem.memory.ContextMemory`. Events (`events.py`) go out through `Job.emit`, batched per step.
@@ -46,6 +47,7 @@ from .metrics import Registry
 log = logging.getLogger("ctxmem.serving.scheduler")
 RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)  # after the 1st, 2nd, 3rd, later deaths in a row
 STABLE_S = 60.0  # a loop that ran this long before dying starts the backoff over
+CRASH_LOOP_DEATHS = 3  # this many deaths in a row, each within STABLE_S of the last: the replica is unhealthy
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Scheduler:
         self._down = False  # between a loop's death and its restart
         self.error: BaseException | None = None  # why the loop last died (kept after the restart)
         self.restarts = 0
+        self._deaths_in_a_row = 0
+        self._last_death = 0.0
         self._thread = threading.Thread(target=self._run, name="ctxmem-scheduler", daemon=True)
         self._thread.start()
 
@@ -133,6 +137,10 @@ class Scheduler:
         """The loop is running (False while it restarts after a death, and once stopped)."""
         return self._thread.is_alive() and not self._down and not self._stop
 
+    def crash_looping(self) -> bool:
+        """The loop keeps dying: restarting it in place is not helping (replace the replica)."""
+        return self._deaths_in_a_row >= CRASH_LOOP_DEATHS and time.monotonic() - self._last_death < STABLE_S
+
     def state(self) -> str:
         """"running", "restarting" (the loop died; requests queue until it is back) or "stopped"."""
         if self._stop or not self._thread.is_alive():
@@ -157,7 +165,6 @@ class Scheduler:
     # -- the loop (scheduler thread) --
     def _run(self) -> None:
         """The supervisor: runs the loop until `stop`, restarting it whenever it dies."""
-        deaths = 0
         while True:
             started = time.monotonic()
             try:
@@ -168,13 +175,15 @@ class Scheduler:
                 self._down = True
                 self.error = err
                 self.restarts += 1
-                deaths = 1 if time.monotonic() - started >= STABLE_S else deaths + 1
+                self._deaths_in_a_row = 1 if time.monotonic() - started >= STABLE_S else self._deaths_in_a_row + 1
+                self._last_death = time.monotonic()
                 self._supervised(self.metrics.inc, "ctxmem_scheduler_restarts_total")
                 self._supervised(self._fail_in_flight, APIError(
                     500, f"the engine's scheduler failed while running this request ({type(err).__name__}: {err}); "
                     "retry it", code="engine_failure"))
+            backoff = RESTART_BACKOFF_S[min(self._deaths_in_a_row, len(RESTART_BACKOFF_S)) - 1]
             with self._cond:
-                if self._cond.wait_for(lambda: self._stop, timeout=RESTART_BACKOFF_S[min(deaths, 4) - 1]):
+                if self._cond.wait_for(lambda: self._stop, timeout=backoff):
                     return
                 self._down = False
             log.warning("scheduler loop restarted (%d restarts so far)", self.restarts)

@@ -456,7 +456,7 @@ def test_a_dead_scheduler_loop_fails_its_requests_and_is_restarted(export_dir):
     fail_in_flight = sched._fail_in_flight
 
     def observed_fail_in_flight(err):  # before the failure reaches the client, so no race with the test
-        seen_down.append((eng.healthy(), sched.state(), eng.info()["scheduler"]))
+        seen_down.append((eng.healthy(), sched.alive(), sched.state(), eng.info()["scheduler"]))
         sched.submit(eng.prepare(completion("while down", 6), queued_meanwhile.extend))
         fail_in_flight(err)
 
@@ -474,7 +474,8 @@ def test_a_dead_scheduler_loop_fails_its_requests_and_is_restarted(export_dir):
         events = asyncio.run(main())
         assert isinstance(events[-1], Failed) and events[-1].status == 500
         assert "injected loop fault" in events[-1].message and events[-1].code == "engine_failure"
-        assert seen_down == [(False, "restarting", "restarting")]
+        # down while it restarts, yet one death does not make the replica unhealthy (Serve keeps it)
+        assert seen_down == [(True, False, "restarting", "restarting")]
         for _ in range(500):  # the restarted loop serves what queued meanwhile
             if queued_meanwhile and isinstance(queued_meanwhile[-1], FINAL):
                 break
@@ -488,6 +489,34 @@ def test_a_dead_scheduler_loop_fails_its_requests_and_is_restarted(export_dir):
     finally:
         eng.close()
     assert sched.state() == "stopped" and not eng.healthy()
+
+
+def test_a_scheduler_loop_that_keeps_dying_makes_the_replica_unhealthy(export_dir):
+    """Restarting in place is for isolated faults: after 3 deaths in a row the engine reports itself
+    unhealthy, so Ray Serve's health check replaces the replica."""
+    from ctxmem.serving.scheduler import CRASH_LOOP_DEATHS
+
+    eng = Engine(EngineConfig(model=str(export_dir)))
+    sched = eng.scheduler
+    health: list[bool] = []
+
+    def always_dying_gauges():
+        health.append(eng.healthy())
+        raise RuntimeError("injected fault, every step")
+
+    sched._gauges = always_dying_gauges
+    try:
+        for i in range(CRASH_LOOP_DEATHS):  # each request runs one loop step, which dies
+            _, end, _ = run(eng, completion(f"doomed {i}", 50))
+            assert isinstance(end, Failed) and "injected fault" in end.message
+            for _ in range(500):
+                if sched.restarts == i + 1 and (sched.alive() or i + 1 == CRASH_LOOP_DEATHS):
+                    break
+                time.sleep(0.02)
+        assert sched.restarts == CRASH_LOOP_DEATHS and health == [True] * CRASH_LOOP_DEATHS
+        assert sched.crash_looping() and not eng.healthy()
+    finally:
+        eng.close()
 
 
 def _counter(engine: Engine, name: str, labels: dict[str, str]) -> float:
