@@ -15,7 +15,6 @@ class NonFiniteLogitsError(ValueError):
     """Every logit of a row was NaN or infinite: the model produced nothing to pick from."""
 
 
-SEED_MAX = 2**63 - 1  # numpy's generators take any int >= 0; the wire format stops at a signed 64-bit int
 _LOGIT_MAX = float(np.finfo(np.float64).max)
 
 
@@ -41,9 +40,10 @@ class GenerationConfig:
         for name, ok, what in checks:
             if not ok:
                 raise GenerationConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        # numpy's generators take any integer >= 0 (a batch derives seed + row for its rows)
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                          and 0 <= self.seed <= SEED_MAX):
-            raise GenerationConfigError(f"seed must be an integer in [0, 2**63-1] or None, got {self.seed!r}")
+                                          and self.seed >= 0):
+            raise GenerationConfigError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
