@@ -375,9 +375,7 @@ class ContextMemory:
         if len(full) == 0:
             return
         keep = cfg.window - np.maximum(cfg.chunk, fresh_in[full])
-        rows = [state.kept_tokens(int(r))[len(state.kept_tokens(int(r))) - int(k):] if k > 0 else []
-                for r, k in zip(full, keep)]
-        rows = [r if r else state.kept_tokens(int(i))[-1:] for r, i in zip(rows, full)]
+        rows = [self._recompute_keep(state.kept_tokens(int(r)), int(k)) for r, k in zip(full, keep)]
         redo = MemoryState.empty(len(full))
         ids, valid = left_pad(rows)
         self._forward(redo, ids, valid)
@@ -389,6 +387,13 @@ class ContextMemory:
         else:
             merged, order = self.merge([self.select(state, others), redo]), np.concatenate((others, full))
         state.__dict__.update(self.select(merged, np.argsort(order)).__dict__)
+
+    def _recompute_keep(self, kept: list[int], keep: int) -> list[int]:
+        """The newest `keep` tokens of a row (at least one); a model trained with a sink token keeps
+        it first, as every stream of its training began with it."""
+        if self.sink_token is not None and kept and kept[0] == self.sink_token:
+            return [self.sink_token] + kept[1:][len(kept) - 1 - max(keep - 1, 1):]
+        return kept[len(kept) - max(keep, 1):]
 
     def _feed_rows_alone(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:
         """recompute, several rows, a feed that overflows some window: where a recompute falls

@@ -116,3 +116,15 @@ def test_sink_models_export_to_onnx_with_the_usual_parity(sink, tmp_path):
                       memory=MemoryConfig("sink", sinks=1 if sink == "token" else 0, window=60))
     report = json.loads((out / "verification.json").read_text())
     assert report["status"] == "passed" and report["greedy"]["identical"]
+
+
+def test_recompute_keeps_the_sink_token_first():
+    model = make("token")
+    mem = ContextMemory(TorchBackend(model), MemoryConfig("recompute", window=16, chunk=4))
+    state = mem.start(1)
+    tokens = np.random.default_rng(2).integers(0, VOCAB - 1, 40).tolist()
+    for t in tokens:
+        mem.feed(state, [[t]])
+    kept = state.kept_tokens(0)
+    assert kept[0] == model.cfg.sink_token_id and kept[-1] == tokens[-1] and len(kept) <= 16
+    assert kept[1:] == tokens[len(tokens) - (len(kept) - 1):]
