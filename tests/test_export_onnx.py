@@ -89,6 +89,7 @@ def test_onnx_generator_matches_torch_generator_token_for_token_under_sinks(tiny
     assert min(c.evicted for c in b) > 0  # 90 new tokens overflow the 64-slot cache
 
 
+@pytest.mark.slow  # trains and exports the `small` fixture (~30 s): out of the fast loop
 def test_trained_small_export_passes_verification_and_keeps_training_lineage(small_export, small_checkpoint):
     from ctxmem.export.runtime import RuntimeConfig
 
@@ -100,6 +101,7 @@ def test_trained_small_export_passes_verification_and_keeps_training_lineage(sma
     assert source["run_id"] == run["run_id"] and source["val_ppl"] == pytest.approx(run["val_ppl"])
 
 
+@pytest.mark.slow  # trains and exports the `small` fixture (~30 s): out of the fast loop
 def test_int8_variant_keeps_validation_loss_within_two_percent_of_fp32(small_int8, small_export):
     from ctxmem.export.runtime import RuntimeConfig
 
@@ -115,6 +117,7 @@ def test_int8_variant_keeps_validation_loss_within_two_percent_of_fp32(small_int
     assert (small_int8 / "model.onnx.data").stat().st_size < (small_export / "model.onnx.data").stat().st_size / 2
 
 
+@pytest.mark.slow  # trains and exports the `small` fixture (~30 s): out of the fast loop
 def test_eval_gives_the_same_loss_for_the_checkpoint_and_its_export(small_checkpoint, small_export, capsys):
     data = str(small_checkpoint.parent / "val.txt")
     results = []
