@@ -29,8 +29,8 @@ from ctxmem.paths import default_artifact_location, default_tracking_uri
 from . import registry_memory
 from .errors import PromotionRefusedError, RegistryError, VerificationError
 from .resolve import resolve_model
-from .runtime import RuntimeConfig, export_hashes
-from .store import alias_version, mlflow_client, model_version, registered_model
+from .runtime import RUNTIME_CONFIG, TOKENIZER_FILE, RuntimeConfig, export_hashes, file_sha256
+from .store import EXPORT_SHA256_TAG, alias_version, mlflow_client, model_version, registered_model
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,10 @@ def _version_tags(config: RuntimeConfig, report, metrics, status, export_dir: Pa
         "ctxmem.metrics_source": str(metrics.get("metrics_source")),
         "ctxmem.source_run_id": str(src.get("run_id") or ""), "ctxmem.source_checkpoint": str(src.get("checkpoint")),
         "ctxmem.source_tracking_uri": str(src.get("tracking_uri") or ""),
-        "ctxmem.export_sha256": json.dumps(export_hashes(export_dir)),
+        # every file a replica loads, so a download is checked whole (export/model_cache.py)
+        EXPORT_SHA256_TAG: json.dumps({**export_hashes(export_dir), **{
+            name: file_sha256(export_dir / name) for name in (TOKENIZER_FILE, RUNTIME_CONFIG)
+            if (export_dir / name).exists()}}),
     }
     for key in ("val_loss", "val_ppl"):
         if metrics.get(key) is not None:

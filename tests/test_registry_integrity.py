@@ -21,7 +21,7 @@ import pytest
 from helpers_export import copy_export, tamper_weights
 
 from ctxmem.export.errors import ArtifactIntegrityError, RegistryError, RuntimeConfigError, UnsafeFilePathError
-from ctxmem.export.runtime import DATA_FILE, MODEL_FILE, RUNTIME_CONFIG, RuntimeConfig, file_sha256
+from ctxmem.export.runtime import DATA_FILE, MODEL_FILE, RUNTIME_CONFIG, TOKENIZER_FILE, RuntimeConfig, file_sha256
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
@@ -66,7 +66,7 @@ def _stored_export(store: str, name: str, version: str) -> Path:
 
 
 def _hashes(export_dir: Path) -> dict[str, str]:
-    return {n: file_sha256(export_dir / n) for n in (MODEL_FILE, DATA_FILE)}
+    return {n: file_sha256(export_dir / n) for n in (MODEL_FILE, DATA_FILE, TOKENIZER_FILE, RUNTIME_CONFIG)}
 
 
 def _leftovers(cache: Path) -> list[Path]:
@@ -82,7 +82,7 @@ def test_a_version_tampered_in_the_store_after_registration_is_refused_and_its_d
 
     _register(copy_export(tiny_export, tmp_path / "export"), "tampered")
     recorded = _recorded(store, "tampered", "1")
-    assert set(recorded) == {MODEL_FILE, DATA_FILE}
+    assert set(recorded) == {MODEL_FILE, DATA_FILE, TOKENIZER_FILE, RUNTIME_CONFIG}  # every file a replica loads
     stored = _stored_export(store, "tampered", "1")
     tamper_weights(stored)
     changed = file_sha256(stored / DATA_FILE)
@@ -202,7 +202,8 @@ from ctxmem.export.runtime import file_sha256
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 path = resolve_model(sys.argv[1])
-print(json.dumps({"path": str(path), "sha256": {n: file_sha256(path / n) for n in ("model.onnx", "model.onnx.data")}}))
+print(json.dumps({"path": str(path), "sha256": {n: file_sha256(path / n) for n in ("model.onnx", "model.onnx.data", "tokenizer.json",
+                                                "runtime_config.json")}}))
 """
 WAITING = "waiting for another process or thread downloading it"
 
