@@ -1,7 +1,7 @@
 """`ctxmem demo`: the whole pipeline, end to end, on embedded defaults.
 
     data prepare (chatterbot corpus, offline) -> train (DeepSpeed ZeRO, MLflow on SQLite)
-    -> export (ONNX + verification) -> registry (challenger -> champion, gated)
+    -> export (ONNX + verification) -> registry (challenger, its memory evaluation, -> champion, gated)
     -> serve (Ray Serve on 127.0.0.1, ONNX Runtime) -> a multi-turn chat through the OpenAI client
 
 Every stage runs as its own `ctxmem` command, exactly as a user would type it; the commands are
@@ -145,8 +145,13 @@ def cmd_demo(args) -> int:
          "served under the sink policy so conversations outlive the window")
     _ctxmem("export", "--model", str(final), "--out", str(export), "--policy", "sink", "--sinks", "4", env=env)
 
-    _say(f"4/5 registry: register {MODEL_NAME} as challenger, then promote it to champion through the gate")
+    _say(f"4/5 registry: register {MODEL_NAME} as challenger, measure its memory past the window (the table: "
+         "perplexity per policy far past the window, recall by distance), then promote it to champion through "
+         "the gate")
     _ctxmem("registry", "register", "--export", str(export), "--name", MODEL_NAME, "--alias", "challenger", env=env)
+    # a short memory evaluation on the validation split (a stream of 20 windows; ~seconds): the gate reads it
+    _ctxmem("registry", "evaluate-memory", "--name", MODEL_NAME, "--from-alias", "challenger", "--data", str(data),
+            "--window", "64", "--length", "1280", "--trials", "8", env=env)
     _ctxmem("registry", "promote", "--name", MODEL_NAME, "--from-alias", "challenger", "--alias", "champion", env=env)
     _ctxmem("registry", "list", "--name", MODEL_NAME, env=env)
 
