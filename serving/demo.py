@@ -14,12 +14,13 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from ctxmem.net import free_port
 
 REPO_INFRA = Path(__file__).resolve().parents[1] / "infra"
 MODEL_NAME = "ctxmem-demo"
@@ -54,12 +55,6 @@ def _ctxmem(*args: str, env: dict[str, str]) -> None:
 
 class DemoError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -158,7 +153,7 @@ def cmd_demo(args) -> int:
     report: dict = {"workdir": str(work), "checkpoint": str(final), "export": str(export),
                     "tracking_uri": env["MLFLOW_TRACKING_URI"], "model_uri": f"models:/{MODEL_NAME}@champion"}
     if not args.no_serve:
-        port = args.port or _free_port()
+        port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
         _say(f"5/5 serve: Ray Serve + ONNX Runtime from models:/{MODEL_NAME}@champion on {url}")
         cmd = [sys.executable, "-m", "ctxmem", "serve", "--model", f"models:/{MODEL_NAME}@champion",
