@@ -49,5 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     return result.exit_code
 
 
+def _exit_now(code: int) -> None:
+    """Leave without interpreter teardown. The run is finished and saved (checkpoints are written
+    synchronously, the MLflow run is ended, the process group destroyed); what remains are C++
+    destructors of native thread pools, and one of them aborted a finished rank under load
+    ("terminate called without an active exception", exit -6), failing a run that had succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
