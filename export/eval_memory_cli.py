@@ -95,14 +95,9 @@ def load_eval_tokens(source: str, tokenizer) -> tuple[Any, str, str]:
 
     path = Path(source)
     if path.is_dir():
-        try:
-            from ctxmem.training.data import TokenData
-        except ImportError as err:  # the training stage not installed
-            raise EvalError(f"reading the data folder {path} needs the training stage ({err})") from None
-        try:
-            arrays = TokenData(path).split("val", 1).arrays
-        except Exception as err:  # noqa: BLE001 - DataError carries the user's message
-            raise EvalError(f"{path}: {err}") from None
+        from .evaluate import validation_split
+
+        arrays = validation_split(path, 1).arrays
         tokens = np.concatenate([np.asarray(a[:MAX_EVAL_TOKENS], dtype=np.int64) for a in arrays])[:MAX_EVAL_TOKENS]
         digest = hashlib.sha256(tokens.astype("<i8").tobytes()).hexdigest()
         return tokens, digest, f"{path} (validation split, {len(tokens)} tokens)"

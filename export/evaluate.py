@@ -32,18 +32,23 @@ class EvalResult:
         return asdict(self)
 
 
+def validation_split(folder: Path, block: int):
+    """The validation split of a `ctxmem data prepare` folder, in windows of `block` tokens."""
+    try:
+        from ctxmem.training.data import TokenData
+    except ImportError as err:  # the training stage not installed
+        raise EvalError(f"reading the data folder {folder} needs the training stage ({err})") from None
+    try:
+        return TokenData(folder).split("val", block)
+    except Exception as err:  # noqa: BLE001 - DataError and friends carry the user's message
+        raise EvalError(f"{folder}: {err}") from None
+
+
 def load_windows(data: str | Path, tokenizer, block: int, max_windows: int | None = None) -> np.ndarray:
     """(N, block + 1) int64 token windows from a prepared data folder or a text file."""
     data = Path(data)
     if data.is_dir():
-        try:
-            from ctxmem.training.data import TokenData
-        except ImportError as err:  # the training stage not installed
-            raise EvalError(f"reading the data folder {data} needs the training stage ({err})") from None
-        try:
-            split = TokenData(data).split("val", block)
-        except Exception as err:  # noqa: BLE001 - DataError and friends carry the user's message
-            raise EvalError(f"{data}: {err}") from None
+        split = validation_split(data, block)
         n = split.n_windows if max_windows is None else min(split.n_windows, max_windows)
         return np.stack([np.asarray(split.window(i), dtype=np.int64) for i in range(n)])
     if not data.is_file():
