@@ -16,6 +16,20 @@ else
   flavour=cpu; torch_spec=${CTXMEM_TORCH:-"torch==2.13.0"}
 fi
 
+# The chat page's browser test (tests/test_chat_page.py) drives Debian's chromium through Playwright;
+# the browser comes from apt, never from Playwright's own download. Checked on every run (not part of
+# the venv stamp) so an up-to-date venv on a new machine still gets it.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing chromium (apt-get) for the chat page's browser test" >&2
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >&2
+  else
+    echo "[bootstrap] warning: no chromium; tests/test_chat_page.py needs it: apt-get install chromium (as root)" >&2
+  fi
+fi
+
 stamp="$VENV/.ctxmem-$flavour-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
 if [ -f "$stamp" ]; then
   echo "[bootstrap] $VENV is up to date ($flavour)" >&2
