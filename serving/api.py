@@ -26,6 +26,7 @@ from prometheus_client.core import Metric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
+from .chat_page import mount_chat_page
 from .config import ServeArgs, hash_key
 from .errors import APIError, bad_request
 from .events import Delta, Event, Failed, Finished
@@ -122,7 +123,7 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
     async def models(request: Request):
         api.auth(request)
         return {"object": "list", "data": [{"id": args.model_name, "object": "model", "created": api.created,
-                                            "owned_by": "ctxmem"}]}
+                                            "owned_by": "ctxmem", "memory": await api.memory()}]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
@@ -165,6 +166,7 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
         api.auth(request)
         return {"replicas": await engine.reload()}
 
+    mount_chat_page(app)  # GET / : the chat page (serving/chat_page.py)
     return app
 
 
@@ -239,6 +241,15 @@ class _API:
             if len(body) > limit:
                 raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
         return P.parse_json_body(bytes(body))
+
+    async def memory(self) -> dict | None:
+        """The engine's memory policy {policy, window, sinks, chunk} (the chat page's memory bar); None
+        while no engine answers."""
+        try:
+            info = await asyncio.wait_for(self.engine.info(), timeout=5)
+        except Exception:  # noqa: BLE001 - /v1/models still answers
+            return None
+        return info.get("memory") if isinstance(info, dict) else None
 
     # -- generation --
     async def generate(self, request: Request, kind: str):
