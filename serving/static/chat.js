@@ -352,7 +352,8 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     if (state.key) showKeyPanel();
-    $("save-key").addEventListener("click", () => {
+    $("key-panel").addEventListener("submit", (ev) => {
+      ev.preventDefault();
       state.key = $("api-key").value.trim();
       if (state.key) localStorage.setItem(KEY_STORE, state.key); else localStorage.removeItem(KEY_STORE);
       start();
