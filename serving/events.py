@@ -15,6 +15,7 @@ class Started:
     cached_tokens: int  # prompt tokens whose KV state came from the conversation cache
     queue_s: float  # seconds waiting in the engine queue
     cache: str | None  # "hit", "miss", or None when the request names no conversation
+    prefill_steps: int = 1  # scheduler steps its prompt took (chunked prefill, interleaved with decode steps)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ SPECS: dict[str, Spec] = {
                                             "(its running requests failed)"),
     "ctxmem_queue_seconds": Spec("histogram", "engine queue wait before prefill", LATENCY_BUCKETS),
     "ctxmem_running_sequences": Spec("gauge", "sequences in the running batch"),
+    "ctxmem_prefilling_sequences": Spec("gauge", "sequences whose prompt is being prefilled, a chunk per step"),
     "ctxmem_waiting_requests": Spec("gauge", "requests queued in the engine"),
     "ctxmem_kv_cache_sessions": Spec("gauge", "conversation states kept by the engine"),
     "ctxmem_kv_cache_bytes": Spec("gauge", "bytes of conversation states kept by the engine"),

@@ -2,12 +2,19 @@
 
 One scheduler thread owns the model. Each iteration it
 
-1. admits waiting requests while the running batch has room (`max_batch_size`) and the step's prompt
-   budget lasts (`prefill_token_budget`); each new sequence is prefilled on its own - from the KV state
-   of its conversation when this replica still holds it (`kv_reuse`), so only the new tokens run -
-   samples its first token and is merged into the running batch (`ContextMemory.merge` left-pads);
-2. runs one decode step for the whole running batch (one forward per memory policy in use);
-3. lets finished or cancelled sequences leave (`ContextMemory.select`), keeping the KV state of those
+1. admits waiting requests while the running batch has room (`max_batch_size`, counting sequences
+   still prefilling): each starts from the KV state of its conversation when this replica still holds
+   it (`kv_reuse`), so only the new tokens run, else from an empty state;
+2. prefills in budgeted chunks (`_prefill_step`): at most `prefill_token_budget` prompt tokens per
+   step, and while other sequences decode at most about `PREFILL_SHARE` of a decode step's time, so a
+   long prompt never stalls the running streams - it takes as many steps as it needs, a decode step
+   between each two chunks. Short prompts go first (with the oldest always making progress). The
+   exact banded prefill of `ContextMemory` makes the result independent of the chunking (`sink`: any
+   piece; `recompute`: whole pieces; `full`: one chunk, bounded by the context). A prompt whose last
+   chunk ran samples its first token and is merged into the running batch (`ContextMemory.merge`
+   left-pads); one whose client went away is dropped before its next chunk;
+3. runs one decode step for the whole running batch (one forward per memory policy in use);
+4. lets finished or cancelled sequences leave (`ContextMemory.select`), keeping the KV state of those
    that belong to a conversation in the bounded LRU (`kv_reuse.SessionCache`).
 
 No request can take the loop down: an exception while prefilling or stepping one sequence fails that
@@ -48,6 +55,12 @@ log = logging.getLogger("ctxmem.serving.scheduler")
 RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)  # after the 1st, 2nd, 3rd, later deaths in a row
 STABLE_S = 60.0  # a loop that ran this long before dying starts the backoff over
 CRASH_LOOP_DEATHS = 3  # this many deaths in a row, each within STABLE_S of the last: the replica is unhealthy
+# While sequences decode, a step's prefill chunks may take about this fraction of a decode step's time
+# (measured, EMA): their inter-token latency grows by at most ~1 + PREFILL_SHARE while a long prompt
+# arrives, and the prompt still gets a third of the engine (issue 11: <= 2x p99).
+PREFILL_SHARE = 0.5
+MIN_CHUNK = 32  # smaller prefill chunks cost more per token than they save in latency (tiny: 146 vs 101 us/token)
+EMA = 0.2  # weight of the newest sample in the step-time and prefill-rate averages
 
 
 @dataclass
@@ -77,6 +90,25 @@ class Seq:
     steps: int = 0
 
 
+@dataclass
+class Prefill:
+    """A sequence whose prompt is being fed, a chunk per scheduler step (`Scheduler._prefill_step`)."""
+
+    job: Job
+    memory: ContextMemory
+    state: MemoryState  # batch of 1: the conversation's cached state, or empty
+    new: list[int]  # prompt tokens to feed (after the cached prefix)
+    cached: int
+    cache_result: str | None
+    queue_s: float
+    fed: int = 0
+    steps: int = 0  # scheduler steps that fed a chunk of it
+
+    @property
+    def left(self) -> int:
+        return len(self.new) - self.fed
+
+
 class Group:
     """The running batch of one (model, memory policy): rows of `state` are `seqs`, in order."""
 
@@ -100,6 +132,9 @@ class Scheduler:
         self._stop = False
         self._running = 0
         self._admitting: list[Job] = []  # taken from the queue, not yet in a group (for the supervisor)
+        self._prefilling: list[Prefill] = []  # oldest first
+        self._decode_s: float | None = None  # EMA of a step's decode time (all groups)
+        self._prefill_rate: dict[tuple, float] = {}  # EMA seconds per prompt token, per (model, memory)
         self._down = False  # between a loop's death and its restart
         self.error: BaseException | None = None  # why the loop last died (kept after the restart)
         self.restarts = 0
@@ -158,6 +193,11 @@ class Scheduler:
         """Sequences in the running batch, as of the last scheduler step (safe from any thread)."""
         return self._running
 
+    @property
+    def prefilling(self) -> int:
+        """Sequences whose prompt is still being fed (safe from any thread)."""
+        return len(self._prefilling)
+
     def _count_running(self) -> int:  # scheduler thread only: it alone mutates the groups
         self._running = sum(len(g.seqs) for g in self._groups.values())
         return self._running
@@ -198,40 +238,39 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._queue and not self._count_running():
+                while not self._stop and not self._queue and not self._prefilling and not self._count_running():
                     self._cond.wait()
                 if self._stop:
                     return
                 self._admitting = self._take_admissions()
             while self._admitting:
-                self._admit(self._admitting[0])
+                self._start(self._admitting[0])
                 self._admitting.pop(0)
+            self._prefill_step()
             self._flush()
+            started, decoded = time.perf_counter(), False
             for key in list(self._groups):
                 group = self._groups[key]
                 if group.seqs:
                     self._decode(group)
+                    decoded = True
                 if not group.seqs:
                     del self._groups[key]
+            if decoded:
+                took = time.perf_counter() - started
+                self._decode_s = took if self._decode_s is None else (1 - EMA) * self._decode_s + EMA * took
             self._flush()
             self._count_running()
             self._gauges()
 
     def _take_admissions(self) -> list[Job]:
-        room = self.config.max_batch_size - self._count_running()
-        budget = self.config.prefill_token_budget
+        room = self.config.max_batch_size - self._count_running() - len(self._prefilling)
         out: list[Job] = []
         while self._queue and room > 0:
-            job = self._queue[0]
-            if job.cancelled:
-                self._queue.popleft()
-                continue
-            if out and len(job.prompt_ids) > budget:
-                break  # next step: long prompts do not stall everyone's decoding twice
-            self._queue.popleft()
-            out.append(job)
-            room -= 1
-            budget -= len(job.prompt_ids)
+            job = self._queue.popleft()
+            if not job.cancelled:
+                out.append(job)
+                room -= 1
         return out
 
     def _group(self, job: Job) -> Group:
@@ -241,13 +280,13 @@ class Scheduler:
             group = self._groups[key] = Group(ContextMemory(job.model.generator.backend, job.memory))
         return group
 
-    def _admit(self, job: Job) -> None:
+    def _start(self, job: Job) -> None:
+        """Look up the conversation's cached state; the prompt is fed by `_prefill_step`."""
         m = self.metrics
         queue_s = time.perf_counter() - job.submitted
         m.observe("ctxmem_queue_seconds", queue_s)
         try:
-            group = self._group(job)
-            memory = group.memory
+            memory = self._group(job).memory
             state, cached, result = None, 0, None
             if job.session_id is not None:
                 entry = self.cache.take(job.session_id) if self.config.kv_reuse else None
@@ -259,13 +298,83 @@ class Scheduler:
                 m.inc("ctxmem_kv_cache_lookups_total", labels={"result": result})
             if state is None:
                 state = memory.start(1)
-            new = job.prompt_ids[cached:]
-            logits = memory.feed(state, [new])  # (1, V); prefill alone, then join the batch
-            m.inc("ctxmem_prefill_tokens_total", len(new))
             m.inc("ctxmem_cached_tokens_total", cached)
+            self._prefilling.append(Prefill(job, memory, state, job.prompt_ids[cached:], cached, result, queue_s))
+        except Exception as err:  # noqa: BLE001 - one bad request must not take the batch down
+            self._fail_prefill(job, err)
+
+    def _prefill_step(self) -> None:
+        """Feed prompt chunks for at most `prefill_token_budget` tokens and, while other sequences
+        decode, about PREFILL_SHARE of a decode step's time. Shortest remaining prompt first, but the
+        oldest always gets a chunk, so a stream of short prompts cannot starve a long one."""
+        self._prefilling = [p for p in self._prefilling if not p.job.cancelled]  # client gone: state dropped
+        if not self._prefilling:
+            return
+        tokens = self.config.prefill_token_budget
+        decoding = self._count_running() > 0
+        deadline = time.perf_counter() + PREFILL_SHARE * (self._decode_s or 0.0) if decoding else None
+        order = [self._prefilling[0]] + sorted(self._prefilling[1:], key=lambda p: p.left)
+        for i, p in enumerate(order):
+            if i and (tokens <= 0 or (deadline is not None and time.perf_counter() >= deadline)):
+                break
+            try:
+                logits, tokens = self._feed_chunks(p, tokens, deadline, must=i == 0)
+            except Exception as err:  # noqa: BLE001 - this prompt fails alone
+                self._prefilling.remove(p)
+                self._fail_prefill(p.job, err)
+                continue
+            if not p.left:
+                self._prefilling.remove(p)
+                self._complete(p, logits)
+
+    def _feed_chunks(self, p: Prefill, tokens: int, deadline: float | None, must: bool) -> tuple[np.ndarray, int]:
+        """Feed chunks of `p` while the step's token budget and time last (with `must`, at least one);
+        returns the last logits (1, V) and the tokens left in the budget."""
+        key = (p.job.model.version, p.job.memory)
+        logits, fed = None, False
+        while p.left and tokens > 0:
+            now = time.perf_counter()
+            if fed and deadline is not None and now >= deadline:
+                break
+            n = self._chunk_size(p, key, tokens, deadline, now, must and not fed)
+            if n <= 0:
+                break
+            logits = p.memory.feed(p.state, [p.new[p.fed:p.fed + n]])  # (1, V)
+            took = (time.perf_counter() - now) / n
+            rate = self._prefill_rate.get(key)
+            self._prefill_rate[key] = took if rate is None else (1 - EMA) * rate + EMA * took
+            p.fed += n
+            tokens -= n
+            fed = True
+            self.metrics.inc("ctxmem_prefill_tokens_total", n)
+        p.steps += fed
+        return logits, tokens
+
+    def _chunk_size(self, p: Prefill, key: tuple, tokens: int, deadline: float | None, now: float, must: bool) -> int:
+        """Prompt tokens of `p` to feed next: what the budget and the time left allow (at the measured
+        rate of this model and memory policy), at least MIN_CHUNK when this step must make progress,
+        cut so that the result equals a whole-prompt prefill."""
+        rate = self._prefill_rate.get(key)
+        if deadline is None:
+            n = tokens
+        else:
+            n = min(tokens, int(max(0.0, deadline - now) / rate)) if rate else 0
+        if must:
+            n = max(n, min(MIN_CHUNK, tokens))
+        policy, piece = p.memory.config.policy, p.memory.piece
+        if policy == "full":
+            return p.left  # one forward, as a whole prompt gets; the context bounds it
+        if policy == "recompute":  # whole pieces: evictions fall where a whole-prompt prefill puts them
+            n = (n // piece) * piece or (piece if must else 0)
+        return min(n, p.left)
+
+    def _complete(self, p: Prefill, logits: np.ndarray) -> None:
+        """The prompt is in: sample the first token and join the running batch."""
+        job, memory, state = p.job, p.memory, p.state
+        try:
             decoder = SequenceDecoder(job.model.generator.tokenizer, job.generation, job.prompt_ids)
-            seq = Seq(job, decoder, list(job.prompt_ids), cached, result)
-            self._emit(job, Started(len(job.prompt_ids), cached, queue_s, result))
+            seq = Seq(job, decoder, list(job.prompt_ids), p.cached, p.cache_result)
+            self._emit(job, Started(len(job.prompt_ids), p.cached, p.queue_s, p.cache_result, p.steps))
             if decoder.finished:  # max_tokens=0 never reaches here (validated), kept for safety
                 self._finish(seq, memory, state)
                 return
@@ -275,14 +384,19 @@ class Scheduler:
                 self._finish(seq, memory, state)
                 return
             seq.next_token = delta.token_id
-            group.state = state if group.state is None else memory.merge([group.state, state])
+            group = self._group(job)  # its group may have emptied (and gone) while this prompt was fed
+            group.state = state if group.state is None else group.memory.merge([group.state, state])
             group.seqs.append(seq)
-        except APIError as err:
+        except Exception as err:  # noqa: BLE001
+            self._fail_prefill(job, err)
+
+    def _fail_prefill(self, job: Job, err: Exception) -> None:
+        if isinstance(err, APIError):
             self._emit(job, err.to_event())
-        except MemoryConfigError as err:
+        elif isinstance(err, MemoryConfigError):
             self._emit(job, bad_request(str(err), param="policy").to_event())
-        except Exception as err:  # noqa: BLE001 - one bad request must not take the batch down
-            log.exception("prefill failed for request %s", job.id)
+        else:
+            log.error("prefill failed for request %s", job.id, exc_info=err)
             self.metrics.inc("ctxmem_failed_sequences_total", labels={"stage": "prefill"})
             self._emit(job, APIError(500, f"prefill failed: {err}", code="engine_failure").to_event())
 
@@ -386,6 +500,7 @@ class Scheduler:
     def _gauges(self) -> None:
         m = self.metrics
         m.set("ctxmem_running_sequences", self.running)
+        m.set("ctxmem_prefilling_sequences", len(self._prefilling))
         m.set("ctxmem_waiting_requests", len(self._queue))
         m.set("ctxmem_kv_cache_sessions", len(self.cache))
         m.set("ctxmem_kv_cache_bytes", self.cache.nbytes)
@@ -393,8 +508,9 @@ class Scheduler:
     def _fail_in_flight(self, err: APIError) -> None:
         """After the loop died: every running or half-admitted request gets `err` and leaves (their
         state may be inconsistent); the queue stays for the restarted loop."""
-        jobs = list({id(j): j for j in [s.job for g in self._groups.values() for s in g.seqs] + self._admitting}.values())
-        self._groups, self._admitting = {}, []
+        jobs = list({id(j): j for j in [s.job for g in self._groups.values() for s in g.seqs] + self._admitting
+                     + [p.job for p in self._prefilling]}.values())
+        self._groups, self._admitting, self._prefilling = {}, [], []
         for job in jobs:
             self._emit(job, err.to_event())
         self._flush()
