@@ -5,15 +5,21 @@ replicas through a Serve handle; tests and `bench/` can pass `LocalEngineClient`
 engine). Endpoints:
 
     POST /v1/completions, /v1/chat/completions    (stream: true -> server-sent events, then [DONE])
+    POST /v1/sessions                             a new server-held conversation (a server-generated id)
+    GET  /v1/sessions                             this key's conversations
     POST /v1/sessions/{id}/messages               the server holds the history; send only the new message
-    GET|DELETE /v1/sessions/{id}
-    GET  /v1/models, /health, /metrics            (/health and /metrics need no API key)
-    POST /admin/reload                            re-resolve the model alias on every engine replica
+    GET|DELETE /v1/sessions/{id}                  (owner only: another key gets 404)
+    GET  /v1/models, /health, /metrics            (/health and /metrics need no API key; /health then says
+                                                  only ok / not ok)
+    POST /admin/reload                            re-resolve the model alias on every engine replica (admin key)
+
+Who calls (serving/auth.py) decides whose conversations a request sees and which limits apply
+(serving/limits.py); a store failure after generation never loses the answer (a warning header, or
+an error event before [DONE]).
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from dataclasses import asdict
@@ -27,15 +33,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
 from .chat_page import mount_chat_page
-from .config import ServeArgs, hash_key
+from .auth import Authenticator, Principal
+from .config import ServeArgs
 from .errors import APIError, bad_request
 from .events import Delta, Event, Failed, Finished
+from .limits import RateLimiter, check_memory
 from .metrics import CONTENT_TYPE, ClientTimer, Registry, render
-from .store import ConversationStore, StoreConflict
+from .store import ConversationStore, StoreConflict, StoreUnavailable
 
 log = logging.getLogger("ctxmem.serving.api")
 RETRY_WINDOW_S = 60.0  # keep retrying this long when the engine replica died before anything reached the client
 RETRY_SLEEP_S = (0.25, 0.5, 1.0, 2.0)  # backoff while Serve replaces the replica
+STORE_WARNING = "X-Ctxmem-Store-Warning"  # set when the answer could not be recorded in the store
 
 
 class EngineUnavailable(Exception):
@@ -80,7 +89,13 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_error(_: Request, err: StoreUnavailable):
+        log.error("conversation store: %s", err)
+        return JSONResponse(APIError(503, "the conversation store is unavailable; retry later",
+                                     code="store_unavailable").body(), status_code=503)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -105,15 +120,21 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
     app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        # only an admin key sees the details (model paths, replica ids); anyone else: ok / not ok
+        who = api.authn.optional(request.headers.get("authorization"))
+        detail = who is not None and who.admin
         try:
             info = await asyncio.wait_for(engine.info(), timeout=10)
         except Exception as err:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "error": str(err)[:200]}, status_code=503)
+            body = {"status": "unavailable", "error": str(err)[:200]} if detail else {"status": "unavailable"}
+            return JSONResponse(body, status_code=503)
+        status, code = "ok", 200
         if isinstance(info, dict) and info.get("scheduler", "running") != "running":
             # the engine's loop died and is being restarted: requests queue meanwhile
-            return JSONResponse({"status": "degraded", "model": args.model_name, "engine": info}, status_code=503)
-        return {"status": "ok", "model": args.model_name, "engine": info}
+            status, code = "degraded", 503
+        body = {"status": status, "model": args.model_name, "engine": info} if detail else {"status": status}
+        return JSONResponse(body, status_code=code)
 
     @app.get("/metrics")
     async def metrics_endpoint():
@@ -139,31 +160,37 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
     async def chat(request: Request):
         return await api.generate(request, "chat")
 
+    @app.post("/v1/sessions")
+    async def session_create(request: Request):
+        return await api.session_create(request)
+
+    @app.get("/v1/sessions")
+    async def session_list(request: Request):
+        who = api.auth(request)
+        rows = await asyncio.to_thread(store.list, who.name)
+        return {"object": "list", "data": [_session(r) for r in rows]}
+
     @app.post("/v1/sessions/{sid}/messages")
     async def session_message(sid: str, request: Request):
         return await api.session_message(sid, request)
 
     @app.get("/v1/sessions/{sid}")
     async def session_get(sid: str, request: Request):
-        api.auth(request)
-        sid = P.session_id(sid, None)
-        row = await asyncio.to_thread(store.get, sid)
-        if row is None:
-            raise APIError(404, f"no conversation {sid!r}", param="session_id", code="session_not_found")
-        return {"id": sid, "object": "session", "turns": row["turns"], "messages": row["messages"]}
+        who = api.auth(request)
+        row = await api.own_session(who, sid)
+        return {**_session(row), "messages": row["messages"]}
 
     @app.delete("/v1/sessions/{sid}")
     async def session_delete(sid: str, request: Request):
-        api.auth(request)
-        sid = P.session_id(sid, None)
-        deleted = await asyncio.to_thread(store.delete, sid)
-        if not deleted:
-            raise APIError(404, f"no conversation {sid!r}", param="session_id", code="session_not_found")
+        who = api.auth(request)
+        sid = P.session_id(sid, "session_id")
+        if not await asyncio.to_thread(store.delete, who.name, sid):
+            raise _no_session(sid)
         return {"id": sid, "object": "session.deleted", "deleted": True}
 
     @app.post("/admin/reload")
     async def reload(request: Request):
-        api.auth(request)
+        api.authn.require_admin(api.auth(request))
         return {"replicas": await engine.reload()}
 
     mount_chat_page(app)  # GET / : the chat page (serving/chat_page.py)
@@ -195,7 +222,7 @@ class _CountRequests:
 
 
 def _endpoint(path: str) -> str:
-    if path.startswith("/v1/sessions/"):
+    if path.startswith("/v1/sessions"):
         return "/v1/sessions"
     if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/admin/reload"):
         return path
@@ -208,25 +235,35 @@ class _API:
         self.engine, self.args, self.store, self.metrics = engine, args, store, metrics
         self.peer_snapshots = peer_snapshots
         self.created = int(time.time())
+        self.authn = Authenticator(args)
+        self.rates = RateLimiter()
 
     # -- guards --
-    def auth(self, request: Request) -> None:
-        if not self.args.api_key_hashes:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", code="invalid_api_key")
-        digest = hash_key(token.strip())
-        if not any(hmac.compare_digest(digest, h) for h in self.args.api_key_hashes):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+    def auth(self, request: Request) -> Principal:
+        return self.authn.principal(request.headers.get("authorization"))
+
+    async def own_session(self, who: Principal, sid: str) -> dict[str, Any]:
+        """The caller's conversation `sid`, or 404 - the same 404 whether it never existed or is another key's."""
+        sid = P.session_id(sid, "session_id")
+        row = await asyncio.to_thread(self.store.get, who.name, sid)
+        if row is None:
+            raise _no_session(sid)
+        return row
+
+    def check_room(self, who: Principal, row: dict[str, Any] | None) -> None:
+        """A conversation at its stored-token limit takes no new turn (serving/README.md, Limits)."""
+        cap = who.limits.max_conversation_tokens
+        if row is not None and cap is not None and row["tokens"] >= cap:
+            raise bad_request(f"the conversation {row['id']!r} holds {row['tokens']} tokens, at this key's limit "
+                              f"of {cap} (max_conversation_tokens); start a new one with POST /v1/sessions",
+                              param="session_id", code="conversation_too_long")
 
     def check_model(self, name: str, param: str = "model") -> None:
         if name != self.args.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.args.model_name!r}",
                            param=param, code="model_not_found")
 
-    async def read_json(self, request: Request) -> dict[str, Any]:
+    async def read_json(self, request: Request, allow_empty: bool = False) -> dict[str, Any]:
         limit = self.args.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None:
@@ -240,7 +277,7 @@ class _API:
             body += chunk
             if len(body) > limit:
                 raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
-        return P.parse_json_body(bytes(body))
+        return P.parse_json_body(bytes(body)) if body or not allow_empty else {}
 
     async def memory(self) -> dict | None:
         """The engine's memory policy {policy, window, sinks, chunk} (the chat page's memory bar); None
@@ -252,26 +289,54 @@ class _API:
         return info.get("memory") if isinstance(info, dict) else None
 
     # -- generation --
+    def admit(self, who: Principal, payload: dict[str, Any]) -> None:
+        """The server's limits on this request: the caller's rates, the allowed memory knobs."""
+        check_memory(payload.get("memory"), self.args.request_memory)
+        self.rates.admit(who)
+
     async def generate(self, request: Request, kind: str):
         arrived = time.perf_counter()
-        self.auth(request)
+        who = self.auth(request)
         data = await self.read_json(request)
         parse = P.parse_chat if kind == "chat" else P.parse_completion
         req, payload = parse(data, self.args.max_tokens_limit, self.args.default_max_tokens)
         self.check_model(req.model)
-        payload["session_id"] = P.session_id(request.headers.get("x-session-id"), req.user)
+        sid = P.session_id(request.headers.get("x-session-id"))  # OpenAI's `user` never names a conversation
         record = None
-        if kind == "chat" and payload["session_id"] is not None:
-            sid, messages = payload["session_id"], payload["messages"]
-            record = lambda text, end: self.store.put(  # noqa: E731
-                sid, messages + [{"role": "assistant", "content": text}], _stats(end))
-        return await self.respond(payload, kind, req.stream, arrived, record)
+        if sid is not None:
+            payload["session_id"] = _engine_session(who, sid)
+            if kind == "chat":  # the client holds the history; it is recorded as it now stands
+                self.check_room(who, await asyncio.to_thread(self.store.get, who.name, sid))
+                messages, cap = payload["messages"], who.limits.max_conversations
+                record = lambda text, end: self.store.put(  # noqa: E731
+                    who.name, sid, messages + [{"role": "assistant", "content": text}], _stats(end), cap)
+        self.admit(who, payload)
+        return await self.respond(who, payload, kind, req.stream, arrived, record)
+
+    async def session_create(self, request: Request):
+        """A new, empty conversation of the caller: {} -> a server-generated id; {"id": ...} -> that id."""
+        who = self.auth(request)
+        data = await self.read_json(request, allow_empty=True)
+        unknown = set(data) - {"id"}
+        if unknown:
+            raise bad_request(f"unrecognized request argument supplied: {sorted(unknown)[0]}; send {{}} or "
+                              "{\"id\": ...}", param=sorted(unknown)[0], code="unknown_parameter")
+        sid = data.get("id")
+        if sid is not None and not isinstance(sid, str):
+            raise bad_request(f"id must be a string of {P.SESSION_ID_RULE}", param="id")
+        sid = P.session_id(sid, "id") or P.new_session_id()
+        try:
+            row = await asyncio.to_thread(self.store.create, who.name, sid, who.limits.max_conversations)
+        except StoreConflict:
+            raise APIError(409, f"you already have a conversation {sid!r}; use it, delete it, or send no id to get "
+                                "a new one", param="id", code="session_exists") from None
+        return JSONResponse(_session(row), status_code=201)
 
     async def session_message(self, sid: str, request: Request):
         """The server holds the conversation: body = one message (+ the chat parameters)."""
         arrived = time.perf_counter()
-        self.auth(request)
-        sid = P.session_id(sid, None)
+        who = self.auth(request)
+        sid = P.session_id(sid, "session_id")
         data = await self.read_json(request)
         if "messages" in data:
             raise bad_request("send one message as 'content' (and optionally 'role'); the server keeps the "
@@ -281,42 +346,54 @@ class _API:
             raise bad_request("missing required parameter: content", param="content",
                               code="missing_required_parameter")
         new = P.normalise_messages([message], param="content")[0]
-        row = await asyncio.to_thread(self.store.get, sid)
-        turns = row["turns"] if row else 0
-        history = row["messages"] if row else []
+        row = await self.own_session(who, sid)  # after the body's checks, which say the same to every key
+        self.check_room(who, row)
+        turns, history = row["turns"], row["messages"]
         data.setdefault("model", self.args.model_name)
         req, payload = P.parse_chat({**data, "messages": history + [new]}, self.args.max_tokens_limit,
                                     self.args.default_max_tokens)
         self.check_model(req.model)
-        payload["session_id"] = sid
+        payload["session_id"] = _engine_session(who, sid)
+        self.admit(who, payload)
 
         def record(text: str, end: Finished) -> None:
-            self.store.append(sid, turns, [new, {"role": "assistant", "content": text}], _stats(end))
+            self.store.append(who.name, sid, turns, [new, {"role": "assistant", "content": text}], _stats(end),
+                              who.limits.max_conversations)
 
-        return await self.respond(payload, "chat", req.stream, arrived, record, session={"id": sid, "turns": turns + 1})
+        return await self.respond(who, payload, "chat", req.stream, arrived, record,
+                                  session={"id": sid, "turns": turns + 1})
 
-    async def respond(self, payload: dict, kind: str, stream: bool, arrived: float, record, session=None):
+    async def respond(self, who: Principal, payload: dict, kind: str, stream: bool, arrived: float, record,
+                      session=None):
         rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = int(time.time())
         model = self.args.model_name
         if not stream:
             text, end = await self.collect(payload, arrived)
+            self.rates.charge(who, end.usage.prompt_tokens + end.usage.completion_tokens)
+            warning = None
             if record is not None:
-                await self._record(record, text, end)
+                warning = await self._record(record, text, end)
             body = (P.chat_response if kind == "chat" else P.completion_response)(rid, model, text, end, created)
             if session:
                 body["session"] = session
-            return JSONResponse(body)
+            return JSONResponse(body, headers={STORE_WARNING: warning} if warning else None)
         first, events = await self.open_stream(payload)
-        return StreamingResponse(self.sse(first, events, kind, rid, created, arrived, payload, record, session),
+        return StreamingResponse(self.sse(who, first, events, kind, rid, created, arrived, payload, record, session),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _record(self, record, text: str, end: Finished) -> None:
+    async def _record(self, record, text: str, end: Finished) -> str | None:
+        """Store the turn; a 409 on a concurrent turn. A store that fails does not cost the client the
+        answer: the warning to send with it is returned instead."""
         try:
             await asyncio.to_thread(record, text, end)
         except StoreConflict as err:
             raise APIError(409, f"{err}; another turn was added concurrently - fetch the session and retry",
                            code="session_conflict") from None
+        except Exception as err:  # noqa: BLE001 - StoreUnavailable, or any store bug: the answer goes out
+            log.error("the answer was not recorded in the conversation store: %s", err)
+            return "the conversation store failed; this turn was not recorded - resend it to keep it"
+        return None
 
     async def open_stream(self, payload: dict) -> tuple[list[Event], AsyncIterator[list[Event]]]:
         """The engine's first events (raising their error as HTTP status) and the rest of the stream."""
@@ -358,7 +435,7 @@ class _API:
                 # nothing reached the client yet: the turn is rebuilt from the request on another replica
                 await retry.wait(err)
 
-    async def sse(self, first, events, kind, rid, created, arrived, payload, record, session):
+    async def sse(self, who, first, events, kind, rid, created, arrived, payload, record, session):
         model = self.args.model_name
         include_usage = payload.get("include_usage", False)
         chunk_fn = P.chat_chunk if kind == "chat" else P.completion_chunk
@@ -377,11 +454,13 @@ class _API:
                             yield P.sse(chunk_fn(rid, model, created, body))
                     elif isinstance(ev, Finished):
                         timer.done(ev.usage.prompt_tokens, ev.usage.completion_tokens)
+                        self.rates.charge(who, ev.usage.prompt_tokens + ev.usage.completion_tokens)
+                        warning = None
                         if record is not None:
                             try:
-                                await asyncio.to_thread(record, "".join(text), ev)
-                            except StoreConflict as err:
-                                yield P.sse(APIError(409, str(err), code="session_conflict").body())
+                                warning = await self._record(record, "".join(text), ev)
+                            except APIError as err:  # the 409 of a concurrent turn
+                                yield P.sse(err.body())
                                 yield P.DONE
                                 return
                         usage = P.usage(ev)
@@ -392,6 +471,8 @@ class _API:
                         yield P.sse(last)
                         if include_usage:
                             yield P.sse(chunk_fn(rid, model, created, {}, None, usage, empty=True))
+                        if warning:  # the answer is complete above; the client learns it was not stored
+                            yield P.sse(APIError(503, warning, code="store_unavailable").body())
                         yield P.DONE
                         return
                     elif isinstance(ev, Failed):
@@ -437,6 +518,22 @@ async def _chain(first: list[Event], rest: AsyncIterator[list[Event]]) -> AsyncI
     yield first
     async for chunk in rest:
         yield chunk
+
+
+def _no_session(sid: str) -> APIError:
+    return APIError(404, f"no conversation {sid!r} for this API key; list yours with GET /v1/sessions or create "
+                         "one with POST /v1/sessions", param="session_id", code="session_not_found")
+
+
+def _session(row: dict[str, Any]) -> dict[str, Any]:
+    """What the API shows of a stored conversation (without its messages)."""
+    return {"id": row["id"], "object": "session", "created": int(row["created"]), "last_used": int(row["updated"]),
+            "turns": row["turns"], "title": row["title"], "tokens": row["tokens"]}
+
+
+def _engine_session(who: Principal, sid: str) -> str:
+    """The engine's KV-cache key of a conversation: per owner, so two keys' equal ids never share state."""
+    return f"{who.name}/{sid}"
 
 
 def _stats(end: Finished) -> dict:

@@ -6,6 +6,7 @@ The same application runs from YAML with `serve run infra/serve.yaml`.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 
@@ -24,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store for models:/ specs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db as "
                         "`ctxmem registry`); resolved here so every replica reads the same store")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP bind address; other than loopback it needs API keys (or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas")
     p.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs reserved per engine replica (fractions allowed)")
@@ -36,8 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kv-reuse", action="store_true", help="re-prefill every conversation turn")
     p.add_argument("--model-name", default=None, help="model id clients send (default: from --model)")
     p.add_argument("--api-key", action="append", default=None,
-                   help="accepted bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
-    p.add_argument("--session-store", default=None, help="sqlite:///PATH (default), actor://NAME or memory://")
+                   help="an admin bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
+    p.add_argument("--api-keys-file", default=None,
+                   help="YAML/JSON file of keys: sha256, name, role user|admin, limits (serving/README.md, Tenants)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without any API key (anyone reaching it is admin)")
+    p.add_argument("--session-store", default=None,
+                   help="sqlite:///PATH (default), redis://HOST:PORT/DB (several nodes) or memory://")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--address", default=None,
                    help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one on 127.0.0.1)")
@@ -56,6 +63,7 @@ def serve_args(args: argparse.Namespace):
         actor["num_gpus"] = args.engine_gpus
     data = {
         "model": args.model, "model_name": args.model_name, "api_keys": args.api_key or [],
+        "api_keys_file": args.api_keys_file,
         "max_tokens_limit": args.max_tokens_limit,
         "engine": {"model": args.model, "tracking_uri": _tracking_uri(args), "provider": args.provider, "intra_op_threads": args.intra_op_threads,
                    "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse},
@@ -75,10 +83,32 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
     return default_tracking_uri(args.tracking_uri)  # absolute: replicas may not share this cwd
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> None:
+    """An open server only on loopback, unless the operator says otherwise."""
+    if not has_keys and not allow_unauthenticated and not is_loopback(host):
+        raise SystemExit(f"ctxmem serve: refusing to serve {host} without API keys - anyone who reaches it could "
+                         "use the model and every admin route. Pass --api-keys-file (or --api-key), or "
+                         "--allow-unauthenticated if this is really meant to be open.")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = serve_args(args)  # validate before paying for Ray's start-up
+    try:
+        resolved = config.resolve()
+    except ValueError as err:  # an unreadable or invalid keys file
+        raise SystemExit(f"ctxmem serve: {err}") from None
+    check_exposure(args.host, bool(resolved.tenants), args.allow_unauthenticated)
 
     import ray
     from ray import serve
@@ -93,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(config)
     log.info("serving %s as %r on http://%s:%d%s/v1 (%d engine replica(s))", args.model,
-             config.resolve().model_name, args.host, args.port, args.route_prefix.rstrip("/"), args.replicas)
+             resolved.model_name, args.host, args.port, args.route_prefix.rstrip("/"), args.replicas)
     try:
         serve.run(app, name=args.app_name, route_prefix=args.route_prefix, blocking=True)
     except KeyboardInterrupt:

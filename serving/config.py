@@ -1,6 +1,9 @@
 """Typed settings of the serving stack: one pydantic model per layer, validated where they are built.
 
     ServeArgs              the application builder's arguments (`build_app`, `serve run` YAML `args:`)
+      .tenants  Tenant            API keys (sha256 only), their role and limits; from `api_keys_file`
+      .limits   KeyLimits         the limits of a key that sets none of its own
+      .request_memory  RequestMemory   the per-request memory knobs this server allows
       .engine  EngineConfig       scheduler, KV reuse, memory policy, ONNX Runtime knobs; sent to each
                                   engine replica as its `user_config`, so `reconfigure` can change it live
       .engine_deployment / .ingress_deployment  DeploymentOptions   replicas, resources, autoscaling
@@ -11,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_KEYS_ENV = "CTXMEM_API_KEYS"  # comma-separated; read where the builder runs
+TENANT_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 DEFAULT_STORE = "sqlite:///" + str(Path(os.environ.get("CTXMEM_HOME", Path.home() / ".cache" / "ctxmem")) / "sessions.sqlite")
 
 
@@ -53,6 +59,7 @@ class EngineConfig(_Strict):
     kv_reuse: bool = True  # keep recent conversations' KV state (off: every turn re-prefills)
     kv_cache_mb: float = Field(default=256.0, ge=0)  # LRU bound on kept conversation states
     kv_cache_sessions: int = Field(default=1024, ge=0)
+    max_prompt_tokens: int = Field(default=131072, ge=1)  # a longer prompt (after the chat template) is a 400
     memory: MemoryOverrides | None = None  # None: the model's saved policy, upgraded from 'full' to sink
     reload_nonce: int = 0  # bump (YAML user_config) to make replicas re-resolve a registry alias
 
@@ -74,6 +81,85 @@ class DeploymentOptions(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class KeyLimits(_Strict):
+    """What one API key may use. None = no limit. Rates are per ingress replica (see serving/README.md)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion tokens of finished requests
+    max_conversations: int | None = Field(default=None, ge=1)  # stored; the least recently used one is evicted
+    max_conversation_tokens: int | None = Field(default=None, ge=1)  # a conversation this long takes no new turn
+
+    def over(self, default: "KeyLimits") -> "KeyLimits":
+        """These limits, with the unset ones taken from `default`."""
+        return KeyLimits(**{k: v if v is not None else getattr(default, k) for k, v in self})
+
+
+class Tenant(_Strict):
+    """One API key: the sha256 of its secret (keys are random, so a fast hash is enough; the secret
+    itself is never stored or shipped), a name that owns its conversations, a role, its limits."""
+
+    name: str
+    role: Literal["user", "admin"] = "user"
+    sha256: str
+    limits: KeyLimits = Field(default_factory=KeyLimits)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TENANT_NAME.fullmatch(v):
+            raise ValueError(f"key name {v!r}: use 1-64 letters, digits or ._@-")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if not SHA256_HEX.fullmatch(v):
+            raise ValueError("sha256 must be the 64 lowercase hex digits of sha256(key) - never the key itself")
+        return v
+
+
+class KeysFile(_Strict):
+    """The `--api-keys-file` (YAML or JSON): {"keys": [Tenant, ...]}."""
+
+    keys: list[Tenant]
+
+    @model_validator(mode="after")
+    def _unique(self) -> "KeysFile":
+        for what in ("name", "sha256"):
+            values = [getattr(t, what) for t in self.keys]
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"two keys share the {what} {dup[0][:16]!r}; each key needs its own")
+        return self
+
+
+def load_keys_file(path: str | Path) -> list[Tenant]:
+    import yaml
+    from pydantic import ValidationError
+
+    path = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read the API keys file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"the API keys file {path} is not valid YAML/JSON: {err}") from None
+    try:
+        return KeysFile.model_validate(data).keys
+    except ValidationError as err:
+        raise ValueError(f"the API keys file {path} is invalid: {err}") from None
+
+
+class RequestMemory(_Strict):
+    """The per-request memory knobs (`policy`, `window`, `sinks`) this server accepts. Every distinct
+    window forms its own batch group and a tiny one makes prefill many times slower, so by default a
+    request may pick a policy but not a window or a sink count: list the values to allow."""
+
+    policies: list[Literal["full", "sink", "recompute"]] = Field(default_factory=lambda: ["sink", "recompute", "full"])
+    windows: list[int] = Field(default_factory=list)
+    sinks: list[int] = Field(default_factory=list)
+
+
 class ServeArgs(_Strict):
     """Arguments of `ctxmem.serving.app:build_app` (YAML `args:` or `ctxmem serve` flags)."""
 
@@ -81,10 +167,16 @@ class ServeArgs(_Strict):
     model_name: str | None = None  # the id clients put in `model`; default derived from the spec
     api_keys: list[str] = Field(default_factory=list)  # plus $CTXMEM_API_KEYS; empty = no auth
     api_key_hashes: list[str] = Field(default_factory=list)  # sha256 hex, filled by resolve(); keys never ship
+    # tenants: a name, a role and limits per key (see Tenant); plain api_keys become admin keys
+    api_keys_file: str | None = None  # read by resolve() where the builder runs, into `tenants`
+    tenants: list[Tenant] = Field(default_factory=list)
+    limits: KeyLimits = Field(default_factory=lambda: KeyLimits(max_conversations=1000))  # a key's defaults
+    session_ttl_s: float | None = Field(default=30 * 86400, gt=0)  # idle conversations expire (None: never)
+    request_memory: RequestMemory = Field(default_factory=RequestMemory)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_tokens_limit: int = Field(default=4096, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
-    session_store: str = DEFAULT_STORE  # sqlite:///PATH | actor://NAME | memory://
+    session_store: str = DEFAULT_STORE  # sqlite:///PATH | redis://HOST:PORT/DB | memory://
     engine: EngineConfig | None = None
     engine_deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         max_ongoing_requests=256, ray_actor_options={"num_cpus": 1}))
@@ -113,13 +205,21 @@ class ServeArgs(_Strict):
         return v
 
     def resolve(self) -> "ServeArgs":
-        """Fill the derived fields: engine.model, model_name, api key hashes (plain keys dropped)."""
+        """Fill the derived fields: engine.model, model_name, api key hashes (plain keys dropped), the
+        tenants of the keys file (read here, so replicas need not see the file)."""
         if self.engine is None or not self.engine.model:
             raise ValueError("no model: pass `model` (export dir, checkpoint dir or models:/NAME@ALIAS) "
                              "or set CTXMEM_MODEL")
         keys = list(self.api_keys) + [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
         hashes = sorted(set(self.api_key_hashes) | {hash_key(k) for k in keys})
-        return self.model_copy(update={"api_keys": [], "api_key_hashes": hashes,
+        tenants = {t.sha256: t for t in self.tenants}
+        if self.api_keys_file:
+            tenants.update({t.sha256: t for t in load_keys_file(self.api_keys_file)})
+        # a plain key (--api-key, $CTXMEM_API_KEYS) is the operator's: an admin key of its own tenant
+        for h in hashes:
+            tenants.setdefault(h, Tenant(name=f"key-{h[:12]}", role="admin", sha256=h))
+        return self.model_copy(update={"api_keys": [], "api_key_hashes": hashes, "api_keys_file": None,
+                                       "tenants": sorted(tenants.values(), key=lambda t: t.name),
                                        "model_name": self.model_name or default_model_name(self.engine.model)})
 
 

@@ -125,7 +125,7 @@ class IngressDeployment:
 
         self.args = ServeArgs.model_validate(args)
         self.metrics = Registry()
-        self.store = open_store(self.args.session_store)
+        self.store = open_store(self.args.session_store, self.args.session_ttl_s)
         self.client = RayEngineClient(engine)
 
     def __serve_build_asgi_app__(self):

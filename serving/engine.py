@@ -44,6 +44,11 @@ class Engine:
         memory = self._memory(model, request.get("memory"))
         config = self._generation(model, request)
         prompt_ids = self._prompt(model, request)
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise bad_request(
+                f"the prompt is {len(prompt_ids)} tokens, over this server's max_prompt_tokens of "
+                f"{self.config.max_prompt_tokens}; shorten it (a conversation: start a new one)",
+                param="messages" if request.get("kind") == "chat" else "prompt", code="prompt_too_long")
         if memory.policy == "full" and len(prompt_ids) + config.max_new_tokens > memory.capacity:
             raise bad_request(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({config.max_new_tokens}) exceeds the model's "

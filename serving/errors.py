@@ -10,8 +10,9 @@ class APIError(Exception):
     """An error the client should see as is. `status` picks the HTTP code; the rest is the body."""
 
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers or {}  # e.g. Retry-After on a 429
         self.status = status
         self.message = message
         self.type = type or _default_type(status)
@@ -34,6 +35,8 @@ def _default_type(status: int) -> str:
     # OpenAI answers every client error (401 and 404 included) with type invalid_request_error
     if status == 429:
         return "rate_limit_error"
+    if status == 403:
+        return "permission_error"
     if status >= 500:
         return "server_error"
     return "invalid_request_error"

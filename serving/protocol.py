@@ -38,7 +38,11 @@ RANGES = {
     "seed": "an integer in [0, 2**63-1]",
     "stop": f"a string or a list of up to {MAX_STOP} strings of 1 to {MAX_STOP_CHARS} characters",
 }
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,256}$")
+# A session id: what `POST /v1/sessions` generates, or a client's own (X-Session-Id, the URL). Matched
+# whole (fullmatch: `$` would let a trailing newline through).
+SESSION_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
+SESSION_ID_RULE = "1-128 characters of letters, digits and ._:@+=-"
+USER_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,256}")  # OpenAI's `user`: an end-user id, never a session
 
 
 # ---- value types ---------------------------------------------------------------------------------
@@ -181,6 +185,9 @@ def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | No
             max_tokens_param: str = "max_tokens") -> dict[str, Any]:
     if req.n != 1:
         raise bad_request("only n=1 is supported", param="n")
+    if req.user is not None and not USER_ID.fullmatch(req.user):
+        raise bad_request("invalid value for user: send an end-user id of 1-256 letters, digits or ._:@/+=- "
+                          "(it is not stored; X-Session-Id names a conversation)", param="user")
     if req.presence_penalty or req.frequency_penalty:
         raise bad_request("presence_penalty/frequency_penalty are not supported; use repetition_penalty",
                           param="presence_penalty" if req.presence_penalty else "frequency_penalty")
@@ -287,14 +294,18 @@ def normalise_messages(messages: list[Any], param: str = "messages") -> list[dic
     return out
 
 
-def session_id(header: str | None, user: str | None) -> str | None:
-    sid = header if header is not None else user
+def session_id(sid: str | None, param: str = "X-Session-Id") -> str | None:
+    """A client's session id (header or URL), checked whole; None passes (no session)."""
     if sid is None:
         return None
-    if not SESSION_ID.match(sid):
-        raise bad_request("the session id (X-Session-Id header or user) must be 1-256 characters of "
-                          "letters, digits and ._:@/+=-", param="X-Session-Id" if header is not None else "user")
+    if not SESSION_ID.fullmatch(sid):
+        raise bad_request(f"invalid session id {_shown(sid)}: send {SESSION_ID_RULE} (or create one with "
+                          "POST /v1/sessions)", param=param, code="invalid_session_id")
     return sid
+
+
+def new_session_id() -> str:
+    return f"sess-{uuid.uuid4().hex}"
 
 
 # ---- responses -----------------------------------------------------------------------------------

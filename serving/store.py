@@ -4,13 +4,18 @@ A replica's KV cache is only an accelerator. What a conversation *is* - its mess
 chat template re-derives the exact token history - lives here, so a turn that lands on another
 replica, or arrives after a replica died, rebuilds its state and loses nothing.
 
-    sqlite:///PATH   default; one file shared by every replica on one machine (WAL, busy timeout)
-    actor://NAME     a detached Ray actor holding a SQLite file on its node: works across nodes
-                     (one writer, every replica reaches it through Ray)
-    memory://        this process only (tests, single-replica development)
+    sqlite:///PATH       default; one file shared by every replica on one machine (WAL, busy timeout)
+    redis://HOST:PORT/DB every replica on every node (serving/store_redis.py)
+    memory://            this process only (tests, single-replica development)
 
-Writes are optimistic: `append(sid, expected_turns, messages)` fails with StoreConflict when another
-request extended the conversation first, so two concurrent turns cannot silently overwrite each other.
+Every conversation belongs to an owner (the API key's tenant name, serving/auth.py) and is keyed by
+(owner, id): another owner never sees it, and two owners may use the same id.
+
+Writes are optimistic: `append(owner, sid, expected_turns, messages)` fails with StoreConflict when
+another request extended the conversation first, so two concurrent turns cannot overwrite each other.
+
+Limits (serving/README.md, "Limits"): a conversation idle for `ttl_s` expires; when an owner has
+more than `max_conversations`, the least recently used ones are evicted as a new one is created.
 """
 from __future__ import annotations
 
@@ -21,28 +26,66 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+TITLE_CHARS = 80
+
 
 class StoreConflict(Exception):
     """The conversation changed since it was read (a concurrent turn)."""
 
 
+class StoreUnavailable(Exception):
+    """The store could not be read or written (disk, network, permissions)."""
+
+
 class ConversationStore(Protocol):
-    def get(self, sid: str) -> dict[str, Any] | None: ...  # {"messages", "turns", "updated"}
-    def append(self, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None) -> int: ...
-    def put(self, sid: str, messages: list[dict], stats: dict | None = None) -> None: ...
-    def delete(self, sid: str) -> bool: ...
+    """Rows are {"id", "messages", "turns", "created", "updated", "title", "tokens", "stats"}."""
+
+    def create(self, owner: str, sid: str, max_conversations: int | None = None) -> dict[str, Any]: ...
+    def get(self, owner: str, sid: str) -> dict[str, Any] | None: ...
+    def list(self, owner: str) -> list[dict[str, Any]]: ...  # rows without messages, most recent first
+    def append(self, owner: str, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None,
+               max_conversations: int | None = None) -> int: ...
+    def put(self, owner: str, sid: str, messages: list[dict], stats: dict | None = None,
+            max_conversations: int | None = None) -> None: ...
+    def delete(self, owner: str, sid: str) -> bool: ...
+
+
+def title(messages: list[dict]) -> str:
+    """The first user message, on one line, truncated."""
+    first = next((m["content"] for m in messages if m.get("role") == "user"), "")
+    text = " ".join(first.split())
+    return text if len(text) <= TITLE_CHARS else text[:TITLE_CHARS - 1] + "…"
+
+
+def stored_tokens(stats: dict | None) -> int:
+    """Tokens the conversation holds after its last turn: that turn's prompt (the whole rendered
+    history) plus its completion."""
+    usage = (stats or {}).get("usage") or {}
+    return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+
+
+def turns_of(messages: list[dict]) -> int:
+    return sum(1 for m in messages if m.get("role") == "assistant")
 
 
 class SQLiteStore:
     """Messages as one JSON row per conversation. Safe across processes on one machine."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, ttl_s: float | None = None):
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ttl_s = ttl_s
         self._local = threading.local()
-        with self._db() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS conversations (sid TEXT PRIMARY KEY, messages TEXT NOT NULL, "
-                       "turns INTEGER NOT NULL, stats TEXT, updated REAL NOT NULL)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # (`conversations` was the table before conversations had owners; it is left alone)
+            self._db().execute(
+                "CREATE TABLE IF NOT EXISTS owned_conversations (owner TEXT NOT NULL, sid TEXT NOT NULL, "
+                "messages TEXT NOT NULL, turns INTEGER NOT NULL, stats TEXT, created REAL NOT NULL, "
+                "updated REAL NOT NULL, title TEXT NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (owner, sid))")
+            self._db().execute("CREATE INDEX IF NOT EXISTS owned_conversations_updated "
+                               "ON owned_conversations (owner, updated)")
+        except (OSError, sqlite3.Error) as err:
+            raise StoreUnavailable(f"cannot open the conversation store {self.path}: {err}") from None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -53,129 +96,178 @@ class SQLiteStore:
             self._local.db = db
         return db
 
-    def get(self, sid: str) -> dict[str, Any] | None:
-        row = self._db().execute("SELECT messages, turns, stats, updated FROM conversations WHERE sid = ?",
-                                 (sid,)).fetchone()
-        if row is None:
-            return None
-        return {"messages": json.loads(row[0]), "turns": row[1], "stats": json.loads(row[2] or "{}"),
-                "updated": row[3]}
-
-    def append(self, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None) -> int:
-        """Add messages to the conversation if it still has `expected_turns` turns; returns the new count."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+    def _run(self, fn, *args):
         try:
-            row = db.execute("SELECT messages, turns FROM conversations WHERE sid = ?", (sid,)).fetchone()
-            turns = row[1] if row else 0
-            if turns != expected_turns:
-                raise StoreConflict(f"conversation {sid!r} has {turns} turns, expected {expected_turns}")
-            history = (json.loads(row[0]) if row else []) + list(messages)
-            db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?, ?)",
-                       (sid, json.dumps(history, ensure_ascii=False), turns + 1, json.dumps(stats or {}), time.time()))
-            db.execute("COMMIT")
-            return turns + 1
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            return fn(self._db(), *args)
+        except sqlite3.Error as err:
+            raise StoreUnavailable(f"conversation store {self.path}: {err}") from None
 
-    def put(self, sid: str, messages: list[dict], stats: dict | None = None) -> None:
+    def _alive(self) -> float:
+        return time.time() - self.ttl_s if self.ttl_s else float("-inf")
+
+    _COLS = "sid, messages, turns, stats, created, updated, title, tokens"
+
+    @staticmethod
+    def _row(r, messages: bool = True) -> dict[str, Any]:
+        row = {"id": r[0], "turns": r[2], "stats": json.loads(r[3] or "{}"), "created": r[4], "updated": r[5],
+               "title": r[6], "tokens": r[7]}
+        if messages:
+            row["messages"] = json.loads(r[1])
+        return row
+
+    def get(self, owner: str, sid: str) -> dict[str, Any] | None:
+        def go(db):
+            r = db.execute(f"SELECT {self._COLS} FROM owned_conversations WHERE owner = ? AND sid = ? "
+                           "AND updated >= ?", (owner, sid, self._alive())).fetchone()
+            return None if r is None else self._row(r)
+        return self._run(go)
+
+    def list(self, owner: str) -> list[dict[str, Any]]:
+        def go(db):
+            rows = db.execute(f"SELECT {self._COLS} FROM owned_conversations WHERE owner = ? AND updated >= ? "
+                              "ORDER BY updated DESC", (owner, self._alive())).fetchall()
+            return [self._row(r, messages=False) for r in rows]
+        return self._run(go)
+
+    def _write(self, db, owner, sid, messages, turns, stats, created, max_conversations):
+        now = time.time()
+        db.execute("INSERT OR REPLACE INTO owned_conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (owner, sid, json.dumps(messages, ensure_ascii=False), turns, json.dumps(stats or {}),
+                    created or now, now, title(messages), stored_tokens(stats)))
+        if created is None:  # a new conversation: expire idle ones, evict this owner's least recently used
+            db.execute("DELETE FROM owned_conversations WHERE updated < ?", (self._alive(),))
+            if max_conversations:
+                db.execute("DELETE FROM owned_conversations WHERE owner = ? AND sid NOT IN (SELECT sid FROM "
+                           "owned_conversations WHERE owner = ? ORDER BY updated DESC LIMIT ?)",
+                           (owner, owner, max_conversations))
+
+    def _existing(self, db, owner, sid):
+        return db.execute("SELECT messages, turns, created FROM owned_conversations WHERE owner = ? AND sid = ? "
+                          "AND updated >= ?", (owner, sid, self._alive())).fetchone()
+
+    def create(self, owner: str, sid: str, max_conversations: int | None = None) -> dict[str, Any]:
+        def go(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._existing(db, owner, sid) is not None:
+                    raise StoreConflict(f"conversation {sid!r} exists")
+                self._write(db, owner, sid, [], 0, {}, None, max_conversations)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        self._run(go)
+        return self.get(owner, sid)
+
+    def append(self, owner: str, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None,
+               max_conversations: int | None = None) -> int:
+        """Add messages to the conversation if it still has `expected_turns` turns; returns the new count."""
+        def go(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._existing(db, owner, sid)
+                turns = row[1] if row else 0
+                if turns != expected_turns:
+                    raise StoreConflict(f"conversation {sid!r} has {turns} turns, expected {expected_turns}")
+                history = (json.loads(row[0]) if row else []) + list(messages)
+                self._write(db, owner, sid, history, turns + 1, stats, row[2] if row else None, max_conversations)
+                db.execute("COMMIT")
+                return turns + 1
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return self._run(go)
+
+    def put(self, owner: str, sid: str, messages: list[dict], stats: dict | None = None,
+            max_conversations: int | None = None) -> None:
         """Record a client-held conversation as it now stands (stateless endpoints with a session id)."""
-        turns = sum(1 for m in messages if m.get("role") == "assistant")
-        self._db().execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?, ?)",
-                           (sid, json.dumps(messages, ensure_ascii=False), turns, json.dumps(stats or {}), time.time()))
+        def go(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._existing(db, owner, sid)
+                self._write(db, owner, sid, list(messages), turns_of(messages), stats, row[2] if row else None,
+                            max_conversations)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        self._run(go)
 
-    def delete(self, sid: str) -> bool:
-        return self._db().execute("DELETE FROM conversations WHERE sid = ?", (sid,)).rowcount > 0
+    def delete(self, owner: str, sid: str) -> bool:
+        return self._run(lambda db: db.execute("DELETE FROM owned_conversations WHERE owner = ? AND sid = ?",
+                                               (owner, sid)).rowcount > 0)
 
 
 class MemoryStore:
     """A dict; visible to this process only."""
 
-    def __init__(self) -> None:
-        self._data: dict[str, dict[str, Any]] = {}
+    def __init__(self, ttl_s: float | None = None) -> None:
+        self.ttl_s = ttl_s
+        self._data: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def get(self, sid: str) -> dict[str, Any] | None:
+    def _live(self, key) -> dict[str, Any] | None:
+        row = self._data.get(key)
+        if row is not None and self.ttl_s and row["updated"] < time.time() - self.ttl_s:
+            del self._data[key]
+            return None
+        return row
+
+    def get(self, owner: str, sid: str) -> dict[str, Any] | None:
         with self._lock:
-            row = self._data.get(sid)
+            row = self._live((owner, sid))
             return json.loads(json.dumps(row)) if row else None
 
-    def append(self, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None) -> int:
+    def list(self, owner: str) -> list[dict[str, Any]]:
         with self._lock:
-            row = self._data.get(sid) or {"messages": [], "turns": 0}
+            rows = [self._live(k) for k in list(self._data) if k[0] == owner]
+            rows = [{k: v for k, v in r.items() if k != "messages"} for r in rows if r is not None]
+            return sorted(rows, key=lambda r: r["updated"], reverse=True)
+
+    def _write(self, owner, sid, messages, turns, stats, max_conversations) -> None:
+        now = time.time()
+        old = self._live((owner, sid))
+        self._data[(owner, sid)] = {"id": sid, "messages": list(messages), "turns": turns, "stats": stats or {},
+                                    "created": old["created"] if old else now, "updated": now,
+                                    "title": title(messages), "tokens": stored_tokens(stats)}
+        if old is None and max_conversations:
+            mine = sorted((k for k in self._data if k[0] == owner), key=lambda k: self._data[k]["updated"])
+            for k in mine[:max(0, len(mine) - max_conversations)]:
+                del self._data[k]
+
+    def create(self, owner: str, sid: str, max_conversations: int | None = None) -> dict[str, Any]:
+        with self._lock:
+            if self._live((owner, sid)) is not None:
+                raise StoreConflict(f"conversation {sid!r} exists")
+            self._write(owner, sid, [], 0, {}, max_conversations)
+        return self.get(owner, sid)
+
+    def append(self, owner: str, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None,
+               max_conversations: int | None = None) -> int:
+        with self._lock:
+            row = self._live((owner, sid)) or {"messages": [], "turns": 0}
             if row["turns"] != expected_turns:
                 raise StoreConflict(f"conversation {sid!r} has {row['turns']} turns, expected {expected_turns}")
-            self._data[sid] = {"messages": row["messages"] + list(messages), "turns": row["turns"] + 1,
-                               "stats": stats or {}, "updated": time.time()}
+            self._write(owner, sid, row["messages"] + list(messages), row["turns"] + 1, stats, max_conversations)
             return row["turns"] + 1
 
-    def put(self, sid: str, messages: list[dict], stats: dict | None = None) -> None:
+    def put(self, owner: str, sid: str, messages: list[dict], stats: dict | None = None,
+            max_conversations: int | None = None) -> None:
         with self._lock:
-            turns = sum(1 for m in messages if m.get("role") == "assistant")
-            self._data[sid] = {"messages": list(messages), "turns": turns, "stats": stats or {}, "updated": time.time()}
+            self._write(owner, sid, messages, turns_of(messages), stats, max_conversations)
 
-    def delete(self, sid: str) -> bool:
+    def delete(self, owner: str, sid: str) -> bool:
         with self._lock:
-            return self._data.pop(sid, None) is not None
+            return self._data.pop((owner, sid), None) is not None
 
 
-class ActorStore:
-    """Client of a detached, named Ray actor that owns a SQLiteStore on its node (multi-node clusters)."""
-
-    def __init__(self, name: str, path: str | None = None):
-        import ray
-
-        actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_StoreActor)
-        self._actor = actor_cls.options(name=name, namespace="ctxmem", lifetime="detached",
-                                        get_if_exists=True).remote(path or f"~/.cache/ctxmem/{name}.sqlite")
-        self._ray = ray
-
-    def _call(self, method: str, *args):
-        result = self._ray.get(getattr(self._actor, method).remote(*args))
-        if isinstance(result, dict) and result.get("__conflict__"):
-            raise StoreConflict(result["message"])
-        return result
-
-    def get(self, sid):
-        return self._call("get", sid)
-
-    def append(self, sid, expected_turns, messages, stats=None):
-        return self._call("append", sid, expected_turns, messages, stats)
-
-    def put(self, sid, messages, stats=None):
-        return self._call("put", sid, messages, stats)
-
-    def delete(self, sid):
-        return self._call("delete", sid)
-
-
-class _StoreActor:
-    def __init__(self, path: str):
-        self.store = SQLiteStore(path)
-
-    def get(self, sid):
-        return self.store.get(sid)
-
-    def append(self, sid, expected_turns, messages, stats=None):
-        try:
-            return self.store.append(sid, expected_turns, messages, stats)
-        except StoreConflict as err:  # typed errors do not survive the actor boundary cleanly
-            return {"__conflict__": True, "message": str(err)}
-
-    def put(self, sid, messages, stats=None):
-        return self.store.put(sid, messages, stats)
-
-    def delete(self, sid):
-        return self.store.delete(sid)
-
-
-def open_store(url: str) -> ConversationStore:
+def open_store(url: str, ttl_s: float | None = None) -> ConversationStore:
     if url.startswith("sqlite:///"):
-        return SQLiteStore(url[len("sqlite:///"):])  # sqlite:///rel/path, sqlite:////abs/path, sqlite:///~/path
-    if url.startswith("actor://"):
-        name, _, path = url[len("actor://"):].partition("?path=")
-        return ActorStore(name or "ctxmem-sessions", path or None)
+        return SQLiteStore(url[len("sqlite:///"):], ttl_s)  # sqlite:///rel/path, sqlite:////abs/path, sqlite:///~/path
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .store_redis import RedisStore
+
+        return RedisStore(url, ttl_s)
     if url == "memory://":
-        return MemoryStore()
-    raise ValueError(f"unknown session store {url!r}; use sqlite:///PATH, actor://NAME or memory://")
+        return MemoryStore(ttl_s)
+    raise ValueError(f"unknown session store {url!r}; use sqlite:///PATH, redis://HOST:PORT/DB or memory://")

@@ -13,7 +13,8 @@ API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def wait_healthy(url: str, timeout: float = 120.0, proc=None) -> dict:
+def wait_healthy(url: str, timeout: float = 120.0, proc=None, headers: dict[str, str] | None = None) -> dict:
+    """/health once it answers 200 (with an admin key in `headers` it carries the engine's details)."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -22,7 +23,7 @@ def wait_healthy(url: str, timeout: float = 120.0, proc=None) -> dict:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server process exited with {proc.returncode} before becoming healthy")
         try:
-            r = httpx.get(url + "/health", timeout=5)
+            r = httpx.get(url + "/health", timeout=5, headers=headers)
             if r.status_code == 200:
                 return r.json()
             last = r.text

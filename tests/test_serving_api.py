@@ -21,13 +21,20 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def stack(tiny_export):  # noqa: F811
-    args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY],
-                     max_tokens_limit=512).resolve()
+    # the memory knobs the tests below send are allowed (by default a request may not pick a window)
+    args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY], max_tokens_limit=512,
+                     request_memory={"windows": [60, 200], "sinks": [4, 100, 10**6]}).resolve()
     engine = Engine(args.engine)
     store = MemoryStore()
     app = build_api(LocalEngineClient(engine), args, store)
     yield app, engine, store
     engine.close()
+
+
+def stack_owner_hash() -> str:
+    from ctxmem.serving.config import hash_key
+
+    return hash_key(API_KEY)[:12]
 
 
 def call(app, method: str, path: str, **kw) -> httpx.Response:
@@ -106,6 +113,8 @@ def test_an_engine_error_before_streaming_is_an_http_status_not_a_stream(stack):
 
 def test_the_session_endpoint_keeps_the_history_on_the_server(stack):
     app, _, store = stack
+    created = call(app, "POST", "/v1/sessions", headers=AUTH, json={"id": "sess-1"})
+    assert created.status_code == 201 and created.json()["turns"] == 0
     for turn in range(3):
         r = call(app, "POST", "/v1/sessions/sess-1/messages", headers=AUTH,
                  json={"content": f"message {turn}", "max_tokens": 4, "temperature": 0})
@@ -116,6 +125,7 @@ def test_the_session_endpoint_keeps_the_history_on_the_server(stack):
             assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     history = call(app, "GET", "/v1/sessions/sess-1", headers=AUTH).json()
     assert history["turns"] == 3 and [m["role"] for m in history["messages"]] == ["user", "assistant"] * 3
+    assert history["title"] == "message 0" and history["tokens"] > 0
     assert call(app, "DELETE", "/v1/sessions/sess-1", headers=AUTH).json()["deleted"] is True
     assert call(app, "GET", "/v1/sessions/sess-1", headers=AUTH).status_code == 404
 
@@ -126,6 +136,7 @@ def test_a_concurrent_turn_on_the_same_session_is_a_409(stack, monkeypatch):
     def conflict(*_a, **_k):
         raise StoreConflict("conversation 'sess-2' has 1 turns, expected 0")
 
+    assert call(app, "POST", "/v1/sessions", headers=AUTH, json={"id": "sess-2"}).status_code == 201
     monkeypatch.setattr(store, "append", conflict)
     r = call(app, "POST", "/v1/sessions/sess-2/messages", headers=AUTH, json={"content": "hi", "max_tokens": 2})
     check_error_shape(r.status_code, r.json(), 409, "conflict")
@@ -136,7 +147,8 @@ def test_a_chat_with_a_session_id_is_recorded_in_the_store(stack):
     r = call(app, "POST", "/v1/chat/completions", headers={**AUTH, "X-Session-Id": "sess-3"},
              json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert r.status_code == 200
-    assert [m["role"] for m in store.get("sess-3")["messages"]] == ["user", "assistant"]
+    owner = "key-" + stack_owner_hash()
+    assert [m["role"] for m in store.get(owner, "sess-3")["messages"]] == ["user", "assistant"]
 
 
 def test_metrics_expose_every_declared_series_in_prometheus_text(stack):
@@ -232,6 +244,7 @@ def test_api_keys_from_the_environment_are_hashed_and_never_shipped(monkeypatch,
     args = ServeArgs(model=str(tmp_path), api_keys=["k3"]).resolve()
     assert args.api_keys == [] and len(args.api_key_hashes) == 3
     assert "k1" not in args.model_dump_json()
+    assert {t.role for t in args.tenants} == {"admin"} and len(args.tenants) == 3  # plain keys are the operator's
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "memory"])
@@ -241,12 +254,13 @@ def test_the_conversation_store_appends_turns_optimistically(kind, tmp_path):
     url = f"sqlite:///{tmp_path}/s.sqlite" if kind == "sqlite" else "memory://"
     store, other = open_store(url), (open_store(url) if kind == "sqlite" else None)
     turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    assert store.get("c") is None
-    assert store.append("c", 0, turn) == 1
+    assert store.get("a", "c") is None
+    assert store.append("a", "c", 0, turn) == 1
     with pytest.raises(StoreConflict):
-        store.append("c", 0, turn)  # a second writer that read the conversation before the first wrote
+        store.append("a", "c", 0, turn)  # a second writer that read the conversation before the first wrote
     if other is not None:  # another replica process on the same machine sees the turn
-        assert other.get("c")["turns"] == 1 and other.append("c", 1, turn) == 2
-    store.put("d", turn * 2)
-    assert store.get("d")["turns"] == 2
-    assert store.delete("d") and not store.delete("d")
+        assert other.get("a", "c")["turns"] == 1 and other.append("a", "c", 1, turn) == 2
+    assert store.get("b", "c") is None  # another owner's "c" is another conversation
+    store.put("a", "d", turn * 2)
+    assert store.get("a", "d")["turns"] == 2
+    assert store.delete("a", "d") and not store.delete("a", "d")

@@ -313,7 +313,7 @@ def test_a_killed_scheduler_loop_degrades_health_is_counted_and_comes_back(tiny_
     def observed_fail_in_flight(err):  # runs on the supervisor, before the client hears of the failure
         async def health():
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-                r = await c.get("/health")
+                r = await c.get("/health", headers=AUTH)  # an admin key sees the details
                 return r.status_code, r.json()
 
         health_while_down.append(asyncio.run(health()))
@@ -339,7 +339,7 @@ def test_a_killed_scheduler_loop_degrades_health_is_counted_and_comes_back(tiny_
         async def until_healthy():
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
                 for _ in range(500):
-                    r = await c.get("/health")
+                    r = await c.get("/health", headers=AUTH)
                     if r.status_code == 200:
                         return r.json()
                     await asyncio.sleep(0.02)
