@@ -103,20 +103,26 @@ class FactGenerator:
             size += len(s) + 1
         return " ".join(sentences)
 
-    def document(self, n_facts: int = 4, questions: int | None = None, max_gap_chars: int = 300,
-                 filler: Callable[[int], str] | None = None) -> str:
-        """A training document: facts stated among filler, then questions about them (in another
-        order) answered, with filler between - so facts and their questions lie at varied distances.
-        Keep `max_gap_chars` x (facts + questions) within the training context for in-window recall.
+    def document(self, n_facts: int = 8, max_gap_chars: int = 80, filler: Callable[[int], str] | None = None,
+                 open_facts: int = 2) -> str:
+        """A training document: facts stated among filler, each asked and answered soon after, with
+        at most `open_facts` stated and not yet asked at any time - so every question comes within a
+        few statements of its fact (value to answer: ~40 characters up to ~(open_facts + 1) x
+        (max_gap_chars / 2 + 40)), inside a small model's training context wherever a crop falls.
+        The distractors (other open facts) make the key, not recency, pick the answer.
         filler(chars) -> text gives the filler (default: this generator's filler sentences)."""
+        if open_facts < 1:
+            raise ValueError(f"open_facts must be >= 1, got {open_facts}")
         filler = filler or self.filler
-        facts = self.facts(n_facts)
-        asked = self.rng.sample(facts, n_facts if questions is None else min(questions, n_facts))
+        waiting = self.facts(n_facts)  # to be stated, in order
+        stated: list[tuple[Fact, int]] = []  # stated, not yet asked, with the event it was stated at
         parts = []
-        for fact in facts:
+        for event in range(2 * n_facts):
             parts.append(filler(self.rng.randint(0, max_gap_chars)))
-            parts.append(fact.statement)
-        for fact in asked:
-            parts.append(filler(self.rng.randint(0, max_gap_chars)))
-            parts.append(fact.qa)
+            overdue = stated and event - stated[0][1] > open_facts  # the oldest waits no longer
+            if waiting and not overdue and (not stated or (len(stated) < open_facts and self.rng.random() < 0.5)):
+                stated.append((waiting.pop(), event))
+                parts.append(stated[-1][0].statement)
+            else:
+                parts.append(stated.pop(0 if overdue else self.rng.randrange(len(stated)))[0].qa)
         return " ".join(p for p in parts if p)

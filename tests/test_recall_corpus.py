@@ -24,12 +24,36 @@ def test_facts_have_distinct_keys_and_questions_answer_them():
     facts = gen.facts(50)
     assert len({f.key for f in facts}) == 50
     assert FactGenerator(seed=7).facts(50) == facts  # seeded
-    doc = FactGenerator(seed=1).document(n_facts=3, max_gap_chars=50)
+    doc = FactGenerator(seed=1).document(n_facts=8, max_gap_chars=50, open_facts=2)
     stated = {m.groups()[:3]: m.group(4) for m in STATEMENT.finditer(doc)}
     asked = {m.groups()[:3]: m.group(4) for m in QA.finditer(doc)}
-    assert len(stated) == 3 and asked == stated
-    for key in asked:  # each question comes after its fact
-        assert doc.index(" ".join(key[1:])) < doc.index(f"Q: the {key[0]} of the {key[1]} {key[2]}?")
+    assert len(stated) == 8 and asked == stated
+    # in document order: each question comes after its fact, and at most 2 facts wait for theirs
+    events = sorted([(m.start(), "fact", m.groups()[:3]) for m in STATEMENT.finditer(doc)]
+                    + [(m.start(), "question", m.groups()[:3]) for m in QA.finditer(doc)])
+    waiting, most = set(), 0
+    for _, kind, key in events:
+        if kind == "fact":
+            waiting.add(key)
+        else:
+            assert key in waiting
+            waiting.remove(key)
+        most = max(most, len(waiting))
+    assert most == 2
+
+
+def test_recall_questions_come_within_a_small_models_context_of_their_facts():
+    """With the corpus's settings every value is asked within 500 characters (median ~120: the
+    distances the memory evaluation asks at), so a 256-token crop holds most facts with their question."""
+    gen = FactGenerator(seed=2)
+    distances = []
+    for _ in range(50):
+        doc = gen.document(corpora.RECALL_FACTS, max_gap_chars=corpora.RECALL_GAP_CHARS,
+                           open_facts=corpora.RECALL_OPEN_FACTS)
+        values = {m.groups()[:3]: m.start(4) for m in STATEMENT.finditer(doc)}
+        distances += [m.start(4) - values[m.groups()[:3]] for m in QA.finditer(doc)]
+    assert len(distances) == 50 * corpora.RECALL_FACTS
+    assert max(distances) <= 500 and 60 <= float(np.median(distances)) <= 200
 
 
 def test_recall_specs_resolve_and_bad_ones_are_clear():

@@ -42,10 +42,13 @@ EMBEDDED = ("chatterbot", "stdlib", "recall")
 DEFAULT_CORPUS = "chatterbot"
 RECALL_FRACTION = 0.1  # `recall` mixed into other corpora: its share of the characters
 RECALL_DOCUMENTS = 2000  # `recall` alone: documents written
-RECALL_FACTS = 3  # facts (and questions) per recall document
-# filler between a fact and its question: at most this many characters per gap, so with 3 facts most
-# questions come within ~400 characters of their fact - inside a small model's training context
-RECALL_GAP_CHARS = 100
+RECALL_FACTS = 8  # facts (each asked soon after it is stated) per recall document
+# filler before each statement or question: at most this many characters, so with at most 2 facts
+# waiting for their question a question comes 40-500 characters after its fact's value (median ~120):
+# inside a small model's training context (256 byte tokens) wherever a crop falls, and spread over
+# the distances the memory evaluation asks at
+RECALL_GAP_CHARS = 80
+RECALL_OPEN_FACTS = 2  # facts stated and not yet asked, at most
 RECALL_FILLER_POOL = 2_000_000  # characters of the other corpora sampled for filler
 
 
@@ -135,12 +138,12 @@ def recall_documents(corpus: Corpus, others: list[Document], seed: int = 0) -> l
             raise DataError(f"corpus {corpus.spec!r}: a fraction needs other corpora to mix into (e.g. "
                             f"--corpus chatterbot {corpus.spec}); alone, give a number of documents (recall:500)")
         count = corpus.documents or RECALL_DOCUMENTS
-        return [gen.document(RECALL_FACTS, max_gap_chars=RECALL_GAP_CHARS, filler=filler) for _ in range(count)]
+        return [gen.document(RECALL_FACTS, max_gap_chars=RECALL_GAP_CHARS, filler=filler, open_facts=RECALL_OPEN_FACTS) for _ in range(count)]
     fraction = corpus.fraction or RECALL_FRACTION
     target = fraction / (1.0 - fraction) * sum(_chars(d) for d in others)
     docs, size = [], 0
     while size < target:
-        docs.append(gen.document(RECALL_FACTS, max_gap_chars=RECALL_GAP_CHARS, filler=filler))
+        docs.append(gen.document(RECALL_FACTS, max_gap_chars=RECALL_GAP_CHARS, filler=filler, open_facts=RECALL_OPEN_FACTS))
         size += len(docs[-1])
     return docs
 
