@@ -35,7 +35,8 @@ The distance d is counted from the first token of the fact's value to the first 
 under a window of W recent tokens the value is still visible iff d <= W. A trial counts as recalled
 when the greedy continuation reproduces the value exactly: every answer token is the argmax given
 the correct tokens before it (teacher forcing, one forward - the same as greedy decoding except for
-exact ties). Policies: ``full`` (the question with as much of the trial as fits the context),
+exact ties). A stream that starts with BOS (a document-trained model's) starts every trial with BOS
+too. Policies: ``full`` (the question with as much of the trial as fits the context),
 ``sink``, window-only and recompute chunk=1. Records
 ``{"policy", "sinks", "window", "distance", "accuracy", "n"}``.
 
@@ -511,10 +512,11 @@ def default_distances(window: int, shortest: int) -> list[int]:
 
 
 class RecallBuilder:
-    """Builds trials from facts and filler token ids (the evaluation text)."""
+    """Builds trials from facts and filler token ids (the evaluation text). head: tokens every trial
+    starts with (the BOS a document-trained model saw at position 0 of every sample), none by default."""
 
-    def __init__(self, tokenizer, filler: np.ndarray, trials: int, seed: int, lead: int):
-        self.tokenizer, self.filler, self.lead = tokenizer, filler, lead
+    def __init__(self, tokenizer, filler: np.ndarray, trials: int, seed: int, lead: int, head: Sequence[int] = ()):
+        self.tokenizer, self.filler, self.lead, self.head = tokenizer, filler, lead, [int(t) for t in head]
         self.facts = FactGenerator(seed).facts(trials)
         self.rng = np.random.default_rng(seed)
         # the pieces of each trial, tokenised once: [lead filler][prefix][value][tail][gap filler][question][answer]
@@ -542,12 +544,12 @@ class RecallBuilder:
             raise MemoryEvalError(f"recall distance {distance} is shorter than a trial allows: the fact's value, "
                                   f"'. ' and the question take up to {shortest} tokens; use distances >= {shortest}")
         # every row gets the same length: its lead filler absorbs the differences in prefix/answer length
-        total = self.lead + self._head_room() + distance
+        total = len(self.head) + self.lead + self._head_room() + distance
         rows, answers = [], []
         for p in self.parts:
             gap = distance - len(p["value"]) - len(p["tail"]) - len(p["question"])
-            lead = total - distance - len(p["prefix"]) - len(p["answer"])
-            row = (self._filler(lead) + p["prefix"] + p["value"] + p["tail"] + self._filler(gap) + p["question"]
+            lead = total - len(self.head) - distance - len(p["prefix"]) - len(p["answer"])
+            row = (self.head + self._filler(lead) + p["prefix"] + p["value"] + p["tail"] + self._filler(gap) + p["question"]
                    + p["answer"])
             assert len(row) == total
             rows.append(row)
@@ -569,14 +571,19 @@ def recall_by_distance(backend, tokens: np.ndarray, tokenizer, *, window: int, s
     if trials < 1:
         raise MemoryEvalError(f"trials must be >= 1, got {trials}")
     lead = max(16, 2 * sinks)  # filler before the fact, so the fact is never held by the sinks
-    builder = RecallBuilder(tokenizer, np.asarray(tokens, dtype=np.int64), trials, seed, lead)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    # a stream that starts with BOS (a document-trained model's, see training.final_memory_eval) starts
+    # every trial with it too, as every sample the model learnt from did; the filler is what follows
+    bos = getattr(tokenizer, "bos_id", None)
+    head = tokens[:1] if bos is not None and len(tokens) and int(tokens[0]) == bos else tokens[:0]
+    builder = RecallBuilder(tokenizer, tokens[len(head):], trials, seed, lead, head)
     shortest = builder.shortest()
     distances = default_distances(window, shortest) if distances is None else sorted(set(int(d) for d in distances))
     if not distances:
         raise MemoryEvalError(f"no recall distance fits: a trial needs a distance >= {shortest} tokens")
     need = builder.needed_filler(max(distances))
-    if len(tokens) < need:
-        raise MemoryEvalError(f"the evaluation text has {len(tokens)} tokens; recall at distance {max(distances)} "
+    if len(builder.filler) < need:
+        raise MemoryEvalError(f"the evaluation text has {len(builder.filler)} tokens; recall at distance {max(distances)} "
                               f"needs at least {need} tokens of filler text")
     records = []
     for d in distances:

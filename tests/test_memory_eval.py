@@ -167,6 +167,26 @@ def test_recall_trial_places_the_value_at_the_distance():
         builder.build(10)
 
 
+def test_a_stream_that_starts_with_bos_starts_every_recall_trial_with_it(backend, monkeypatch):
+    """A document-trained model saw BOS at position 0 of every sample (its evaluated stream starts
+    with BOS): its recall trials do too, and the filler never holds that BOS."""
+    import ctxmem.memory_eval as memory_eval
+
+    tok = ByteTokenizer()
+    text = tok.encode(FactGenerator(seed=3).filler(2000))
+    built = []
+    original = memory_eval.RecallBuilder.build
+    monkeypatch.setattr(memory_eval.RecallBuilder, "build", lambda self, d: built.append(original(self, d)) or built[-1])
+    with torch_one_thread():
+        for stream in (text, [tok.bos_id] + text):
+            memory_eval.recall_by_distance(backend, np.asarray(stream), tok, window=WINDOW, sinks=SINKS,
+                                           distances=[48], trials=3)
+    plain, with_bos = built[-2].ids, built[-1].ids  # the last distance built for each stream
+    assert (with_bos[:, 0] == tok.bos_id).all() and (with_bos[:, 1:] != tok.bos_id).all()
+    assert (plain != tok.bos_id).all()
+    assert with_bos.shape[1] == plain.shape[1] + 1
+
+
 @pytest.mark.parametrize("run", [PolicyRun("sink", SINKS, WINDOW), PolicyRun("full", 0, 128),
                                  PolicyRun("recompute", 0, WINDOW, 1)], ids=lambda r: r.label)
 def test_answer_correct_matches_greedy_decoding(backend, run):
