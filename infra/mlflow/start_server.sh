@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# A local MLflow tracking server + model registry: SQLite backend, artifacts proxied by the server
-# and stored on local disk, bound to loopback by default. The export tests start it exactly so.
+# The MLflow tracking server + model registry: artifacts proxied by the server into a directory,
+# bound to loopback by default. The backend store (runs, metrics, registry) is PostgreSQL in
+# production, its URL taken from the environment and never written to a file; without one it is
+# a SQLite file in MLFLOW_DIR (one machine, the export tests).
 #
+#   export MLFLOW_BACKEND_STORE_URI=postgresql://mlflow@db.internal:5432/mlflow  # e.g. from a secret store
 #   MLFLOW_DIR=/srv/mlflow MLFLOW_PORT=5000 bash infra/mlflow/start_server.sh
 #   export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 #
 # Environment (all optional):
-#   MLFLOW_DIR      where mlflow.db and artifacts/ live        (default: ./mlflow-server)
+#   MLFLOW_BACKEND_STORE_URI  SQLAlchemy URL of the store: postgresql://USER[:PASSWORD]@HOST:PORT/DB
+#                             (default: sqlite:///$MLFLOW_DIR/mlflow.db). Put the password in the
+#                             environment or in ~/.pgpass (libpq reads it), never in this file.
+#   MLFLOW_DIR      where artifacts/ (and the SQLite file) live  (default: ./mlflow-server)
 #   MLFLOW_HOST     interface to bind                          (default: 127.0.0.1 - loopback only)
 #   MLFLOW_PORT     port                                       (default: 5000)
 #   MLFLOW_WORKERS  server worker processes                    (default: 2)
@@ -23,10 +29,20 @@ workers=${MLFLOW_WORKERS:-2}
 bin=${MLFLOW_BIN:-$(command -v mlflow || echo "$repo/.venv/bin/mlflow")}
 mkdir -p "$dir/artifacts"
 dir="$(cd "$dir" && pwd)"
-echo "[mlflow] http://$host:$port  store: sqlite:///$dir/mlflow.db  artifacts: $dir/artifacts" >&2
+store=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$dir/mlflow.db}
+case "$store" in
+  postgresql://*|postgresql+*://*|sqlite:///*) ;;
+  *) echo "[mlflow] MLFLOW_BACKEND_STORE_URI must be postgresql://USER@HOST:PORT/DB (or sqlite:///PATH)," \
+          "got '${store%%://*}://...'" >&2; exit 2 ;;
+esac
+# the store URL as logged: any password replaced by ***
+shown=$(printf '%s' "$store" | sed -E 's#^([a-z0-9+]+://[^:/@]+):[^@]*@#\1:***@#')
+echo "[mlflow] http://$host:$port  store: $shown  artifacts: $dir/artifacts" >&2
+# The URL reaches mlflow through its own environment variable, not argv: argv is readable by every
+# user of the machine (ps), the environment only by the server's user.
+export MLFLOW_BACKEND_STORE_URI="$store"
 # exec: the server replaces this shell, so stopping this process (or its group) stops the server
 exec "$bin" server \
-  --backend-store-uri "sqlite:///$dir/mlflow.db" \
   --artifacts-destination "$dir/artifacts" \
   --serve-artifacts \
   --host "$host" --port "$port" --workers "$workers" "$@"
