@@ -1,0 +1,190 @@
+"""The conversation stores - SQLite (embedded default), memory, and Redis (several nodes) on the real
+Redis at 127.0.0.1:6379 under a key prefix of this test run, removed afterwards - behave alike:
+owners apart, optimistic appends, listing, least-recently-used eviction, expiry. And a store that fails
+after generation does not cost the client its answer: a Redis ACL user that may read but not write
+(a real NOPERM from the server) stands in for a store gone bad."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+
+import httpx
+import pytest
+
+from ctxmem.serving.store import StoreConflict, StoreUnavailable, open_store
+
+REDIS = "redis://127.0.0.1:6379/0"
+TURN = [{"role": "user", "content": "hello   there\nfriend"}, {"role": "assistant", "content": "hi"}]
+
+
+def _redis_or_skip():
+    import redis
+
+    client = redis.Redis.from_url(REDIS, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as err:
+        pytest.skip(f"no Redis at {REDIS}: {err}")
+    return client
+
+
+@pytest.fixture()
+def redis_prefix():
+    """A key prefix of this test alone; every key under it is deleted afterwards."""
+    client = _redis_or_skip()
+    prefix = f"ctxmem-test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    assert not list(client.scan_iter(match=prefix + "*"))
+
+
+@pytest.fixture(params=["sqlite", "memory", "redis"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/s.sqlite"
+    if request.param == "memory":
+        return "memory://"
+    return f"{REDIS}?prefix={request.getfixturevalue('redis_prefix')}"
+
+
+def test_owners_appends_listing_and_deletes(url):
+    store = open_store(url)
+    assert store.get("alice", "c") is None and store.list("alice") == []
+    assert store.create("alice", "c")["turns"] == 0
+    with pytest.raises(StoreConflict):
+        store.create("alice", "c")
+    assert store.append("alice", "c", 0, TURN, {"usage": {"prompt_tokens": 7, "completion_tokens": 2}}) == 1
+    with pytest.raises(StoreConflict):
+        store.append("alice", "c", 0, TURN)  # a writer that read the conversation before the first wrote
+    assert store.get("bob", "c") is None and store.list("bob") == []  # another owner's "c" is not this one
+    store.put("bob", "c", TURN * 2)
+    row = store.get("alice", "c")
+    assert row["turns"] == 1 and row["messages"] == TURN and row["tokens"] == 9
+    assert row["title"] == "hello there friend" and row["created"] <= row["updated"]
+    assert store.get("bob", "c")["turns"] == 2
+    store.create("alice", "d")
+    listed = store.list("alice")
+    assert [r["id"] for r in listed] == ["d", "c"] and "messages" not in listed[0]  # most recent first
+    assert store.delete("alice", "c") and not store.delete("alice", "c")
+    assert store.get("bob", "c")["turns"] == 2
+
+
+def test_a_new_conversation_evicts_the_owners_least_recently_used(url):
+    store = open_store(url)
+    for sid in ("a", "b"):
+        store.create("alice", sid, max_conversations=2)
+    store.create("bob", "x", max_conversations=2)
+    store.append("alice", "a", 0, TURN, max_conversations=2)  # "a" is now the most recently used
+    store.create("alice", "c", max_conversations=2)
+    assert sorted(r["id"] for r in store.list("alice")) == ["a", "c"]
+    assert store.get("alice", "b") is None and store.get("bob", "x") is not None
+
+
+def test_an_idle_conversation_expires(url, tmp_path):
+    """The clock is not waited for: the row's last use is moved into the past (SQLite, memory), or
+    Redis is asked for the TTL it holds on the key."""
+    store = open_store(url, ttl_s=3600)
+    store.create("alice", "old")
+    store.create("alice", "new")
+    if url.startswith("redis"):
+        key = f"{store.prefix}c:alice:old"
+        assert 0 < store.r.ttl(key) <= 3601 and 0 < store.r.ttl(f"{store.prefix}o:alice") <= 3601
+        store.r.delete(key)  # what Redis does when the TTL runs out
+    elif url.startswith("sqlite"):
+        store._db().execute("UPDATE owned_conversations SET updated = updated - 7200 WHERE sid = 'old'")
+    else:
+        store._data[("alice", "old")]["updated"] -= 7200
+    assert store.get("alice", "old") is None
+    assert [r["id"] for r in store.list("alice")] == ["new"]
+
+
+def test_two_writers_of_one_turn_on_redis_one_wins(redis_prefix):
+    """Two replicas (two clients) append turn 1 at once: exactly one gets it, the other a conflict."""
+    url = f"{REDIS}?prefix={redis_prefix}"
+    stores = [open_store(url), open_store(url)]
+    stores[0].create("alice", "race")
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def write(store):
+        barrier.wait()
+        try:
+            store.append("alice", "race", 0, TURN)
+            results.append("ok")
+        except StoreConflict:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["conflict", "ok"]
+    assert stores[1].get("alice", "race")["turns"] == 1
+
+
+def test_an_unreachable_store_says_so():
+    with pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
+        open_store("redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="redis://HOST:PORT/DB"):
+        open_store("actor://ctxmem-sessions")  # the Ray actor store is gone
+
+
+# ---- a store that fails after generation ---------------------------------------------------------
+@pytest.fixture()
+def read_only_redis(redis_prefix):
+    """A Redis URL whose user may read the prefix's keys but write nothing (ACL), plus a writer."""
+    client = _redis_or_skip()
+    user, password = f"ctxmem-ro-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    client.execute_command("ACL", "SETUSER", user, "on", f">{password}", f"~{redis_prefix}*", "resetchannels",
+                           "-@all", "+@read", "+@connection", "+@transaction", "+client")
+    try:
+        yield (f"redis://{user}:{password}@127.0.0.1:6379/0?prefix={redis_prefix}",
+               open_store(f"{REDIS}?prefix={redis_prefix}"))
+    finally:
+        client.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_store_that_cannot_write_still_returns_the_answer(read_only_redis, tiny_export):
+    from ctxmem.serving.api import LocalEngineClient, build_api
+    from ctxmem.serving.auth import ANONYMOUS
+    from ctxmem.serving.config import ServeArgs
+    from ctxmem.serving.engine import Engine
+
+    url, writer = read_only_redis
+    store = open_store(url)
+    with pytest.raises(StoreUnavailable, match="NoPermission"):
+        store.create(ANONYMOUS, "nope")
+    writer.create(ANONYMOUS, "s")  # the conversation exists; recording its next turn will fail
+    args = ServeArgs(model=str(tiny_export), model_name="tiny").resolve()
+    engine = Engine(args.engine)
+    app = build_api(LocalEngineClient(engine), args, store)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            plain = await c.post("/v1/sessions/s/messages", json={"content": "hi", "max_tokens": 5, "temperature": 0})
+            streamed = await c.post("/v1/sessions/s/messages", json={"content": "hi", "max_tokens": 5, "temperature": 0,
+                                                                       "stream": True})
+            chat = await c.post("/v1/chat/completions", headers={"X-Session-Id": "client-held"},
+                                json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+            return plain, streamed, chat
+
+    try:
+        plain, streamed, chat = asyncio.run(go())
+    finally:
+        engine.close()
+    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 5
+    assert "not recorded" in plain.headers["x-ctxmem-store-warning"]
+    assert chat.status_code == 200 and "x-ctxmem-store-warning" in chat.headers
+    blocks = [b for b in streamed.text.split("\n\n") if b]
+    assert streamed.status_code == 200 and blocks[-1] == "data: [DONE]"
+    last, error = (json.loads(b[len("data: "):]) for b in blocks[-3:-1])
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 5
+    assert error["error"]["code"] == "store_unavailable" and "not recorded" in error["error"]["message"]
+    assert "".join(json.loads(b[6:])["choices"][0]["delta"].get("content", "") for b in blocks[1:-2]) == \
+        plain.json()["choices"][0]["message"]["content"]  # the whole answer reached the client
+    assert writer.get(ANONYMOUS, "s")["turns"] == 0 and writer.get(ANONYMOUS, "client-held") is None
