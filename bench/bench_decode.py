@@ -1,38 +1,59 @@
 """Decode throughput, one run side by side, on the same Llama weights:
 
-    ctxmem torch eager | ctxmem ONNX Runtime fp32 | ONNX Runtime int8 | Hugging Face transformers eager generate
+    ctxmem ONNX Runtime (fused graph fp32 / int8 / int4, and the traced fp32 graph it replaced),
+    ctxmem torch eager, Hugging Face transformers eager generate, and the peers a user would pick
+    instead: onnxruntime-genai (its model builder, fp32 / int8 / int4) and optimum-onnx (fp32)
 
-    .venv/bin/python bench/bench_decode.py [--tokens 64] [--prompt 16] [--batches 1 8] [--threads 1]
+    .venv/bin/python bench/bench_decode.py [--tokens 64] [--prompt 16] [--batches 1 8] [--rounds 5]
+                                           [--threads 1] [--sink-tokens 1000] [--no-peers] [--profile]
 
-A random LlamaForCausalLM is built with transformers and saved with save_pretrained, imported with
-ctxmem.hf.import_hf, exported to ONNX (fp32, verified) and quantised (int8, accuracy-checked);
-everything is cached under .cache/bench/decode/. Each engine generates --tokens tokens greedily after
-a --prompt-token prompt (every row the same length: no padding), under the `full` memory policy;
-tokens/s = batch * tokens / wall time of the whole generate call (prefill included), best of
---repeats after one warm-up. Every engine runs on --threads intra-op threads (ONNX Runtime's
-default per replica is 1). Target (issue 4): ctxmem ORT >= 3x transformers at batch 1 on CPU.
+A random LlamaForCausalLM is built with transformers and saved with save_pretrained (plus a tiny
+byte-level BPE tokenizer: genai's builder wants one; ids are what count), imported with
+ctxmem.hf.import_hf, exported (fp32 fused and traced, verified) and quantised (int8, int4,
+accuracy-checked); the peers build their own models from the same folder. Everything is cached
+under .cache/bench/. Peers run in their own virtualenvs (.cache/bench/peers/<name>, created on
+first use; they see this environment's packages, their own pins first), each as a worker process
+answering generate requests, so every engine runs in the same interleaved rounds; a peer that
+cannot be installed or built is a printed note, not a failure.
+
+Each engine generates --tokens tokens greedily after a --prompt-token prompt (every row the same
+length, no early stop) under the `full` memory policy; tokens/s = batch * tokens / wall time of the
+whole generate call (prefill included), the median of --rounds interleaved rounds after one warm-up.
+"greedy" = rows whose tokens equal transformers' (fp32 reference). Then the sink check: ctxmem ORT
+fp32 under sink(4 + 124) for --sink-tokens tokens against `full` inside the window (16 + 112).
+--profile prints where a decode step's time goes (ONNX Runtime's per-op profiler; session.run
+against the Python around it). Targets: issue 10.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench" / "decode"
+PEERS = REPO / ".cache" / "bench" / "peers"
 # A small Llama (GQA, untied embeddings): large enough that the matmuls are real work, small
-# enough that the run takes about a minute on two CPU cores.
+# enough that the run takes a few minutes on two CPU cores.
 LLAMA = dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
              tie_word_embeddings=False, hidden_act="silu", bos_token_id=257, eos_token_id=258)
+# peer name -> (pip requirement, worker engine, precisions)
+PEER_SPECS = {"genai": ("onnxruntime-genai", "genai", ("fp32", "int8", "int4")),
+              "optimum": ("optimum-onnx[onnxruntime]", "optimum", ("fp32",))}
+SINKS, WINDOW = 4, 124
 
 
 def build(cache: Path) -> dict[str, Path]:
-    """HF dir -> ctxmem checkpoint -> fp32 export -> int8 export (each step skipped when cached)."""
-    paths = {"hf": cache / "hf", "ckpt": cache / "ckpt", "fp32": cache / "onnx-fp32", "int8": cache / "onnx-int8"}
+    """HF dir -> ctxmem checkpoint -> fp32 exports (fused, traced) -> int8, int4 (each skipped when cached)."""
+    paths = {"hf": cache / "hf", "ckpt": cache / "ckpt", "fp32": cache / "onnx-fp32", "traced": cache / "onnx-traced",
+             "int8": cache / "onnx-int8", "int4": cache / "onnx-int4"}
     stamp = cache / "config.json"
     if stamp.exists() and json.loads(stamp.read_text()) != LLAMA:
         shutil.rmtree(cache)
@@ -44,34 +65,121 @@ def build(cache: Path) -> dict[str, Path]:
 
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(paths["hf"], safe_serialization=True)
+    if not (paths["hf"] / "tokenizer.json").exists():
+        _save_tiny_bpe(paths["hf"])
     if not (paths["ckpt"] / "model.safetensors").exists():
         from ctxmem.hf import import_hf
         from ctxmem.tokenizer import ByteTokenizer
 
         import_hf(paths["hf"], paths["ckpt"])
         ByteTokenizer().save(paths["ckpt"] / "tokenizer.json")  # ids 0..262 < vocab 2048; prompts are ids anyway
-    if not (paths["fp32"] / "runtime_config.json").exists():
-        from ctxmem.export.onnx_export import export_onnx
+    from ctxmem.export.onnx_export import derive_variant, export_onnx
 
-        export_onnx(paths["ckpt"], paths["fp32"])
-    if not (paths["int8"] / "runtime_config.json").exists():
-        from ctxmem.export.onnx_export import derive_variant
-
-        derive_variant(paths["fp32"], paths["int8"], "int8")
+    for name, graph in (("fp32", "fused"), ("traced", "traced")):
+        if _built_graph(paths[name]) != graph:
+            export_onnx(paths["ckpt"], paths[name], graph=graph)
+    for name in ("int8", "int4"):
+        if _built_graph(paths[name]) != "fused":
+            derive_variant(paths["fp32"], paths[name], name)
     return paths
 
 
-def _best(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up (allocations, ORT arena, HF caches)
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def _built_graph(export: Path) -> str | None:
+    """Which graph a cached export holds (None: none, or one from before the fused graph)."""
+    config = export / "runtime_config.json"
+    if not config.exists():
+        return None
+    return json.loads(config.read_text()).get("optimization", {}).get("graph")
 
 
-def run(args) -> list[dict]:
+def _save_tiny_bpe(hf: Path) -> None:
+    """A byte-level BPE with no merges (256 tokens): onnxruntime-genai's builder copies a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(hf / "tokenizer.json"))
+    PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json")).save_pretrained(str(hf))
+
+
+# ---- peers ----------------------------------------------------------------------------------------
+def peer_python(name: str) -> Path | None:
+    """The python of peer `name`'s virtualenv, created on first use; None (with a note) when it fails."""
+    requirement = PEER_SPECS[name][0]
+    env = PEERS / name
+    python = env / "bin" / "python"
+    if (env / ".ready").exists():
+        return python
+    print(f"note: creating the {name} environment in {env} (pip install {requirement}; once)", flush=True)
+    try:
+        shutil.rmtree(env, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, capture_output=True)
+        site = next((env / "lib").glob("python*/site-packages"))
+        # this environment's packages (torch, transformers, onnx) stay visible behind the peer's own pins
+        base = [p for p in sys.path if p.endswith("site-packages")]
+        (site / "ctxmem_base.pth").write_text("\n".join(base) + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", requirement], check=True, capture_output=True,
+                       timeout=1800)
+    except (subprocess.SubprocessError, OSError, StopIteration) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        print(f"note: peer {name} unavailable ({type(err).__name__}: {detail.decode(errors='replace')[-300:]})")
+        return None
+    (env / ".ready").write_text(requirement + "\n")
+    return python
+
+
+class PeerWorker:
+    """A peer engine in its own process (bench/decode_peers.py): generate() sends one request."""
+
+    def __init__(self, python: Path, engine: str, precision: str, hf: Path, out: Path, threads: int):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.log = open(out.parent / f"{out.name}.log", "w")  # the peer's warnings, out of the table
+        self.proc = subprocess.Popen([str(python), str(REPO / "bench" / "decode_peers.py"), "--engine", engine,
+                                      "--precision", precision, "--hf", str(hf), "--out", str(out),
+                                      "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)
+        line = self.proc.stdout.readline()
+        if not line.startswith('{"ready"'):
+            self.proc.kill()
+            self.log.close()
+            raise RuntimeError(Path(self.log.name).read_text()[-400:].strip() or "the worker exited")
+
+    def generate(self, prompts, tokens) -> tuple[float, list[list[int]]]:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return reply["seconds"], reply["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def start_peers(paths, args) -> dict[str, PeerWorker]:
+    workers = {}
+    if args.no_peers:
+        return workers
+    for name, (_, engine, precisions) in PEER_SPECS.items():
+        python = peer_python(name)
+        if python is None:
+            continue
+        for precision in precisions:
+            label = f"{'onnxruntime-genai' if name == 'genai' else 'optimum-onnx'} {precision}"
+            try:
+                workers[label] = PeerWorker(python, engine, precision, paths["hf"], CACHE / f"{name}-{precision}",
+                                            args.threads)
+            except (RuntimeError, OSError) as err:
+                print(f"note: {label} unavailable ({str(err).splitlines()[-1][:300] if str(err) else err})")
+    return workers
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def run(args) -> tuple[list[dict], list[dict]]:
     import numpy as np
     import torch
 
@@ -85,74 +193,186 @@ def run(args) -> list[dict]:
     from ctxmem.sampling import GenerationConfig
 
     full = MemoryConfig("full")
-    engines = {
-        "ctxmem torch eager": load_generator(paths["ckpt"], memory=full),
-        "ctxmem ORT fp32": load_onnx_generator(paths["fp32"], memory=full, provider="cpu",
-                                               intra_op_threads=args.threads),
-        "ctxmem ORT int8": load_onnx_generator(paths["int8"], memory=full, provider="cpu",
-                                               intra_op_threads=args.threads),
-    }
-    hf = LlamaForCausalLM.from_pretrained(paths["hf"], attn_implementation="eager").eval()
+    onnx = lambda key: load_onnx_generator(paths[key], memory=full, provider="cpu", intra_op_threads=args.threads)  # noqa: E731
     config = GenerationConfig(max_new_tokens=args.tokens, temperature=0.0, stop_token_ids=[])
-    rng = np.random.default_rng(0)
-    rows, tokens_seen = [], {}
-    for batch in args.batches:
-        prompts = rng.integers(0, 256, size=(batch, args.prompt)).tolist()
-        for name, gen in engines.items():
-            seconds, done = _best(lambda: gen.generate(prompts, config), args.repeats)
-            tokens_seen[(name, batch)] = [c.token_ids for c in done]
-            rows.append({"engine": name, "batch": batch, "seconds": seconds})
+    engines = {"ctxmem ORT fp32": onnx("fp32"), "ctxmem ORT fp32 traced": onnx("traced"),
+               "ctxmem ORT int8": onnx("int8"), "ctxmem ORT int4": onnx("int4")}
+    calls = {name: (lambda g: lambda prompts: _timed(lambda: [c.token_ids for c in g.generate(prompts, config)]))(gen)
+             for name, gen in engines.items()}
+    if not args.no_eager:
+        eager = load_generator(paths["ckpt"], memory=full)
+        calls["ctxmem torch eager"] = lambda prompts: _timed(lambda: [c.token_ids for c in eager.generate(prompts, config)])
+    hf = LlamaForCausalLM.from_pretrained(paths["hf"], attn_implementation="eager").eval()
+
+    def hf_generate(prompts):
         ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            seconds, out = _timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
+                                                      min_new_tokens=args.tokens, do_sample=False, pad_token_id=0))
+        return seconds, out[:, ids.shape[1]:].tolist()
+    calls["transformers eager"] = hf_generate
+    peers = start_peers(paths, args)
+    calls.update({name: (lambda w: lambda prompts: w.generate(prompts, args.tokens))(w) for name, w in peers.items()})
 
-        def hf_generate():
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
-                                   min_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
-        seconds, out = _best(hf_generate, args.repeats)
-        tokens_seen[("transformers", batch)] = out[:, args.prompt:].tolist()
-        rows.append({"engine": "transformers eager generate", "batch": batch, "seconds": seconds})
-    for row in rows:
-        row["tokens_per_s"] = row["batch"] * args.tokens / row["seconds"]
-        hf_row = next(r for r in rows if r["batch"] == row["batch"] and r["engine"].startswith("transformers"))
-        torch_row = next(r for r in rows if r["batch"] == row["batch"] and r["engine"] == "ctxmem torch eager")
-        row["x_transformers"] = row["tokens_per_s"] / (row["batch"] * args.tokens / hf_row["seconds"])
-        row["x_torch"] = row["tokens_per_s"] / (row["batch"] * args.tokens / torch_row["seconds"])
-        ref = tokens_seen[("transformers", row["batch"])]
-        key = "transformers" if row["engine"].startswith("transformers") else row["engine"]
-        row["same_tokens_as_hf"] = tokens_seen[(key, row["batch"])] == ref
-    return rows
+    sink_gen = load_onnx_generator(paths["fp32"], memory=MemoryConfig("sink", window=WINDOW, sinks=SINKS),
+                                   provider="cpu", intra_op_threads=args.threads)
+    inside = WINDOW + SINKS - args.prompt  # `full` inside the window: prompt + these fill sinks + window
+    sink_calls = {
+        f"sink {SINKS}+{WINDOW}, {args.sink_tokens} tokens": (sink_gen, args.sink_tokens),
+        f"full, {inside} tokens (inside the window)": (engines["ctxmem ORT fp32"], inside)}
+
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(0, 256, size=(b, args.prompt)).tolist() for b in args.batches}
+    times, tokens = {}, {}
+    for round_ in range(args.rounds + 1):  # round 0 warms every engine up and is not counted
+        for batch in args.batches:
+            for name, call in calls.items():
+                seconds, out = call(prompts[batch])
+                if round_:
+                    times.setdefault((name, batch), []).append(seconds)
+                tokens[(name, batch)] = out
+            for name, (gen, n) in sink_calls.items():
+                cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_token_ids=[])
+                seconds, _ = _timed(lambda: gen.generate(prompts[batch], cfg))
+                if round_:
+                    times.setdefault((name, batch), []).append(seconds * args.tokens / n)  # per --tokens tokens
+        print(f"round {round_}/{args.rounds} done", file=sys.stderr, flush=True)
+    for worker in peers.values():
+        worker.close()
+    rows = []
+    for batch in args.batches:
+        reference = tokens[("transformers eager", batch)]
+        ours = batch * args.tokens / statistics.median(times[("ctxmem ORT fp32", batch)])
+        for name in calls:
+            tps = batch * args.tokens / statistics.median(times[(name, batch)])
+            same = sum(a == b for a, b in zip(tokens[(name, batch)], reference))
+            rows.append({"engine": name, "batch": batch, "tokens_per_s": tps, "x_ctxmem_fp32": tps / ours,
+                         "greedy_rows_equal": same, "rows": batch})
+    sink_rows = [{"run": name, "batch": batch,
+                  "tokens_per_s": batch * args.tokens / statistics.median(times[(name, batch)])}
+                 for batch in args.batches for name in sink_calls]
+    return rows, sink_rows
 
 
-def memory_floor(paths: dict[str, Path]) -> str:
-    """Batch-1 decode reads every weight once per token: compare one ORT fp32 graph step with the
-    time this machine takes to stream the same number of bytes (a numpy sum, one thread)."""
-    import numpy as np
-
-    from ctxmem.export.runtime import OrtBackend
-    from ctxmem.layout import build_layout
-
-    nbytes = (paths["fp32"] / "model.onnx.data").stat().st_size
-    data = np.ones(nbytes // 4, dtype=np.float32)
-    backend = OrtBackend(paths["fp32"], provider="cpu")
-    c = backend.contract
-    past = [(np.zeros((1, c.n_kv_heads, 40, c.head_dim), np.float32),) * 2] * c.n_layers
-    layout = build_layout(np.arange(41)[None], np.ones((1, 41), bool), 1)  # one decode step after 40 tokens
-    step = lambda: backend.run(np.zeros((1, 1), np.int64), layout, past)  # noqa: E731
-    read, graph = _best(lambda: [data.sum() for _ in range(20)], 3)[0] / 20, _best(lambda: [step() for _ in range(20)], 3)[0] / 20
-    return (f"batch-1 floor: one ORT fp32 graph step takes {graph * 1e3:.2f} ms; streaming its {nbytes / 2**20:.1f} MiB "
-            f"of fp32 weights once takes {read * 1e3:.2f} ms on this machine (int8 reads a quarter of that)")
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
-def table(rows: list[dict], args) -> str:
-    head = f"{'engine':<28} {'batch':>5} {'tokens/s':>10} {'x transformers':>15} {'x torch eager':>14} {'greedy = HF':>12}"
+# ---- report ---------------------------------------------------------------------------------------
+def table(rows: list[dict], sink_rows: list[dict], args) -> str:
+    head = f"{'engine':<28} {'batch':>5} {'tokens/s':>10} {'x ctxmem fp32':>14} {'greedy = HF':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['engine']:<28} {r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['x_transformers']:>15.2f} "
-                     f"{r['x_torch']:>14.2f} {'yes' if r['same_tokens_as_hf'] else 'no':>12}")
+        lines.append(f"{r['engine']:<28} {r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['x_ctxmem_fp32']:>14.2f} "
+                     f"{r['greedy_rows_equal']:>8}/{r['rows']:<3}")
+    lines.append("")
+    for r in sink_rows:
+        lines.append(f"ctxmem ORT fp32 {r['run']:<40} batch {r['batch']}: {r['tokens_per_s']:9.1f} tokens/s")
     cfg = ", ".join(f"{k}={LLAMA[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                   "num_key_value_heads", "intermediate_size", "vocab_size"))
     lines.append(f"(random Llama {cfg}; {args.prompt}-token prompt + {args.tokens} greedy tokens; "
-                 f"{args.threads} thread(s) per engine; best of {args.repeats})")
+                 f"{args.threads} thread(s) per engine; median of {args.rounds} interleaved rounds)")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict], sink_rows: list[dict]) -> list[str]:
+    """Issue 10's targets, each met / NOT met / not measured."""
+    tps = {(r["engine"], r["batch"]): r["tokens_per_s"] for r in rows}
+    out = []
+
+    def ratio(a, b, batch, want, label):
+        if (a, batch) in tps and (b, batch) in tps:
+            x = tps[(a, batch)] / tps[(b, batch)]
+            out.append(f"{label} at batch {batch}: {'met' if x >= want else 'NOT met'} ({x:.2f}x, target >= {want}x)")
+        else:
+            out.append(f"{label} at batch {batch}: not measured")
+    batches = sorted({r["batch"] for r in rows})
+    for batch in batches:
+        ratio("ctxmem ORT fp32", "onnxruntime-genai fp32", batch, 1.0, "ctxmem fp32 vs genai fp32")
+        ratio("ctxmem ORT int8", "onnxruntime-genai int8", batch, 1.0, "ctxmem int8 vs genai int8")
+        ratio("ctxmem ORT int4", "onnxruntime-genai int4", batch, 1.0, "ctxmem int4 vs genai int4 (reported)")
+    if 1 in batches and 8 in batches:
+        x = tps[("ctxmem ORT fp32", 8)] / tps[("ctxmem ORT fp32", 1)]
+        out.append(f"ctxmem fp32 batch 8 vs batch 1: {'met' if x >= 6 else 'NOT met'} ({x:.2f}x, target >= 6x)")
+    for batch in batches:
+        sink, full = [r["tokens_per_s"] for r in sink_rows if r["batch"] == batch]
+        out.append(f"sink far past the window vs full inside it, batch {batch}: "
+                   f"{'met' if sink >= 0.9 * full else 'NOT met'} ({sink / full:.2f}x, target >= 0.90x)")
+    return out
+
+
+def profile(args) -> str:
+    """Where one decode step goes (batch 1 and 8, 40 cached tokens): ONNX Runtime's per-op profile of
+    the fused and the traced fp32 graphs, and session.run's share of a whole generate call."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from ctxmem.export.runtime import load_onnx_generator
+    from ctxmem.layout import build_layout
+    from ctxmem.memory import MemoryConfig
+    from ctxmem.sampling import GenerationConfig
+
+    paths = build(CACHE)
+    lines = []
+    for key in ("fp32", "traced"):
+        for batch in args.batches:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+            options.enable_profiling = True
+            options.profile_file_prefix = str(CACHE / f"profile-{key}")
+            session = ort.InferenceSession(str(paths[key] / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            past = 40
+            layout = build_layout(np.broadcast_to(np.arange(past + 1), (batch, past + 1)).copy(),
+                                  np.ones((batch, past + 1), bool), 1).with_sinks()
+            feed = {"input_ids": np.zeros((batch, 1), np.int64), "positions": layout.positions,
+                    "key_positions": layout.key_positions, "allowed": layout.allowed,
+                    "sink_positions": layout.sink_positions, "sink_keys": layout.sink_keys}
+            for i in range(LLAMA["num_hidden_layers"]):
+                for kind in ("key", "value"):
+                    feed[f"past_{kind}_{i}"] = np.zeros((batch, LLAMA["num_key_value_heads"], past, 32), np.float32)
+            steps = 100
+            for _ in range(steps):
+                session.run(None, feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            per_op, nodes = collections.Counter(), collections.Counter()
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    per_op[e["args"]["op_name"]] += e["dur"]
+                    nodes[e["args"]["op_name"]] += 1
+            total = sum(per_op.values())
+            lines.append(f"{key} graph, batch {batch}: {sum(nodes.values()) // steps} nodes/step, kernels "
+                         f"{total / steps:.0f} us/step (profiled)")
+            for op, us in per_op.most_common(8):
+                lines.append(f"    {op:<34} {us / steps:8.1f} us  {nodes[op] // steps:4d} nodes  {us / total:6.1%}")
+    for batch in args.batches:  # session.run against the whole loop (memory bookkeeping, sampler)
+        gen = load_onnx_generator(paths["fp32"], memory=MemoryConfig("full"), provider="cpu",
+                                  intra_op_threads=args.threads)
+        config = GenerationConfig(max_new_tokens=args.tokens, temperature=0.0, stop_token_ids=[])
+        prompts = [[1] * args.prompt] * batch
+        inner, run = gen.backend.session, gen.backend.session.run
+        spent = [0.0]
+
+        def timed_run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return run(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - start
+        gen.generate(prompts, config)
+        inner.run = timed_run
+        best = None
+        for _ in range(3):
+            spent[0] = 0.0
+            seconds, _ = _timed(lambda: gen.generate(prompts, config))
+            if best is None or seconds < best[0]:
+                best = (seconds, spent[0])
+        lines.append(f"generate, fused fp32, batch {batch}: {best[0] * 1e3:.1f} ms, session.run {best[1] * 1e3:.1f} ms "
+                     f"({best[1] / best[0]:.0%}), Python around it {(best[0] - best[1]) * 1e3:.1f} ms "
+                     f"({(best[0] - best[1]) / (args.tokens + 1) * 1e6:.0f} us/step)")
     return "\n".join(lines)
 
 
@@ -162,18 +382,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sink-tokens", type=int, default=1000)
+    p.add_argument("--no-peers", action="store_true", help="skip onnxruntime-genai and optimum-onnx")
+    p.add_argument("--no-eager", action="store_true", help="skip ctxmem torch eager")
+    p.add_argument("--profile", action="store_true", help="print where a decode step's time goes, then exit")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = p.parse_args(argv)
-    rows = run(args)
-    print(table(rows, args))
-    print(memory_floor(build(CACHE)))
+    if args.profile:
+        print(profile(args))
+        return 0
+    rows, sink_rows = run(args)
+    print(table(rows, sink_rows, args))
+    print("\n".join(targets(rows, sink_rows)))
     if args.json:
-        print(json.dumps(rows))
-    batch1 = next(r for r in rows if r["batch"] == 1 and r["engine"] == "ctxmem ORT fp32") if 1 in args.batches else None
-    if batch1 is not None:
-        verdict = "met" if batch1["x_transformers"] >= 3 else "NOT met"
-        print(f"target ctxmem ORT >= 3x transformers at batch 1: {verdict} ({batch1['x_transformers']:.2f}x)")
+        print(json.dumps({"rows": rows, "sink": sink_rows}))
     return 0
 
 

@@ -1,10 +1,11 @@
 """`ctxmem export`: a ctxmem checkpoint -> model.onnx (+ external data), tokenizer.json,
 runtime_config.json and verification.json, in one directory that serving reads as it is.
 
-    1. trace the Transformer through the contract (export/contract.py) with torch.onnx.export
-       (dynamo, opset >= 18, weights in model.onnx.data);
-    2. for --int8 / --fp16, verify the fp32 graph first, then quantise / convert it;
-    3. apply ONNX Runtime's graph optimisations offline (see OFFLINE_LEVEL) and save the result;
+    1. write the Transformer's graph through the contract (export/contract.py): the fused graph of
+       export/graph_builder.py (contrib ops), or, for a model it does not cover or on request
+       (graph="traced"), torch.onnx.export (dynamo, opset >= 18); weights in model.onnx.data;
+    2. for --int8 / --int4 / --fp16, verify the fp32 graph first, then quantise / convert it;
+    3. the traced graph only: apply ONNX Runtime's offline optimisations (OFFLINE_LEVEL) and save the result;
     4. write the runtime config and the tokenizer, then verify (export/verify.py) and write the report.
 Everything is built in a sibling temporary directory and moved into place at the end; a failed
 verification still moves the export in place, with its failed report, and raises.
@@ -39,23 +40,28 @@ RUN_FILE = "mlflow_run.json"  # written by the training stage beside its final c
 # offline they gave no decode speed-up (small, CPU, batch 1: 4.44 ms/step extended vs 4.40 ms raw +
 # online ALL) and would tie the file to one provider.
 OFFLINE_LEVEL = "basic"
+GRAPHS = ("fused", "traced")
+QUANT_BITS = {"int8": 8, "int4": 4}  # weight-only MatMulNBits variants (export/quantize.py)
 
 
 def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int = MIN_OPSET, verify: bool = True,
                 int8: bool = False, fp16: bool = False, memory: MemoryConfig | None = None,
                 source_run_id: str | None = None, eval_data: str | Path | None = None,
-                verify_tokens: int = 64) -> Path:
-    """Export a checkpoint directory to ``out_dir`` and return it (see the module docstring)."""
+                verify_tokens: int = 64, graph: str = "fused", int4: bool = False) -> Path:
+    """Export a checkpoint directory to ``out_dir`` and return it (see the module docstring).
+    ``graph``: "fused" (export/graph_builder.py, the default) or "traced" (torch.onnx.export)."""
     from ctxmem.checkpoint import TOKENIZER, load_generation_defaults, load_model
     from ctxmem.tokenizer import load_tokenizer
 
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is not supported: the dynamo exporter needs opset >= {MIN_OPSET} "
                           "(opset 17 produced a graph ONNX Runtime refuses)")
-    if int8 and fp16:
-        raise ExportError("--int8 and --fp16 are two variants: export each to its own directory "
-                          "(int8 is for CPU serving, fp16 for GPU)")
-    variant = "int8" if int8 else "fp16" if fp16 else "fp32"
+    if int(int8) + int(fp16) + int(int4) > 1:
+        raise ExportError("--int8, --int4 and --fp16 are three variants: export each to its own directory "
+                          "(int8 and int4 are for CPU serving, fp16 for GPU)")
+    if graph not in GRAPHS:
+        raise ExportError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
+    variant = "int8" if int8 else "int4" if int4 else "fp16" if fp16 else "fp32"
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     _check_out(out)
     model = load_model(ckpt)  # CheckpointError names what is missing
@@ -68,11 +74,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
     failure: VerificationError | None = None
     try:
         fp32_dir = stage if variant == "fp32" else stage / "fp32"
-        raw = stage / "raw"
-        trace(model, ExportContract.for_model(cfg), raw, opset)
         config = _runtime_config(model, tokenizer, mem, saved, ckpt, opset, "fp32", source_run_id)
-        optimize_offline(raw / MODEL_FILE, fp32_dir, OFFLINE_LEVEL, config)
-        shutil.rmtree(raw)
+        write_graph(model, fp32_dir, opset, config, graph)
         _write_side_files(fp32_dir, config, tokenizer)
         from .verify import verify_export
 
@@ -107,9 +110,9 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
 def derive_variant(fp32_export: str | Path, out_dir: str | Path, variant: str, *, model=None,
                    checkpoint: str | Path | None = None, eval_data: str | Path | None = None, tokens: int = 64,
                    extra: dict[str, Any] | None = None) -> Path:
-    """An int8 (dynamic quantisation of the MatMul weights, CPU) or fp16 (GPU) export made from a
-    verified fp32 export, then checked: names, shapes, and validation loss within tolerance of fp32
-    PyTorch (raises AccuracyError otherwise). `ctxmem export --int8/--fp16` runs exactly this."""
+    """An int8 or int4 (weight-only MatMulNBits quantisation of the MatMul weights, CPU) or fp16 (GPU)
+    export made from a verified fp32 export, then checked: names, shapes, and validation loss within tolerance of fp32
+    PyTorch (raises AccuracyError otherwise). `ctxmem export --int8/--int4/--fp16` runs exactly this."""
     import onnx
 
     from ctxmem.tokenizer import load_tokenizer
@@ -124,15 +127,10 @@ def derive_variant(fp32_export: str | Path, out_dir: str | Path, variant: str, *
     work = Path(tempfile.mkdtemp(prefix=f".{variant}-work-", dir=out))
     config = RuntimeConfig(**{**fp32_config.to_dict(), "variant": variant})
     try:
-        if variant == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+        if variant in QUANT_BITS:
+            from .quantize import quantize_weights
 
-            # MatMul weights only: the embedding Gather stays fp32 (a lookup, not a cost) and so does
-            # the cache, whose layout the contract fixes. Activations are quantised per call.
-            quantize_dynamic(str(src / MODEL_FILE), str(work / MODEL_FILE), op_types_to_quantize=["MatMul"],
-                             weight_type=QuantType.QInt8, per_channel=False, use_external_data_format=True)
-            config.optimization.update(quantization="dynamic int8 (onnxruntime.quantization.quantize_dynamic)",
-                                       quantized_ops=["MatMul"], weight_type="QInt8", per_channel=False)
+            config.optimization.update(quantize_weights(src / MODEL_FILE, work / MODEL_FILE, QUANT_BITS[variant]))
         elif variant == "fp16":
             from .fp16 import convert_keeping_angles_fp32
 
@@ -145,13 +143,36 @@ def derive_variant(fp32_export: str | Path, out_dir: str | Path, variant: str, *
             config.optimization.update(conversion="float16 (onnxruntime.transformers.float16), logits kept float32",
                                        fp32_nodes=f"{len(kept_fp32)} rotary-angle nodes (positions to Cos/Sin)")
         else:
-            raise ExportError(f"unknown variant {variant!r}; choose int8 or fp16")
+            raise ExportError(f"unknown variant {variant!r}; choose int8, int4 or fp16")
         optimize_offline(work / MODEL_FILE, out, OFFLINE_LEVEL, config)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _write_side_files(out, config, load_tokenizer(src / TOKENIZER_FILE))
     verify_export(out, checkpoint, model=model, tokens=tokens, eval_data=eval_data, extra=extra)
     return out
+
+
+def write_graph(model, out_dir: Path, opset: int, config: RuntimeConfig, graph: str = "fused") -> Path:
+    """The fp32 graph of ``model`` in out_dir: the fused graph (export/graph_builder.py) where it
+    supports the model, else the traced one (torch.onnx.export, then ORT's offline "basic" level).
+    Both implement the same contract; config.optimization records which one was written."""
+    from .graph_builder import UnsupportedModelError, write_fused_graph
+
+    if graph == "fused":
+        try:
+            path = write_fused_graph(model, out_dir, opset, MODEL_FILE, DATA_FILE)
+            config.optimization["graph"] = "fused"
+            return path
+        except UnsupportedModelError as err:
+            log.warning("the fused graph does not support this model (%s); tracing it instead", err)
+    raw = out_dir.parent / f".{out_dir.name}-raw"
+    trace(model, ExportContract.for_model(model.cfg), raw, opset)
+    try:
+        optimize_offline(raw / MODEL_FILE, out_dir, OFFLINE_LEVEL, config)
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+    config.optimization["graph"] = "traced"
+    return out_dir / MODEL_FILE
 
 
 def trace(model, contract: ExportContract, out_dir: Path, opset: int) -> Path:

@@ -48,7 +48,7 @@ class RuntimeConfig:
     contract: dict[str, Any]  # ExportContract.to_dict(): names, dims, dtypes, cache layout
     memory: dict[str, Any]  # the resolved MemoryConfig serving starts with (policy, window, sinks, chunk)
     opset: int
-    variant: Literal["fp32", "int8", "fp16"] = "fp32"  # int8: dynamic quantisation (CPU); fp16: GPU
+    variant: Literal["fp32", "int8", "int4", "fp16"] = "fp32"  # int8/int4: MatMulNBits weights (CPU); fp16: GPU
     generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig defaults
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids, stop ids, text -> id
     chat_template: dict[str, Any] = field(default_factory=dict)  # style, role tokens, stop strings

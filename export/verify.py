@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # catches any real change (a tampered weight moves logits by >1e-2).
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-4
 # Quantised variants are judged by validation loss relative to fp32 PyTorch (issue #4: within 2%).
-VARIANT_LOSS_TOL = {"int8": 0.02, "fp16": 0.02}
+VARIANT_LOSS_TOL = {"int8": 0.02, "int4": 0.02, "fp16": 0.02}
 DEFAULT_TOKENS = 64
 SLIDES = 3  # whole windows the structured check evicts before it stops
 # Two prompts of different lengths, shorter than the verification window: the batch is left-padded
