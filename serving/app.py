@@ -10,9 +10,12 @@ from ray.serve import Application
 from .config import ServeArgs
 
 
-def build_app(args: ServeArgs) -> Application:
+def build_app(args: ServeArgs, session_affinity: bool = True) -> Application:
     """Ingress(FastAPI) -> Engine(ONNX Runtime + continuous batching). Serve converts the YAML `args:`
-    dict to ServeArgs (the annotation); a plain dict is accepted too."""
+    dict to ServeArgs (the annotation); a plain dict is accepted too. `session_affinity=False` routes
+    engine requests with Serve's default router instead of serving/router.py (for A/B benchmarks)."""
+    from ray.serve.config import RequestRouterConfig
+
     from .deployments import EngineDeployment, IngressDeployment
 
     if not isinstance(args, ServeArgs):
@@ -21,8 +24,10 @@ def build_app(args: ServeArgs) -> Application:
     # args.engine is the engine's base config; its user_config starts empty ({} still makes Serve call
     # `reconfigure`, which loads the model) and is where YAML puts live overrides. The ingress gets
     # only what it reads.
-    engine = EngineDeployment.options(user_config={}, **args.engine_deployment.as_options()) \
-        .bind(args.engine.model_dump())
+    options = args.engine_deployment.as_options()
+    if not session_affinity:
+        options["request_router_config"] = RequestRouterConfig()  # power of two choices
+    engine = EngineDeployment.options(user_config={}, **options).bind(args.engine.model_dump())
     ingress_args = args.model_dump(exclude={"engine", "engine_deployment", "ingress_deployment"})
     return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, ingress_args)
 

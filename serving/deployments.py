@@ -16,18 +16,22 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.config import RequestRouterConfig
 
 from .api import EngineUnavailable, build_api
 from .config import EngineConfig, ServeArgs
 from .errors import APIError
 from .events import Event
 from .metrics import Registry
+from .router import ROUTER_PATH
 
 log = logging.getLogger("ctxmem.serving")
 _GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
-@serve.deployment(name="Engine")
+# Serve's router runs in the caller (the ingress): it sends each conversation to the replica holding
+# its KV state (serving/router.py); YAML `request_router_config` under the Engine overrides it.
+@serve.deployment(name="Engine", request_router_config=RequestRouterConfig(request_router_class=ROUTER_PATH))
 class EngineDeployment:
     """One model replica. `base` is the builder's EngineConfig (args.engine); the deployment's
     `user_config` (YAML `deployments: - name: Engine, user_config: {...}`) is merged on top. Changing
