@@ -1,0 +1,253 @@
+"""The chat page at `/` in a real browser: Debian's chromium driven by Playwright, against the real
+API app (FastAPI over an in-process engine on the tiny export, sink memory with 4 sinks and a
+window of 60) served by uvicorn on 127.0.0.1. Requests to any other origin are refused, so the page
+is shown to work offline. One server and one browser for the module.
+
+Set CTXMEM_CHAT_SCREENSHOT=path.png to keep the screenshot elsewhere than the test's tmp folder (the
+README's picture is made that way)."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from ctxmem.net import free_port
+from ctxmem.serving.api import LocalEngineClient, build_api
+from ctxmem.serving.config import ServeArgs
+from ctxmem.serving.engine import Engine
+from ctxmem.serving.store import MemoryStore
+from helpers_serving import API_KEY, AUTH
+
+NAME = "tiny"
+BROWSER = shutil.which("chromium")
+LOAD_TIMEOUT_MS = 60_000  # the shared CI machine may be slow; nothing asserts on time
+
+
+class Server:
+    """uvicorn in a thread, stoppable and restartable on the same port (the 'stopped server' case)."""
+
+    def __init__(self, app, port: int):
+        self.app, self.port = app, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = self.thread = None
+
+    def start(self) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export):
+    # every token its own SSE message, so the browser sees the reply arrive in pieces
+    args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY],
+                     engine={"model": str(tiny_export), "stream_interval_ms": 0}).resolve()
+    engine = Engine(args.engine)
+    srv = Server(build_api(LocalEngineClient(engine), args, MemoryStore()), free_port())
+    srv.start()
+    yield srv
+    if srv.thread.is_alive():
+        srv.stop()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if BROWSER is None:
+        pytest.fail("chromium is not installed: run `bash infra/bootstrap.sh` as root (it apt-get installs it)")
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"])  # root in CI: no user namespaces
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def context(browser, server):
+    ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    ctx.set_default_timeout(LOAD_TIMEOUT_MS)
+    ctx.elsewhere = []  # requests to any other origin: refused and remembered
+
+    def offline(route):
+        if urlparse(route.request.url).netloc == urlparse(server.url).netloc or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            ctx.elsewhere.append(route.request.url)
+            route.abort()
+
+    ctx.route("**/*", offline)
+    yield ctx
+    assert ctx.elsewhere == [], f"the page asked another origin: {ctx.elsewhere}"
+    ctx.close()
+
+
+def open_page(context, url: str):
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.goto(url)
+    return page
+
+
+def send(page, text: str) -> dict:
+    """Type a message, press Enter, wait for the reply to finish; the new turn's memory bar data."""
+    before = page.locator("#messages .msg.assistant").count()
+    page.get_by_label("Message").fill(text)
+    page.get_by_label("Message").press("Enter")
+    reply = page.locator("#messages .msg.assistant").nth(before)
+    reply.locator("figure.memory, .error").first.wait_for()
+    bar = reply.locator("figure.memory")
+    return dict(bar.evaluate("f => ({...f.dataset})")) if bar.count() else {}
+
+
+def retry(page, error) -> None:
+    """Click the error's Retry and wait for the turn's memory bar (the failed bubbles go first)."""
+    bars = page.locator("figure.memory").count()
+    error.get_by_role("button", name="Retry").click()
+    page.wait_for_function("n => document.querySelectorAll('figure.memory').length > n", arg=bars)
+    assert page.locator("#messages .msg.assistant").last.locator("figure.memory").count() == 1
+
+
+def test_the_page_is_served_from_the_package_with_a_same_origin_policy(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    for asset in ("chat.js", "chat.css"):
+        r = httpx.get(f"{server.url}/chat/{asset}")
+        assert r.status_code == 200 and r.text and "connect-src 'self'" in r.headers["content-security-policy"]
+    assert "http" not in page.text.replace('href="data:,"', "")  # no absolute URL: nothing from elsewhere
+    models = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0]
+    assert models["memory"]["policy"] == "sink" and models["memory"]["window"] == 60 and models["memory"]["sinks"] == 4
+
+
+def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_path):
+    page = open_page(context, server.url + "/")
+    # the server requires a key: the page says so in the API's words and asks for one
+    missing_key = httpx.get(server.url + "/v1/models").json()["error"]["message"]
+    page.get_by_role("alert").filter(has_text=missing_key).wait_for()
+    page.get_by_label("API key").fill(API_KEY)
+    page.get_by_role("button", name="Save").click()
+    page.locator("#memory-policy").filter(has_text="60 most recent").wait_for()
+    assert page.evaluate("localStorage.getItem('ctxmem.apiKey')") == API_KEY
+
+    page.get_by_label("Temperature").fill("1")  # the random tiny model's greedy tokens are all empty text
+    page.get_by_label("Max tokens").fill("24")
+    # Shift+Enter breaks the line and sends nothing
+    page.get_by_label("Message").fill("Hello")
+    page.get_by_label("Message").press("Shift+Enter")
+    page.get_by_label("Message").type("there")
+    assert page.get_by_label("Message").input_value() == "Hello\nthere"
+    assert page.locator("#messages .msg").count() == 0
+
+    # the reply streams in: the lengths its text had while it was written
+    page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+        const t = document.querySelector('#messages .msg.assistant .text');
+        if (t && t.textContent.length !== window.seen.at(-1)) window.seen.push(t.textContent.length); })
+        .observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }""")
+    page.get_by_label("Message").press("Enter")
+    page.locator("#messages .msg.assistant figure.memory").first.wait_for()
+    first_reply = page.locator("#messages .msg.assistant .text").first.text_content()
+    grew = [n for n in page.evaluate("window.seen") if n]
+    assert len(grew) >= 2 and grew == sorted(grew) and grew[-1] == page.evaluate(
+        "document.querySelector('#messages .msg.assistant .text').textContent.length"), grew  # in pieces
+    assert page.locator("#messages .msg.user .text").first.inner_text() == "Hello\nthere"
+
+    # turns until the prompt no longer fits the window (4 sinks + 60): the bar shows the evictions and
+    # the prompt tokens served from the cached KV state
+    page.get_by_label("Max tokens").fill("8")
+    bars = [dict(page.locator("figure.memory").first.evaluate("f => ({...f.dataset})"))]
+    for i in range(8):
+        bars.append(send(page, f"Turn {i}: tell me more."))
+        if page.locator("figure.memory[data-past]").count():
+            break
+    assert page.locator("figure.memory[data-past]").count() == 1, bars
+    past = int(page.locator("figure.memory").evaluate_all("fs => fs.findIndex(f => f.dataset.past)"))
+    assert int(bars[past]["prompt"]) > 64 and all(int(b["prompt"]) <= 64 for b in bars[:past])
+    assert all(int(b["sinks"]) == 4 for b in bars), bars
+    assert int(bars[-1]["evicted"]) > 0
+    assert any(int(b["cached"]) > 0 for b in bars), bars
+    legend = page.locator("figure.memory").last.inner_text()
+    assert f"{bars[-1]['evicted']} evicted so far" in legend
+    assert f"{bars[-1]['cached']} of {bars[-1]['prompt']} prompt tokens from the cached KV state" in legend
+    shot = Path(os.environ.get("CTXMEM_CHAT_SCREENSHOT") or tmp_path / "chat-page.png")
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+
+    # reload: the same conversation comes back from the server, and it is in this key's list
+    sid = page.url.split("#session=")[1]
+    turns = page.locator("#messages .msg.user").count()
+    page.reload()
+    page.locator("#messages .msg.user").nth(turns - 1).wait_for()
+    assert page.locator("#messages .msg.user").count() == turns
+    assert page.locator("#messages .msg.assistant .text").first.text_content() == first_reply
+    current = page.locator("#conversations button[aria-current=true]")
+    current.wait_for()
+    assert current.get_attribute("data-id") == sid and "Hello" in current.inner_text()
+    # a fresh tab without the link: pick the conversation from the list
+    other = open_page(context, server.url + "/")
+    other.locator(f"#conversations button[data-id='{sid}']").click()
+    other.locator("#messages .msg.user").nth(turns - 1).wait_for()
+    assert other.url.endswith("#session=" + sid)
+    other.close()
+
+    # an API error is shown as the API words it
+    page.get_by_label("Max tokens").fill("100000")
+    expected = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", headers=AUTH,
+                          json={"content": "x", "max_tokens": 100000}).json()["error"]["message"]
+    send(page, "too long")
+    assert page.locator("#messages .msg.assistant .error").last.inner_text().startswith(expected)
+    page.get_by_label("Max tokens").fill("8")
+
+    # a stream cut off midway says so and offers to retry; the retry completes the turn
+    def truncated(route):
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                      body='data: {"choices": [{"index": 0, "delta": {"content": "par"}}]}\n\n')
+
+    page.route("**/messages", truncated)
+    send(page, "Are you there?")
+    error = page.locator("#messages .msg.assistant .error").last
+    assert "ended before it was complete" in error.inner_text()
+    page.unroute("**/messages")
+    retry(page, error)
+
+    # a stopped server: the page says so and offers to retry; after a restart the retry answers
+    server.stop()
+    send(page, "Still there?")
+    error = page.locator("#messages .msg.assistant .error").last
+    assert "cannot be reached" in error.inner_text()
+    server.start()
+    retry(page, error)
+    history = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=AUTH).json()["messages"]
+    assert [m["content"] for m in history if m["role"] == "user"][-2:] == ["Are you there?", "Still there?"]
+    assert page.errors == []
+
+
+def test_the_page_is_readable_at_phone_width(server, context):
+    page = open_page(context, server.url + "/")
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.get_by_label("API key").wait_for(state="attached")
+    # nothing wider than the screen, and every control is reachable by its label
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    for label in ("Message", "Temperature", "Max tokens"):
+        box = page.get_by_label(label).bounding_box()
+        assert box and 0 <= box["x"] and box["x"] + box["width"] <= 375, label
