@@ -1,18 +1,30 @@
-"""Serving load test: real HTTP (SSE streams) against Ray Serve on 127.0.0.1, one run, two tables.
+"""Serving benchmarks: real HTTP (SSE streams) against Ray Serve on 127.0.0.1, one run, a table per phase.
 
-    .venv/bin/python bench/bench_serving.py [--model EXPORT_DIR | --preset tiny] [--max-tokens 128]
+    .venv/bin/python bench/bench_serving.py [--model EXPORT_DIR | --preset tiny] [--phases ...] [--quick]
 
-1. Concurrency 1, 4, 16, 32 with continuous batching on (max_batch_size 32) and off (1): req/s,
-   aggregate generated tokens/s, time to first token and inter-token latency p50/p99.
-   Target (issue 5): 16 concurrent streams >= 5x the aggregate tokens/s of 1 stream.
-2. One long conversation (--turns, default 40) through the chat API with a session id, with the
-   conversation KV reuse on and off: per-turn latency and prefilled tokens.
-   Target: turn 40 within 1.5x of turn 5 with reuse on.
+Phases (`--phases`, comma-separated; default all but `soak`):
+
+load          concurrency 1, 4, 16, 32 with continuous batching on (max_batch_size 32) and off (1): req/s,
+              aggregate tokens/s, time to first token, inter-token latency p50/p99, session CPU per token.
+              Targets (issue 11): 16 streams >= 5x one stream's tokens/s; <= 0.15 ms CPU/token (tiny).
+engine        the engine's own batched decode at batch 16, no HTTP, in this process: tokens/s, against
+              the load phase's HTTP tokens/s at 16 streams (target: HTTP >= 0.8x).
+conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
+              off: per-turn latency and prefilled tokens (target: turn 40 within 1.5x of turn 5).
+sessions      --session-replicas engine replicas, --conversations conversations x --session-turns turns
+              at once (chat, a session id each), session-affinity router on and off: KV hit rate of the
+              turns after the first (target: >= 90% with 4 replicas, 16 x 10).
+long-prompt   --long-streams streams decode while one --long-prompt-token prompt arrives: the streams'
+              inter-token latency p50/p99 while it is prefilled, against the same streams alone
+              (target: p99 <= 2x).
+soak          --soak-clients clients for --soak-seconds (streamed and plain completions, chat, sessions):
+              requests by status; target 0 5xx.
 
 Batching and KV reuse are switched between phases with a lightweight Serve update (the engine's
 user_config), i.e. `reconfigure` on the same replica - the model is loaded once. Every phase is
-bounded in requests and in seconds. Without --model, the tiny preset (random weights: latency does
-not depend on them) is exported to ONNX once and cached under .cache/bench/.
+bounded in requests and in seconds; `--quick` shrinks every phase to a toy size (a smoke run, the
+test suite runs it) and `--plan` only prints what a run would do. Without --model, the preset (random
+weights: latency does not depend on them) is exported to ONNX once and cached under .cache/bench/.
 """
 from __future__ import annotations
 
@@ -158,23 +170,226 @@ def conversation(url: str, model: str, turns: int, max_tokens: int, session: str
     return out
 
 
+async def timed_stream(http, url: str, body: dict) -> tuple[float, float, int]:
+    """One streamed completion: arrival times of its first and last text, and its completion tokens."""
+    first = last = None
+    tokens = 0
+    async with http.stream("POST", url + "/v1/completions", json={**body, "stream": True,
+                                                                  "stream_options": {"include_usage": True}}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"stream failed: {r.status_code} {await r.aread()!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    last = time.perf_counter()
+                    first = first or last
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    now = time.perf_counter()
+    return first or now, last or now, tokens
+
+
+async def long_prompt(url: str, model: str, streams: int, stream_tokens: int, prompt_tokens: int | None,
+                      baseline_s: float) -> dict:
+    """`streams` streams decode; with `prompt_tokens`, one prompt that long (byte tokenizer: one token per
+    character) is sent once they run, and the streams' gaps are taken while it is prefilled (sent ->
+    first token); without, over `baseline_s` seconds of the same streams. Streams restart until then."""
+    import httpx
+
+    stop = asyncio.Event()
+    itls: list[float] = []
+    window = {"start": 0.0, "end": float("inf")}
+
+    async def streamer(http, i):
+        n = 0
+        while not stop.is_set():
+            body = {"model": model, "prompt": f"stream {i}.{n}: once upon a time", "max_tokens": stream_tokens,
+                    "temperature": 1.0, "seed": i * 1000 + n, "ignore_eos": True}
+            first, last, tokens = await timed_stream(http, url, body)
+            if window["start"] <= first and last <= window["end"] and tokens > 1:
+                itls.append((last - first) / (tokens - 1))  # as the load phase: mean gap after the first token
+            n += 1
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 2), timeout=600) as http:
+        tasks = [asyncio.create_task(streamer(http, i)) for i in range(streams)]
+        await asyncio.sleep(1.0)  # every stream decoding
+        result = {"prompt_tokens": prompt_tokens or 0, "ttft": float("nan")}
+        window["start"] = time.perf_counter()
+        if prompt_tokens:
+            text = "".join(chr(97 + (i * 7) % 26) for i in range(prompt_tokens))
+            first, _, _ = await timed_stream(http, url, {"model": model, "prompt": text, "max_tokens": 1,
+                                                         "temperature": 0})
+            window["end"] = first
+            result["ttft"] = first - window["start"]
+        else:
+            await asyncio.sleep(baseline_s)
+            window["end"] = time.perf_counter()
+        stop.set()
+        await asyncio.gather(*tasks)
+    result.update(requests=len(itls), itl_p50=pct(itls, 0.5), itl_p99=pct(itls, 0.99))
+    return result
+
+
+async def sessions(url: str, model: str, conversations: int, turns: int, max_tokens: int, tag: str) -> dict:
+    """`conversations` chats at once, `turns` turns each, every request with its X-Session-Id (the
+    client sends the whole history; the engine reuses the KV state where it has it)."""
+    import httpx
+
+    hits, later, errors = 0, 0, 0
+
+    async def one(http, c):
+        nonlocal hits, later, errors
+        messages = []
+        for t in range(turns):
+            messages.append({"role": "user", "content": f"turn {t}: tell me more about the number {c * 37 + t}"})
+            r = await http.post("/v1/chat/completions", headers={"X-Session-Id": f"{tag}-{c}"}, json={
+                "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+            if r.status_code != 200:
+                errors += 1
+                return
+            body = r.json()
+            if t:
+                later += 1
+                hits += body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+
+    async with httpx.AsyncClient(base_url=url, timeout=300,
+                                 limits=httpx.Limits(max_connections=conversations)) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*[one(http, c) for c in range(conversations)])
+        wall = time.perf_counter() - start
+    return {"turns": later, "hits": hits, "hit_rate": hits / max(later, 1), "errors": errors, "wall": wall}
+
+
+async def soak(url: str, model: str, clients: int, seconds: float) -> dict:
+    """`clients` clients send requests back to back for `seconds`: streamed and plain completions,
+    stateless chats and server-held session turns, in turn. Counts answers by status."""
+    import httpx
+
+    statuses: dict[int, int] = {}
+    deadline = time.perf_counter() + seconds
+
+    async def client(http, c):
+        sid = None
+        n = 0
+        while time.perf_counter() < deadline:
+            kind = (c + n) % 4
+            n += 1
+            try:
+                if kind == 0:
+                    async with http.stream("POST", "/v1/completions", json={
+                            "model": model, "prompt": f"client {c}", "max_tokens": 16, "stream": True}) as r:
+                        async for _ in r.aiter_lines():
+                            pass
+                elif kind == 1:
+                    r = await http.post("/v1/completions", json={"model": model, "prompt": f"c{c}", "max_tokens": 8})
+                elif kind == 2:
+                    r = await http.post("/v1/chat/completions", json={
+                        "model": model, "messages": [{"role": "user", "content": f"hi from {c}"}], "max_tokens": 8})
+                else:
+                    if sid is None:
+                        r = await http.post("/v1/sessions", json={})
+                        if r.status_code in (200, 201):
+                            sid = r.json()["id"]
+                    if sid is not None:
+                        r = await http.post(f"/v1/sessions/{sid}/messages", json={"content": f"turn {n}",
+                                                                                   "max_tokens": 8})
+                status = r.status_code
+            except httpx.HTTPError:
+                status = 0  # connection failure: counted as an error too
+            statuses[status] = statuses.get(status, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=120,
+                                 limits=httpx.Limits(max_connections=clients)) as http:
+        await asyncio.gather(*[client(http, c) for c in range(clients)])
+    return statuses
+
+
+def engine_decode(model_dir: Path, batch: int, steps: int) -> float:
+    """Tokens/s of the engine's own batched decode (ContextMemory over the served model), no HTTP."""
+    import numpy as np
+
+    from ctxmem.memory import ContextMemory
+    from ctxmem.serving.config import EngineConfig
+    from ctxmem.serving.loading import load_served_model
+
+    model = load_served_model(EngineConfig(model=str(model_dir)))
+    memory = ContextMemory(model.generator.backend, model.memory)
+    states = []
+    for b in range(batch):
+        state = memory.start(1)
+        memory.feed(state, [[3 + (b * 7 + i) % 200 for i in range(20)]])
+        states.append(state)
+    state = memory.merge(states)
+    ids = np.full((batch, 1), 5, dtype=np.int64)
+    memory.feed(state, ids)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = memory.feed(state, ids)
+        ids = logits.argmax(axis=-1)[:, None].astype(np.int64)
+    return batch * steps / (time.perf_counter() - start)
+
+
 # ---- the run -------------------------------------------------------------------------------------
-def main() -> int:
+PHASES = ("load", "engine", "conversation", "sessions", "long-prompt", "soak")
+QUICK = {"levels": "1", "rounds": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
+         "conversations": 4, "session_turns": 3, "session_replicas": 2, "long_prompt": 2000, "long_streams": 2,
+         "long_stream_tokens": 8, "long_baseline_seconds": 2, "soak_clients": 8, "soak_seconds": 3, "engine_steps": 5}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="export (or checkpoint) directory; default: tiny preset export")
     parser.add_argument("--preset", default="tiny", help="preset to export when --model is not given")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request (ignore_eos: exactly this)")
-    parser.add_argument("--rounds", type=int, default=3, help="requests per level = max(8, rounds * concurrency)")
-    parser.add_argument("--seconds", type=float, default=60, help="time bound per level")
-    parser.add_argument("--levels", default="1,4,16,32", help="concurrency levels")
-    parser.add_argument("--turns", type=int, default=40, help="turns of the long conversation")
-    parser.add_argument("--turn-tokens", type=int, default=16, help="reply tokens per conversation turn")
-    parser.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs reserved for the engine replica")
-    args = parser.parse_args()
+    parser.add_argument("--phases", default="load,engine,conversation,sessions,long-prompt",
+                        help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--quick", action="store_true", help="every phase at a toy size (a smoke run, ~1-2 min)")
+    parser.add_argument("--plan", action="store_true", help="print what would run, then exit")
+    parser.add_argument("--max-tokens", type=int, default=128, help="load: tokens per request (exactly this)")
+    parser.add_argument("--rounds", type=int, default=3, help="load: requests per level = max(8, rounds * concurrency)")
+    parser.add_argument("--seconds", type=float, default=60, help="load: time bound per level")
+    parser.add_argument("--levels", default="1,4,16,32", help="load: concurrency levels")
+    parser.add_argument("--engine-steps", type=int, default=200, help="engine: decode steps at batch 16")
+    parser.add_argument("--turns", type=int, default=40, help="conversation: turns")
+    parser.add_argument("--turn-tokens", type=int, default=16, help="conversation and sessions: reply tokens per turn")
+    parser.add_argument("--session-replicas", type=int, default=4, help="sessions: engine replicas")
+    parser.add_argument("--conversations", type=int, default=16, help="sessions: conversations at once")
+    parser.add_argument("--session-turns", type=int, default=10, help="sessions: turns per conversation")
+    parser.add_argument("--long-prompt", type=int, default=20000, help="long-prompt: prompt tokens")
+    parser.add_argument("--long-streams", type=int, default=8, help="long-prompt: streams decoding meanwhile")
+    parser.add_argument("--long-stream-tokens", type=int, default=64, help="long-prompt: tokens per stream request")
+    parser.add_argument("--long-baseline-seconds", type=float, default=8,
+                        help="long-prompt: how long the streams are measured alone")
+    parser.add_argument("--soak-clients", type=int, default=64, help="soak: concurrent clients")
+    parser.add_argument("--soak-seconds", type=float, default=60, help="soak: duration")
+    parser.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs reserved for the engine replica(s)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+        if args.phases == parser.get_default("phases"):
+            args.phases = ",".join(PHASES)
+    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plan:
+        source = args.model or f"the {args.preset} preset, exported to .cache/bench/{args.preset}-export"
+        print(f"# plan: model {source}; phases {', '.join(args.phases)}")
+        for key, value in sorted(vars(args).items()):
+            print(f"#   {key} = {value}")
+        return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     model_dir = Path(args.model) if args.model else make_export(args.preset)
+    import httpx
     import ray
     from ray import serve
 
@@ -183,93 +398,154 @@ def main() -> int:
     from ctxmem.serving.config import ServeArgs
 
     tmp = Path(tempfile.mkdtemp(prefix="ctxbench-", dir="/tmp"))
-    ray.init(num_cpus=os.cpu_count(), object_store_memory=400 * 2**20, include_dashboard=False,
+    ray.init(num_cpus=max(os.cpu_count(), 4), object_store_memory=400 * 2**20, include_dashboard=False,
              _temp_dir=str(tmp / "ray"), log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     name = "bench"
 
-    def deploy(**engine) -> dict:
-        import httpx
-
+    def deploy(replicas: int = 1, affinity: bool = True, **engine) -> dict:
         config = ServeArgs.model_validate({
             "model": str(model_dir), "model_name": name, "session_store": f"sqlite:///{tmp}/sessions.sqlite",
             "max_tokens_limit": 4096,
             "engine": {"model": str(model_dir), "max_batch_size": 32, **engine},
-            "engine_deployment": {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": args.engine_cpus}},
+            "engine_deployment": {"num_replicas": replicas, "max_ongoing_requests": 256,
+                                  "ray_actor_options": {"num_cpus": args.engine_cpus / replicas}},
             "ingress_deployment": {"max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.25}}})
-        serve.run(build_app(config), name="ctxmem", route_prefix="/")
+        serve.run(build_app(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
         for _ in range(600):  # the in-place reconfigure is visible on the next health call
-            info = httpx.get(url + "/health", timeout=30).json()["engine"]
+            info = httpx.get(url + "/health", timeout=30).json().get("engine", {})
             if all(info.get(k) == v for k, v in engine.items()):
                 return info
             time.sleep(0.1)
         raise RuntimeError(f"engine never reported {engine}")
 
+    def header(title: str) -> None:
+        print(f"\n## {title}\n")
+
     try:
         t0 = time.perf_counter()
         info = deploy(max_batch_size=32)
-        print(f"# model {model_dir} ({info['kind']}, {info['provider']}, window {info['memory']}); "
-              f"Serve up in {time.perf_counter() - t0:.0f}s; {os.cpu_count()} CPUs", file=sys.stderr)
+        print(f"# model {model_dir} ({info.get('kind')}, {info.get('provider')}, memory {info.get('memory')}); "
+              f"Serve up in {time.perf_counter() - t0:.0f}s; {os.cpu_count()} CPUs; phases {', '.join(args.phases)}",
+              file=sys.stderr)
         load_before = os.getloadavg()[0]
-        levels = [int(x) for x in args.levels.split(",")]
-        rows = []
-        for batching in ("on", "off"):
-            replica = deploy(max_batch_size=32 if batching == "on" else 1)["replica"]
-            asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
-            for c in levels:
-                cpu0 = session_cpu()
-                r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
-                tokens = r["tok_s"] * r.pop("wall")
-                r["cpu_ms_per_token"] = 1000 * (session_cpu() - cpu0) / max(tokens, 1)
-                rows.append({"batching": batching, "replica": replica, **r})
-                print(f"# batching {batching} c={c}: {r['tok_s']:.0f} tok/s", file=sys.stderr)
-        print(f"\n## Load (completions, stream, {args.max_tokens} tokens/request, 127.0.0.1; {os.cpu_count()} CPUs, "
-              f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after: the machine is shared)\n")
-        print("| batching | concurrency | requests | errors | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms "
-              "| ITL p50 ms | ITL p99 ms | CPU ms/token |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['req_s']:.2f} | "
-                  f"{r['tok_s']:.0f} | {1000 * r['ttft_p50']:.1f} | {1000 * r['ttft_p99']:.1f} | "
-                  f"{1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | {r['cpu_ms_per_token']:.2f} |")
-        print("\nCPU ms/token: CPU time of the whole session (client, proxy, ingress, engine, Ray) per generated "
-              "token - what throughput would be on idle cores: cores / (CPU ms/token) * 1000 tokens/s.")
-        on = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "on"}
-        off = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "off"}
-        cpu_on = {r["concurrency"]: r["cpu_ms_per_token"] for r in rows if r["batching"] == "on"}
-        if 1 in on and 16 in on:
-            print(f"\n16 streams vs 1 stream, batching on: {on[16] / on[1]:.1f}x aggregate tokens/s (target >= 5x); "
-                  f"batching off: {off.get(16, 0) / max(off.get(1, 1e-9), 1e-9):.1f}x; CPU per token at 16 streams "
-                  f"{cpu_on[1] / cpu_on[16]:.1f}x lower than at 1")
+        on: dict[int, float] = {}
+        if "load" in args.phases:
+            levels = [int(x) for x in args.levels.split(",")]
+            rows = []
+            for batching in ("on", "off"):
+                deploy(max_batch_size=32 if batching == "on" else 1)
+                asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
+                for c in levels:
+                    cpu0 = session_cpu()
+                    r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
+                    tokens = r["tok_s"] * r.pop("wall")
+                    r["cpu_ms_per_token"] = 1000 * (session_cpu() - cpu0) / max(tokens, 1)
+                    rows.append({"batching": batching, **r})
+                    print(f"# batching {batching} c={c}: {r['tok_s']:.0f} tok/s", file=sys.stderr)
+            header(f"Load (completions, stream, {args.max_tokens} tokens/request, 127.0.0.1; {os.cpu_count()} CPUs, "
+                   f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after: the machine is shared)")
+            print("| batching | concurrency | requests | errors | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms "
+                  "| ITL p50 ms | ITL p99 ms | CPU ms/token |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['req_s']:.2f} | "
+                      f"{r['tok_s']:.0f} | {1000 * r['ttft_p50']:.1f} | {1000 * r['ttft_p99']:.1f} | "
+                      f"{1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | {r['cpu_ms_per_token']:.2f} |")
+            print("\nCPU ms/token: CPU time of the whole session (client, proxy, ingress, engine, Ray) per generated "
+                  "token - what throughput would be on idle cores: cores / (CPU ms/token) * 1000 tokens/s.")
+            on = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "on"}
+            off = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "off"}
+            cpu_on = {r["concurrency"]: r["cpu_ms_per_token"] for r in rows if r["batching"] == "on"}
+            if 1 in on and 16 in on:
+                print(f"\n16 streams vs 1 stream, batching on: {on[16] / on[1]:.1f}x aggregate tokens/s (target >= 5x); "
+                      f"batching off: {off.get(16, 0) / max(off.get(1, 1e-9), 1e-9):.1f}x; CPU per token at 16 "
+                      f"streams {cpu_on[16]:.2f} ms (target <= 0.15 on tiny), {cpu_on[1] / cpu_on[16]:.1f}x lower "
+                      "than at 1")
 
-        convs = {}
-        for reuse in ("on", "off"):
-            deploy(max_batch_size=32, kv_reuse=reuse == "on")
-            convs[reuse] = conversation(url, name, args.turns, args.turn_tokens, f"bench-{reuse}")
-        print(f"\n## One {args.turns}-turn conversation (chat, {args.turn_tokens} tokens/turn, window "
-              f"{info['memory']['window']}+{info['memory']['sinks']} sinks)\n")
-        print("| turn | prompt tokens | evicted | reuse on: ms | CPU ms | prefilled | reuse off: ms | CPU ms | prefilled |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        marks = sorted({1, 2, 5, 10, 20, 30, args.turns} & set(range(1, args.turns + 1)))
-        for t in marks:
-            a, b = convs["on"][t - 1], convs["off"][t - 1]
-            print(f"| {t} | {a['prompt']} | {a['evicted']} | {1000 * a['latency']:.1f} | {1000 * a['cpu']:.0f} | "
-                  f"{a['prefill']} | {1000 * b['latency']:.1f} | {1000 * b['cpu']:.0f} | {b['prefill']} |")
+        if "engine" in args.phases:
+            decode = engine_decode(model_dir, 16, args.engine_steps)
+            header("The engine's own batched decode (batch 16, no HTTP, this process)")
+            print("| engine tokens/s at batch 16 | HTTP tokens/s at 16 streams | HTTP / engine |")
+            print("|---|---|---|")
+            http16 = on.get(16)
+            print(f"| {decode:.0f} | {http16:.0f} | {http16 / decode:.2f}x (target >= 0.8x) |" if http16 else
+                  f"| {decode:.0f} | - (the load phase did not run level 16) | - |")
 
-        def around(rows_, turn, key):  # median of 5 turns around `turn` (1-based): one slow call is noise
-            i = turn - 1
-            return statistics.median(r[key] for r in rows_[max(0, i - 2):i + 3])
-
-        if args.turns >= 8:
-            last = args.turns - 2  # the window of 5 ends at the last turn
+        if "conversation" in args.phases:
+            convs = {}
             for reuse in ("on", "off"):
-                rows_ = convs[reuse]
-                print(f"\nKV reuse {reuse}: turn ~{args.turns} / turn ~5 = "
-                      f"{around(rows_, last, 'latency') / around(rows_, 5, 'latency'):.2f}x latency, "
-                      f"{around(rows_, last, 'cpu') / around(rows_, 5, 'cpu'):.2f}x CPU (medians of 5 turns)", end="")
-            print("  (target with reuse on: latency <= 1.5x)")
+                deploy(max_batch_size=32, kv_reuse=reuse == "on")
+                convs[reuse] = conversation(url, name, args.turns, args.turn_tokens, f"bench-{reuse}")
+            header(f"One {args.turns}-turn conversation (chat, {args.turn_tokens} tokens/turn, window "
+                   f"{info['memory']['window']}+{info['memory']['sinks']} sinks)")
+            print("| turn | prompt tokens | evicted | reuse on: ms | CPU ms | prefilled | reuse off: ms | CPU ms "
+                  "| prefilled |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            marks = sorted({1, 2, 5, 10, 20, 30, args.turns} & set(range(1, args.turns + 1)))
+            for t in marks:
+                a, b = convs["on"][t - 1], convs["off"][t - 1]
+                print(f"| {t} | {a['prompt']} | {a['evicted']} | {1000 * a['latency']:.1f} | {1000 * a['cpu']:.0f} | "
+                      f"{a['prefill']} | {1000 * b['latency']:.1f} | {1000 * b['cpu']:.0f} | {b['prefill']} |")
+
+            def around(rows_, turn, key):  # median of 5 turns around `turn` (1-based): one slow call is noise
+                i = turn - 1
+                return statistics.median(r[key] for r in rows_[max(0, i - 2):i + 3])
+
+            if args.turns >= 8:
+                last = args.turns - 2  # the window of 5 ends at the last turn
+                for reuse in ("on", "off"):
+                    rows_ = convs[reuse]
+                    print(f"\nKV reuse {reuse}: turn ~{args.turns} / turn ~5 = "
+                          f"{around(rows_, last, 'latency') / around(rows_, 5, 'latency'):.2f}x latency, "
+                          f"{around(rows_, last, 'cpu') / around(rows_, 5, 'cpu'):.2f}x CPU (medians of 5 turns)", end="")
+                print("  (target with reuse on: latency <= 1.5x)")
+
+        if "sessions" in args.phases:
+            results = {}
+            for affinity in (True, False):
+                deploy(replicas=args.session_replicas, affinity=affinity, max_batch_size=32, kv_reuse=True)
+                results[affinity] = asyncio.run(sessions(url, name, args.conversations, args.session_turns,
+                                                         args.turn_tokens, f"aff-{affinity}"))
+            header(f"Sessions across {args.session_replicas} engine replicas ({args.conversations} conversations x "
+                   f"{args.session_turns} turns at once, chat with X-Session-Id, {args.turn_tokens} tokens/turn)")
+            print("| router | turns after the first | KV hits | hit rate | errors | wall s |")
+            print("|---|---|---|---|---|---|")
+            for affinity, r in results.items():
+                print(f"| {'session affinity' if affinity else 'power of two choices'} | {r['turns']} | {r['hits']} | "
+                      f"{100 * r['hit_rate']:.0f}% | {r['errors']} | {r['wall']:.1f} |")
+            print(f"\nKV hit rate with session affinity: {100 * results[True]['hit_rate']:.0f}% (target >= 90%); "
+                  f"Serve's default router: {100 * results[False]['hit_rate']:.0f}%")
+
+        if "long-prompt" in args.phases:
+            deploy(max_batch_size=32, kv_reuse=True)
+            alone = asyncio.run(long_prompt(url, name, args.long_streams, args.long_stream_tokens, None,
+                                           args.long_baseline_seconds))
+            mixed = asyncio.run(long_prompt(url, name, args.long_streams, args.long_stream_tokens, args.long_prompt, 0))
+            header(f"A {args.long_prompt}-token prompt arrives while {args.long_streams} streams decode "
+                   f"({args.long_stream_tokens} tokens per stream request)")
+            print("| | stream requests | ITL p50 ms | ITL p99 ms | long prompt: time to first token s |")
+            print("|---|---|---|---|---|")
+            for label, r in (("streams alone", alone), ("while the long prompt is prefilled", mixed)):
+                print(f"| {label} | {r['requests']} | {1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | "
+                      f"{r['ttft']:.1f} |")
+            print(f"\nITL p99 with the long prompt / without: {mixed['itl_p99'] / alone['itl_p99']:.2f}x (target <= 2x)")
+
+        if "soak" in args.phases:
+            deploy(max_batch_size=32, kv_reuse=True)
+            statuses = asyncio.run(soak(url, name, args.soak_clients, args.soak_seconds))
+            total = sum(statuses.values())
+            five = sum(n for code, n in statuses.items() if code >= 500 or code == 0)
+            header(f"Soak: {args.soak_clients} clients for {args.soak_seconds:.0f} s (streamed and plain completions, "
+                   "chat, session turns)")
+            print("| status | answers |")
+            print("|---|---|")
+            for code, n in sorted(statuses.items()):
+                print(f"| {code or 'connection error'} | {n} |")
+            print(f"\n{total} requests, {five} 5xx or connection errors (target 0), "
+                  f"{total / args.soak_seconds:.1f} req/s")
         return 0
     finally:
         serve.shutdown()
