@@ -1,6 +1,7 @@
 """The server as a hostile client meets it: hundreds of requests across malformed JSON, wrong types,
 values just outside and at the very ends of their ranges, unicode and control characters, long stop
-lists and bad API keys. None may get a 5xx and the replica must answer a normal request the same way
+lists, bad API keys, another tenant's conversations and session ids at the edges of their charset.
+None may get a 5xx and the replica must answer a normal request the same way
 afterwards. Also: one row failing mid-stream over HTTP, and the scheduler loop killed and restarted.
 
 All in-process (FastAPI over an in-process engine through httpx's ASGI transport), on the tiny export.
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from ctxmem.serving.api import LocalEngineClient, build_api
-from ctxmem.serving.config import ServeArgs
+from ctxmem.serving.config import ServeArgs, Tenant, hash_key
 from ctxmem.serving.engine import Engine
 from ctxmem.serving.metrics import render
 from ctxmem.serving.protocol import MAX_STOP, MAX_STOP_CHARS, SEED_MAX, TOP_K_MAX
@@ -29,6 +30,10 @@ JSON_H = {**AUTH, "Content-Type": "application/json"}
 COMP = "/v1/completions"
 CHAT = "/v1/chat/completions"
 OK = 200
+CREATED = 201
+OTHER_KEY = "another-tenant-key-456"  # a user key of another tenant
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}", "Content-Type": "application/json"}
+VICTIM = "victim-conversation"  # API_KEY's conversation, created before the battery
 
 
 class Case(NamedTuple):
@@ -42,7 +47,8 @@ class Case(NamedTuple):
 
 
 def build(engine: Engine):
-    args = ServeArgs(model="unused", model_name=NAME, api_keys=[API_KEY], max_tokens_limit=LIMIT).resolve()
+    args = ServeArgs(model="unused", model_name=NAME, api_keys=[API_KEY], max_tokens_limit=LIMIT,
+                     tenants=[Tenant(name="other", role="user", sha256=hash_key(OTHER_KEY))]).resolve()
     return build_api(LocalEngineClient(engine), args, MemoryStore())
 
 
@@ -170,8 +176,31 @@ def battery() -> Iterator[Case]:
         yield Case(f"session-id-{j}", "POST", f"/v1/sessions/{sid}/messages", encode({"content": "x"}), JSON_H,
                    expected)
         yield Case(f"session-get-{j}", "GET", f"/v1/sessions/{sid}", b"", AUTH, expected)
-    for j, header in enumerate(["a b", "é", "x" * 300, "a\x00b", "a\tb", ""]):
+    for j, header in enumerate(["a b", "é", "x" * 300, "a\x00b", "a\tb", "", "x" * 129, VICTIM + " ", "a/b"]):
         yield Case(f"session-header-{j}", "POST", CHAT, encode(chat()), {**JSON_H, "X-Session-Id": header}, 400)
+
+    # another tenant's conversation: every way in is the 404 of an id that never existed
+    message = encode({"content": "overwrite", "max_tokens": 2})
+    for j, sid in enumerate([VICTIM, VICTIM.upper(), VICTIM + "x", "sess-" + "0" * 32, "x" * 128]):
+        yield Case(f"cross-get-{j}", "GET", f"/v1/sessions/{sid}", b"", OTHER, 404, "session_id")
+        yield Case(f"cross-delete-{j}", "DELETE", f"/v1/sessions/{sid}", b"", OTHER, 404, "session_id")
+        yield Case(f"cross-message-{j}", "POST", f"/v1/sessions/{sid}/messages", message, OTHER, 404, "session_id")
+        yield Case(f"cross-stream-{j}", "POST", f"/v1/sessions/{sid}/messages",
+                   encode({"content": "x", "stream": True}), OTHER, 404, "session_id")
+    yield Case("cross-admin", "POST", "/admin/reload", b"", OTHER, 403)
+    # the owner's id at the edges of the charset: matched whole, so a trailing newline is not the id
+    for j, sid in enumerate([VICTIM + "%0A", VICTIM + "%0D%0A", VICTIM + "%20", "%20" + VICTIM, VICTIM + "%00",
+                             "victim-conversati%D0%BEn", VICTIM + "%09", "x" * 129, VICTIM + "%3F", "%2E%2E"]):
+        expected = 404 if sid == "%2E%2E" else 400  # '..' is a valid id (ids never become paths): just not one
+        yield Case(f"owner-id-{j}", "GET", f"/v1/sessions/{sid}", b"", AUTH, expected, "session_id")
+        yield Case(f"owner-id-message-{j}", "POST", f"/v1/sessions/{sid}/messages", message, JSON_H, expected,
+                   "session_id")
+    for j, raw in enumerate([b"", b"{}", encode({"id": "fresh-id"}), encode({"id": "x" * 128})]):
+        yield Case(f"create-{j}", "POST", "/v1/sessions", raw, JSON_H, CREATED)
+    for j, value in enumerate(["a\n", "x" * 129, "", "é", 5, ["x"], {"a": 1}, True, "a b", "a/b"]):
+        yield Case(f"create-bad-{j}", "POST", "/v1/sessions", encode({"id": value}), JSON_H, 400, "id")
+    for j, raw in enumerate([b"[1]", b"null", b"{", encode({"name": "x"})]):
+        yield Case(f"create-body-{j}", "POST", "/v1/sessions", raw, JSON_H, 400)
 
 
 async def send(client: httpx.AsyncClient, case: Case) -> tuple[Case, int, bytes]:
@@ -182,6 +211,9 @@ async def send(client: httpx.AsyncClient, case: Case) -> tuple[Case, int, bytes]
 
 def check(case: Case, status: int, body: bytes) -> None:
     assert status < 500, f"{case.name}: {status} {body[:300]!r}"
+    if case.expected == CREATED:
+        assert status == CREATED and json.loads(body)["object"] == "session", f"{case.name}: {status} {body[:300]!r}"
+        return
     if case.expected == OK and json.loads(case.body).get("stream") is True:
         blocks = [b for b in body.decode().split("\n\n") if b]
         assert status == 200 and blocks[-1] == "data: [DONE]", f"{case.name}: {body[-300:]!r}"
@@ -228,6 +260,7 @@ def counter(engine: Engine, name: str) -> float:
 def test_hundreds_of_hostile_requests_get_no_5xx_and_the_replica_answers_the_same_after(engine):
     app = build(engine)
     before = normal_request(app)
+    victim = asyncio.run(_victim(app))
     cases = list(battery())
     assert len(cases) >= 300
     results = asyncio.run(run_battery(app, cases))
@@ -238,6 +271,9 @@ def test_hundreds_of_hostile_requests_get_no_5xx_and_the_replica_answers_the_sam
     assert statuses.count(200) >= 150 and sum(400 <= s < 500 for s in statuses) >= 300
     after = normal_request(app)
     assert after["choices"] == before["choices"]
+    # the other tenant neither changed nor removed the conversation, and has none of its own
+    assert asyncio.run(_get(app, f"/v1/sessions/{VICTIM}", AUTH)) == victim
+    assert json.loads(asyncio.run(_get(app, "/v1/sessions", OTHER)))["data"] == []
     assert counter(engine, "ctxmem_failed_sequences_total") == 0
     assert engine.scheduler.restarts == 0 and engine.healthy()
 
@@ -355,6 +391,15 @@ def test_a_killed_scheduler_loop_degrades_health_is_counted_and_comes_back(tiny_
         eng.close()
 
 
-async def _get(app, path: str) -> bytes:
+async def _get(app, path: str, headers: dict[str, str] | None = None) -> bytes:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-        return (await c.get(path)).content
+        return (await c.get(path, headers=headers)).content
+
+
+async def _victim(app) -> bytes:
+    """API_KEY's conversation with one turn, as GET shows it."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        assert (await c.post("/v1/sessions", headers=AUTH, json={"id": VICTIM})).status_code == CREATED
+        r = await c.post(f"/v1/sessions/{VICTIM}/messages", headers=AUTH, json={"content": "mine", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        return (await c.get(f"/v1/sessions/{VICTIM}", headers=AUTH)).content
