@@ -37,7 +37,7 @@ from .auth import Authenticator, Principal
 from .config import ServeArgs
 from .errors import APIError, bad_request
 from .events import Delta, Event, Failed, Finished
-from .limits import RateLimiter, check_memory
+from .limits import RateLimiter, check_memory, outside
 from .metrics import CONTENT_TYPE, ClientTimer, Registry, render
 from .store import ConversationStore, StoreConflict, StoreUnavailable
 
@@ -289,9 +289,11 @@ class _API:
         return info.get("memory") if isinstance(info, dict) else None
 
     # -- generation --
-    def admit(self, who: Principal, payload: dict[str, Any]) -> None:
-        """The server's limits on this request: the caller's rates, the allowed memory knobs."""
-        check_memory(payload.get("memory"), self.args.request_memory)
+    async def admit(self, who: Principal, payload: dict[str, Any]) -> None:
+        """The server's limits on this request: the allowed memory knobs, the caller's rates."""
+        memory = payload.get("memory")
+        if outside(memory, self.args.request_memory):  # unless it restates the engine's own setting
+            check_memory(memory, self.args.request_memory, await self.memory())
         self.rates.admit(who)
 
     async def generate(self, request: Request, kind: str):
@@ -310,7 +312,7 @@ class _API:
                 messages, cap = payload["messages"], who.limits.max_conversations
                 record = lambda text, end: self.store.put(  # noqa: E731
                     who.name, sid, messages + [{"role": "assistant", "content": text}], _stats(end), cap)
-        self.admit(who, payload)
+        await self.admit(who, payload)
         return await self.respond(who, payload, kind, req.stream, arrived, record)
 
     async def session_create(self, request: Request):
@@ -354,7 +356,7 @@ class _API:
                                     self.args.default_max_tokens)
         self.check_model(req.model)
         payload["session_id"] = _engine_session(who, sid)
-        self.admit(who, payload)
+        await self.admit(who, payload)
 
         def record(text: str, end: Finished) -> None:
             self.store.append(who.name, sid, turns, [new, {"role": "assistant", "content": text}], _stats(end),

@@ -71,13 +71,20 @@ def _too_many(message: str, wait: float) -> APIError:
                     headers={"Retry-After": str(seconds)})
 
 
-def check_memory(memory: dict[str, Any] | None, allowed: RequestMemory) -> None:
-    """A 400 naming the allowed values when a request's policy/window/sinks is not in the server's set."""
-    if not memory:
-        return
+def outside(memory: dict[str, Any] | None, allowed: RequestMemory) -> list[str]:
+    """The knobs of a request's policy/window/sinks that are not in the server's allowed set."""
+    rules = {"policy": allowed.policies, "window": allowed.windows, "sinks": allowed.sinks}
+    return [k for k, v in (memory or {}).items() if k in rules and v not in rules[k]]
+
+
+def check_memory(memory: dict[str, Any] | None, allowed: RequestMemory, own: dict[str, Any] | None = None) -> None:
+    """A 400 naming the allowed values when a request's policy/window/sinks is not in the server's set.
+    A value equal to the server's own setting (`own`, the engine's memory policy) is always allowed:
+    restating it changes nothing."""
+    own = own or {}
     rules = (("policy", allowed.policies), ("window", allowed.windows), ("sinks", allowed.sinks))
     for param, values in rules:
-        if param in memory and memory[param] not in values:
+        if param in (memory or {}) and memory[param] not in values and memory[param] != own.get(param):
             if values:
                 what = f"send one of {sorted(values)} or leave it out"
             else:

@@ -209,6 +209,16 @@ def test_a_prompt_over_the_cap_and_memory_knobs_outside_the_allowed_set_are_400(
         assert r.json()["error"]["param"] == field and allowed in r.json()["error"]["message"]
 
 
+def test_by_default_a_request_may_restate_the_servers_window_but_not_pick_another(engine):
+    app = build_api(LocalEngineClient(engine), ServeArgs(model="unused", model_name=NAME).resolve(), MemoryStore())
+    own = engine.info()["memory"]  # the tiny export's sink(4) + window 60
+    body = {"model": NAME, "prompt": "p", "max_tokens": 2}
+    assert call(app, "POST", "/v1/completions", json={**body, "window": own["window"], "sinks": own["sinks"]}).status_code == 200
+    r = call(app, "POST", "/v1/completions", json={**body, "window": 32})
+    check_error_shape(r.status_code, r.json(), 400, "another window")
+    assert "leave it out" in r.json()["error"]["message"]
+
+
 def test_the_keys_file_refuses_plain_keys_duplicates_and_unknown_fields(tmp_path):
     path = tmp_path / "k.yaml"
     for data, words in (({"keys": [{"name": "a", "sha256": "sk-plain-key"}]}, "never the key itself"),
