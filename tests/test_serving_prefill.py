@@ -124,3 +124,37 @@ def test_a_long_prefill_is_dropped_when_its_client_goes_away(engine):
     assert asyncio.run(go()), "the cancelled prefill still holds its place"
     fed = prefilled(engine) - before
     assert 0 < fed < 6000  # it stopped partway: the rest of the prompt never ran
+
+
+def test_a_chunk_fits_the_time_left_at_the_measured_rate_and_keeps_the_result_exact(engine):
+    """While others decode, a chunk is what the time left allows at the rate measured for that model
+    and memory policy - so a slow policy gets fewer tokens per step, not a longer step; recompute
+    chunks are whole pieces; a `full` prompt is one chunk (the context bounds it)."""
+    from ctxmem.memory import ContextMemory, MemoryConfig
+    from ctxmem.serving.scheduler import MIN_CHUNK, Prefill
+
+    sched, backend = engine.scheduler, engine.model.generator.backend
+
+    def prefill(config: MemoryConfig, tokens: int) -> tuple[Prefill, tuple]:
+        memory = ContextMemory(backend, config)
+        job = engine.prepare(completion("x" * tokens, 1), emit=lambda events: None)
+        return Prefill(job, memory, memory.start(1), job.prompt_ids, 0, None, 0.0), ("v", config)
+
+    now = 0.0  # powers of two below: the arithmetic is exact
+    fast, key_fast = prefill(MemoryConfig("sink", window=60, sinks=4), 5000)
+    slow, key_slow = prefill(MemoryConfig("sink", window=8, sinks=4), 5000)
+    sched._prefill_rate.update({key_fast: 2**-12, key_slow: 2**-8})  # seconds per token
+    deadline = now + 2**-4
+    assert sched._chunk_size(fast, key_fast, 512, deadline, now, must=False) == 256
+    assert sched._chunk_size(slow, key_slow, 512, deadline, now, must=False) == 16
+    assert sched._chunk_size(slow, key_slow, 512, deadline, now, must=True) == MIN_CHUNK  # progress every step
+    assert sched._chunk_size(fast, key_fast, 100, deadline, now, must=False) == 100  # the token budget
+    assert sched._chunk_size(fast, key_fast, 512, None, now, must=False) == 512  # nothing decodes: the budget
+    recompute, key_r = prefill(MemoryConfig("recompute", window=40, chunk=8), 5000)
+    sched._prefill_rate[key_r] = 2**-12
+    piece = recompute.memory.piece
+    assert sched._chunk_size(recompute, key_r, 512, deadline, now, must=False) == (256 // piece) * piece
+    assert sched._chunk_size(recompute, key_r, 512, now + 2**-12, now, must=True) == piece
+    full, key_full = prefill(MemoryConfig("full"), 100)
+    sched._prefill_rate[key_full] = 1.0
+    assert sched._chunk_size(full, key_full, 512, deadline, now, must=True) == 100
