@@ -35,14 +35,15 @@ def _add_export(sub) -> None:
     p.add_argument("--model", required=True, metavar="SPEC", help="checkpoint directory, runs:/..., models:/...")
     p.add_argument("--out", required=True, help="export directory to write (an existing export is replaced)")
     variant = p.add_mutually_exclusive_group()
-    variant.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU serving)")
+    variant.add_argument("--int8", action="store_true", help="int8 weights, MatMulNBits (CPU serving)")
+    variant.add_argument("--int4", action="store_true", help="int4 weights, MatMulNBits (CPU serving)")
     variant.add_argument("--fp16", action="store_true", help="float16 weights and cache (GPU serving)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="structured check against PyTorch (names, shapes, values, greedy tokens); default on")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens compared by --verify (default 64)")
     p.add_argument("--eval-data", default=None,
-                   help="data for the int8/fp16 accuracy check: a `ctxmem data prepare` folder or a text file "
+                   help="data for the int8/int4/fp16 accuracy check: a `ctxmem data prepare` folder or a text file "
                         "(default: text sampled from the fp32 model)")
     p.add_argument("--policy", choices=("full", "sink", "recompute"), default=None,
                    help="memory policy written to the runtime config (default: the checkpoint's generation_config)")
@@ -192,7 +193,8 @@ def cmd_export(args) -> int:
         raise ModelSpecError(f"{args.model} is already an ONNX export; --model takes the checkpoint it came from")
     run_id = args.model[len("runs:/"):].split("/", 1)[0] if args.model.startswith("runs:/") else None
     try:
-        out = export_onnx(ckpt, args.out, opset=args.opset, verify=args.verify, int8=args.int8, fp16=args.fp16,
+        out = export_onnx(ckpt, args.out, opset=args.opset, verify=args.verify, int8=args.int8, int4=args.int4,
+                          fp16=args.fp16,
                           memory=_memory(args, ckpt), source_run_id=run_id, eval_data=args.eval_data,
                           verify_tokens=args.tokens)
     finally:

@@ -10,6 +10,7 @@ and the one op onnxruntime-genai's builder also uses for int8 and int4.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ def quantize_weights(src: Path, dst: Path, bits: int) -> dict[str, Any]:
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    # the quantizer logs every node at INFO (and its module sets up a root handler): keep it to warnings
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     settings = dict(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, **settings,
                                      algo_config=DefaultWeightOnlyQuantConfig(bits=bits, **settings))
