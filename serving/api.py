@@ -308,7 +308,10 @@ class _API:
         if sid is not None:
             payload["session_id"] = _engine_session(who, sid)
             if kind == "chat":  # the client holds the history; it is recorded as it now stands
-                self.check_room(who, await asyncio.to_thread(self.store.get, who.name, sid))
+                try:
+                    self.check_room(who, await asyncio.to_thread(self.store.get, who.name, sid))
+                except StoreUnavailable as err:  # the answer needs no store here: recording it will warn
+                    log.error("conversation store: %s", err)
                 messages, cap = payload["messages"], who.limits.max_conversations
                 record = lambda text, end: self.store.put(  # noqa: E731
                     who.name, sid, messages + [{"role": "assistant", "content": text}], _stats(end), cap)

@@ -137,16 +137,20 @@ def test_an_unreachable_store_says_so():
 # ---- a store that fails after generation ---------------------------------------------------------
 @pytest.fixture()
 def read_only_redis(redis_prefix):
-    """A Redis URL whose user may read the prefix's keys but write nothing (ACL), plus a writer."""
+    """Redis URLs of two ACL users - one may read the prefix's keys but write nothing, one may do
+    nothing but connect - plus a store that writes."""
     client = _redis_or_skip()
-    user, password = f"ctxmem-ro-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    client.execute_command("ACL", "SETUSER", user, "on", f">{password}", f"~{redis_prefix}*", "resetchannels",
-                           "-@all", "+@read", "+@connection", "+@transaction", "+client")
+    users = {kind: (f"ctxmem-{kind}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex) for kind in ("ro", "none")}
+    rights = {"ro": ["+@read", "+@connection", "+@transaction", "+client"], "none": ["+@connection", "+client"]}
+    for kind, (user, password) in users.items():
+        client.execute_command("ACL", "SETUSER", user, "on", f">{password}", f"~{redis_prefix}*", "resetchannels",
+                               "-@all", *rights[kind])
     try:
-        yield (f"redis://{user}:{password}@127.0.0.1:6379/0?prefix={redis_prefix}",
+        yield ({kind: f"redis://{u}:{pw}@127.0.0.1:6379/0?prefix={redis_prefix}" for kind, (u, pw) in users.items()},
                open_store(f"{REDIS}?prefix={redis_prefix}"))
     finally:
-        client.execute_command("ACL", "DELUSER", user)
+        for user, _ in users.values():
+            client.execute_command("ACL", "DELUSER", user)
 
 
 def test_a_store_that_cannot_write_still_returns_the_answer(read_only_redis, tiny_export):
@@ -155,8 +159,8 @@ def test_a_store_that_cannot_write_still_returns_the_answer(read_only_redis, tin
     from ctxmem.serving.config import ServeArgs
     from ctxmem.serving.engine import Engine
 
-    url, writer = read_only_redis
-    store = open_store(url)
+    urls, writer = read_only_redis
+    store = open_store(urls["ro"])
     with pytest.raises(StoreUnavailable, match="NoPermission"):
         store.create(ANONYMOUS, "nope")
     writer.create(ANONYMOUS, "s")  # the conversation exists; recording its next turn will fail
@@ -173,10 +177,25 @@ def test_a_store_that_cannot_write_still_returns_the_answer(read_only_redis, tin
                                 json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
             return plain, streamed, chat
 
+    async def unreadable():
+        """A store that cannot even be read: the stateless chat still answers (the client holds the
+        history), what needs the store is a 503."""
+        blind = build_api(LocalEngineClient(engine), args, open_store(urls["none"]))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=blind), base_url="http://t") as c:
+            chat = await c.post("/v1/chat/completions", headers={"X-Session-Id": "s"},
+                                json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+            turn = await c.post("/v1/sessions/s/messages", json={"content": "hi", "max_tokens": 3})
+            listing = await c.get("/v1/sessions")
+            return chat, turn, listing
+
     try:
         plain, streamed, chat = asyncio.run(go())
+        blind_chat, blind_turn, blind_list = asyncio.run(unreadable())
     finally:
         engine.close()
+    assert blind_chat.status_code == 200 and "x-ctxmem-store-warning" in blind_chat.headers
+    for r in (blind_turn, blind_list):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
     assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 5
     assert "not recorded" in plain.headers["x-ctxmem-store-warning"]
     assert chat.status_code == 200 and "x-ctxmem-store-warning" in chat.headers
