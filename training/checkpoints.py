@@ -6,7 +6,17 @@
     OUT/checkpoints/latest              the newest complete tag (DeepSpeed's format: the tag name)
 
 A checkpoint without ctxmem_state.json was interrupted while saving; one whose files do not match
-their hashes is corrupt. Both are refused with a message that names the file and an alternative.
+their hashes, or that holds files the manifest does not list, is corrupt or tampered with. All are
+refused, naming the file and an alternative, before anything is unpickled: DeepSpeed's loader and
+`ds_to_universal` call torch.load(weights_only=False), so a checkpoint file can run code. The
+manifest detects corruption and swapped files; it is not a signature (whoever can rewrite the
+folder can rewrite the manifest), so resume only from storage that only you can write.
+
+Another number of ranks: stage 0 checkpoints hold the whole model and optimizer and load as they
+are; ZeRO-1/2/3 partitions are per rank, so `to_universal` runs DeepSpeed's `ds_to_universal` on
+the verified checkpoint (whole fp32 weights and Adam moments per parameter) into
+OUT/checkpoints/universal/TAG, which every rank loads with `checkpoint.load_universal` and cuts to
+its own partition; the copy is removed once loaded.
 
 Consolidation to fp32 weights (for `ctxmem.checkpoint.save_checkpoint`):
     stage 0     every rank holds the full fp32 model; rank 0 copies it
@@ -26,6 +36,7 @@ from .errors import ResumeError
 
 STATE = "ctxmem_state.json"
 LATEST = "latest"
+UNIVERSAL = "universal"  # OUT/checkpoints/universal/TAG: a resharding copy, removed once loaded
 CHECKPOINTS = "checkpoints"
 
 
@@ -104,6 +115,9 @@ def locate(resume: str, out: Path) -> tuple[Path, str]:
     latest = root / LATEST
     if latest.exists():
         tag = latest.read_text().strip()
+        if not tag or Path(tag).name != tag or tag in (".", ".."):
+            raise ResumeError(f"--resume: {latest} names {tag!r}, not a checkpoint folder beside it; "
+                              "pass the checkpoint folder itself (--resume PATH/step_NNNNNNN)")
     else:
         tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
         if not tags:
@@ -130,6 +144,14 @@ def verify(root: Path, tag: str, check_hashes: bool = True) -> ResumePoint:
         int(state["step"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ResumeError(f"--resume: {manifest} is corrupt ({err}){alternative}") from None
+    # DeepSpeed and ds_to_universal find shards by glob (*_optim_states.pt): a file the manifest does
+    # not list would be unpickled unchecked, so the folder must hold exactly the listed files.
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                      if p.is_file() and p.name != STATE and str(p.relative_to(folder)) not in files)
+    if unlisted:
+        raise ResumeError(f"--resume: {folder / unlisted[0]} is not in the checkpoint's manifest {manifest} "
+                          f"({len(unlisted)} unlisted file(s)); it was not written by this run's save - remove it "
+                          f"if you trust the rest, or resume from another checkpoint{alternative}")
     for name, info in files.items():
         path = folder / name
         if not path.exists():
@@ -138,18 +160,18 @@ def verify(root: Path, tag: str, check_hashes: bool = True) -> ResumePoint:
             raise ResumeError(f"--resume: {path} is corrupt (size {path.stat().st_size} bytes, the manifest says "
                               f"{info['bytes']}){alternative}")
         if check_hashes and _sha256(path) != info["sha256"]:
-            raise ResumeError(f"--resume: {path} is corrupt (its sha256 differs from the manifest){alternative}")
+            raise ResumeError(f"--resume: {path} is corrupt (its sha256 differs from the manifest {manifest}) "
+                              f"and was not loaded (DeepSpeed's loader unpickles, which can run code); restore "
+                              f"it from a copy you trust{alternative or ', or start over with --overwrite'}")
     return ResumePoint(root, tag, state)
 
 
-def check_compatible(point: ResumePoint, *, world_size: int, zero_stage: int, model_config: dict[str, Any],
+def check_compatible(point: ResumePoint, *, zero_stage: int, model_config: dict[str, Any],
                      global_batch: int, seq_len: int, seed: int) -> None:
-    """Refuse a resume that could not continue the same run exactly."""
+    """Refuse a resume that could not continue the same run. Another world size is allowed: stage 0
+    checkpoints are whole on every rank, and stages 1-3 are resharded (`to_universal`)."""
     s = point.state
     problems = []
-    if s.get("world_size") != world_size:
-        problems.append(f"it was written by {s.get('world_size')} rank(s), this run has {world_size} "
-                        "(ZeRO partitions are per rank: relaunch with the same --nproc / --num-workers)")
     if s.get("zero_stage") != zero_stage:
         problems.append(f"it is a ZeRO stage-{s.get('zero_stage')} checkpoint, the config says stage {zero_stage}")
     if s.get("model_config") != model_config:
@@ -161,6 +183,37 @@ def check_compatible(point: ResumePoint, *, world_size: int, zero_stage: int, mo
             problems.append(f"{key} was {s.get(key)}, the config says {value} (the data order would change)")
     if problems:
         raise ResumeError(f"--resume {point.folder} cannot continue this run: " + "; ".join(problems))
+
+
+def to_universal(point: ResumePoint, dest: Path) -> ResumePoint:
+    """DeepSpeed's `ds_to_universal` on a verified ZeRO-1/2/3 checkpoint: every parameter's fp32
+    master weight and Adam moments, whole (dest/TAG/zero/NAME/{fp32,exp_avg,exp_avg_sq}.pt), plus
+    the model-states files (lr scheduler, client state). An engine built with
+    `checkpoint.load_universal` loads it on any number of ranks and cuts its own partitions.
+    It unpickles the shards (torch.load(weights_only=False)): call it only after `verify`."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    folder = dest / point.tag
+    if dest.exists():
+        shutil.rmtree(dest)  # a conversion left by an interrupted resume
+    dest.mkdir(parents=True)
+    # one worker each: no process pool (these are small CPU copies; the pool's fork costs more)
+    args = argparse.Namespace(input_folder=str(point.folder), output_folder=str(folder), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # our saves carry no Megatron metadata
+    quiet = io.StringIO()  # it prints every step and draws progress bars
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal(args)
+    except Exception as err:  # noqa: BLE001 - one message naming the checkpoint
+        raise ResumeError(f"--resume {point.folder}: DeepSpeed's ds_to_universal could not reshard it "
+                          f"({type(err).__name__}: {err}); resume with the --nproc it was written with "
+                          f"({point.state.get('world_size')})") from None
+    return ResumePoint(dest, point.tag, point.state)
 
 
 def consolidated_state_dict(engine, root: Path, tag: str, stage: int, rank: int):

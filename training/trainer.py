@@ -144,7 +144,7 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None, overwrite: 
         root, tag = ckpt.locate(resume, out)
         point = ckpt.verify(root, tag, check_hashes=check_hashes)
         model_cfg = cfg.model.build(data.vocab_size)
-        ckpt.check_compatible(point, world_size=world_size, zero_stage=cfg.zero.stage,
+        ckpt.check_compatible(point, zero_stage=cfg.zero.stage,
                               model_config=model_cfg.to_dict(), global_batch=cfg.batch.global_batch,
                               seq_len=cfg.seq_len, seed=cfg.seed)
         if point.step >= cfg.steps:
@@ -237,6 +237,10 @@ class _Run:
         self.plan = BatchPlan(self.train_split.n_windows, cfg.batch.global_batch, cfg.seed)
         self.model_cfg = cfg.model.build(self.data.vocab_size)
         self.progress = progress
+        # A checkpoint of another world size: stage 0 holds the whole model and optimizer on every
+        # rank and loads as it is; ZeRO-1/2/3 partitions are resharded through a universal checkpoint.
+        self.reshard = (point is not None and point.state.get("world_size") != self.world
+                        and cfg.zero.stage >= 1)
         self.stop = StopSignal()
         self.tracker = None
         self.last_eval: dict[str, float] = {}
@@ -259,7 +263,7 @@ class _Run:
         groups = [{"params": decay, "weight_decay": self.cfg.optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         self.n_params = sum(p.numel() for p in decay + no_decay)
-        ds_config = build_ds_config(self.cfg, self.world, self.device_kind, self.precision)
+        ds_config = build_ds_config(self.cfg, self.world, self.device_kind, self.precision, load_universal=self.reshard)
         optim, total = self.cfg.optim, self.cfg.steps
 
         def schedule(optimizer):
@@ -305,14 +309,7 @@ class _Run:
         self.engine = engine
         start = 0
         if self.point is not None:
-            try:
-                path, _ = engine.load_checkpoint(str(self.point.root), tag=self.point.tag,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
-            except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; one clear message
-                raise TrainingError(f"--resume: DeepSpeed could not load {self.point.folder} "
-                                    f"({type(err).__name__}: {err})") from None
-            if path is None:
-                raise TrainingError(f"--resume: DeepSpeed found no checkpoint in {self.point.folder}")
+            self._load(engine)
             start = self.point.step
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -392,6 +389,59 @@ class _Run:
                 self._save(done)
             return self._finish(done)
         return self._interrupted(done)
+
+    def _load(self, engine) -> None:
+        """DeepSpeed loads the verified checkpoint (weights, optimizer, lr schedule); one written on
+        another number of ranks is first converted to a universal checkpoint by rank 0, in
+        OUT/checkpoints/universal/, which is removed once every rank has loaded it."""
+        import torch.distributed as dist
+
+        import torch
+
+        point = self.point
+        if self.reshard:
+            dest = self.out / ckpt.CHECKPOINTS / ckpt.UNIVERSAL
+            failed = None
+            if self.rank == 0:
+                log.info("resharding %s from %s rank(s) to %d (DeepSpeed universal checkpoint)", point.folder,
+                         point.state.get("world_size"), self.world)
+                try:
+                    ckpt.to_universal(point, dest)
+                except ckpt.ResumeError as err:
+                    failed = err
+            flag = [failed is None]
+            dist.broadcast_object_list(flag, src=0)  # every rank stops if rank 0 could not convert
+            if failed is not None:
+                raise failed
+            if not flag[0]:
+                raise TrainingError(f"--resume: rank 0 could not reshard {point.folder} (its error says why)")
+            point = ckpt.ResumePoint(dest, point.tag, point.state)
+        stage3_universal = self.reshard and self.cfg.zero.stage == 3
+        decays = [g["weight_decay"] for g in engine.optimizer.optimizer.param_groups] if stage3_universal else []
+        try:
+            path, _ = engine.load_checkpoint(str(point.root), tag=point.tag,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; one clear message
+            raise TrainingError(f"--resume: DeepSpeed could not load {point.folder} "
+                                f"({type(err).__name__}: {err})") from None
+        if path is None:
+            raise TrainingError(f"--resume: DeepSpeed found no checkpoint in {point.folder}")
+        # Two slips of DeepSpeed 0.19's ZeRO-3 universal loader, undone here: it copies param group 0's
+        # hyperparameters onto every group (weight decay on the norm gains), and it hands every
+        # partition the same `step` tensor, which AdamW increments in place once per partition per
+        # step (the norm gains' bias correction would run ahead: 6e-3 off in loss 3 steps later).
+        if stage3_universal:
+            for group, decay in zip(engine.optimizer.optimizer.param_groups, decays):
+                group["weight_decay"] = decay
+            for state in engine.optimizer.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        if self.reshard:
+            dist.barrier()  # every rank has read the universal copy
+            if self.rank == 0:
+                import shutil
+
+                shutil.rmtree(point.root, ignore_errors=True)
 
     def _bar(self, start: int):
         if self.rank != 0 or self.progress is False:

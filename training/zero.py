@@ -19,8 +19,11 @@ from .config import TrainConfig
 QUIET = 10**9  # DeepSpeed prints every `steps_per_print` steps; ctxmem logs its own progress
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, device: str, precision: str) -> dict[str, Any]:
-    """A DeepSpeed config dict for `cfg` on `world_size` ranks of `device` in `precision`."""
+def build_ds_config(cfg: TrainConfig, world_size: int, device: str, precision: str,
+                    load_universal: bool = False) -> dict[str, Any]:
+    """A DeepSpeed config dict for `cfg` on `world_size` ranks of `device` in `precision`.
+    `load_universal`: the checkpoint to resume from is a universal one (written on another number
+    of ranks and converted by `checkpoints.to_universal`)."""
     accum = cfg.accumulation(world_size)
     z = cfg.zero
     offloading = z.offload_optimizer or z.offload_params
@@ -57,6 +60,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device: str, precision: s
         "steps_per_print": QUIET,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if offloading and not z.cpu_adam:
         ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the offloaded fp32 partitions
     return ds
