@@ -170,45 +170,45 @@ def conversation(url: str, model: str, turns: int, max_tokens: int, session: str
     return out
 
 
-async def timed_stream(http, url: str, body: dict) -> tuple[float, float, int]:
-    """One streamed completion: arrival times of its first and last text, and its completion tokens."""
-    first = last = None
-    tokens = 0
-    async with http.stream("POST", url + "/v1/completions", json={**body, "stream": True,
-                                                                  "stream_options": {"include_usage": True}}) as r:
+async def timed_stream(http, url: str, body: dict) -> tuple[float, list[float]]:
+    """One streamed completion: when it was sent and the arrival time of each text-carrying message."""
+    sent, arrivals = time.perf_counter(), []
+    async with http.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"stream failed: {r.status_code} {await r.aread()!r}")
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["text"]:
-                    last = time.perf_counter()
-                    first = first or last
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    now = time.perf_counter()
-    return first or now, last or now, tokens
+                    arrivals.append(time.perf_counter())
+    return sent, arrivals
 
 
 async def long_prompt(url: str, model: str, streams: int, stream_tokens: int, prompt_tokens: int | None,
                       baseline_s: float) -> dict:
-    """`streams` streams decode; with `prompt_tokens`, one prompt that long (byte tokenizer: one token per
-    character) is sent once they run, and the streams' gaps are taken while it is prefilled (sent ->
-    first token); without, over `baseline_s` seconds of the same streams. Streams restart until then."""
+    """`streams` streams decode (one request each at a time, restarted when done); with `prompt_tokens`,
+    one prompt that long (byte tokenizer: one token per character) is sent once they run, and the
+    streams are measured while it is prefilled (sent -> its first token); without, for `baseline_s`.
+    Run with stream_interval_ms 0, so each SSE message carries one decode step's token: an inter-token
+    latency is the gap between two messages of a request; a request started in the window adds its
+    time to first token (a stream that cannot start is stalled too)."""
     import httpx
 
     stop = asyncio.Event()
-    itls: list[float] = []
-    window = {"start": 0.0, "end": float("inf")}
+    itl: list[float] = []
+    ttft: list[float] = []
+    window = {"start": float("inf"), "end": float("inf")}
 
     async def streamer(http, i):
         n = 0
         while not stop.is_set():
             body = {"model": model, "prompt": f"stream {i}.{n}: once upon a time", "max_tokens": stream_tokens,
                     "temperature": 1.0, "seed": i * 1000 + n, "ignore_eos": True}
-            first, last, tokens = await timed_stream(http, url, body)
-            if window["start"] <= first and last <= window["end"] and tokens > 1:
-                itls.append((last - first) / (tokens - 1))  # as the load phase: mean gap after the first token
+            sent, arrivals = await timed_stream(http, url, body)
+            start, end = window["start"], window["end"]
+            itl.extend(b - a for a, b in zip(arrivals, arrivals[1:]) if start <= a and b <= end)
+            if arrivals and start <= sent and arrivals[0] <= end:
+                ttft.append(arrivals[0] - sent)
             n += 1
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams + 2), timeout=600) as http:
@@ -218,16 +218,17 @@ async def long_prompt(url: str, model: str, streams: int, stream_tokens: int, pr
         window["start"] = time.perf_counter()
         if prompt_tokens:
             text = "".join(chr(97 + (i * 7) % 26) for i in range(prompt_tokens))
-            first, _, _ = await timed_stream(http, url, {"model": model, "prompt": text, "max_tokens": 1,
-                                                         "temperature": 0})
-            window["end"] = first
-            result["ttft"] = first - window["start"]
+            sent, arrivals = await timed_stream(http, url, {"model": model, "prompt": text, "max_tokens": 1,
+                                                            "temperature": 0})
+            window["end"] = arrivals[0] if arrivals else time.perf_counter()
+            result["ttft"] = window["end"] - sent
         else:
             await asyncio.sleep(baseline_s)
             window["end"] = time.perf_counter()
         stop.set()
         await asyncio.gather(*tasks)
-    result.update(requests=len(itls), itl_p50=pct(itls, 0.5), itl_p99=pct(itls, 0.99))
+    result.update(gaps=len(itl), itl_p50=pct(itl, 0.5), itl_p99=pct(itl, 0.99), starts=len(ttft),
+                  stream_ttft_p99=pct(ttft, 0.99))
     return result
 
 
@@ -236,10 +237,10 @@ async def sessions(url: str, model: str, conversations: int, turns: int, max_tok
     client sends the whole history; the engine reuses the KV state where it has it)."""
     import httpx
 
-    hits, later, errors = 0, 0, 0
+    hits, later, errors, prompt, cached = 0, 0, 0, 0, 0
 
     async def one(http, c):
-        nonlocal hits, later, errors
+        nonlocal hits, later, errors, prompt, cached
         messages = []
         for t in range(turns):
             messages.append({"role": "user", "content": f"turn {t}: tell me more about the number {c * 37 + t}"})
@@ -250,8 +251,11 @@ async def sessions(url: str, model: str, conversations: int, turns: int, max_tok
                 return
             body = r.json()
             if t:
+                usage = body["usage"]
                 later += 1
-                hits += body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+                hits += usage["prompt_tokens_details"]["cached_tokens"] > 0
+                prompt += usage["prompt_tokens"]
+                cached += usage["prompt_tokens_details"]["cached_tokens"]
             messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
 
     async with httpx.AsyncClient(base_url=url, timeout=300,
@@ -259,7 +263,8 @@ async def sessions(url: str, model: str, conversations: int, turns: int, max_tok
         start = time.perf_counter()
         await asyncio.gather(*[one(http, c) for c in range(conversations)])
         wall = time.perf_counter() - start
-    return {"turns": later, "hits": hits, "hit_rate": hits / max(later, 1), "errors": errors, "wall": wall}
+    return {"turns": later, "hits": hits, "hit_rate": hits / max(later, 1), "errors": errors, "wall": wall,
+            "cached_share": cached / max(prompt, 1), "prefilled": prompt - cached}
 
 
 async def soak(url: str, model: str, clients: int, seconds: float) -> dict:
@@ -358,7 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--session-turns", type=int, default=10, help="sessions: turns per conversation")
     parser.add_argument("--long-prompt", type=int, default=20000, help="long-prompt: prompt tokens")
     parser.add_argument("--long-streams", type=int, default=8, help="long-prompt: streams decoding meanwhile")
-    parser.add_argument("--long-stream-tokens", type=int, default=64, help="long-prompt: tokens per stream request")
+    parser.add_argument("--long-stream-tokens", type=int, default=256, help="long-prompt: tokens per stream request")
     parser.add_argument("--long-baseline-seconds", type=float, default=8,
                         help="long-prompt: how long the streams are measured alone")
     parser.add_argument("--soak-clients", type=int, default=64, help="soak: concurrent clients")
@@ -511,26 +516,31 @@ def main(argv=None) -> int:
                                                          args.turn_tokens, f"aff-{affinity}"))
             header(f"Sessions across {args.session_replicas} engine replicas ({args.conversations} conversations x "
                    f"{args.session_turns} turns at once, chat with X-Session-Id, {args.turn_tokens} tokens/turn)")
-            print("| router | turns after the first | KV hits | hit rate | errors | wall s |")
-            print("|---|---|---|---|---|---|")
+            print("| router | turns after the first | KV hits | hit rate | prompt tokens reused | prompt tokens "
+                  "prefilled | errors | wall s |")
+            print("|---|---|---|---|---|---|---|---|")
             for affinity, r in results.items():
                 print(f"| {'session affinity' if affinity else 'power of two choices'} | {r['turns']} | {r['hits']} | "
-                      f"{100 * r['hit_rate']:.0f}% | {r['errors']} | {r['wall']:.1f} |")
+                      f"{100 * r['hit_rate']:.0f}% | {100 * r['cached_share']:.0f}% | {r['prefilled']} | {r['errors']} | "
+                      f"{r['wall']:.1f} |")
+            print("\n(a hit reuses some prefix; without affinity a turn often lands on a replica holding an older "
+                  "prefix of its conversation, so fewer of its tokens are reused)")
             print(f"\nKV hit rate with session affinity: {100 * results[True]['hit_rate']:.0f}% (target >= 90%); "
                   f"Serve's default router: {100 * results[False]['hit_rate']:.0f}%")
 
         if "long-prompt" in args.phases:
-            deploy(max_batch_size=32, kv_reuse=True)
+            deploy(max_batch_size=32, kv_reuse=True, stream_interval_ms=0)
             alone = asyncio.run(long_prompt(url, name, args.long_streams, args.long_stream_tokens, None,
                                            args.long_baseline_seconds))
             mixed = asyncio.run(long_prompt(url, name, args.long_streams, args.long_stream_tokens, args.long_prompt, 0))
             header(f"A {args.long_prompt}-token prompt arrives while {args.long_streams} streams decode "
-                   f"({args.long_stream_tokens} tokens per stream request)")
-            print("| | stream requests | ITL p50 ms | ITL p99 ms | long prompt: time to first token s |")
-            print("|---|---|---|---|---|")
-            for label, r in (("streams alone", alone), ("while the long prompt is prefilled", mixed)):
-                print(f"| {label} | {r['requests']} | {1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | "
-                      f"{r['ttft']:.1f} |")
+                   f"({args.long_stream_tokens} tokens per stream request, stream_interval_ms 0: a message per token)")
+            print(f"| {args.long_streams} streams | token gaps | ITL p50 ms | ITL p99 ms | stream requests started | their TTFT p99 ms "
+                  "| long prompt: time to first token s |")
+            print("|---|---|---|---|---|---|---|")
+            for label, r in (("alone", alone), ("while the long prompt is prefilled", mixed)):
+                print(f"| {label} | {r['gaps']} | {1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | {r['starts']} | "
+                      f"{1000 * r['stream_ttft_p99']:.1f} | {r['ttft']:.1f} |")
             print(f"\nITL p99 with the long prompt / without: {mixed['itl_p99'] / alone['itl_p99']:.2f}x (target <= 2x)")
 
         if "soak" in args.phases:

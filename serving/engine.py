@@ -162,6 +162,7 @@ class Engine:
         return {"spec": m.spec, "path": str(m.path), "kind": m.kind, "provider": m.provider, "version": m.version,
                 "max_seq_len": b.max_seq_len, "vocab_size": b.vocab_size, "memory": m.memory.to_dict(),
                 "max_batch_size": self.config.max_batch_size, "kv_reuse": self.config.kv_reuse,
+                "stream_interval_ms": self.config.stream_interval_ms,
                 "scheduler": self.scheduler.state(), "scheduler_restarts": self.scheduler.restarts}
 
     def healthy(self) -> bool:

@@ -8,9 +8,10 @@ One scheduler thread owns the model. Each iteration it
 2. prefills in budgeted chunks (`_prefill_step`): at most `prefill_token_budget` prompt tokens per
    step, and while other sequences decode at most about `PREFILL_SHARE` of a decode step's time, so a
    long prompt never stalls the running streams - it takes as many steps as it needs, a decode step
-   between each two chunks. Short prompts go first (with the oldest always making progress). The
-   exact banded prefill of `ContextMemory` makes the result independent of the chunking (`sink`: any
-   piece; `recompute`: whole pieces; `full`: one chunk, bounded by the context). A prompt whose last
+   between each two chunks. Short prompts go first; one passed over STARVE_STEPS steps in a row goes
+   first, so none starves. The exact banded prefill of `ContextMemory` makes the result independent
+   of the chunking (`sink`: any piece; `recompute`: whole pieces; `full`: one chunk, bounded by the
+   context). A prompt whose last
    chunk ran samples its first token and is merged into the running batch (`ContextMemory.merge`
    left-pads); one whose client went away is dropped before its next chunk;
 3. runs one decode step for the whole running batch (one forward per memory policy in use);
@@ -59,6 +60,7 @@ CRASH_LOOP_DEATHS = 3  # this many deaths in a row, each within STABLE_S of the 
 # (measured, EMA): their inter-token latency grows by at most ~1 + PREFILL_SHARE while a long prompt
 # arrives, and the prompt still gets a third of the engine (issue 11: <= 2x p99).
 PREFILL_SHARE = 0.5
+STARVE_STEPS = 8  # a prompt passed over this many steps in a row goes first (short prompts cannot starve it)
 MIN_CHUNK = 32  # smaller prefill chunks cost more per token than they save in latency (tiny: 146 vs 101 us/token)
 EMA = 0.2  # weight of the newest sample in the step-time and prefill-rate averages
 
@@ -103,6 +105,7 @@ class Prefill:
     queue_s: float
     fed: int = 0
     steps: int = 0  # scheduler steps that fed a chunk of it
+    skipped: int = 0  # scheduler steps in a row that fed none of it
 
     @property
     def left(self) -> int:
@@ -305,15 +308,17 @@ class Scheduler:
 
     def _prefill_step(self) -> None:
         """Feed prompt chunks for at most `prefill_token_budget` tokens and, while other sequences
-        decode, about PREFILL_SHARE of a decode step's time. Shortest remaining prompt first, but the
-        oldest always gets a chunk, so a stream of short prompts cannot starve a long one."""
+        decode, about PREFILL_SHARE of a decode step's time (the first chunk of a step always runs)."""
         self._prefilling = [p for p in self._prefilling if not p.job.cancelled]  # client gone: state dropped
         if not self._prefilling:
             return
         tokens = self.config.prefill_token_budget
         decoding = self._count_running() > 0
         deadline = time.perf_counter() + PREFILL_SHARE * (self._decode_s or 0.0) if decoding else None
-        order = [self._prefilling[0]] + sorted(self._prefilling[1:], key=lambda p: p.left)
+        # shortest first (a short prompt's first token is not held up by a long one), except that a
+        # prompt passed over STARVE_STEPS steps in a row goes first
+        order = sorted(self._prefilling, key=lambda p: (p.skipped < STARVE_STEPS, p.left))
+        fed: set[int] = set()
         for i, p in enumerate(order):
             if i and (tokens <= 0 or (deadline is not None and time.perf_counter() >= deadline)):
                 break
@@ -323,9 +328,13 @@ class Scheduler:
                 self._prefilling.remove(p)
                 self._fail_prefill(p.job, err)
                 continue
+            if logits is not None:
+                fed.add(id(p))
             if not p.left:
                 self._prefilling.remove(p)
                 self._complete(p, logits)
+        for p in self._prefilling:
+            p.skipped = 0 if id(p) in fed else p.skipped + 1
 
     def _feed_chunks(self, p: Prefill, tokens: int, deadline: float | None, must: bool) -> tuple[np.ndarray, int]:
         """Feed chunks of `p` while the step's token budget and time last (with `must`, at least one);
