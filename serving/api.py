@@ -236,7 +236,9 @@ class _API:
         self.peer_snapshots = peer_snapshots
         self.created = int(time.time())
         self.authn = Authenticator(args)
-        self.rates = RateLimiter()
+        # a store that can hold shared counters (Redis) counts rates for every replica; else this replica does
+        shared = getattr(store, "rate_limiter", None)
+        self.rates = shared() if shared else RateLimiter()
 
     # -- guards --
     def auth(self, request: Request) -> Principal:

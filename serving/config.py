@@ -82,7 +82,7 @@ class DeploymentOptions(_Strict):
 
 
 class KeyLimits(_Strict):
-    """What one API key may use. None = no limit. Rates are per ingress replica (see serving/README.md)."""
+    """What one API key may use. None = no limit. Where rates are counted: serving/README.md, Limits."""
 
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion tokens of finished requests

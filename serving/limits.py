@@ -1,10 +1,10 @@
 """Per-key rate limits (requests/min, tokens/min) and the server's limits on per-request memory knobs.
 
-Rates are sliding 60-second windows kept in this ingress replica's memory: with K ingress replicas
-behind Serve's proxy a key may get up to K times its rate (Serve spreads requests evenly, so about
-its rate in total per replica's share). Tokens are charged when a request finishes (prompt +
+Rates are sliding 60-second windows. Here they are kept in this ingress replica's memory, so with K
+ingress replicas a key may get up to K times its rate; with the Redis store, limits_redis.py keeps
+them in Redis instead, one count per key for every replica. Tokens are charged when a request finishes (prompt +
 completion, as `usage` reports them); a key over its tokens/min is refused until enough of its
-recent tokens leave the window, so one long request may overshoot the budget once, never twice.
+recent tokens leave the window, so one long request may overshoot the budget once.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class RateLimiter:
             rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
             if rpm is not None and len(reqs) >= rpm:
                 wait = reqs[len(reqs) - rpm] + WINDOW_S - now  # when the request that fills the window leaves
-                raise _too_many(f"the key {who.name!r} is over its limit of {rpm} requests per minute", wait)
+                raise too_many(f"the key {who.name!r} is over its limit of {rpm} requests per minute", wait)
             used = sum(n for _, n in toks)
             if tpm is not None and used >= tpm:
                 freed, wait = used, 0.0
@@ -54,7 +54,7 @@ class RateLimiter:
                     wait = t + WINDOW_S - now
                     if freed < tpm:
                         break
-                raise _too_many(f"the key {who.name!r} used {used} tokens in the last minute; its limit is "
+                raise too_many(f"the key {who.name!r} used {used} tokens in the last minute; its limit is "
                                 f"{tpm} tokens per minute", wait)
             reqs.append(now)
 
@@ -65,7 +65,7 @@ class RateLimiter:
             self._tokens.setdefault(who.name, deque()).append((self.clock(), tokens))
 
 
-def _too_many(message: str, wait: float) -> APIError:
+def too_many(message: str, wait: float) -> APIError:
     seconds = max(1, math.ceil(wait))
     return APIError(429, f"{message}; retry after {seconds} s", code="rate_limit_exceeded",
                     headers={"Retry-After": str(seconds)})

@@ -46,6 +46,12 @@ class RedisStore:
                                       health_check_interval=30)
         self._call(self.r.ping)
 
+    def rate_limiter(self):
+        """Per-key rates counted in this Redis, shared by every ingress replica (limits_redis.py)."""
+        from .limits_redis import RedisRateLimiter
+
+        return RedisRateLimiter(self.r, self.prefix)
+
     def _call(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)

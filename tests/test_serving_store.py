@@ -207,3 +207,37 @@ def test_a_store_that_cannot_write_still_returns_the_answer(read_only_redis, tin
     assert "".join(json.loads(b[6:])["choices"][0]["delta"].get("content", "") for b in blocks[1:-2]) == \
         plain.json()["choices"][0]["message"]["content"]  # the whole answer reached the client
     assert writer.get(ANONYMOUS, "s")["turns"] == 0 and writer.get(ANONYMOUS, "client-held") is None
+
+
+def test_rates_on_redis_are_one_count_for_every_replica(redis_prefix):
+    """Two ingress replicas (two limiters on one Redis) share a key's requests and tokens per minute."""
+    from ctxmem.serving.auth import Principal
+    from ctxmem.serving.config import KeyLimits
+    from ctxmem.serving.errors import APIError
+    from ctxmem.serving.limits_redis import RedisRateLimiter
+
+    url = f"{REDIS}?prefix={redis_prefix}"
+    a, b = open_store(url).rate_limiter(), open_store(url).rate_limiter()
+    who = Principal("k", "user", KeyLimits(requests_per_minute=3))
+    a.admit(who)
+    b.admit(who)
+    a.admit(who)
+    with pytest.raises(APIError) as err:
+        b.admit(who)
+    assert err.value.status == 429 and 1 <= int(err.value.headers["Retry-After"]) <= 60
+    assert "3 requests per minute" in err.value.message
+    a.admit(Principal("other", "user", KeyLimits(requests_per_minute=3)))  # another key has its own count
+
+    spender = Principal("t", "user", KeyLimits(tokens_per_minute=40))
+    a.admit(spender)
+    a.charge(spender, 25)
+    b.admit(spender)
+    b.charge(spender, 25)
+    with pytest.raises(APIError) as err:
+        a.admit(spender)
+    assert "used 50 tokens" in err.value.message and "40 tokens per minute" in err.value.message
+
+    import redis
+
+    down = RedisRateLimiter(redis.Redis(port=1, socket_connect_timeout=1), redis_prefix)
+    down.admit(who)  # Redis unreachable: the request goes through (logged), the API stays up
