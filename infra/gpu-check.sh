@@ -37,10 +37,11 @@ pipi -e . || exit 1
 step "2/4 the stack"
 timeout 120 "$PY" - <<'PY' || exit 1
 import sys, torch, numpy, onnx, onnxruntime, deepspeed, pydantic
-import ctxmem, ctxmem.training.trainer, ctxmem.export.onnx_export  # noqa: F401  (the GPU paths import)
+from importlib.metadata import version
+import ctxmem.training.trainer, ctxmem.export.onnx_export  # noqa: F401  (the GPU paths import)
 print(f"python {sys.version.split()[0]}  torch {torch.__version__} (CUDA {torch.version.cuda})  numpy {numpy.__version__}")
 print(f"onnx {onnx.__version__}  onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}")
-print(f"deepspeed {deepspeed.__version__}  pydantic {pydantic.__version__}  ctxmem {ctxmem.__version__ if hasattr(ctxmem, '__version__') else ''}")
+print(f"deepspeed {deepspeed.__version__}  pydantic {pydantic.__version__}  ctxmem {version('ctxmem')}")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, bf16 {torch.cuda.is_bf16_supported()}")
