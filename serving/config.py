@@ -49,7 +49,9 @@ class EngineConfig(_Strict):
     intra_op_threads: int | None = Field(default=None, ge=1)  # None: 1 on CPU (one replica per core slice)
     max_batch_size: int = Field(default=32, ge=1)  # rows decoded together; 1 = batching off
     max_queued: int = Field(default=256, ge=1)  # waiting requests beyond this get 429
-    prefill_token_budget: int = Field(default=512, ge=1)  # prompt tokens admitted per scheduler step
+    # prompt tokens prefilled per scheduler step (chunked; while other sequences decode, also bounded
+    # by time: serving/scheduler.py PREFILL_SHARE)
+    prefill_token_budget: int = Field(default=512, ge=1)
     # Each streamed message costs ~1-2 ms of Python in every hop (engine -> ingress -> proxy; measured),
     # so under load a stream's tokens are sent together, at most every stream_interval_ms. None =
     # adaptive: 10 ms per running sequence, at most 250 ms (~100 messages/s per replica, ~0.25 core of
