@@ -95,6 +95,19 @@ def session_cpu() -> float:
     return sum(cpu.get(p, 0.0) for p in mine)
 
 
+async def sse_lines(response):
+    """The lines of a server-sent event stream. SSE ends lines only at CR or LF; httpx's aiter_lines
+    also splits at U+0085, U+2028 and the like, which a random model's text may contain."""
+    buffer = b""
+    async for data in response.aiter_bytes():
+        buffer += data
+        *lines, buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            yield line.decode()
+    if buffer:
+        yield buffer.decode()
+
+
 # ---- the load generator --------------------------------------------------------------------------
 async def one_stream(http, url: str, body: dict) -> dict:
     start = time.perf_counter()
@@ -103,7 +116,7 @@ async def one_stream(http, url: str, body: dict) -> dict:
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code}
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -176,7 +189,7 @@ async def timed_stream(http, url: str, body: dict) -> tuple[float, list[float]]:
     async with http.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"stream failed: {r.status_code} {await r.aread()!r}")
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["text"]:
@@ -285,7 +298,7 @@ async def soak(url: str, model: str, clients: int, seconds: float) -> dict:
                 if kind == 0:
                     async with http.stream("POST", "/v1/completions", json={
                             "model": model, "prompt": f"client {c}", "max_tokens": 16, "stream": True}) as r:
-                        async for _ in r.aiter_lines():
+                        async for _ in r.aiter_bytes():
                             pass
                 elif kind == 1:
                     r = await http.post("/v1/completions", json={"model": model, "prompt": f"c{c}", "max_tokens": 8})
