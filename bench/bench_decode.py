@@ -5,7 +5,8 @@
     instead: onnxruntime-genai (its model builder, fp32 / int8 / int4) and optimum-onnx (fp32)
 
     .venv/bin/python bench/bench_decode.py [--tokens 64] [--prompt 16] [--batches 1 8] [--rounds 5]
-                                           [--threads 1] [--sink-tokens 1000] [--no-peers] [--profile]
+                                           [--threads 1] [--sink-tokens 1000] [--sink-window 124]
+                                           [--no-peers] [--no-eager] [--profile]
 
 A random LlamaForCausalLM is built with transformers and saved with save_pretrained (plus a tiny
 byte-level BPE tokenizer: genai's builder wants one; ids are what count), imported with
@@ -20,7 +21,7 @@ Each engine generates --tokens tokens greedily after a --prompt-token prompt (ev
 length, no early stop) under the `full` memory policy; tokens/s = batch * tokens / wall time of the
 whole generate call (prefill included), the median of --rounds interleaved rounds after one warm-up.
 "greedy" = rows whose tokens equal transformers' (fp32 reference). Then the sink check: ctxmem ORT
-fp32 under sink(4 + 124) for --sink-tokens tokens against `full` inside the window (16 + 112).
+fp32 under sink(4 + --sink-window) for --sink-tokens tokens against `full` inside the window.
 --profile prints where a decode step's time goes (ONNX Runtime's per-op profiler; session.run
 against the Python around it). Targets: issue 10.
 """
@@ -47,7 +48,7 @@ LLAMA = dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden
 # peer name -> (pip requirement, worker engine, precisions)
 PEER_SPECS = {"genai": ("onnxruntime-genai", "genai", ("fp32", "int8", "int4")),
               "optimum": ("optimum-onnx[onnxruntime]", "optimum", ("fp32",))}
-SINKS, WINDOW = 4, 124
+SINKS = 4  # the sink check: sink(SINKS + --sink-window) far past the window vs full inside it
 
 
 def build(cache: Path) -> dict[str, Path]:
@@ -214,11 +215,11 @@ def run(args) -> tuple[list[dict], list[dict]]:
     peers = start_peers(paths, args)
     calls.update({name: (lambda w: lambda prompts: w.generate(prompts, args.tokens))(w) for name, w in peers.items()})
 
-    sink_gen = load_onnx_generator(paths["fp32"], memory=MemoryConfig("sink", window=WINDOW, sinks=SINKS),
+    sink_gen = load_onnx_generator(paths["fp32"], memory=MemoryConfig("sink", window=args.sink_window, sinks=SINKS),
                                    provider="cpu", intra_op_threads=args.threads)
-    inside = WINDOW + SINKS - args.prompt  # `full` inside the window: prompt + these fill sinks + window
+    inside = args.sink_window + SINKS - args.prompt  # `full` inside the window: prompt + these fill sinks + window
     sink_calls = {
-        f"sink {SINKS}+{WINDOW}, {args.sink_tokens} tokens": (sink_gen, args.sink_tokens),
+        f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens": (sink_gen, args.sink_tokens),
         f"full, {inside} tokens (inside the window)": (engines["ctxmem ORT fp32"], inside)}
 
     rng = np.random.default_rng(0)
@@ -333,7 +334,9 @@ def profile(args) -> str:
                     "sink_positions": layout.sink_positions, "sink_keys": layout.sink_keys}
             for i in range(LLAMA["num_hidden_layers"]):
                 for kind in ("key", "value"):
-                    feed[f"past_{kind}_{i}"] = np.zeros((batch, LLAMA["num_key_value_heads"], past, 32), np.float32)
+                    head_dim = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+                    feed[f"past_{kind}_{i}"] = np.zeros((batch, LLAMA["num_key_value_heads"], past, head_dim),
+                                                        np.float32)
             steps = 100
             for _ in range(steps):
                 session.run(None, feed)
@@ -373,7 +376,42 @@ def profile(args) -> str:
         lines.append(f"generate, fused fp32, batch {batch}: {best[0] * 1e3:.1f} ms, session.run {best[1] * 1e3:.1f} ms "
                      f"({best[1] / best[0]:.0%}), Python around it {(best[0] - best[1]) * 1e3:.1f} ms "
                      f"({(best[0] - best[1]) / (args.tokens + 1) * 1e6:.0f} us/step)")
+    lines += python_outside_the_graph(args)
     return "\n".join(lines)
+
+
+def python_outside_the_graph(args) -> list[str]:
+    """The loop's own cost per decode step (memory bookkeeping, layout, sampler, detokenizer) with a
+    backend that does nothing but hand back a cache of the right size: full inside the window
+    against sink far past it."""
+    import numpy as np
+
+    from ctxmem.generation import Generator
+    from ctxmem.memory import MemoryConfig, NumpyCacheOps
+    from ctxmem.sampling import GenerationConfig
+    from ctxmem.tokenizer import ByteTokenizer
+
+    heads, dim = LLAMA["num_key_value_heads"], LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+
+    class NullBackend:
+        ops = NumpyCacheOps()
+        max_seq_len, vocab_size, uses_rope, sink_token_id = LLAMA["max_position_embeddings"], LLAMA["vocab_size"], True, None
+
+        def forward(self, ids, layout, past, last_only=True):
+            cache = np.zeros((ids.shape[0], heads, layout.key_positions.shape[1], dim), np.float32)
+            return np.zeros((ids.shape[0], self.vocab_size), np.float32), [(cache, cache)] * LLAMA["num_hidden_layers"]
+
+    lines = []
+    inside = args.sink_window + SINKS - args.prompt
+    for batch in args.batches:
+        for label, memory, n in ((f"full, {inside} tokens", MemoryConfig("full"), inside),
+                                 (f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens",
+                                  MemoryConfig("sink", window=args.sink_window, sinks=SINKS), args.sink_tokens)):
+            gen = Generator(NullBackend(), ByteTokenizer(), memory)
+            config = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_token_ids=[])
+            seconds = min(_timed(lambda: gen.generate([[1] * args.prompt] * batch, config))[0] for _ in range(3))
+            lines.append(f"Python outside the graph, {label}, batch {batch}: {seconds / n * 1e6:.0f} us/step")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--sink-tokens", type=int, default=1000)
+    p.add_argument("--sink-tokens", type=int, default=1000, help="tokens generated under the sink policy")
+    p.add_argument("--sink-window", type=int, default=124, help="its window (beside 4 sinks)")
     p.add_argument("--no-peers", action="store_true", help="skip onnxruntime-genai and optimum-onnx")
     p.add_argument("--no-eager", action="store_true", help="skip ctxmem torch eager")
     p.add_argument("--profile", action="store_true", help="print where a decode step's time goes, then exit")
