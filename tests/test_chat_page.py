@@ -7,6 +7,7 @@ Set CTXMEM_CHAT_SCREENSHOT=path.png to keep the screenshot elsewhere than the te
 README's picture is made that way)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ from ctxmem.net import free_port
 from ctxmem.serving.api import LocalEngineClient, build_api
 from ctxmem.serving.config import ServeArgs
 from ctxmem.serving.engine import Engine
+from ctxmem.serving.events import Delta
 from ctxmem.serving.store import MemoryStore
 from helpers_serving import API_KEY, AUTH
 
@@ -55,13 +57,32 @@ class Server:
         assert not self.thread.is_alive()
 
 
+class HeldStream(LocalEngineClient):
+    """The in-process engine, whose next stream can be held after its first text until released: the
+    test sees the page show part of a reply while the rest is still to come, with no timing involved
+    (a browser may otherwise read a fast local stream in one go)."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.hold, self.release = threading.Event(), threading.Event()
+
+    async def stream(self, request):
+        held = self.hold.is_set()
+        self.hold.clear()
+        async for chunk in self.engine.generate(request):
+            yield chunk
+            if held and any(isinstance(ev, Delta) and ev.text for ev in chunk):
+                held = False
+                await asyncio.to_thread(self.release.wait)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_export):
-    # every token its own SSE message, so the browser sees the reply arrive in pieces
-    args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY],
-                     engine={"model": str(tiny_export), "stream_interval_ms": 0}).resolve()
+    args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY]).resolve()
     engine = Engine(args.engine)
-    srv = Server(build_api(LocalEngineClient(engine), args, MemoryStore()), free_port())
+    client = HeldStream(engine)
+    srv = Server(build_api(client, args, MemoryStore()), free_port())
+    srv.engine_client = client
     srv.start()
     yield srv
     if srv.thread.is_alive():
@@ -120,6 +141,11 @@ def send(page, text: str) -> dict:
     return dict(bar.evaluate("f => ({...f.dataset})")) if bar.count() else {}
 
 
+# true once the page shows exactly these message texts, in order
+SHOWS = "want => JSON.stringify([...document.querySelectorAll('#messages .msg .text')].map(e => e.textContent)) " \
+        "=== JSON.stringify(want)"
+
+
 def retry(page, error) -> None:
     """Click the error's Retry and wait for the turn's memory bar (the failed bubbles go first)."""
     bars = page.locator("figure.memory").count()
@@ -151,7 +177,7 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     assert page.evaluate("localStorage.getItem('ctxmem.apiKey')") == API_KEY
 
     page.get_by_label("Temperature").fill("1")  # the random tiny model's greedy tokens are all empty text
-    page.get_by_label("Max tokens").fill("24")
+    page.get_by_label("Max tokens").fill("64")
     # Shift+Enter breaks the line and sends nothing
     page.get_by_label("Message").fill("Hello")
     page.get_by_label("Message").press("Shift+Enter")
@@ -159,23 +185,27 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     assert page.get_by_label("Message").input_value() == "Hello\nthere"
     assert page.locator("#messages .msg").count() == 0
 
-    # the reply streams in: the lengths its text had while it was written
-    page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
-        const t = document.querySelector('#messages .msg.assistant .text');
-        if (t && t.textContent.length !== window.seen.at(-1)) window.seen.push(t.textContent.length); })
-        .observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }""")
+    # the reply streams in: the server holds the stream after its first text; the page shows that
+    # part, still writing, then the rest once released
+    server.engine_client.hold.set()
     page.get_by_label("Message").press("Enter")
+    writing = page.locator("#messages .msg.assistant.streaming .text")
+    page.wait_for_function("el => el.textContent.length > 0", arg=writing.element_handle())
+    part = writing.text_content()
+    assert page.locator("figure.memory").count() == 0
+    server.engine_client.release.set()
     page.locator("#messages .msg.assistant figure.memory").first.wait_for()
     first_reply = page.locator("#messages .msg.assistant .text").first.text_content()
-    grew = [n for n in page.evaluate("window.seen") if n]
-    assert len(grew) >= 2 and grew == sorted(grew) and grew[-1] == page.evaluate(
-        "document.querySelector('#messages .msg.assistant .text').textContent.length"), grew  # in pieces
+    assert first_reply.startswith(part) and len(first_reply) > len(part)
     assert page.locator("#messages .msg.user .text").first.inner_text() == "Hello\nthere"
+    first = page.url.split("#session=")[1]
 
-    # turns until the prompt no longer fits the window (4 sinks + 60): the bar shows the evictions and
-    # the prompt tokens served from the cached KV state
+    # a new conversation, short replies: turns until the prompt no longer fits the window (4 sinks +
+    # 60); the bar shows the evictions and the prompt tokens served from the cached KV state
+    page.get_by_role("button", name="New").click()
+    assert page.locator("#messages .msg").count() == 0 and "#session=" not in page.url
     page.get_by_label("Max tokens").fill("8")
-    bars = [dict(page.locator("figure.memory").first.evaluate("f => ({...f.dataset})"))]
+    bars = []
     for i in range(8):
         bars.append(send(page, f"Turn {i}: tell me more."))
         if page.locator("figure.memory[data-past]").count():
@@ -193,21 +223,22 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
 
-    # reload: the same conversation comes back from the server, and it is in this key's list
+    # reload: the same conversation comes back from the server; both are in this key's list
     sid = page.url.split("#session=")[1]
-    turns = page.locator("#messages .msg.user").count()
+    texts = page.locator("#messages .msg .text").all_text_contents()
     page.reload()
-    page.locator("#messages .msg.user").nth(turns - 1).wait_for()
-    assert page.locator("#messages .msg.user").count() == turns
-    assert page.locator("#messages .msg.assistant .text").first.text_content() == first_reply
+    page.locator("#messages .msg").nth(len(texts) - 1).wait_for()
+    assert page.locator("#messages .msg .text").all_text_contents() == texts
     current = page.locator("#conversations button[aria-current=true]")
     current.wait_for()
-    assert current.get_attribute("data-id") == sid and "Hello" in current.inner_text()
-    # a fresh tab without the link: pick the conversation from the list
+    assert current.get_attribute("data-id") == sid and "Turn 0" in current.inner_text()
+    assert page.locator("#conversations button.conversation").count() == 2
+    # a fresh tab without the link: pick the first conversation from the list
     other = open_page(context, server.url + "/")
-    other.locator(f"#conversations button[data-id='{sid}']").click()
-    other.locator("#messages .msg.user").nth(turns - 1).wait_for()
-    assert other.url.endswith("#session=" + sid)
+    other.locator(f"#conversations button[data-id='{first}']").click()
+    other.locator("#messages .msg.assistant").first.wait_for()
+    assert other.url.endswith("#session=" + first)
+    assert other.locator("#messages .msg .text").all_text_contents() == ["Hello\nthere", first_reply]
     other.close()
 
     # an API error is shown as the API words it
@@ -218,19 +249,25 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     assert page.locator("#messages .msg.assistant .error").last.inner_text().startswith(expected)
     page.get_by_label("Max tokens").fill("8")
 
-    # a stream cut off midway says so and offers to retry; the retry completes the turn
+    # a stream cut off midway says so and offers to retry. Here the server kept the turn (the browser
+    # got only the first event of its answer): the retry reads the conversation back, sends nothing
     def truncated(route):
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
-                      body='data: {"choices": [{"index": 0, "delta": {"content": "par"}}]}\n\n')
+        answer = route.fetch().text()
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=answer[:answer.index("\n\n") + 2])
 
     page.route("**/messages", truncated)
     send(page, "Are you there?")
     error = page.locator("#messages .msg.assistant .error").last
     assert "ended before it was complete" in error.inner_text()
     page.unroute("**/messages")
-    retry(page, error)
+    failed = page.locator("#messages .msg.assistant").last.element_handle()
+    error.get_by_role("button", name="Retry").click()
+    page.wait_for_function("li => !li.isConnected", arg=failed)
+    kept = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=AUTH).json()["messages"]
+    assert [m["content"] for m in kept if m["role"] == "user"].count("Are you there?") == 1
+    page.wait_for_function(SHOWS, arg=[m["content"] for m in kept])  # the conversation as the server kept it
 
-    # a stopped server: the page says so and offers to retry; after a restart the retry answers
+    # a stopped server: the page says so and offers to retry; after a restart the retry sends the turn
     server.stop()
     send(page, "Still there?")
     error = page.locator("#messages .msg.assistant .error").last

@@ -16,6 +16,7 @@
     model: null,      // the served model's id (GET v1/models)
     memory: null,     // {policy, window, sinks}: the server's memory policy, when it says
     session: null,    // the open conversation's id (also in the URL: #session=ID)
+    turns: 0,         // the turns the server has kept of it, as last seen
     pastMarked: false, // whether a turn of this conversation is already marked as past the window
     busy: false,
   };
@@ -92,6 +93,7 @@
           const choice = (chunk.choices || [])[0];
           if (choice && choice.delta && choice.delta.content) onText(choice.delta.content);
           if (chunk.usage) usage = chunk.usage;
+          if (chunk.session) state.turns = chunk.session.turns;
         }
       }
     } catch (err) {
@@ -232,8 +234,9 @@
     if (!ul.children.length) { note.hidden = false; note.textContent = "No conversations yet."; }
   }
 
-  function setSession(id) {
+  function setSession(id, turns = 0) {
     state.session = id;
+    state.turns = turns;
     state.pastMarked = false;
     history.replaceState(null, "", id ? "#session=" + encodeURIComponent(id) : location.pathname);
   }
@@ -248,7 +251,7 @@
       if (err instanceof ApiError && err.status === 404) setSession(null);
       return;
     }
-    setSession(id);
+    setSession(id, data.turns || 0);
     $("messages").replaceChildren();
     const usages = data.usage || [];  // one per assistant message, when the server keeps them
     let turn = 0;
@@ -267,6 +270,7 @@
   async function turn(content) {
     state.busy = true;
     $("send").disabled = true;
+    const kept = state.turns;
     const user = bubble("user", content);
     const reply = bubble("assistant", "");
     reply.classList.add("streaming");
@@ -280,29 +284,25 @@
       refreshList();
     } catch (err) {
       reply.classList.remove("streaming");
+      user.classList.add("failed");
       reply.classList.add("failed");
-      showError(reply, err, () => retryTurn(content, user, reply));
+      showError(reply, err, () => retryTurn(content, user, reply, kept));
     } finally {
       state.busy = false;
       $("send").disabled = false;
     }
   }
 
-  // A turn that failed may still have been recorded (the stream dropped after the server kept it):
-  // read the conversation back first and only send again if the server does not have the turn.
-  async function retryTurn(content, user, reply) {
+  // A turn that failed may still have been kept (the stream dropped after the server recorded it):
+  // read the conversation back first, and send again only if it has no more turns than before.
+  async function retryTurn(content, user, reply, kept) {
     if (state.busy) return;
     user.remove();
     reply.remove();
     if (state.session) {
       let data = null;
-      try { data = await api("GET", `v1/sessions/${encodeURIComponent(state.session)}`); } catch (_) { /* below */ }
-      const msgs = (data && data.messages) || [];
-      const n = msgs.length;
-      if (n >= 2 && msgs[n - 2].role === "user" && msgs[n - 2].content === content &&
-          $("messages").querySelectorAll(".msg.user").length < msgs.filter((m) => m.role === "user").length) {
-        return openSession(state.session);
-      }
+      try { data = await api("GET", `v1/sessions/${encodeURIComponent(state.session)}`); } catch (_) { /* send */ }
+      if (data && data.turns > kept) return openSession(state.session);
     }
     return turn(content);
   }
