@@ -3,6 +3,7 @@
     data prepare (chatterbot corpus, offline) -> train (DeepSpeed ZeRO, MLflow on SQLite)
     -> export (ONNX + verification) -> registry (challenger, its memory evaluation, -> champion, gated)
     -> serve (Ray Serve on 127.0.0.1, ONNX Runtime) -> a multi-turn chat through the OpenAI client
+    -> the chat page's URL (`--keep-serving`: the server stays up until Ctrl-C)
 
 Every stage runs as its own `ctxmem` command, exactly as a user would type it; the commands are
 printed so they can be re-run one by one.
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="training processes (ZeRO ranks) on this machine")
     p.add_argument("--no-serve", action="store_true", help="stop after the registry (no Ray Serve)")
     p.add_argument("--port", type=int, default=0, help="HTTP port for the server (0 = a free one)")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="after the chat, keep the server (and its chat page) up until Ctrl-C")
     p.add_argument("--fresh", action="store_true", help="start over: train again even if a final checkpoint exists")
     p.set_defaults(func=cmd_demo)
 
@@ -160,16 +163,27 @@ def cmd_demo(args) -> int:
                "--host", "127.0.0.1", "--port", str(port), "--model-name", MODEL_NAME,
                "--session-store", f"sqlite:///{work / 'sessions.db'}"]
         print("  $ ctxmem " + " ".join(shlex.quote(a) for a in cmd[3:]), file=sys.stderr)
+        # its own session: Ctrl-C in this terminal reaches the demo, which then stops the server itself
         server = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:
             _wait_healthy(url, server)
             report["chat"] = _chat(url)
+            report["chat_page"] = url + "/"
+            _finish(report, work, export, env, started)
+            if args.keep_serving:
+                print(f"chat page: {url}/  (serving until Ctrl-C)", file=sys.stderr, flush=True)
+                _keep_serving(server)
+            else:
+                print(f"chat page: {url}/ (up while the demo ran; `ctxmem demo --keep-serving` keeps it up, as does "
+                      f"`ctxmem serve --model models:/{MODEL_NAME}@champion`)", file=sys.stderr, flush=True)
         finally:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            _stop(server)
+    else:
+        _finish(report, work, export, env, started)
+    return 0
+
+
+def _finish(report: dict, work: Path, export: Path, env: dict, started: float) -> None:
     report["seconds"] = round(time.monotonic() - started, 1)
     (work / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     _say(f"done in {report['seconds']}s; report: {work / 'demo_report.json'}")
@@ -179,7 +193,31 @@ next steps:
   .venv/bin/ctxmem serve --model models:/{MODEL_NAME}@champion       # then point any OpenAI client at /v1
   .venv/bin/mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}   # runs, metrics, loss curve, model versions
 """, file=sys.stderr)
-    return 0
+
+
+def _keep_serving(server: subprocess.Popen) -> None:
+    """Block until Ctrl-C (or SIGTERM), or until the server exits on its own (an error: say so)."""
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C too
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        _say("stopping the server")
+        return
+    raise DemoError(f"`ctxmem serve` exited with code {code} while the demo kept it serving; its messages are above")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGINT)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def _has_cuda() -> bool:
