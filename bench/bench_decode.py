@@ -376,8 +376,55 @@ def profile(args) -> str:
         lines.append(f"generate, fused fp32, batch {batch}: {best[0] * 1e3:.1f} ms, session.run {best[1] * 1e3:.1f} ms "
                      f"({best[1] / best[0]:.0%}), Python around it {(best[0] - best[1]) * 1e3:.1f} ms "
                      f"({(best[0] - best[1]) / (args.tokens + 1) * 1e6:.0f} us/step)")
+    lines += graph_only(paths, args)
     lines += python_outside_the_graph(args)
     return "\n".join(lines)
+
+
+def graph_only(paths, args) -> list[str]:
+    """One decode step of each graph alone (40 cached tokens, the same input ids), interleaved, min
+    of 15 rounds of 20 steps: ours against onnxruntime-genai's graph where the bench built it
+    (its GroupQueryAttention graph loads in this onnxruntime too)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ctxmem.layout import build_layout
+
+    past, layers = 40, LLAMA["num_hidden_layers"]
+    shape = lambda b: (b, LLAMA["num_key_value_heads"], past, LLAMA["hidden_size"] // LLAMA["num_attention_heads"])  # noqa: E731
+    graphs = {"ctxmem fp32": paths["fp32"], "ctxmem fp32 traced": paths["traced"], "ctxmem int8": paths["int8"],
+              "genai fp32": CACHE / "genai-fp32", "genai int8": CACHE / "genai-int8"}
+    sessions = {}
+    for name, folder in graphs.items():
+        if (folder / "model.onnx").exists():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = args.threads, 1, 3
+            sessions[name] = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                                  providers=["CPUExecutionProvider"])
+    lines = []
+    for batch in args.batches:
+        feeds = {}
+        for name in sessions:
+            cache = np.zeros(shape(batch), np.float32)
+            if name.startswith("genai"):
+                feed = {"input_ids": np.zeros((batch, 1), np.int64),
+                        "attention_mask": np.ones((batch, past + 1), np.int64)}
+                feed.update({f"past_key_values.{i}.{kind}": cache for i in range(layers) for kind in ("key", "value")})
+            else:
+                layout = build_layout(np.broadcast_to(np.arange(past + 1), (batch, past + 1)).copy(),
+                                      np.ones((batch, past + 1), bool), 1).with_sinks()
+                feed = {"input_ids": np.zeros((batch, 1), np.int64), "positions": layout.positions,
+                        "key_positions": layout.key_positions, "allowed": layout.allowed,
+                        "sink_positions": layout.sink_positions, "sink_keys": layout.sink_keys}
+                feed.update({f"past_{kind}_{i}": cache for i in range(layers) for kind in ("key", "value")})
+            feeds[name] = feed
+        best = {name: float("inf") for name in sessions}
+        for _ in range(15):
+            for name, session in sessions.items():
+                seconds, _ = _timed(lambda: [session.run(None, feeds[name]) for _ in range(20)])
+                best[name] = min(best[name], seconds / 20)
+        lines.append(f"graph only, batch {batch}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in best.items()))
+    return lines
 
 
 def python_outside_the_graph(args) -> list[str]:
