@@ -177,7 +177,7 @@
     body.textContent = text;
     li.append(who, body);
     $("messages").append(li);
-    li.scrollIntoView({block: "end"});
+    toBottom();
     return li;
   }
 
@@ -195,8 +195,11 @@
       box.append(again);
     }
     li.append(box);
-    li.scrollIntoView({block: "end"});
+    toBottom();
   }
+
+  // the newest message sits just above the composer (which sticks to the bottom of the window)
+  function toBottom() { window.scrollTo(0, document.documentElement.scrollHeight); }
 
   function status(text) { $("status").textContent = text || ""; }
 
@@ -225,7 +228,8 @@
       const meta = document.createElement("span");
       meta.className = "meta";
       const when = s.last_used || s.updated || s.created;
-      meta.textContent = `${s.turns || 0} turns` + (when ? " · " + new Date(when * 1000).toLocaleString() : "");
+      const turns = s.turns || 0;
+      meta.textContent = `${turns} turn${turns === 1 ? "" : "s"}` + (when ? " · " + new Date(when * 1000).toLocaleString() : "");
       b.append(meta);
       b.addEventListener("click", () => openSession(s.id));
       li.append(b);
@@ -280,6 +284,7 @@
       const usage = await streamTurn(state.session, content, (t) => { text.textContent += t; });
       reply.classList.remove("streaming");
       if (usage) reply.append(memoryBar(usage));
+      toBottom();
       status("");
       refreshList();
     } catch (err) {
