@@ -178,3 +178,14 @@ def test_the_train_commands_run(workdir, chatterbot):
     _run(_command("ctxmem train --config infra/train-tiny.yaml data.path=data/chatterbot out=runs/tiny-2ranks"), workdir)
     s = summary(workdir / "runs" / "tiny-2ranks")
     assert s["status"] == "completed" and s["world_size"] == 2
+
+    # a 1-process ZeRO-3 checkpoint continued on 2 ranks (resharded): the losses of the run it
+    # continues, to the 1-vs-N-ranks parity tolerance (the gradient sums run in another order)
+    _run(_command("ctxmem train --config runs/tiny/config.yaml out=runs/tiny-on-2-ranks --nproc 2 --resume"), workdir)
+    on_two, tiny = workdir / "runs" / "tiny-on-2-ranks", workdir / "runs" / "tiny"
+    s = summary(on_two)
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["zero_stage"] == 3
+    resumed = {r["step"]: r["loss"] for r in metrics(on_two) if "loss" in r}
+    assert sorted(resumed) == list(range(45, 51))
+    original = {r["step"]: r["loss"] for r in metrics(tiny) if "loss" in r}
+    assert max(abs(resumed[k] - original[k]) for k in resumed) <= test_training_run.PARITY_ATOL

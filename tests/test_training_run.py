@@ -123,6 +123,27 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(one_process_z2, chat_
 
 
 @pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_process(two_ranks_z2, one_process_z2, chat_data, tmp_path, capsys):
+    # ZeRO-2's optimizer partitions of 2 ranks, resharded for 1 (DeepSpeed universal checkpoint).
+    # Not bit-exact, for the reason 1 process and 2 ranks differ at all (PARITY_ATOL): the same
+    # samples, weights and Adam moments, but the gradient sums run in another order. The other
+    # direction (ZeRO-3, 1 -> 2 ranks) runs in test_training_readme.py.
+    ref, _ = two_ranks_z2
+    out = tmp_path / "on-one"
+    result = train_inprocess(out, chat_data, "zero.stage=2", resume=str(ref / "checkpoints" / "step_0000004"))
+    assert result.status == "completed" and summary(out)["world_size"] == 1
+    assert "resuming after step 4 (resharded from 2 rank(s)" in capsys.readouterr().err
+    assert not (out / "checkpoints" / "universal").exists()  # the converted copy, removed once loaded
+    resumed = losses(out)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for run in (ref, one_process_z2[0]):  # the 2-rank run it continues, and 1 process throughout
+        worst = max(abs(resumed[s] - losses(run)[s]) for s in resumed)
+        assert worst <= PARITY_ATOL, f"per-step losses differ by {worst:.3g} > {PARITY_ATOL}"
+    a, b = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # as in the ZeRO-3 consolidation test
+
+
+@pytest.mark.slow
 def test_the_logged_learning_rate_is_the_one_the_optimizer_used(one_process_z2, chat_data, tmp_path):
     ref, _ = one_process_z2
     optim = TrainConfig.load(ref / "config.yaml").optim

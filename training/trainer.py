@@ -321,7 +321,9 @@ class _Run:
                   f"on {self.world} {self.device_kind} rank(s), ZeRO-{self.cfg.zero.stage}, {self.precision}, "
                   f"global batch {self.cfg.batch.global_batch} = {self.cfg.batch.micro_batch} x {self.world} ranks x "
                   f"{self.accum} accumulation, {self.seq_len} tokens/sequence"
-                  + (f"; resuming after step {start}" if start else ""), file=sys.stderr, flush=True)
+                  + (f"; resuming after step {start}" if start else "")
+                  + (f" (resharded from {self.point.state.get('world_size')} rank(s) through a DeepSpeed universal "
+                     "checkpoint)" if self.reshard else ""), file=sys.stderr, flush=True)
         self.stop.install()
         tokens_per_step = self.cfg.batch.global_batch * self.seq_len
         bar = self._bar(start)
@@ -394,17 +396,14 @@ class _Run:
         """DeepSpeed loads the verified checkpoint (weights, optimizer, lr schedule); one written on
         another number of ranks is first converted to a universal checkpoint by rank 0, in
         OUT/checkpoints/universal/, which is removed once every rank has loaded it."""
-        import torch.distributed as dist
-
         import torch
+        import torch.distributed as dist
 
         point = self.point
         if self.reshard:
             dest = self.out / ckpt.CHECKPOINTS / ckpt.UNIVERSAL
             failed = None
             if self.rank == 0:
-                log.info("resharding %s from %s rank(s) to %d (DeepSpeed universal checkpoint)", point.folder,
-                         point.state.get("world_size"), self.world)
                 try:
                     ckpt.to_universal(point, dest)
                 except ckpt.ResumeError as err:
