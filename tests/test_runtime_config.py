@@ -40,7 +40,7 @@ def test_an_unknown_key_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("key,value,says", [
     ("opset", "18", "Input should be a valid integer"),  # not coerced from a string
     ("opset", 18.0, "Input should be a valid integer"),
-    ("variant", "int4", "Input should be 'fp32', 'int8' or 'fp16'"),
+    ("variant", "int2", "Input should be 'fp32', 'int8', 'int4' or 'fp16'"),
     ("memory", [60, 4], "Input should be a valid dictionary"),
     ("created_at", 1700000000, "Input should be a valid string"),
 ])
