@@ -57,8 +57,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
         raise ExportError(f"opset {opset} is not supported: the dynamo exporter needs opset >= {MIN_OPSET} "
                           "(opset 17 produced a graph ONNX Runtime refuses)")
     if int(int8) + int(fp16) + int(int4) > 1:
-        raise ExportError("--int8, --int4 and --fp16 are three variants: export each to its own directory "
-                          "(int8 and int4 are for CPU serving, fp16 for GPU)")
+        raise ExportError("choose one of --int8, --int4, --fp16, not two variants at once: export each to its own "
+                          "directory (int8 and int4 are for CPU serving, fp16 for GPU)")
     if graph not in GRAPHS:
         raise ExportError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
     variant = "int8" if int8 else "int4" if int4 else "fp16" if fp16 else "fp32"

@@ -34,6 +34,8 @@ def test_the_decode_benchmark_runs_at_a_small_size(tmp_path, monkeypatch, capsys
     assert [r[-1] for r in fp32] == ["1/1", "2/2"]  # the fused fp32 graph's greedy tokens are transformers'
     assert "ctxmem fp32 vs genai fp32 at batch 1: not measured" in out
     assert "sink far past the window vs full inside it, batch 2:" in out
-    assert bench.main(["--profile", "--batches", "1", "--tokens", "4", "--prompt", "4"]) == 0
+    assert bench.main(["--profile", "--batches", "1", "--tokens", "4", "--prompt", "4", "--sink-window", "8",
+                       "--sink-tokens", "24"]) == 0
     profile = capsys.readouterr().out
     assert "fp32 graph, batch 1:" in profile and "traced graph, batch 1:" in profile and "session.run" in profile
+    assert "graph only, batch 1: ctxmem fp32" in profile and "Python outside the graph, sink 4+8" in profile
