@@ -13,7 +13,9 @@ no cycle). Nothing heavy is imported here; each loads torch / onnx / onnxruntime
                     open_onnx_generator(SPEC)
     evaluate.py     validation loss / perplexity for checkpoints and exports (`ctxmem eval`)
     verify.py       verify_export(): names -> shapes -> values (prefill, decode, after slides) -> greedy
-    onnx_export.py  export_onnx(): trace, offline ORT optimisation, int8/fp16 variants, runtime config
+    graph_builder.py  the fused graph: the contract written with ORT contrib ops from the weights
+    quantize.py     weight-only MatMulNBits quantisation (the int8 / int4 variants)
+    onnx_export.py  export_onnx(): the fused (or traced) graph, int8/int4/fp16 variants, runtime config
     pyfunc.py       the MLflow pyfunc wrapper that generates text from a registered export
     registry_memory.py  a memory evaluation recorded on a model version; the champion gate's memory part
     registry.py     register / promote (gated aliases) / list
