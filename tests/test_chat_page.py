@@ -126,6 +126,7 @@ def open_page(context, url: str):
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.on("console", lambda msg: "Content Security Policy" in msg.text and page.errors.append(msg.text))
     page.goto(url)
     return page
 
@@ -288,3 +289,4 @@ def test_the_page_is_readable_at_phone_width(server, context):
     for label in ("Message", "Temperature", "Max tokens"):
         box = page.get_by_label(label).bounding_box()
         assert box and 0 <= box["x"] and box["x"] + box["width"] <= 375, label
+    assert page.errors == []
