@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from ctxmem.net import free_port
-    from ctxmem.serving.app import build_app
+    from ctxmem.serving.app import build_app_with_router
     from ctxmem.serving.config import ServeArgs
 
     tmp = Path(tempfile.mkdtemp(prefix="ctxbench-", dir="/tmp"))
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
             "engine_deployment": {"num_replicas": replicas, "max_ongoing_requests": 256,
                                   "ray_actor_options": {"num_cpus": args.engine_cpus / replicas}},
             "ingress_deployment": {"max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.25}}})
-        serve.run(build_app(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
+        serve.run(build_app_with_router(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
         for _ in range(600):  # the in-place reconfigure is visible on the next health call
             info = httpx.get(url + "/health", timeout=30).json().get("engine", {})
             if all(info.get(k) == v for k, v in engine.items()):

@@ -10,10 +10,16 @@ from ray.serve import Application
 from .config import ServeArgs
 
 
-def build_app(args: ServeArgs, session_affinity: bool = True) -> Application:
+def build_app(args: ServeArgs) -> Application:
     """Ingress(FastAPI) -> Engine(ONNX Runtime + continuous batching). Serve converts the YAML `args:`
-    dict to ServeArgs (the annotation); a plain dict is accepted too. `session_affinity=False` routes
-    engine requests with Serve's default router instead of serving/router.py (for A/B benchmarks)."""
+    dict to ServeArgs (the annotation); a plain dict is accepted too. Ray Serve calls an application
+    builder with exactly one argument, so the A/B switch below lives in its own function."""
+    return build_app_with_router(args, session_affinity=True)
+
+
+def build_app_with_router(args: ServeArgs, session_affinity: bool) -> Application:
+    """build_app, choosing the engine's request router: `session_affinity=False` routes with Serve's
+    default router instead of serving/router.py (for A/B benchmarks of KV reuse)."""
     from ray.serve.config import RequestRouterConfig
 
     from .deployments import EngineDeployment, IngressDeployment
