@@ -60,14 +60,17 @@ def test_train_register_promote_and_serve_through_an_mlflow_server_on_postgresql
     server = MlflowServer(tmp_path / "server")
     serving = None
     try:
+        # while the server migrates its fresh database: the corpus, and the trainer's imports
+        data = tmp_path / "data"
+        prepare([str(write_text_corpus(tmp_path / "corpus"))], data, progress=False)
+        import deepspeed  # noqa: F401
+
         server.wait()
         assert postgres_database.rsplit("/", 1)[1] in (tmp_path / "server" / "server.log").read_text()
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         monkeypatch.setenv("CTXMEM_MODEL_CACHE", str(tmp_path / "cache"))
 
-        # train: 2 steps of the tiny preset on a small corpus, tracked through the server
-        data = tmp_path / "data"
-        prepare([str(write_text_corpus(tmp_path / "corpus"))], data, progress=False)
+        # train: 2 steps of the tiny preset, tracked through the server
         result = train_inprocess(tmp_path / "run", data, "steps=2", "eval.interval=2", "eval.samples=4",
                                  "checkpoint.interval=2", "tracking.enabled=true", f"tracking.uri={server.uri}")
         run_id = json.loads((tmp_path / "run" / "final" / "mlflow_run.json").read_text())["run_id"]
