@@ -277,6 +277,8 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     retry(page, error)
     history = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=AUTH).json()["messages"]
     assert [m["content"] for m in history if m["role"] == "user"][-2:] == ["Are you there?", "Still there?"]
+    # resumed past the window without the earlier turns' usage: no later turn is called the first past it
+    assert page.locator("figure.memory").count() >= 1 and page.locator("figure.memory[data-past]").count() == 0
     assert page.errors == []
 
 

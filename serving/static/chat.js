@@ -266,7 +266,15 @@
         if (u) li.append(memoryBar(u));
       }
     }
-    status(usages.length ? "" : "Resumed; the server does not keep earlier turns' memory bars.");
+    if (!usages.length) {
+      // without the earlier turns' usage the first turn past the window cannot be told: if the
+      // conversation already holds more than the window, mark none rather than a wrong one
+      const cap = capacity(state.memory);
+      state.pastMarked = cap !== null && (data.tokens || 0) > cap;
+      status("Resumed; the server does not keep earlier turns' memory bars.");
+    } else {
+      status("");
+    }
     refreshList();
   }
 
