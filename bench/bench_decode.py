@@ -340,7 +340,9 @@ def profile(args) -> str:
             steps = 100
             for _ in range(steps):
                 session.run(None, feed)
-            events = json.loads(Path(session.end_profiling()).read_text())
+            trace = Path(session.end_profiling())
+            events = json.loads(trace.read_text())
+            trace.unlink()
             per_op, nodes = collections.Counter(), collections.Counter()
             for e in events:
                 if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
