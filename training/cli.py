@@ -18,6 +18,7 @@ examples:
   ctxmem train --config infra/train-cpu-demo.yaml
   ctxmem train --config infra/train-tiny.yaml --nproc 2 zero.stage=3
   ctxmem train --config runs/demo/config.yaml --resume
+  ctxmem train --config runs/demo/config.yaml --resume --nproc 2     (continue on another number of ranks)
   ctxmem train --config infra/train-gpu-124m.yaml --hostfile infra/hostfile.example
   ctxmem train --config infra/train-ray-cpu.yaml --ray --num-workers 2
   ctxmem train --sync-mlflow runs/demo --tracking-uri http://mlflow:5000
@@ -58,7 +59,8 @@ def register(subparsers) -> None:
     train.add_argument("--config", help="training config YAML (see infra/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                       help="continue from the newest checkpoint in OUT, or from PATH (a checkpoint or run folder)")
+                       help="continue from the newest checkpoint in OUT, or from PATH (a checkpoint or run folder); "
+                            "a checkpoint of another number of ranks is resharded")
     train.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds checkpoints")
     where = train.add_mutually_exclusive_group()
     where.add_argument("--nproc", type=int, default=1, help="local rank processes, started by torchrun (default 1: this process)")
