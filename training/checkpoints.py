@@ -201,7 +201,8 @@ def to_universal(point: ResumePoint, dest: Path) -> ResumePoint:
     if dest.exists():
         shutil.rmtree(dest)  # a conversion left by an interrupted resume
     dest.mkdir(parents=True)
-    # one worker each: no process pool (these are small CPU copies; the pool's fork costs more)
+    # one worker each: no process pool, since forking a rank that holds a process group and native
+    # thread pools is unsafe (the conversion is file copies; one process does it in seconds here)
     args = argparse.Namespace(input_folder=str(point.folder), output_folder=str(folder), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # our saves carry no Megatron metadata
