@@ -324,8 +324,9 @@ async def soak(url: str, model: str, clients: int, seconds: float) -> dict:
     return statuses
 
 
-def engine_decode(model_dir: Path, batch: int, steps: int) -> float:
-    """Tokens/s of the engine's own batched decode (ContextMemory over the served model), no HTTP."""
+def engine_decode(model_dir: Path, batch: int, steps: int) -> tuple[float, float]:
+    """Tokens/s and CPU ms per token of the engine's own batched decode (ContextMemory over the served
+    model, greedy argmax), no HTTP: what the serving stack adds is the rest."""
     import numpy as np
 
     from ctxmem.memory import ContextMemory
@@ -342,11 +343,12 @@ def engine_decode(model_dir: Path, batch: int, steps: int) -> float:
     state = memory.merge(states)
     ids = np.full((batch, 1), 5, dtype=np.int64)
     memory.feed(state, ids)  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         logits = memory.feed(state, ids)
         ids = logits.argmax(axis=-1)[:, None].astype(np.int64)
-    return batch * steps / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return batch * steps / wall, 1000 * cpu / (batch * steps)
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -450,6 +452,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         load_before = os.getloadavg()[0]
         on: dict[int, float] = {}
+        cpu_on: dict[int, float] = {}
         if "load" in args.phases:
             levels = [int(x) for x in args.levels.split(",")]
             rows = []
@@ -484,13 +487,15 @@ def main(argv=None) -> int:
                       "than at 1")
 
         if "engine" in args.phases:
-            decode = engine_decode(model_dir, 16, args.engine_steps)
+            decode, decode_cpu = engine_decode(model_dir, 16, args.engine_steps)
             header("The engine's own batched decode (batch 16, no HTTP, this process)")
-            print("| engine tokens/s at batch 16 | HTTP tokens/s at 16 streams | HTTP / engine |")
-            print("|---|---|---|")
+            print("| engine tokens/s at batch 16 | its CPU ms/token | HTTP tokens/s at 16 streams | HTTP / engine "
+                  "| HTTP session CPU ms/token |")
+            print("|---|---|---|---|---|")
             http16 = on.get(16)
-            print(f"| {decode:.0f} | {http16:.0f} | {http16 / decode:.2f}x (target >= 0.8x) |" if http16 else
-                  f"| {decode:.0f} | - (the load phase did not run level 16) | - |")
+            print(f"| {decode:.0f} | {decode_cpu:.3f} | {http16:.0f} | {http16 / decode:.2f}x (target >= 0.8x) | "
+                  f"{cpu_on[16]:.3f} |" if http16 else
+                  f"| {decode:.0f} | {decode_cpu:.3f} | - (the load phase did not run level 16) | - | - |")
 
         if "conversation" in args.phases:
             convs = {}
