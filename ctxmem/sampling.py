@@ -79,6 +79,13 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[int] | np.ndarray | None = None) -> int:
         """logits (V,) float32 -> token id."""
         cfg = self.config
+        if cfg.temperature == 0 and (cfg.repetition_penalty == 1.0 or history is None or not len(history)):
+            # greedy on the raw logits: argmax returns the first NaN or the first +inf when there is one,
+            # so a finite pick means every value is finite or -inf - the slow path's answer too (it
+            # argmaxes the same values in float64, exactly converted); otherwise it decides
+            token = int(np.argmax(logits))
+            if math.isfinite(logits[token]):
+                return token
         logits = logits.astype(np.float64, copy=True)
         finite = np.isfinite(logits)
         if not finite.all():

@@ -166,3 +166,37 @@ def test_bad_memory_settings_are_refused(kwargs, message):
     _, backend = make(context=64)
     with pytest.raises(MemoryConfigError, match=message):
         ContextMemory(backend, MemoryConfig(**kwargs))
+
+
+def test_keep_first_and_last_picks_each_rows_first_and_last_valid_slots_left_padded():
+    """The eviction's slot choice (vectorised) against a plain per-row statement of it."""
+    from ctxmem.memory import keep_first_and_last
+
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        mask = rng.random((int(rng.integers(1, 5)), int(rng.integers(0, 30)))) < rng.random()
+        first, last = int(rng.integers(0, 6)), int(rng.integers(0, 10))
+        picks = []
+        for row in mask:
+            valid = list(np.flatnonzero(row))
+            picks.append(valid if len(valid) <= first + last else valid[:first] + valid[len(valid) - last:])
+        width = max(len(p) for p in picks)
+        idx, kept = keep_first_and_last(mask, first, last)
+        assert idx.shape == kept.shape == (len(mask), width), trial
+        for r, p in enumerate(picks):
+            assert idx[r][kept[r]].tolist() == p and kept[r].tolist() == [False] * (width - len(p)) + [True] * len(p)
+            assert (idx[r][~kept[r]] == 0).all()
+
+
+@pytest.mark.parametrize("same_rows", [True, False])
+def test_numpy_cache_take_gathers_each_rows_slots(same_rows):
+    """NumpyCacheOps.take (np.take / per-row take) against np.take_along_axis, contiguous results."""
+    from ctxmem.memory import NumpyCacheOps
+
+    rng = np.random.default_rng(1)
+    past = [(rng.normal(size=(3, 2, 12, 4)).astype(np.float32), rng.normal(size=(3, 2, 12, 4)).astype(np.float32))]
+    rows = [np.sort(rng.choice(12, 7, replace=False)) for _ in range(3)]
+    idx = np.stack([rows[0]] * 3 if same_rows else rows)
+    for got, want in zip(NumpyCacheOps().take(past, idx)[0], past[0]):
+        assert got.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(got, np.take_along_axis(want, idx[:, None, :, None], axis=2))

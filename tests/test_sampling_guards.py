@@ -90,3 +90,23 @@ def test_a_seed_that_is_not_a_non_negative_integer_is_refused_by_name(seed):
 @pytest.mark.parametrize("seed", [0, 2**63 - 1, 2**63])  # a batch's rows use seed + row
 def test_large_seeds_are_accepted(seed):
     assert 0 <= Sampler(GenerationConfig(temperature=1.0, seed=seed))(logits()) < V
+
+
+def test_greedy_picks_the_first_largest_finite_logit_whatever_the_non_finite_values():
+    """Greedy takes a fast path on the raw float32 logits; every mix of -inf, +inf and NaN must still
+    give the rule's answer: the first maximum over the finite values (or the clear error)."""
+    rng = np.random.default_rng(0)
+    sampler = Sampler(GenerationConfig(temperature=0.0))
+    for trial in range(300):
+        logits = rng.normal(size=64).astype(np.float32)
+        logits[rng.integers(0, 64, size=3)] = logits.max()  # ties: the first one wins
+        for bad in (-np.inf, np.inf, np.nan):
+            logits[rng.random(64) < rng.random() * 0.3] = bad
+        finite = np.isfinite(logits)
+        if not finite.any():
+            with pytest.raises(NonFiniteLogitsError):
+                sampler(logits)
+            continue
+        want = int(np.argmax(np.where(finite, logits.astype(np.float64), -np.inf)))
+        assert sampler(logits) == want, trial
+        assert sampler(logits, history=[]) == want  # an empty history takes the same path
