@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, Request
@@ -178,7 +177,8 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
     async def session_get(sid: str, request: Request):
         who = api.auth(request)
         row = await api.own_session(who, sid)
-        return {**_session(row), "messages": row["messages"]}
+        # usage: one entry per assistant message, in order (null for a turn stored without it)
+        return {**_session(row), "messages": row["messages"], "usage": row["usage"]}
 
     @app.delete("/v1/sessions/{sid}")
     async def session_delete(sid: str, request: Request):
@@ -544,5 +544,6 @@ def _engine_session(who: Principal, sid: str) -> str:
 
 
 def _stats(end: Finished) -> dict:
-    """What the conversation store keeps about a turn (JSON)."""
-    return {"usage": asdict(end.usage), "finish_reason": end.finish_reason}
+    """What the conversation store keeps about a turn (JSON): its usage as the response showed it
+    (`GET /v1/sessions/{id}` gives it back per turn), and why it ended."""
+    return {"usage": P.usage(end), "finish_reason": end.finish_reason}

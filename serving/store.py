@@ -16,6 +16,13 @@ another request extended the conversation first, so two concurrent turns cannot 
 
 Limits (serving/README.md, "Limits"): a conversation idle for `ttl_s` expires; when an owner has
 more than `max_conversations`, the least recently used ones are evicted as a new one is created.
+
+Each write carries `stats` = {"usage": <the turn's OpenAI usage, serving/protocol.py usage()>,
+"finish_reason"}. A row keeps the last turn's stats (its `tokens` count) and `usage`: one entry per
+assistant message, in order - the chat page redraws every turn's memory bar from it after a reload.
+The list grows with the messages and is bounded with them (max_conversation_tokens, ttl_s,
+max_conversations). A turn whose usage is unknown is None: the turns of a conversation stored
+before usage was kept, the earlier turns of a client-held history the store had not seen as it is.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ class StoreUnavailable(Exception):
 
 
 class ConversationStore(Protocol):
-    """Rows are {"id", "messages", "turns", "created", "updated", "title", "tokens", "stats"}."""
+    """Rows are {"id", "messages", "usage", "turns", "created", "updated", "title", "tokens", "stats"};
+    `list` leaves out messages and usage."""
 
     def create(self, owner: str, sid: str, max_conversations: int | None = None) -> dict[str, Any]: ...
     def get(self, owner: str, sid: str) -> dict[str, Any] | None: ...
@@ -68,6 +76,33 @@ def turns_of(messages: list[dict]) -> int:
     return sum(1 for m in messages if m.get("role") == "assistant")
 
 
+def padded(usage: list | None, turns: int) -> list[dict | None]:
+    """Exactly one usage entry per turn. A conversation stored before usage was kept (None), or
+    continued after that, lacks its earliest turns' entries: they are None."""
+    usage = list(usage or [])[-turns:] if turns > 0 else []
+    return [None] * (turns - len(usage)) + usage
+
+
+def appended_usage(old: list | None, old_turns: int, stats: dict | None) -> list[dict | None]:
+    """The usage list after `append` added one turn described by `stats`."""
+    return padded(old, old_turns) + [(stats or {}).get("usage")]
+
+
+def put_usage(old_messages: list[dict] | None, old: list | None, messages: list[dict],
+              stats: dict | None) -> list[dict | None]:
+    """The usage list after `put` replaced the messages (a client-held history). The stored turns'
+    usage is kept only while the new history starts with the stored one; `stats` describes the last
+    message when it is the assistant's answer; any other turn is None."""
+    turns = turns_of(messages)
+    kept: list = []
+    if old_messages and messages[:len(old_messages)] == old_messages:
+        kept = padded(old, turns_of(old_messages))
+    usage = (kept + [None] * turns)[:turns]
+    if usage and messages[-1].get("role") == "assistant" and (stats or {}).get("usage") is not None:
+        usage[-1] = stats["usage"]
+    return usage
+
+
 class SQLiteStore:
     """Messages as one JSON row per conversation. Safe across processes on one machine."""
 
@@ -81,11 +116,25 @@ class SQLiteStore:
             self._db().execute(
                 "CREATE TABLE IF NOT EXISTS owned_conversations (owner TEXT NOT NULL, sid TEXT NOT NULL, "
                 "messages TEXT NOT NULL, turns INTEGER NOT NULL, stats TEXT, created REAL NOT NULL, "
-                "updated REAL NOT NULL, title TEXT NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (owner, sid))")
+                "updated REAL NOT NULL, title TEXT NOT NULL, tokens INTEGER NOT NULL, turn_usage TEXT, "
+                "PRIMARY KEY (owner, sid))")
             self._db().execute("CREATE INDEX IF NOT EXISTS owned_conversations_updated "
                                "ON owned_conversations (owner, updated)")
+            self._add_turn_usage()
         except (OSError, sqlite3.Error) as err:
             raise StoreUnavailable(f"cannot open the conversation store {self.path}: {err}") from None
+
+    def _add_turn_usage(self) -> None:
+        """A file written before each turn's usage was kept gains the column; its rows read NULL there
+        (every turn None). Two processes opening it at once may race: the loser's 'duplicate column'
+        means the column is there."""
+        columns = [r[1] for r in self._db().execute("PRAGMA table_info(owned_conversations)")]
+        if "turn_usage" not in columns:
+            try:
+                self._db().execute("ALTER TABLE owned_conversations ADD COLUMN turn_usage TEXT")
+            except sqlite3.OperationalError as err:
+                if "duplicate column" not in str(err):
+                    raise
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -105,7 +154,7 @@ class SQLiteStore:
     def _alive(self) -> float:
         return time.time() - self.ttl_s if self.ttl_s else float("-inf")
 
-    _COLS = "sid, messages, turns, stats, created, updated, title, tokens"
+    _COLS = "sid, messages, turns, stats, created, updated, title, tokens, turn_usage"
 
     @staticmethod
     def _row(r, messages: bool = True) -> dict[str, Any]:
@@ -113,6 +162,7 @@ class SQLiteStore:
                "title": r[6], "tokens": r[7]}
         if messages:
             row["messages"] = json.loads(r[1])
+            row["usage"] = padded(json.loads(r[8] or "null"), r[2])
         return row
 
     def get(self, owner: str, sid: str) -> dict[str, Any] | None:
@@ -129,11 +179,12 @@ class SQLiteStore:
             return [self._row(r, messages=False) for r in rows]
         return self._run(go)
 
-    def _write(self, db, owner, sid, messages, turns, stats, created, max_conversations):
+    def _write(self, db, owner, sid, messages, usage, turns, stats, created, max_conversations):
         now = time.time()
-        db.execute("INSERT OR REPLACE INTO owned_conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        db.execute("INSERT OR REPLACE INTO owned_conversations (owner, sid, messages, turns, stats, created, "
+                   "updated, title, tokens, turn_usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (owner, sid, json.dumps(messages, ensure_ascii=False), turns, json.dumps(stats or {}),
-                    created or now, now, title(messages), stored_tokens(stats)))
+                    created or now, now, title(messages), stored_tokens(stats), json.dumps(usage)))
         if created is None:  # a new conversation: expire idle ones, evict this owner's least recently used
             db.execute("DELETE FROM owned_conversations WHERE updated < ?", (self._alive(),))
             if max_conversations:
@@ -142,7 +193,8 @@ class SQLiteStore:
                            (owner, owner, max_conversations))
 
     def _existing(self, db, owner, sid):
-        return db.execute("SELECT messages, turns, created FROM owned_conversations WHERE owner = ? AND sid = ? "
+        return db.execute("SELECT messages, turns, created, turn_usage FROM owned_conversations "
+                          "WHERE owner = ? AND sid = ? "
                           "AND updated >= ?", (owner, sid, self._alive())).fetchone()
 
     def create(self, owner: str, sid: str, max_conversations: int | None = None) -> dict[str, Any]:
@@ -151,7 +203,7 @@ class SQLiteStore:
             try:
                 if self._existing(db, owner, sid) is not None:
                     raise StoreConflict(f"conversation {sid!r} exists")
-                self._write(db, owner, sid, [], 0, {}, None, max_conversations)
+                self._write(db, owner, sid, [], [], 0, {}, None, max_conversations)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -170,7 +222,9 @@ class SQLiteStore:
                 if turns != expected_turns:
                     raise StoreConflict(f"conversation {sid!r} has {turns} turns, expected {expected_turns}")
                 history = (json.loads(row[0]) if row else []) + list(messages)
-                self._write(db, owner, sid, history, turns + 1, stats, row[2] if row else None, max_conversations)
+                usage = appended_usage(json.loads(row[3] or "null") if row else None, turns, stats)
+                self._write(db, owner, sid, history, usage, turns + 1, stats, row[2] if row else None,
+                            max_conversations)
                 db.execute("COMMIT")
                 return turns + 1
             except BaseException:
@@ -185,8 +239,10 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._existing(db, owner, sid)
-                self._write(db, owner, sid, list(messages), turns_of(messages), stats, row[2] if row else None,
-                            max_conversations)
+                usage = put_usage(json.loads(row[0]) if row else None, json.loads(row[3] or "null") if row else None,
+                                  messages, stats)
+                self._write(db, owner, sid, list(messages), usage, turns_of(messages), stats,
+                            row[2] if row else None, max_conversations)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -216,18 +272,19 @@ class MemoryStore:
     def get(self, owner: str, sid: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._live((owner, sid))
-            return json.loads(json.dumps(row)) if row else None
+            return {**json.loads(json.dumps(row)), "usage": padded(row.get("usage"), row["turns"])} if row else None
 
     def list(self, owner: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = [self._live(k) for k in list(self._data) if k[0] == owner]
-            rows = [{k: v for k, v in r.items() if k != "messages"} for r in rows if r is not None]
+            rows = [{k: v for k, v in r.items() if k not in ("messages", "usage")} for r in rows if r is not None]
             return sorted(rows, key=lambda r: r["updated"], reverse=True)
 
-    def _write(self, owner, sid, messages, turns, stats, max_conversations) -> None:
+    def _write(self, owner, sid, messages, usage, turns, stats, max_conversations) -> None:
         now = time.time()
         old = self._live((owner, sid))
-        self._data[(owner, sid)] = {"id": sid, "messages": list(messages), "turns": turns, "stats": stats or {},
+        self._data[(owner, sid)] = {"id": sid, "messages": list(messages), "usage": usage, "turns": turns,
+                                    "stats": stats or {},
                                     "created": old["created"] if old else now, "updated": now,
                                     "title": title(messages), "tokens": stored_tokens(stats)}
         if old is None and max_conversations:
@@ -239,7 +296,7 @@ class MemoryStore:
         with self._lock:
             if self._live((owner, sid)) is not None:
                 raise StoreConflict(f"conversation {sid!r} exists")
-            self._write(owner, sid, [], 0, {}, max_conversations)
+            self._write(owner, sid, [], [], 0, {}, max_conversations)
         return self.get(owner, sid)
 
     def append(self, owner: str, sid: str, expected_turns: int, messages: list[dict], stats: dict | None = None,
@@ -248,13 +305,17 @@ class MemoryStore:
             row = self._live((owner, sid)) or {"messages": [], "turns": 0}
             if row["turns"] != expected_turns:
                 raise StoreConflict(f"conversation {sid!r} has {row['turns']} turns, expected {expected_turns}")
-            self._write(owner, sid, row["messages"] + list(messages), row["turns"] + 1, stats, max_conversations)
+            self._write(owner, sid, row["messages"] + list(messages),
+                        appended_usage(row.get("usage"), row["turns"], stats), row["turns"] + 1, stats,
+                        max_conversations)
             return row["turns"] + 1
 
     def put(self, owner: str, sid: str, messages: list[dict], stats: dict | None = None,
             max_conversations: int | None = None) -> None:
         with self._lock:
-            self._write(owner, sid, messages, turns_of(messages), stats, max_conversations)
+            old = self._live((owner, sid)) or {}
+            self._write(owner, sid, messages, put_usage(old.get("messages"), old.get("usage"), messages, stats),
+                        turns_of(messages), stats, max_conversations)
 
     def delete(self, owner: str, sid: str) -> bool:
         with self._lock:

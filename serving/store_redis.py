@@ -4,7 +4,9 @@
 
 Layout, under the key prefix (default `ctxmem:`):
 
-    {prefix}c:{owner}:{id}   a hash: messages (JSON), turns, stats (JSON), created, updated, title, tokens
+    {prefix}c:{owner}:{id}   a hash: messages (JSON), usage (JSON, one entry per turn; absent in a
+                             conversation stored before it was kept), turns, stats (JSON), created,
+                             updated, title, tokens
     {prefix}o:{owner}        a sorted set: conversation id -> last update (listing, least-recently-used eviction)
 
 Owner names have no ':' (config.TENANT_NAME), so the two parts of a key never run together. Idle
@@ -21,7 +23,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .store import StoreConflict, StoreUnavailable, stored_tokens, title, turns_of
+from .store import (StoreConflict, StoreUnavailable, appended_usage, padded, put_usage, stored_tokens, title,
+                    turns_of)
 
 DEFAULT_PREFIX = "ctxmem:"
 _SUMMARY = ("turns", "stats", "created", "updated", "title", "tokens")
@@ -71,6 +74,7 @@ class RedisStore:
                "tokens": int(h.get("tokens") or 0)}
         if messages:
             row["messages"] = json.loads(h["messages"])
+            row["usage"] = padded(json.loads(h.get("usage") or "null"), row["turns"])
         return row
 
     def get(self, owner: str, sid: str) -> dict[str, Any] | None:
@@ -102,22 +106,25 @@ class RedisStore:
 
         def txn(pipe: redis.client.Pipeline) -> int:
             created.clear()
-            old = pipe.hmget(key, "messages", "turns", "created")
+            old = pipe.hmget(key, "messages", "turns", "created", "usage")
             turns = int(old[1]) if old[1] is not None else 0
             if must_be_new and old[1] is not None:
                 raise StoreConflict(f"conversation {sid!r} exists")
             if expected_turns is not None and turns != expected_turns:
                 raise StoreConflict(f"conversation {sid!r} has {turns} turns, expected {expected_turns}")
+            stored, usage = (json.loads(old[0]) if old[0] else None), json.loads(old[3] or "null")
             if replace:
                 messages, new_turns = list(new_messages), turns_of(new_messages)
+                usage = put_usage(stored, usage, messages, stats)
             else:
-                messages = (json.loads(old[0]) if old[0] else []) + list(new_messages)
+                messages = (stored or []) + list(new_messages)
                 new_turns = turns + 1
+                usage = appended_usage(usage, turns, stats)
             now = time.time()
             pipe.multi()
-            pipe.hset(key, mapping={"messages": json.dumps(messages, ensure_ascii=False), "turns": new_turns,
-                                    "stats": json.dumps(stats or {}), "created": old[2] or now, "updated": now,
-                                    "title": title(messages), "tokens": stored_tokens(stats)})
+            pipe.hset(key, mapping={"messages": json.dumps(messages, ensure_ascii=False), "usage": json.dumps(usage),
+                                    "turns": new_turns, "stats": json.dumps(stats or {}), "created": old[2] or now,
+                                    "updated": now, "title": title(messages), "tokens": stored_tokens(stats)})
             pipe.zadd(index, {sid: now})
             if self.ttl_s:
                 pipe.expire(key, int(self.ttl_s) + 1)

@@ -81,8 +81,9 @@ def server(tiny_export):
     args = ServeArgs(model=str(tiny_export), model_name=NAME, api_keys=[API_KEY]).resolve()
     engine = Engine(args.engine)
     client = HeldStream(engine)
-    srv = Server(build_api(client, args, MemoryStore()), free_port())
-    srv.engine_client = client
+    store = MemoryStore()
+    srv = Server(build_api(client, args, store), free_port())
+    srv.engine_client, srv.store = client, store
     srv.start()
     yield srv
     if srv.thread.is_alive():
@@ -141,6 +142,9 @@ def send(page, text: str) -> dict:
     bar = reply.locator("figure.memory")
     return dict(bar.evaluate("f => ({...f.dataset})")) if bar.count() else {}
 
+
+# every memory bar's numbers (and its past-the-window mark) and its text
+BARS = "fs => fs.map(f => [{...f.dataset}, f.innerText])"
 
 # true once the page shows exactly these message texts, in order
 SHOWS = "want => JSON.stringify([...document.querySelectorAll('#messages .msg .text')].map(e => e.textContent)) " \
@@ -224,12 +228,19 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
 
-    # reload: the same conversation comes back from the server; both are in this key's list
+    # reload: the same conversation comes back from the server, every turn's memory bar with it (the
+    # same numbers, the same turn marked past the window); both conversations are in this key's list
     sid = page.url.split("#session=")[1]
     texts = page.locator("#messages .msg .text").all_text_contents()
+    shown = page.locator("figure.memory").evaluate_all(BARS)
+    stored = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=AUTH).json()["usage"]
+    assert [(u["prompt_tokens"], u["total_tokens"], u["prompt_tokens_details"]["cached_tokens"], u["evicted_tokens"])
+            for u in stored] == [(int(b["prompt"]), int(b["total"]), int(b["cached"]), int(b["evicted"]))
+                                 for b, _ in shown]
     page.reload()
     page.locator("#messages .msg").nth(len(texts) - 1).wait_for()
     assert page.locator("#messages .msg .text").all_text_contents() == texts
+    assert page.locator("figure.memory").evaluate_all(BARS) == shown
     current = page.locator("#conversations button[aria-current=true]")
     current.wait_for()
     assert current.get_attribute("data-id") == sid and "Turn 0" in current.inner_text()
@@ -241,6 +252,18 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     assert other.url.endswith("#session=" + first)
     assert other.locator("#messages .msg .text").all_text_contents() == ["Hello\nthere", first_reply]
     other.close()
+    # the same conversation as if stored before each turn's usage was kept, up to the turn past the
+    # window: those turns have no bar, and that turn is not called the first past it (the turn before
+    # it is unknown)
+    (owner, _), row = next((k, v) for k, v in server.store._data.items() if k[1] == sid)
+    server.store._data[(owner, "legacy")] = {**row, "id": "legacy", "usage": row["usage"][past:]}
+    legacy = open_page(context, server.url + "/#session=legacy")
+    legacy.locator("#messages .msg").nth(len(texts) - 1).wait_for()
+    unmarked = [{k: v for k, v in d.items() if k != "past"} for d, _ in shown[past:]]
+    assert [d for d, _ in legacy.locator("figure.memory").evaluate_all(BARS)] == unmarked
+    assert legacy.locator("figure.memory[data-past]").count() == 0 and past >= 1
+    assert f"no memory bar for {past} earlier turn" in legacy.locator("#status").inner_text()
+    legacy.close()
 
     # an API error is shown as the API words it
     page.get_by_label("Max tokens").fill("100000")
@@ -277,8 +300,11 @@ def test_chat_in_a_browser_memory_bar_resume_and_errors(server, context, tmp_pat
     retry(page, error)
     history = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=AUTH).json()["messages"]
     assert [m["content"] for m in history if m["role"] == "user"][-2:] == ["Are you there?", "Still there?"]
-    # resumed past the window without the earlier turns' usage: no later turn is called the first past it
-    assert page.locator("figure.memory").count() >= 1 and page.locator("figure.memory[data-past]").count() == 0
+    # the cut stream's retry redrew the conversation from the server: every turn has its bar again,
+    # still one marked past the window, the same one
+    assert page.locator("figure.memory").count() == len([m for m in history if m["role"] == "assistant"])
+    assert page.locator("figure.memory").evaluate_all("fs => fs.findIndex(f => f.dataset.past)") == past
+    assert page.locator("figure.memory[data-past]").count() == 1
     assert page.errors == []
 
 

@@ -73,6 +73,65 @@ def test_owners_appends_listing_and_deletes(url):
     assert store.get("bob", "c")["turns"] == 2
 
 
+def _stats(prompt: int, completion: int, cached: int, evicted: int) -> dict:
+    """A turn's stats as the API records them: the response's usage (serving/protocol.py usage())."""
+    from ctxmem.serving.events import Finished, Usage
+    from ctxmem.serving.protocol import usage
+
+    end = Finished("stop", Usage(prompt, completion, cached, evicted, prompt - cached), None, 1.0)
+    return {"usage": usage(end), "finish_reason": end.finish_reason}
+
+
+def test_each_turns_usage_is_kept_in_order(url):
+    """One usage entry per assistant message, in order, through appends and client-held puts; only the
+    get of one conversation carries them."""
+    store = open_store(url)
+    store.create("alice", "c")
+    turns = [_stats(20, 8, 0, 0), _stats(40, 8, 27, 0), _stats(70, 8, 47, 14)]
+    for n, stats in enumerate(turns):
+        store.append("alice", "c", n, TURN, stats)
+    row = store.get("alice", "c")
+    assert row["usage"] == [t["usage"] for t in turns]
+    assert row["usage"][2]["prompt_tokens_details"]["cached_tokens"] == 47 and row["usage"][2]["evicted_tokens"] == 14
+    assert row["tokens"] == 78 and "usage" not in store.list("alice")[0]
+    # a client-held history that extends the stored one keeps its turns' usage; a rewritten one does not
+    held = row["messages"] + TURN
+    store.put("alice", "c", held, _stats(90, 8, 78, 34))
+    assert store.get("alice", "c")["usage"] == [t["usage"] for t in turns] + [_stats(90, 8, 78, 34)["usage"]]
+    store.put("alice", "c", [{"role": "user", "content": "edited"}] + held[1:], _stats(91, 8, 0, 35))
+    assert store.get("alice", "c")["usage"] == [None, None, None, _stats(91, 8, 0, 35)["usage"]]
+    store.put("bob", "c", TURN * 2)  # no stats: no usage known
+    assert store.get("bob", "c")["usage"] == [None, None]
+
+
+def test_a_conversation_stored_before_usage_was_kept_reads_null_turns(url, tmp_path):
+    """Its turns' usage is None, and a turn added now is kept after them. For SQLite the file is one
+    of the schema before (no usage column), opened by the store; Redis' hash has no usage field."""
+    old_turns = TURN * 2
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "s.sqlite")
+        db.execute("CREATE TABLE owned_conversations (owner TEXT NOT NULL, sid TEXT NOT NULL, messages TEXT NOT NULL, "
+                   "turns INTEGER NOT NULL, stats TEXT, created REAL NOT NULL, updated REAL NOT NULL, title TEXT NOT "
+                   "NULL, tokens INTEGER NOT NULL, PRIMARY KEY (owner, sid))")
+        db.execute("INSERT INTO owned_conversations VALUES ('alice', 'old', ?, 2, '{}', 1.0, 9e9, 'hello', 0)",
+                   (json.dumps(old_turns),))
+        db.commit()
+        db.close()
+        store = open_store(url)
+    else:
+        store = open_store(url)
+        store.put("alice", "old", old_turns)
+        if url.startswith("redis"):
+            store.r.hdel(f"{store.prefix}c:alice:old", "usage")
+        else:
+            del store._data[("alice", "old")]["usage"]
+    assert store.get("alice", "old")["usage"] == [None, None]
+    assert store.append("alice", "old", 2, TURN, _stats(30, 4, 22, 0)) == 3
+    assert store.get("alice", "old")["usage"] == [None, None, _stats(30, 4, 22, 0)["usage"]]
+
+
 def test_a_new_conversation_evicts_the_owners_least_recently_used(url):
     store = open_store(url)
     for sid in ("a", "b"):

@@ -121,7 +121,9 @@
   // Two bars on one scale, the whole conversation after this turn (total_tokens):
   //   [sinks | evicted | window]     what the model still attends to, and what it no longer holds
   //   [cached | prefilled | reply]   this turn's prompt from the KV cache or computed now, then the reply
-  function memoryBar(usage) {
+  // `markable`: whether this turn, if past the window, can be called the first one (false when the
+  // turn before it is unknown: that one may have been past already).
+  function memoryBar(usage, markable = true) {
     const prompt = usage.prompt_tokens || 0;
     const completion = usage.completion_tokens || 0;
     const total = usage.total_tokens || prompt + completion;
@@ -155,6 +157,7 @@
     fig.append(bar, turn, legend);
     if (cap !== null && prompt > cap && !state.pastMarked) {
       state.pastMarked = true;
+      if (!markable) return fig;
       fig.dataset.past = "true";
       const mark = document.createElement("span");
       mark.className = "past";
@@ -257,24 +260,27 @@
     }
     setSession(id, data.turns || 0);
     $("messages").replaceChildren();
-    const usages = data.usage || [];  // one per assistant message, when the server keeps them
-    let turn = 0;
+    // every turn's bar from its usage (one entry per assistant message; null for a turn the server
+    // kept without it). A turn's prompt holds the whole history before it, so prompts only grow: a
+    // turn is the first past the window when its prompt exceeds it and the previous turn's did not.
+    const usages = data.usage || [];
+    let turn = 0, unknown = 0, previousKnown = true;
     for (const m of data.messages || []) {
       const li = bubble(m.role, m.content);
-      if (m.role === "assistant") {
-        const u = usages[turn++];
-        if (u) li.append(memoryBar(u));
-      }
+      if (m.role !== "assistant") continue;
+      const u = usages[turn++];
+      if (u) li.append(memoryBar(u, previousKnown));
+      else unknown++;
+      previousKnown = Boolean(u);
     }
-    if (!usages.length) {
-      // without the earlier turns' usage the first turn past the window cannot be told: if the
-      // conversation already holds more than the window, mark none rather than a wrong one
+    if (!previousKnown) {
+      // the last turn's prompt is unknown: if the conversation already holds more than the window,
+      // that turn may have been the first past it, so the next one is not marked (none rather than a wrong one)
       const cap = capacity(state.memory);
-      state.pastMarked = cap !== null && (data.tokens || 0) > cap;
-      status("Resumed; the server does not keep earlier turns' memory bars.");
-    } else {
-      status("");
+      state.pastMarked = state.pastMarked || (cap !== null && (data.tokens || 0) > cap);
     }
+    status(unknown ? `Resumed; no memory bar for ${unknown} earlier turn${unknown === 1 ? "" : "s"}: ` +
+                     "the server kept no usage for them." : "");
     refreshList();
   }
 
