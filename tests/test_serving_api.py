@@ -115,17 +115,21 @@ def test_the_session_endpoint_keeps_the_history_on_the_server(stack):
     app, _, store = stack
     created = call(app, "POST", "/v1/sessions", headers=AUTH, json={"id": "sess-1"})
     assert created.status_code == 201 and created.json()["turns"] == 0
+    usages = []
     for turn in range(3):
         r = call(app, "POST", "/v1/sessions/sess-1/messages", headers=AUTH,
                  json={"content": f"message {turn}", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
         body = r.json()
+        usages.append(body["usage"])
         assert body["session"] == {"id": "sess-1", "turns": turn + 1}
         if turn:
             assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     history = call(app, "GET", "/v1/sessions/sess-1", headers=AUTH).json()
     assert history["turns"] == 3 and [m["role"] for m in history["messages"]] == ["user", "assistant"] * 3
     assert history["title"] == "message 0" and history["tokens"] > 0
+    # each assistant turn's usage, in order, as its response carried it (the chat page redraws from it)
+    assert history["usage"] == usages
     assert call(app, "DELETE", "/v1/sessions/sess-1", headers=AUTH).json()["deleted"] is True
     assert call(app, "GET", "/v1/sessions/sess-1", headers=AUTH).status_code == 404
 
