@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="append", default=[], metavar="VARIANT=PATH",
                    help="measure this checkpoint for VARIANT instead of training it (repeatable)")
     p.add_argument("--data", default=None, help="prepared data folder (default: the config's data.path)")
-    p.add_argument("--corpus", default="stdlib recall:0.3",
-                   help="corpora prepared into --data when it does not exist (default 'stdlib recall:0.3'; "
+    p.add_argument("--corpus", default="stdlib recall:0.8",
+                   help="corpora prepared into --data when it does not exist (default 'stdlib recall:0.8'; "
                         "--quick: 'chatterbot recall:0.2')")
     p.add_argument("--out", default=None, help="runs and results of each variant (default runs/bench-sinks[-quick])")
     p.add_argument("--reuse", action="store_true", help="measure OUT/VARIANT/final where it exists instead of training")
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = base_config(args)
     out = Path(args.out or ("runs/bench-sinks-quick" if args.quick else "runs/bench-sinks"))
     data_path = Path(args.data) if args.data else (out / "data" if args.quick else Path(cfg.data.path))
-    corpus = "chatterbot recall:0.2" if args.quick and args.corpus == "stdlib recall:0.3" else args.corpus
+    corpus = "chatterbot recall:0.2" if args.quick and args.corpus == "stdlib recall:0.8" else args.corpus
     data = ensure_data(data_path, corpus)
     settings = memory_settings(cfg, args)
     started = time.time()

@@ -43,7 +43,7 @@ def test_facts_have_distinct_keys_and_questions_answer_them():
 
 
 def test_recall_questions_come_within_a_small_models_context_of_their_facts():
-    """With the corpus's settings every value is asked within 500 characters (median ~120: the
+    """With the corpus's settings every value is asked within 500 characters (median ~90: the
     distances the memory evaluation asks at), so a 256-token crop holds most facts with their question."""
     gen = FactGenerator(seed=2)
     distances = []

@@ -44,10 +44,10 @@ RECALL_FRACTION = 0.1  # `recall` mixed into other corpora: its share of the cha
 RECALL_DOCUMENTS = 2000  # `recall` alone: documents written
 RECALL_FACTS = 8  # facts (each asked soon after it is stated) per recall document
 # filler before each statement or question: at most this many characters, so with at most 2 facts
-# waiting for their question a question comes 40-500 characters after its fact's value (median ~120):
-# inside a small model's training context (256 byte tokens) wherever a crop falls, and spread over
-# the distances the memory evaluation asks at
-RECALL_GAP_CHARS = 80
+# waiting for their question a question comes ~40-250 characters after its fact's value (median ~90):
+# inside a small model's training context (256 byte tokens) wherever a crop falls, spread over the
+# distances the memory evaluation asks at, and dense (about one answered question per 115 characters)
+RECALL_GAP_CHARS = 40
 RECALL_OPEN_FACTS = 2  # facts stated and not yet asked, at most
 RECALL_FILLER_POOL = 2_000_000  # characters of the other corpora sampled for filler
 
