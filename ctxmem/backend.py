@@ -38,7 +38,8 @@ class TorchBackend:
         self.max_seq_len = model.cfg.max_seq_len
         self.vocab_size = model.cfg.vocab_size
         self.uses_rope = model.cfg.pos == "rope"
-        self.sink_token_id = model.cfg.sink_token_id  # prepended to every stream by ContextMemory
+        self.sink_token_id = model.cfg.sink_token_id
+        self.stream_prefix = model.cfg.stream_prefix  # [sink token] [BOS]: ContextMemory starts every stream with it
         self.name = f"torch-{self.device.type}"
 
     @torch.inference_mode()

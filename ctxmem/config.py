@@ -43,6 +43,9 @@ class ModelConfig:
     bias: bool = False  # biases in the attention/FFN projections (the seed article has them)
     dropout: float = 0.0
     sink: str = "none"  # see SINKS
+    # the BOS id every training sample began with (data.samples=document); None = samples were random
+    # crops, so no stream starts with a fixed token besides the sink token. See stream_prefix.
+    bos_token_id: int | None = None
     preset: str = "custom"
     head_dim: int = field(init=False)
 
@@ -67,6 +70,11 @@ class ModelConfig:
         for name, allowed in (("norm", NORMS), ("ffn", FFNS), ("pos", POSITIONS), ("sink", SINKS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.bos_token_id is not None and (
+                not isinstance(self.bos_token_id, int) or isinstance(self.bos_token_id, bool)
+                or not 0 <= self.bos_token_id < self.vocab_size or self.bos_token_id == self.sink_token_id):
+            raise ConfigError(f"bos_token_id must be an id of the vocabulary (0..{self.vocab_size - 1}) other than "
+                              f"the sink token, or None, got {self.bos_token_id!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_ff is None:
@@ -79,6 +87,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("head_dim")
+        if data["bos_token_id"] is None:  # written only when set: a crop-trained config stays as it was
+            data.pop("bos_token_id")
         return data
 
     @classmethod
@@ -112,6 +122,12 @@ class ModelConfig:
     def sink_token_id(self) -> int | None:
         """sink='token': the id of the dedicated sink token (the vocabulary's last); else None."""
         return self.vocab_size - 1 if self.sink == "token" else None
+
+    @property
+    def stream_prefix(self) -> tuple[int, ...]:
+        """The tokens every training sample began with, so every stream at inference begins with them
+        too (ContextMemory prepends them): the sink token (sink='token'), then BOS (bos_token_id)."""
+        return tuple(t for t in (self.sink_token_id, self.bos_token_id) if t is not None)
 
     def num_params(self) -> int:
         d, f, kv = self.d_model, self.d_ff, self.n_kv_heads * self.head_dim

@@ -166,6 +166,16 @@ class MemoryState:
         return self.tokens[row][self.mask[row]].tolist()
 
 
+def stream_prefix(backend: Any) -> tuple[int, ...]:
+    """A backend's stream prefix (ModelConfig.stream_prefix); a backend that only names a sink token
+    (``sink_token_id``) has that alone."""
+    prefix = getattr(backend, "stream_prefix", None)
+    if prefix is not None:
+        return tuple(int(t) for t in prefix)
+    sink = getattr(backend, "sink_token_id", None)
+    return () if sink is None else (int(sink),)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> ids (B, T) and valid (B, T), padded on the left so every row ends at column T-1."""
     width = max((len(r) for r in rows), default=0)
@@ -216,6 +226,7 @@ class ContextMemory:
         self.backend = backend
         self.config = config.resolve(backend.max_seq_len, backend.uses_rope)
         self.sink_token: int | None = getattr(backend, "sink_token_id", None)
+        self.prefix: tuple[int, ...] = stream_prefix(backend)
         # masked (evicted) slots the sink cache may carry before it is compacted
         self.slack = slack if slack is not None else max(8, self.config.capacity // 16)
         # prefill piece: any size gives the same result under `sink` (exact banding); it bounds the
@@ -246,11 +257,12 @@ class ContextMemory:
         if ids.shape[1] == 0:
             raise ValueError("nothing to feed: every row is empty")
         starts = (state.seen == 0) & valid.any(axis=1)
-        if self.sink_token is None or not starts.any():
+        if not self.prefix or not starts.any():
             return self._feed(state, ids, valid, all_logits)
-        # a model trained with a sink token (ModelConfig.sink='token') sees it first in every stream,
-        # as in training: rows starting now get it prepended; the sink's own logits are dropped
-        rows = [([self.sink_token] if starts[r] else []) + ids[r][valid[r]].tolist() for r in range(len(ids))]
+        # a model sees its stream prefix (ModelConfig.stream_prefix: the sink token, BOS) first in every
+        # stream, as in training: rows starting now get it prepended; the prefix's own logits are dropped
+        rows = [(self.prefix_for(ids[r][valid[r]]) if starts[r] else []) + ids[r][valid[r]].tolist()
+                for r in range(len(ids))]
         wide, wide_valid = left_pad(rows)
         out = self._feed(state, wide, wide_valid, all_logits)
         return out[:, -ids.shape[1]:] if all_logits else out
@@ -283,6 +295,16 @@ class ContextMemory:
             has = part_valid.any(axis=1)
             logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
         return np.concatenate(every, axis=1) if all_logits else logits
+
+    def prefix_for(self, tokens: Sequence[int] | np.ndarray) -> list[int]:
+        """What feed() puts before a stream that starts with ``tokens``: the model's stream prefix,
+        less a BOS the stream already begins with (a prompt or an evaluated text that carries its own
+        BOS keeps one, as in training). Only BOS is recognised: the sink token is always added."""
+        prefix = list(self.prefix)
+        tail = prefix[1:] if self.sink_token is not None else prefix  # the BOS part, if any
+        if tail and len(tokens) >= len(tail) and [int(t) for t in tokens[:len(tail)]] == tail:
+            return prefix[:len(prefix) - len(tail)]
+        return prefix
 
     def rewind(self, state: MemoryState, n: int) -> MemoryState:
         """Forget the last ``n`` tokens of a one-row state (e.g. a reply the client did not keep).
@@ -399,10 +421,12 @@ class ContextMemory:
         state.__dict__.update(self.select(merged, np.argsort(order)).__dict__)
 
     def _recompute_keep(self, kept: list[int], keep: int) -> list[int]:
-        """The newest `keep` tokens of a row (at least one); a model trained with a sink token keeps
-        it first, as every stream of its training began with it."""
-        if self.sink_token is not None and kept and kept[0] == self.sink_token:
-            return [self.sink_token] + kept[1:][len(kept) - 1 - max(keep - 1, 1):]
+        """The newest `keep` tokens of a row (at least one); a model with a stream prefix (sink token,
+        BOS) keeps it first, as every stream of its training began with it."""
+        n = len(self.prefix)
+        if n and kept[:n] == list(self.prefix):
+            rest = kept[n:]
+            return list(self.prefix) + rest[max(len(rest) - max(keep - n, 1), 0):]
         return kept[len(kept) - max(keep, 1):]
 
     def _feed_rows_alone(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:

@@ -286,7 +286,8 @@ class OrtBackend:
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
         self.uses_rope = cfg.pos == "rope"
-        self.sink_token_id = cfg.sink_token_id  # prepended to every stream by ContextMemory
+        self.sink_token_id = cfg.sink_token_id
+        self.stream_prefix = cfg.stream_prefix  # [sink token] [BOS]: ContextMemory starts every stream with it
         self.session = create_session(self.export_dir / self.config.files.get("model", MODEL_FILE), provider,
                                       intra_op_threads)
         check_names(self.session, self.contract, str(self.export_dir))

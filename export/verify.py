@@ -107,7 +107,7 @@ class _Lockstep:
                  atol: float = FP32_ATOL, rtol: float = FP32_RTOL):
         self.model, self.ort, self.contract = model, ort, contract
         self.max_seq_len, self.vocab_size, self.uses_rope = ort.max_seq_len, ort.vocab_size, ort.uses_rope
-        self.sink_token_id = ort.sink_token_id
+        self.sink_token_id, self.stream_prefix = ort.sink_token_id, ort.stream_prefix
         self.ops = _LockstepOps()
         self.gate_values, self.atol, self.rtol = gate_values, atol, rtol
         self.calls = self.slides = 0
