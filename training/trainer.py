@@ -143,7 +143,7 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None, overwrite: 
     if resume:
         root, tag = ckpt.locate(resume, out)
         point = ckpt.verify(root, tag, check_hashes=check_hashes)
-        model_cfg = cfg.model.build(data.vocab_size)
+        model_cfg = model_config(cfg, data)
         ckpt.check_compatible(point, zero_stage=cfg.zero.stage,
                               model_config=model_cfg.to_dict(), global_batch=cfg.batch.global_batch,
                               seq_len=cfg.seq_len, seed=cfg.seed)
@@ -157,13 +157,23 @@ def preflight(cfg: TrainConfig, world_size: int, resume: str | None, overwrite: 
     return point
 
 
+def model_config(cfg: TrainConfig, data):
+    """The ModelConfig this run trains: the model section for the data's tokenizer, and - for
+    data.samples=document, whose every sample starts with BOS - that BOS id, so inference starts
+    every stream with it too (ModelConfig.stream_prefix)."""
+    model_cfg = cfg.model.build(data.vocab_size)
+    if cfg.data.samples == "document" and data.tokenizer().bos_id is not None:
+        model_cfg = model_cfg.replace(bos_token_id=int(data.tokenizer().bos_id))
+    return model_cfg
+
+
 def training_splits(cfg: TrainConfig, data) -> tuple[Any, Any]:
     """(train, val) Splits as the config samples them: data.samples, and the model's sink token
     (sink=token) in front of every sample. The validation split is cut the same way, so the two
     losses compare."""
     from .data import sample_prefix
 
-    model_cfg = cfg.model.build(data.vocab_size)
+    model_cfg = model_config(cfg, data)
     prefix = sample_prefix(cfg.data.samples, model_cfg.sink_token_id, data.tokenizer().bos_id)
     return tuple(data.split(name, cfg.seq_len, prefix, cfg.data.samples) for name in ("train", "val"))
 
@@ -235,7 +245,7 @@ class _Run:
         self.seq_len = cfg.seq_len
         self.train_split, self.val_split = training_splits(cfg, self.data)
         self.plan = BatchPlan(self.train_split.n_windows, cfg.batch.global_batch, cfg.seed)
-        self.model_cfg = cfg.model.build(self.data.vocab_size)
+        self.model_cfg = model_config(cfg, self.data)
         self.progress = progress
         # A checkpoint of another world size: stage 0 holds the whole model and optimizer on every
         # rank and loads as it is; ZeRO-1/2/3 partitions are resharded through a universal checkpoint.
