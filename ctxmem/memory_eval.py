@@ -54,7 +54,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .memory import ContextMemory, MemoryConfig, MemoryConfigError
+from .memory import ContextMemory, MemoryConfig, MemoryConfigError, stream_prefix
 from .recall_facts import Fact, FactGenerator
 
 log = logging.getLogger("ctxmem.memory_eval")
@@ -339,9 +339,10 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
 
 
 def stream_context(backend) -> int:
-    """Stream tokens the model's context holds under ``full``: one fewer for a model with a sink token
-    (ModelConfig.sink='token'), which ContextMemory puts first in every stream."""
-    return backend.max_seq_len - (getattr(backend, "sink_token_id", None) is not None)
+    """Stream tokens the model's context holds under ``full``: fewer by the model's stream prefix
+    (ModelConfig.stream_prefix: sink token, BOS), which ContextMemory puts first in every stream (a
+    stream that brings its own BOS gets only the sink token added: then one token of room is spare)."""
+    return backend.max_seq_len - len(stream_prefix(backend))
 
 
 def _check_window(backend, window: int, sinks: int) -> None:
