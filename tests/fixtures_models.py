@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_export import train_small
+from helpers_export import new_sqlite_store, train_small
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +61,22 @@ def small_int8(small_export, small_checkpoint, tmp_path_factory) -> Path:
     # the same step `ctxmem export --int8` runs after tracing and verifying the fp32 graph
     return derive_variant(small_export, tmp_path_factory.mktemp("small_x") / "int8", "int8",
                           eval_data=small_checkpoint.parent / "val.txt")
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with all of MLflow's schema migrations applied, made once per
+    session: a fresh store runs ~50 alembic migrations (seconds each time). Tests take a copy of it
+    with `new_sqlite_store`; each copy is a store of its own, as MLflow itself would have made it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    MlflowClient(uri, uri).search_experiments()  # creates the tables (tracking and registry share them)
+    return path
+
+
+@pytest.fixture
+def sqlite_store(mlflow_store_template, tmp_path) -> str:
+    """A fresh MLflow SQLite store for one test (a copy of the session's migrated template): its URI."""
+    return new_sqlite_store(mlflow_store_template, tmp_path / "mlflow.db")

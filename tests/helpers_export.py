@@ -84,6 +84,17 @@ def _train_small(out: Path, steps: int, seq_len: int, batch: int) -> Path:
     return out
 
 
+# ---- MLflow stores -----------------------------------------------------------------------------------
+def new_sqlite_store(template: Path, path: Path) -> str:
+    """A fresh MLflow SQLite store at `path`, copied from the session's migrated empty store (the
+    `mlflow_store_template` fixture) instead of migrated again; returns its sqlite:/// URI."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: a new store needs a path of its own")
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 # ---- tampering ---------------------------------------------------------------------------------------
 def copy_export(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -133,10 +144,14 @@ def cut_logits(export_dir: Path) -> None:
 
 # ---- a real `mlflow server` --------------------------------------------------------------------------
 class MlflowServer:
-    """infra/mlflow/start_server.sh on 127.0.0.1:<free port>, SQLite + local artifacts in `root`."""
+    """infra/mlflow/start_server.sh on 127.0.0.1:<free port>, SQLite + local artifacts in `root`.
+    `store_template`: a migrated empty store (the `mlflow_store_template` fixture) copied in as the
+    server's SQLite file, so that the server starts without migrating a new one."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, store_template: Path | None = None):
         root.mkdir(parents=True, exist_ok=True)
+        if store_template is not None:
+            new_sqlite_store(store_template, root / "mlflow.db")  # the script's default SQLite path
         self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"

@@ -60,14 +60,15 @@ def _training_layout(checkpoint: Path, work: Path) -> Path:
 
 @pytest.mark.slow
 def test_every_command_of_the_export_readme_runs_in_order_on_the_layout_it_names(
-        tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    from helpers_export import synthetic_text
+        tiny_checkpoint, tmp_path, monkeypatch, capsys, mlflow_store_template):
+    from helpers_export import new_sqlite_store, synthetic_text
 
     from ctxmem.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the documented default: ./mlflow.db
     monkeypatch.setenv("CTXMEM_MODEL_CACHE", str(tmp_path / "cache"))
+    new_sqlite_store(mlflow_store_template, tmp_path / "mlflow.db")  # the default store, as training left it
     final = _training_layout(tiny_checkpoint, tmp_path)
     (tmp_path / "notes.txt").write_text(synthetic_text(200, seed=3))
     monkeypatch.setenv("RUN_ID", json.loads((final / "mlflow_run.json").read_text())["run_id"])

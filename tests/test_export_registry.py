@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_export import MlflowServer, copy_export, tamper_weights
+from helpers_export import MlflowServer, copy_export, new_sqlite_store, tamper_weights
 
 from ctxmem.cli import main
 from ctxmem.export.errors import AliasNotFoundError, PromotionRefusedError, RegistryError
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, mlflow_store_template) -> str:
     """One SQLite store for this module (creating its tables costs seconds), found the default way
     ($MLFLOW_TRACKING_URI); each test uses its own registered model names."""
     root = tmp_path_factory.mktemp("sqlite_store")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_sqlite_store(mlflow_store_template, root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("CTXMEM_MODEL_CACHE", str(root / "cache"))
@@ -175,11 +175,12 @@ def test_runs_uri_resolves_to_the_checkpoint_a_training_run_logged(store, tiny_c
 
 
 @pytest.mark.slow
-def test_register_promote_load_and_generate_against_a_real_mlflow_server(tiny_export, tmp_path, monkeypatch):
+def test_register_promote_load_and_generate_against_a_real_mlflow_server(tiny_export, tmp_path, monkeypatch,
+                                                                         mlflow_store_template):
     from ctxmem.export.registry import promote, register_export
     from ctxmem.export.resolve import open_onnx_generator, resolve_model
 
-    server = MlflowServer(tmp_path / "server")
+    server = MlflowServer(tmp_path / "server", store_template=mlflow_store_template)
     try:
         server.wait()
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)

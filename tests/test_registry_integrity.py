@@ -18,15 +18,15 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from helpers_export import copy_export, tamper_weights
+from helpers_export import copy_export, new_sqlite_store, tamper_weights
 
 from ctxmem.export.errors import ArtifactIntegrityError, RegistryError, RuntimeConfigError, UnsafeFilePathError
 from ctxmem.export.runtime import DATA_FILE, MODEL_FILE, RUNTIME_CONFIG, TOKENIZER_FILE, RuntimeConfig, file_sha256
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, mlflow_store_template) -> str:
     root = tmp_path_factory.mktemp("integrity_store")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_sqlite_store(mlflow_store_template, root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)
@@ -228,6 +228,7 @@ def _wait_for(condition, what: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # two more Python processes, each importing MLflow and ONNX Runtime (~20 s on a busy machine)
 def test_two_processes_resolving_the_same_version_at_once_get_one_intact_download(store, cache, tiny_export,
                                                                                    tmp_path):
     from mlflow import MlflowClient

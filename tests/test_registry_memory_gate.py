@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers_export import new_sqlite_store
+
 from ctxmem.cli import main
 from ctxmem.export.errors import PromotionRefusedError, RegistryError
 from ctxmem.memory_eval import BEYOND_WINDOWS, STREAM_WINDOWS, MemoryEvalResult
@@ -19,9 +21,9 @@ TEXT_A, TEXT_B = "a" * 64, "b" * 64  # stand-ins for two texts' sha256
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, mlflow_store_template) -> str:
     root = tmp_path_factory.mktemp("memory_gate_store")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_sqlite_store(mlflow_store_template, root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("CTXMEM_MODEL_CACHE", str(root / "cache"))

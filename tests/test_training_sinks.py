@@ -16,6 +16,7 @@ from ctxmem.tokenizer import ByteTokenizer
 from ctxmem.training.config import TrainConfig
 from ctxmem.training.data import IGNORE, Split, TokenData, prepare, sample_prefix
 from ctxmem.training.errors import DataError, TrainConfigError
+from helpers_export import new_sqlite_store
 from helpers_training import TINY, train_inprocess
 
 
@@ -141,11 +142,11 @@ MEMORY = ("eval.memory.enabled=true", "eval.memory.window=48", "eval.memory.sink
 
 
 @pytest.fixture(scope="module")
-def token_run(chat_data, tmp_path_factory):
+def token_run(chat_data, tmp_path_factory, mlflow_store_template):
     """sink=token on document samples, ZeRO-2, memory evaluation at the end, MLflow in a SQLite file
     (the project's embedded store; MLflow 3 refuses its plain file store)."""
     root = tmp_path_factory.mktemp("token")
-    uri = "sqlite:///" + str(root / "mlflow.db")
+    uri = new_sqlite_store(mlflow_store_template, root / "mlflow.db")
     result = train_inprocess(root / "run", chat_data, "model.sink=token", "data.samples=document", "zero.stage=2",
                              "steps=4", "eval.interval=4", "checkpoint.interval=4", *MEMORY,
                              "tracking.enabled=true", f"tracking.uri={uri}", "tracking.log_checkpoint=false")
