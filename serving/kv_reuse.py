@@ -99,7 +99,8 @@ def reuse(entry: CachedConversation, prompt: list[int], memory: ContextMemory) -
     None when nothing can be reused. At least one prompt token is always left to feed (its logits start
     the reply), so a repeated prompt rewinds one token."""
     state, history = entry.state, entry.history
-    if int(state.seen[0]) != len(history):
+    # the state also holds the model's stream prefix (sink token, BOS), which ContextMemory put first
+    if int(state.seen[0]) != len(history) + len(memory.prefix_for(history)):
         return None  # bookkeeping mismatch: never guess, rebuild
     p = min(common_prefix(history, prompt), len(prompt) - 1)
     if p <= 0:
