@@ -157,11 +157,28 @@ def test_a_document_trained_model_starts_its_stream_with_bos_in_torch_ort_and_se
     assert _first_fed(crop.backend, lambda: crop.generate([prompt], config)) == [prompt]
 
     engine = Engine(EngineConfig(model=str(document_export)))
+    fresh = Engine(EngineConfig(model=str(document_export), kv_reuse=False))
     try:
         async def serve():
             request = {"kind": "completion", "prompt": prompt,
                        "generation": {"max_new_tokens": 4, "temperature": 0.0}}
             return [ev async for chunk in engine.generate(request) for ev in chunk]
         assert _first_fed(engine.model.generator.backend, lambda: asyncio.run(serve())) == [[BOS] + prompt]
+        # a conversation's next turn reuses its KV state (the prefix is in the state, not the history)
+        messages = [{"role": "user", "content": "hi"}]
+        for turn in range(2):
+            request = {"kind": "chat", "messages": messages, "session_id": "doc",
+                       "generation": {"max_new_tokens": 4, "temperature": 0.0}}
+            events = asyncio.run(_collect(engine, request))
+            text = "".join(getattr(ev, "text", "") for ev in events[:-1])
+            assert events[-1].cache == ("hit" if turn else "miss"), turn
+            plain = asyncio.run(_collect(fresh, {**request, "session_id": None}))
+            assert text == "".join(getattr(ev, "text", "") for ev in plain[:-1])  # reuse changes no token
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]
     finally:
         engine.close()
+        fresh.close()
+
+
+async def _collect(engine, request):
+    return [ev async for chunk in engine.generate(request) for ev in chunk]
