@@ -1,12 +1,16 @@
 """The README tells the truth: every command in it runs here, as written, in a folder laid out the
 way the command expects (the demo's `runs/demo/...`, the repository's `.venv`, `infra/`, `bench/`)."""
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,17 +124,58 @@ def test_the_memory_benchmark_runs_at_a_small_size(tmp_path):
         assert row in done.stdout, f"{row!r} missing from the benchmark table:\n{done.stdout}"
 
 
+def _wait_for_chat_page(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """The chat page's URL from the demo's line `chat page: URL/  (serving until Ctrl-C)`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"chat page: (http://\S+/) +\(serving until Ctrl-C\)", log.read_text(errors="replace"))
+        if found:
+            return found[1]
+        assert proc.poll() is None, f"the demo exited ({proc.returncode}) before serving:\n{log.read_text()[-4000:]}"
+        time.sleep(1)
+    raise AssertionError(f"no chat page line from the demo in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
 @pytest.mark.slow
-def test_the_demo_runs_as_written(tmp_path, tiny_checkpoint):
+def test_the_demo_runs_as_written(tmp_path, tiny_checkpoint, mlflow_store_template):
     # The demo's own stages, run as the README says, in a fresh folder; only the training is reused
     # (the demo reuses a finished runs/demo/train/final: a tiny checkpoint stands in for its 1000 steps).
+    from helpers_export import new_sqlite_store
+
     bootstrap, demo = readme_command("bash infra/bootstrap.sh && .venv/bin/ctxmem demo").split(" && ")
     folder = with_demo_training(folder_like_the_repository(tmp_path / "repo", "infra", "pyproject.toml"),
                                 tiny_checkpoint)
+    # the MLflow store the demo's training step creates (runs/demo/mlflow.db), migrated, still empty
+    new_sqlite_store(mlflow_store_template, folder / "runs" / "demo" / "mlflow.db")
     if venv_is_bootstrapped():  # otherwise test_bootstrap_only_checks_a_ready_venv says why it is skipped
         assert run(bootstrap, folder, timeout=60).returncode == 0
-    done = run(demo, folder, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # As written, plus --keep-serving (the README's way to keep the chat page up): the same stages, then
+    # the server stays up until Ctrl-C, which must stop it cleanly. One demo run covers both.
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:  # a file, not a pipe: the server writes there too while the test waits
+        # SIGINT as a terminal has it: a runner started in the background (`cmd &`) passes it on ignored
+        demo_proc = subprocess.Popen(["bash", "-c", demo + " --keep-serving"], cwd=folder, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        url = _wait_for_chat_page(demo_proc, log, timeout=900)
+        page = httpx.get(url, timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        models = httpx.get(url + "v1/models", timeout=30)
+        assert models.status_code == 200 and "ctxmem-demo" in models.text
+        os.killpg(demo_proc.pid, signal.SIGINT)  # Ctrl-C in the demo's terminal
+        assert demo_proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+    finally:
+        if demo_proc.poll() is None:  # the demo's own stop (SIGTERM) also stops its server, in a session of its own
+            os.killpg(demo_proc.pid, signal.SIGTERM)
+            try:
+                demo_proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(demo_proc.pid, signal.SIGKILL)
+                demo_proc.wait(timeout=30)
+    assert "stopping the server" in log.read_text()
+    with pytest.raises(httpx.TransportError):  # the server went down with the demo
+        httpx.get(url + "health", timeout=5)
     report = json.loads((folder / "runs" / "demo" / "demo_report.json").read_text())
     assert report["model_uri"] == "models:/ctxmem-demo@champion"
     turns = report["chat"]
