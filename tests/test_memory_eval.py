@@ -244,14 +244,14 @@ EVAL_ARGS = ["--window", str(WINDOW), "--sinks", str(SINKS), "--distances", "48"
              "--reference-tokens", "16"]
 
 
-def test_cli_eval_memory_prints_saves_and_logs_to_mlflow(tiny_checkpoint, text, tmp_path, capsys):
+def test_cli_eval_memory_prints_saves_and_logs_to_mlflow(tiny_checkpoint, text, tmp_path, capsys, sqlite_store):
     from mlflow import MlflowClient
 
     from ctxmem.cli import main
 
     text_file = tmp_path / "text.txt"
     text_file.write_text(text)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store
     assert main(["eval", "memory", "--model", str(tiny_checkpoint), "--text", str(text_file), *EVAL_ARGS,
                  "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
     printed = capsys.readouterr().out

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers_export import new_sqlite_store
 from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, malformed_requests, patched_serve_yaml,
                              wait_healthy)
 
@@ -52,11 +53,11 @@ def readme_commands(program: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_export, tmp_path_factory):  # noqa: F811
+def registry(tiny_export, mlflow_store_template, tmp_path_factory):  # noqa: F811
     from ctxmem.export.registry import CHAMPION, promote, register_export
 
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_sqlite_store(mlflow_store_template, root / "mlflow.db")
     version = register_export(tiny_export, NAME, tracking_uri=uri)["version"]
     promote(NAME, CHAMPION, version=version, tracking_uri=uri, memory_gate=False)  # the memory gate is tested elsewhere
     return {"uri": uri, "cache": root / "downloads"}

@@ -22,6 +22,7 @@ from ctxmem.checkpoint import load_model
 from ctxmem.cli import main
 from ctxmem.training.config import TrainConfig
 from ctxmem.training.data import prepare
+from helpers_export import new_sqlite_store
 from helpers_training import REPO, ctxmem, losses, metrics, one_thread, summary, train_inprocess, tree_state
 
 # 1 process vs 2 ranks, fp32: the same samples and the same math, but the gradient of the global
@@ -40,8 +41,8 @@ def chat_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+def mlflow_uri(mlflow_store_template, tmp_path_factory):
+    return new_sqlite_store(mlflow_store_template, tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 @pytest.fixture(scope="module")
