@@ -156,9 +156,7 @@ class Generator:
         memory = ContextMemory(self.backend, memory_config or self.memory_config)
         prompt_ids = [self.encode(p) for p in prompts]
         if memory.config.policy == "full":
-            # the cache holds prefix + prompt + all but the last new token: a stream prefix (sink token,
-            # BOS) longer than one token needs the room of the rest
-            longest = max(len(p) + max(len(memory.prefix_for(p)) - 1, 0) for p in prompt_ids) + config.max_new_tokens
+            longest = max(memory.full_tokens_needed(p, config.max_new_tokens) for p in prompt_ids)
             if longest > memory.config.capacity:
                 raise ContextOverflowError(
                     f"prompt ({max(len(p) for p in prompt_ids)} tokens) + max_new_tokens ({config.max_new_tokens}) "

@@ -306,6 +306,12 @@ class ContextMemory:
             return prefix[:len(prefix) - len(tail)]
         return prefix
 
+    def full_tokens_needed(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int) -> int:
+        """What a stream asks of `capacity` under `full`: the cache holds its prefix, the prompt and all
+        but the last new token, so one prefix token (a sink token or a BOS) fits in the room the last
+        new token leaves, and only a longer prefix (sink token + BOS) takes room of its own."""
+        return len(tokens) + max(len(self.prefix_for(tokens)) - 1, 0) + max_new_tokens
+
     def rewind(self, state: MemoryState, n: int) -> MemoryState:
         """Forget the last ``n`` tokens of a one-row state (e.g. a reply the client did not keep).
         Exact while those tokens are still in the cache; the caller checks that they are."""

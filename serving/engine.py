@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
-from ctxmem.memory import MemoryConfig, MemoryConfigError
+from ctxmem.memory import ContextMemory, MemoryConfig, MemoryConfigError
 from ctxmem.sampling import GenerationConfig, GenerationConfigError
 
 from .config import EngineConfig
@@ -49,7 +49,8 @@ class Engine:
                 f"the prompt is {len(prompt_ids)} tokens, over this server's max_prompt_tokens of "
                 f"{self.config.max_prompt_tokens}; shorten it (a conversation: start a new one)",
                 param="messages" if request.get("kind") == "chat" else "prompt", code="prompt_too_long")
-        if memory.policy == "full" and len(prompt_ids) + config.max_new_tokens > memory.capacity:
+        if memory.policy == "full" and ContextMemory(model.generator.backend, memory).full_tokens_needed(
+                prompt_ids, config.max_new_tokens) > memory.capacity:
             raise bad_request(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({config.max_new_tokens}) exceeds the model's "
                 f"context of {memory.capacity} under policy 'full'; shorten it or use policy 'sink'",

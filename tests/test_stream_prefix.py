@@ -102,6 +102,10 @@ def test_the_full_policy_counts_the_prefix_before_generating():
     assert len(gen.generate([[1] * 60], config)[0].token_ids) == 3
     with pytest.raises(ContextOverflowError, match="context of 64"):
         gen.generate([[1] * 61], config)
+    # the one count the generator and the serving engine's admission check share
+    memory = ContextMemory(backend, MemoryConfig("full"))
+    assert memory.full_tokens_needed([1] * 60, 3) == 64  # the second prefix token takes a slot
+    assert memory.full_tokens_needed([256] + [1] * 59, 3) == 63  # a prompt with its own BOS: one prefix token
 
 
 # ---- PyTorch, ONNX Runtime, the serving engine -----------------------------------------------
