@@ -27,11 +27,14 @@ before usage was kept, the earlier turns of a client-held history the store had 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("ctxmem.serving.store")
 
 TITLE_CHARS = 80
 
@@ -121,8 +124,21 @@ class SQLiteStore:
             self._db().execute("CREATE INDEX IF NOT EXISTS owned_conversations_updated "
                                "ON owned_conversations (owner, updated)")
             self._add_turn_usage()
+            self._warn_about_ownerless()
         except (OSError, sqlite3.Error) as err:
             raise StoreUnavailable(f"cannot open the conversation store {self.path}: {err}") from None
+
+    def _warn_about_ownerless(self) -> None:
+        """A file from before conversations had owners keeps them in `conversations`, untouched: they
+        belonged to no key, so serving them to any key would leak them. Say so once at start-up rather
+        than let them vanish silently."""
+        if self._db().execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='conversations'").fetchone():
+            count = self._db().execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+            if count:
+                log.warning("%s holds %d conversation(s) stored before conversations had owners (table "
+                            "`conversations`); they are kept but not served to any key. To hand them to a key, "
+                            "copy their rows into `owned_conversations` with that key's tenant name as `owner`.",
+                            self.path, count)
 
     def _add_turn_usage(self) -> None:
         """A file written before each turn's usage was kept gains the column; its rows read NULL there

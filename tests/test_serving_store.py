@@ -132,6 +132,23 @@ def test_a_conversation_stored_before_usage_was_kept_reads_null_turns(url, tmp_p
     assert store.get("alice", "old")["usage"] == [None, None, _stats(30, 4, 22, 0)["usage"]]
 
 
+def test_conversations_stored_before_owners_are_kept_and_named_at_start(tmp_path, caplog):
+    """The table from before owners is left as it was (no key may read it) and the store says so."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE conversations (sid TEXT PRIMARY KEY, messages TEXT NOT NULL)")
+    db.execute("INSERT INTO conversations VALUES ('s1', '[]')")
+    db.commit()
+    db.close()
+    with caplog.at_level("WARNING", logger="ctxmem.serving.store"):
+        store = open_store(f"sqlite:///{path}")
+    assert "1 conversation(s) stored before conversations had owners" in caplog.text
+    assert store.get("anonymous", "s1") is None
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 1
+
+
 def test_a_new_conversation_evicts_the_owners_least_recently_used(url):
     store = open_store(url)
     for sid in ("a", "b"):
