@@ -70,10 +70,21 @@ class HeldStream(LocalEngineClient):
         held = self.hold.is_set()
         self.hold.clear()
         async for chunk in self.engine.generate(request):
-            yield chunk
-            if held and any(isinstance(ev, Delta) and ev.text for ev in chunk):
-                held = False
-                await asyncio.to_thread(self.release.wait)
+            first = next((i for i, ev in enumerate(chunk) if isinstance(ev, Delta) and ev.text), None) if held else None
+            if first is None:
+                yield chunk
+                continue
+            # hold right after the first text: a fast engine may coalesce the whole reply and its end
+            # into one chunk (one Delta), and a hold after that chunk would hold nothing
+            held = False
+            delta, rest = chunk[first], chunk[first + 1:]
+            if delta.tokens > 1 and len(delta.text) > 1:  # keep some of its text for after the hold
+                rest = [Delta(delta.text[1:], delta.tokens - 1, delta.batch), *rest]
+                delta = Delta(delta.text[:1], 1, delta.batch)
+            yield [*chunk[:first], delta]
+            await asyncio.to_thread(self.release.wait)
+            if rest:
+                yield rest
 
 
 @pytest.fixture(scope="module")
