@@ -184,11 +184,12 @@
     return li;
   }
 
-  function showError(li, err, retry) {
+  // An alert with the error's own words, and a Retry button when `retry` is given.
+  function errorBox(err, retry) {
     const box = document.createElement("div");
     box.className = "error";
     box.setAttribute("role", "alert");
-    box.textContent = err instanceof ApiError ? `${err.message}` : err.message;
+    box.textContent = err.message;
     if (retry) {
       const again = document.createElement("button");
       again.type = "button";
@@ -197,7 +198,11 @@
       again.addEventListener("click", retry);
       box.append(again);
     }
-    li.append(box);
+    return box;
+  }
+
+  function showError(li, err, retry) {
+    li.append(errorBox(err, retry));
     toBottom();
   }
 
@@ -341,19 +346,7 @@
       state.model = model.id || null;
       state.memory = model.memory || null;
     } catch (err) {
-      const box = document.createElement("div");
-      box.className = "error";
-      box.setAttribute("role", "alert");
-      box.textContent = err.message;
-      if (err instanceof NetworkError) {
-        const again = document.createElement("button");
-        again.type = "button";
-        again.className = "retry";
-        again.textContent = "Retry";
-        again.addEventListener("click", start);
-        box.append(again);
-      }
-      $("status").replaceChildren(box);
+      $("status").replaceChildren(errorBox(err, err instanceof NetworkError ? start : null));
       if (err instanceof ApiError && err.status === 401) $("api-key").focus();
       return;
     }
