@@ -86,11 +86,17 @@ def build(cache: Path) -> dict[str, Path]:
 
 
 def _built_graph(export: Path) -> str | None:
-    """Which graph a cached export holds (None: none, or one from before the fused graph)."""
+    """Which graph a cached export holds (None: none, or one from before the fused graph or from an
+    older contract than this ctxmem writes for it)."""
+    from ctxmem.export.contract import CONTRACT_VERSION, TRACED_CONTRACT_VERSION
+
     config = export / "runtime_config.json"
     if not config.exists():
         return None
-    return json.loads(config.read_text()).get("optimization", {}).get("graph")
+    data = json.loads(config.read_text())
+    graph = data.get("optimization", {}).get("graph")
+    want = TRACED_CONTRACT_VERSION if graph == "traced" else CONTRACT_VERSION
+    return graph if data.get("contract", {}).get("version") == want else None
 
 
 def _save_tiny_bpe(hf: Path) -> None:
@@ -337,6 +343,7 @@ def profile(args) -> str:
                     head_dim = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
                     feed[f"past_{kind}_{i}"] = np.zeros((batch, LLAMA["num_key_value_heads"], past, head_dim),
                                                         np.float32)
+            feed = _declared(session, feed)
             steps = 100
             for _ in range(steps):
                 session.run(None, feed)
@@ -419,7 +426,7 @@ def graph_only(paths, args) -> list[str]:
                         "key_positions": layout.key_positions, "allowed": layout.allowed,
                         "sink_positions": layout.sink_positions, "sink_keys": layout.sink_keys}
                 feed.update({f"past_{kind}_{i}": cache for i in range(layers) for kind in ("key", "value")})
-            feeds[name] = feed
+            feeds[name] = _declared(sessions[name], feed)
         calls = {name: (lambda s, f: lambda: s.run(None, f))(session, feeds[name]) for name, session in sessions.items()}
         if "ctxmem fp32" in sessions:  # IOBinding: inputs bound, outputs left in ORT's memory (no numpy copy)
             calls["ctxmem fp32 iobinding"] = lambda: _run_bound(sessions["ctxmem fp32"], feeds["ctxmem fp32"])
@@ -430,6 +437,13 @@ def graph_only(paths, args) -> list[str]:
                 best[name] = min(best[name], seconds / 20)
         lines.append(f"graph only, batch {batch}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in best.items()))
     return lines
+
+
+def _declared(session, feed: dict) -> dict:
+    """The inputs a graph declares: key_positions only under contract v2 (the traced graph). With
+    positions from 0 and no window, v2's positions are v3's too (a row's key frame starts at 0)."""
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feed.items() if k in names}
 
 
 def _run_bound(session, feed):

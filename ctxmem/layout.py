@@ -38,6 +38,11 @@ class AttentionLayout:
     sink_positions: np.ndarray | None = None  # (B, T) int64: query rotation positions against sink keys
     sink_keys: np.ndarray | None = None  # (B, S) bool: the slots scored with sink_positions
     valid: np.ndarray | None = None  # (B, S) bool: the slots the memory holds (for checks; not a graph input)
+    # Where each slot sits in its stream, for a backend that stores keys already rotated (export
+    # contract v3): a key rotated once at its stream index minus a per-row frame offset keeps every
+    # distance to an ordinary key, whatever the base above does later. Not graph inputs.
+    stream: np.ndarray | None = None  # (B, S) int64: each slot's stream index (its rank without a band)
+    sink_slots: np.ndarray | None = None  # (B, S) bool: valid slots holding a sink token (sink policy)
 
     def trimmed(self) -> "AttentionLayout":
         """sink_keys cut to the slots up to the last sink (B, S'), S' <= S: sinks are a stream's first
@@ -46,14 +51,14 @@ class AttentionLayout:
             return self
         span = int(np.flatnonzero(self.sink_keys.any(axis=0)).max(initial=-1)) + 1
         return AttentionLayout(self.positions, self.key_positions, self.allowed, self.sink_positions,
-                               self.sink_keys[:, :max(span, 1)], self.valid)
+                               self.sink_keys[:, :max(span, 1)], self.valid, self.stream, self.sink_slots)
 
     def with_sinks(self) -> "AttentionLayout":
         """The same layout with the sink inputs always present (a graph with fixed inputs needs them)."""
         if self.sink_positions is not None:
             return self
         return AttentionLayout(self.positions, self.key_positions, self.allowed, self.positions,
-                               np.zeros(self.key_positions.shape, dtype=bool), self.valid)
+                               np.zeros(self.key_positions.shape, dtype=bool), self.valid, self.stream, self.sink_slots)
 
 
 def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: int = 0,
@@ -74,15 +79,26 @@ def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: i
     own = np.arange(T)
     allowed[:, own, S - T + own] = True
     if window is None:
-        return AttentionLayout(q_pos.astype(np.int64), np.where(valid, stream_pos, 0).astype(np.int64), allowed,
-                               valid=valid)
+        key_positions = _own_key_positions(np.where(valid, stream_pos, 0), q_pos, q_valid)
+        return AttentionLayout(q_pos.astype(np.int64), key_positions, allowed, valid=valid, stream=stream_pos)
     top = sinks + window - 1  # the rank of a token whose visible set is full
     last = np.where(q_valid, q_pos, -1).max(axis=1)  # (B,) the row's last new token
     base = np.maximum(last - top, 0)[:, None]  # (B, 1)
     is_sink = valid & (stream_pos < sinks)
     positions = (q_pos - base).astype(np.int64)
-    key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64)
+    key_positions = _own_key_positions(np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0),
+                                       positions, q_valid)
     sink_positions = np.minimum(q_pos, top).astype(np.int64)
     if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
-        return AttentionLayout(positions, key_positions, allowed, valid=valid)
-    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid)
+        return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
+    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid, stream_pos, is_sink)
+
+
+def _own_key_positions(key_positions: np.ndarray, positions: np.ndarray, q_valid: np.ndarray) -> np.ndarray:
+    """(B, S) int64 key positions where a padding token's own slot - the one slot its query reads -
+    sits at its query's position, as a backend that rotates each new key with its query (contract v3)
+    puts it: padding outputs are meaningless, but then equal on every path."""
+    T = positions.shape[1]
+    out = key_positions.astype(np.int64)
+    out[:, out.shape[1] - T:] = np.where(q_valid, out[:, out.shape[1] - T:], positions)
+    return out

@@ -3,17 +3,29 @@
 One graph serves prefill and decode. Shapes: B batch, T new tokens, P past (cached) slots,
 M slots in all (= P + T), Hkv key/value heads, D head_dim, V vocab, L layers.
 
+Version 3 (the fused graph, export/graph_builder.py) - keys cached *after* rotation:
+
     inputs   input_ids        int64    (B, T)         the new tokens
-             positions        int64    (B, T)         query rotation positions (against ordinary keys)
-             key_positions    int64    (B, M)         key rotation positions, cached slots then new ones
+             positions        int64    (B, T)         rotation positions of the new tokens in their row's
+                                                      key frame: the queries against ordinary keys, and
+                                                      the new keys, each rotated once, when it is cached
              allowed          bool     (B, T, M)      new token i may read slot j
              sink_positions   int64    (B, T)         query rotation positions against sink keys
-             sink_keys        bool     (B, M)         slots scored with sink_positions
-             past_key_<i>     float    (B, Hkv, P, D) keys of layer i, stored *before* rotation
+             sink_keys        bool     (B, M)         slots scored with sink_positions (the sink slots)
+             past_key_<i>     float    (B, Hkv, P, D) keys of layer i, rotated in the row's frame
              past_value_<i>   float    (B, Hkv, P, D)
     outputs  logits           float32  (B, T, V)
              present_key_<i>  float    (B, Hkv, P+T, D)  the cache to feed back next step
              present_value_<i>
+
+A row's frame is its stream index minus an offset that the runtime keeps per row (export/runtime.py):
+an ordinary key stays at its rotation for good, because only distances between ordinary keys and
+queries matter (ctxmem/layout.py); sink keys sit at their own stream index and are scored with the
+query rotated a second time (sink_positions). The offset moves (the cached keys re-rotated once)
+only when a row's positions would leave ROTATION_SPAN, so a key is rotated once per window at most.
+
+Version 2 (the traced graph, torch.onnx.export) caches keys *before* rotation and takes
+key_positions (B, M) int64: every cached key is rotated again at every step. The runtime runs both.
 
 The attention layout (which slot each token reads, at which rotary positions) is computed by
 ctxmem.layout for every policy, so the graph never learns the policy and the sink window has one
@@ -30,14 +42,28 @@ import numpy as np
 
 INPUT_IDS, POSITIONS, LOGITS = "input_ids", "positions", "logits"
 KEY_POSITIONS, ALLOWED, SINK_POSITIONS, SINK_KEYS = "key_positions", "allowed", "sink_positions", "sink_keys"
-CONTRACT_VERSION = 2  # 2: explicit attention layout (exact sink window); 1 derived positions from a (B, M) mask
+# 3: keys cached after rotation, in a per-row frame (the fused graph); 2: keys cached before rotation,
+# explicit layout with key_positions (the traced graph); 1 derived positions from a (B, M) mask
+CONTRACT_VERSION = 3
+TRACED_CONTRACT_VERSION = 2
+VERSIONS = (2, 3)
+REEXPORT = "re-export it with `ctxmem export --model CHECKPOINT --out DIR`"
 # Names of the dynamic dimensions as they appear in the ONNX graph.
 BATCH, NEW_TOKENS, PAST_LEN, MASK_LEN = "batch", "new_tokens", "past_len", "mask_len"
-CACHE_LAYOUT = "per layer (key, value), each (batch, kv_heads, slots, head_dim); keys stored before rotary embedding"
+_PER_LAYER = "per layer (key, value), each (batch, kv_heads, slots, head_dim); "
+CACHE_LAYOUT = {2: _PER_LAYER + "keys stored before rotary embedding",
+                3: _PER_LAYER + "keys stored after rotary embedding, "
+                   "at their stream index minus the row's frame offset (sink keys at their stream index)"}
 # Sizes of the example the graph is traced with: distinct, and past >= 2, so that torch.export
 # neither specialises a dynamic dimension to 0/1 nor merges two of them by coincidence.
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 3, 5, 7
 CACHE_DTYPES = ("float32", "float16")
+
+
+def rotation_span(max_seq_len: int) -> tuple[int, int]:
+    """[low, high) of the rotation positions a v3 graph's table holds: the v2 range [-L, L) that
+    prefill pieces need below 0, and room above it for the frame to drift before it is moved."""
+    return -max_seq_len, 2 * max_seq_len
 
 
 def past_names(n_layers: int) -> list[str]:
@@ -65,22 +91,32 @@ class ExportContract:
     head_dim: int
     vocab_size: int
     cache_dtype: str = "float32"
+    version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"export contract version {self.version} is not run by this ctxmem (it runs "
+                             f"{', '.join(map(str, VERSIONS))}); {REEXPORT}")
 
     @classmethod
-    def for_model(cls, cfg, cache_dtype: str = "float32") -> "ExportContract":
+    def for_model(cls, cfg, cache_dtype: str = "float32", version: int = CONTRACT_VERSION) -> "ExportContract":
         """From a ctxmem ModelConfig."""
-        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size, cache_dtype)
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size, cache_dtype, version)
+
+    @property
+    def keys_rotated(self) -> bool:
+        """True when the cache holds keys after rotation (v3)."""
+        return self.version >= 3
 
     # ---- the declaration -----------------------------------------------------------------
     def inputs(self) -> list[TensorDecl]:
         cache = (BATCH, self.n_kv_heads, PAST_LEN, self.head_dim)
+        key_positions = [] if self.keys_rotated else [TensorDecl(KEY_POSITIONS, "int64", (BATCH, MASK_LEN))]
         return [TensorDecl(INPUT_IDS, "int64", (BATCH, NEW_TOKENS)),
                 TensorDecl(POSITIONS, "int64", (BATCH, NEW_TOKENS)),
-                TensorDecl(KEY_POSITIONS, "int64", (BATCH, MASK_LEN)),
+                *key_positions,
                 TensorDecl(ALLOWED, "bool", (BATCH, NEW_TOKENS, MASK_LEN)),
                 TensorDecl(SINK_POSITIONS, "int64", (BATCH, NEW_TOKENS)),
                 TensorDecl(SINK_KEYS, "bool", (BATCH, MASK_LEN)),
@@ -106,18 +142,19 @@ class ExportContract:
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
-                "vocab_size": self.vocab_size, "cache_dtype": self.cache_dtype, "cache_layout": CACHE_LAYOUT,
-                "keys_before_rotation": True, "version": CONTRACT_VERSION, "layout": "ctxmem.layout",
+                "vocab_size": self.vocab_size, "cache_dtype": self.cache_dtype,
+                "cache_layout": CACHE_LAYOUT[self.version], "keys_before_rotation": not self.keys_rotated,
+                "version": self.version, "layout": "ctxmem.layout",
                 "inputs": [t.to_dict() for t in self.inputs()], "outputs": [t.to_dict() for t in self.outputs()]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExportContract":
         return cls(int(data["n_layers"]), int(data["n_kv_heads"]), int(data["head_dim"]), int(data["vocab_size"]),
-                   str(data.get("cache_dtype", "float32")))
+                   str(data.get("cache_dtype", "float32")), int(data.get("version", 1)))
 
     # ---- what torch.onnx.export needs ------------------------------------------------------
     def dynamic_shapes(self) -> dict[str, Any]:
-        """dynamic_shapes for torch.onnx.export(dynamo=True) over ExportWrapper's arguments."""
+        """dynamic_shapes for torch.onnx.export(dynamo=True) over ExportWrapper's arguments (v2)."""
         from torch.export import Dim
 
         batch, new, past, mask = Dim(BATCH), Dim(NEW_TOKENS), Dim(PAST_LEN), Dim(MASK_LEN)
@@ -128,8 +165,8 @@ class ExportContract:
                 "past": [(cache, cache) for _ in range(self.n_layers)]}
 
     def example_inputs(self, batch: int = EXAMPLE_BATCH, new: int = EXAMPLE_NEW, past: int = EXAMPLE_PAST):
-        """The arguments of ExportWrapper.forward as torch tensors to trace with: a layout where sinks
-        are scored apart, so the traced graph holds both scoring paths."""
+        """The arguments of ExportWrapper.forward as torch tensors to trace with (v2): a layout where
+        sinks are scored apart, so the traced graph holds both scoring paths."""
         import torch
 
         from ctxmem.layout import build_layout

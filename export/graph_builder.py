@@ -11,10 +11,11 @@ This graph does the same arithmetic in ~30 nodes per layer:
     RotaryEmbedding with a cos/sin table (positions and key positions index it)
     FusedMatMul (Q Kᵀ with the 1/sqrt(D) scale), Add of the layout's bias, Softmax, MatMul with V
 
-It keeps contract v2 exactly - the same inputs (explicit layout: positions, key_positions,
-allowed, sink_positions, sink_keys), the cache stored before rotation, the same outputs - so the
-memory policies, serving and verification see no difference, and the sink window keeps its
-per-token meaning. Grouped-query attention never copies the cache: the H query heads are reshaped
+It writes contract v3 (export/contract.py): each new key is rotated once, at its position in its
+row's frame, before it is cached, so a decode step rotates T keys instead of the whole cache
+(contract v2 re-rotated every cached key at every step); the runtime keeps the frame
+(export/runtime.py) and the memory policies, serving and verification see the same layout as
+before (ctxmem.layout), so the sink window keeps its per-token meaning. Grouped-query attention never copies the cache: the H query heads are reshaped
 to (Hkv, rep * T) rows, so each key/value head is read once by the rep query heads that share it.
 
 Shapes: B batch, T new tokens, P past slots, M = P + T, H heads, Hkv kv heads, rep = H / Hkv,
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import (ALLOWED, BATCH, INPUT_IDS, KEY_POSITIONS, LOGITS, MASK_LEN, NEW_TOKENS, PAST_LEN, POSITIONS,
-                       SINK_KEYS, SINK_POSITIONS, ExportContract, past_names, present_names)
+from .contract import (ALLOWED, INPUT_IDS, LOGITS, POSITIONS, SINK_KEYS, SINK_POSITIONS, ExportContract,
+                       rotation_span)
 
 MS = "com.microsoft"
 GRAPH_KIND = "fused"  # runtime_config optimization.graph: "fused" (this module) or "traced" (torch.onnx.export)
@@ -38,16 +39,17 @@ class UnsupportedModelError(ValueError):
     """The model has a part this builder does not write (the traced graph serves it instead)."""
 
 
-def rope_table(cfg, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (2 * offset, D/2) float32: row r holds position r - offset. Computed with the core's
-    own ctxmem.model.rope_cos_sin, so every entry is bit-identical to what PyTorch uses at that
-    position. The offset lets prefill pieces of the sink layout, whose earliest keys may sit at
-    negative positions (rank semantics, ctxmem/layout.py), index the table too."""
+def rope_table(cfg, offset: int, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (offset + end, D/2) float32: row r holds position r - offset (end defaults to
+    offset). Computed with the core's own ctxmem.model.rope_cos_sin, so every entry is bit-identical
+    to what PyTorch uses at that position. The offset lets prefill pieces of the sink layout, whose
+    earliest keys may sit at negative positions (rank semantics, ctxmem/layout.py), index the table
+    too; the end leaves a v3 row's key frame room to drift (contract.rotation_span)."""
     import torch
 
     from ctxmem.model import rope_cos_sin
 
-    positions = torch.arange(-offset, offset, dtype=torch.int64)[None]
+    positions = torch.arange(-offset, offset if end is None else end, dtype=torch.int64)[None]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # (1, 1, 2*offset, D), halves repeat
     half = cfg.head_dim // 2
     return cos[0, 0, :, :half].numpy().copy(), sin[0, 0, :, :half].numpy().copy()
@@ -76,7 +78,7 @@ class _Graph:
 
 
 def build_fused_graph(model, opset: int = 18):
-    """onnx.ModelProto of ``model`` (a ctxmem Transformer, eval) under contract v2. Raises
+    """onnx.ModelProto of ``model`` (a ctxmem Transformer, eval) under contract v3. Raises
     UnsupportedModelError for a part it does not write."""
     from onnx import TensorProto, helper
 
@@ -102,12 +104,11 @@ def build_fused_graph(model, opset: int = 18):
                 name="bias_tiled")
     rope = cfg.pos == "rope"
     if rope:
-        offset = cfg.max_seq_len
-        cos, sin = rope_table(cfg, offset)
+        low, high = rotation_span(cfg.max_seq_len)
+        cos, sin = rope_table(cfg, -low, high)
         cos, sin = g.const("cos_table", cos), g.const("sin_table", sin)
-        shift = i64("rope_offset", offset)
-        q_pos = g.op("Add", [POSITIONS, shift], name="q_pos")
-        k_pos = g.op("Add", [KEY_POSITIONS, shift], name="k_pos")
+        shift = i64("rope_offset", -low)
+        q_pos = g.op("Add", [POSITIONS, shift], name="q_pos")  # the new tokens' queries and keys
         s_pos = g.op("Add", [SINK_POSITIONS, shift], name="s_pos")
         sink_mask = g.op("Unsqueeze", [SINK_KEYS, i64("axes12", [1, 2])], name="sink_mask")  # (B, 1, 1, M)
     scale = 1.0 / math.sqrt(D)
@@ -153,11 +154,12 @@ def build_fused_graph(model, opset: int = 18):
         bq = (np.concatenate([sd[f"{p}.attn.w{n}.bias"] for n in "qkv"]) if cfg.bias else None)
         qkv = matmul(f"{p}.attn.wqkv", h, np.concatenate([linear(f"{p}.attn.w{n}") for n in "qkv"], axis=1), bq)
         q, k, v = g.op("Split", [qkv, i64(f"{p}.split", [d, Hkv * D, Hkv * D])], n_out=3, axis=-1)
+        if rope:  # each new key rotated once, at its own position in the row's frame (contract v3)
+            k = g.op("RotaryEmbedding", [k, q_pos, cos, sin], domain=MS)  # (B, T, Hkv*D)
         k = g.op("Transpose", [g.op("Reshape", [k, kv_shape])], perm=[0, 2, 1, 3])  # (B, Hkv, T, D)
         v = g.op("Transpose", [g.op("Reshape", [v, kv_shape])], perm=[0, 2, 1, 3])
-        present_k = g.op("Concat", [f"past_key_{i}", k], axis=2, name=f"present_key_{i}")  # unrotated (B, Hkv, M, D)
+        keys = g.op("Concat", [f"past_key_{i}", k], axis=2, name=f"present_key_{i}")  # rotated (B, Hkv, M, D)
         present_v = g.op("Concat", [f"past_value_{i}", v], axis=2, name=f"present_value_{i}")
-        keys = g.op("RotaryEmbedding", [present_k, k_pos, cos, sin], domain=MS) if rope else present_k
         scores = g.op("FusedMatMul", [grouped_rows(q, q_pos if rope else None), keys], domain=MS, transA=0,
                       transB=1, alpha=scale)  # (B, Hkv, rep*T, M)
         if rope:  # sink slots are scored with the query rotated at sink_positions (ctxmem/layout.py)

@@ -25,7 +25,7 @@ from typing import Any
 
 from ctxmem.memory import MemoryConfig
 
-from .contract import ExportContract, wrap_for_export
+from .contract import TRACED_CONTRACT_VERSION, ExportContract, wrap_for_export
 from .errors import ExportError, VerificationError
 from .runtime import DATA_FILE, MODEL_FILE, REPORT_FILE, RUNTIME_CONFIG, TOKENIZER_FILE, RuntimeConfig, file_sha256
 
@@ -153,9 +153,10 @@ def derive_variant(fp32_export: str | Path, out_dir: str | Path, variant: str, *
 
 
 def write_graph(model, out_dir: Path, opset: int, config: RuntimeConfig, graph: str = "fused") -> Path:
-    """The fp32 graph of ``model`` in out_dir: the fused graph (export/graph_builder.py) where it
-    supports the model, else the traced one (torch.onnx.export, then ORT's offline "basic" level).
-    Both implement the same contract; config.optimization records which one was written."""
+    """The fp32 graph of ``model`` in out_dir: the fused graph (export/graph_builder.py, contract v3)
+    where it supports the model, else the traced one (torch.onnx.export, then ORT's offline "basic"
+    level; contract v2: keys cached before rotation, as the PyTorch model caches them).
+    config.optimization records which graph was written, config.contract its version."""
     from .graph_builder import UnsupportedModelError, write_fused_graph
 
     if graph == "fused":
@@ -166,7 +167,9 @@ def write_graph(model, out_dir: Path, opset: int, config: RuntimeConfig, graph: 
         except UnsupportedModelError as err:
             log.warning("the fused graph does not support this model (%s); tracing it instead", err)
     raw = out_dir.parent / f".{out_dir.name}-raw"
-    trace(model, ExportContract.for_model(model.cfg), raw, opset)
+    contract = ExportContract.for_model(model.cfg, version=TRACED_CONTRACT_VERSION)
+    config.contract = ExportContract.from_dict({**config.contract, "version": contract.version}).to_dict()
+    trace(model, contract, raw, opset)
     try:
         optimize_offline(raw / MODEL_FILE, out_dir, OFFLINE_LEVEL, config)
     finally:

@@ -22,7 +22,7 @@ from ctxmem.config import ConfigError, ModelConfig
 from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
 
 from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, POSITIONS, SINK_KEYS, SINK_POSITIONS, ExportContract,
-                       past_names)
+                       past_names, rotation_span)
 from .errors import (ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError,
                      UnsafeFilePathError)
 from .providers import choose_provider, is_auto, ort_name
@@ -272,10 +272,53 @@ def check_names(session, contract: ExportContract, where: str) -> None:
 
 
 # ---- the backend ------------------------------------------------------------------------------
-class OrtBackend:
-    """Runs the exported graph for ctxmem.memory.ContextMemory: numpy in, numpy out, numpy cache."""
+class FrameCache(list):
+    """A contract v3 cache: per layer (k, v) numpy arrays (B, Hkv, S, D), keys rotated, and each
+    row's frame offset ``frame`` (B,) int64: an ordinary key of stream index n is stored rotated at
+    n - frame[row], a sink key at n. Iterates as the (k, v) list every other cache is."""
 
-    ops = NumpyCacheOps()
+    def __init__(self, layers, frame: np.ndarray):
+        super().__init__(layers)
+        self.frame = frame
+
+
+class FrameCacheOps:
+    """NumpyCacheOps that carry each row's frame offset along with its slots."""
+
+    def __init__(self):
+        self._np = NumpyCacheOps()
+
+    def take(self, past, idx):
+        return FrameCache(self._np.take(past, idx), past.frame)
+
+    def select(self, past, rows):
+        return FrameCache(self._np.select(past, rows), past.frame[rows])
+
+    def concat(self, pasts):
+        return FrameCache(self._np.concat(pasts), np.concatenate([p.frame for p in pasts]))
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
+    """x (B, H, S, D) rotated by rotary embedding at positions (B, S) (half-split layout, as
+    ctxmem.model.apply_rope and ONNX Runtime's RotaryEmbedding): a new array of x's dtype. Angles in
+    float64, so a rotation by a large offset costs no more precision than the fp32 table's own."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (D/2,)
+    angles = positions.astype(np.float64)[:, None, :, None] * inv_freq  # (B, 1, S, D/2)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    half = head_dim // 2
+    x1, x2 = x[..., :half].astype(np.float32), x[..., half:].astype(np.float32)
+    return np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1).astype(x.dtype)
+
+
+class OrtBackend:
+    """Runs the exported graph for ctxmem.memory.ContextMemory: numpy in, numpy out, numpy cache.
+
+    Contract v3 (the fused graph): the cache holds keys already rotated, in a frame per row
+    (FrameCache); the backend turns ctxmem.layout's positions into that frame: the new tokens at
+    their stream index minus the row's offset, sink keys scored at the layout's sink positions. A
+    row whose positions would leave the graph's rotation table has its offset moved and its cached
+    ordinary keys rotated back by the same amount, once (numpy). Contract v2 (the traced graph):
+    keys before rotation, the layout passed as it is."""
 
     def __init__(self, export_dir: str | Path, provider: str | None = None, intra_op_threads: int = 1,
                  config: RuntimeConfig | None = None):
@@ -286,6 +329,7 @@ class OrtBackend:
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
         self.uses_rope = cfg.pos == "rope"
+        self.rope_theta, self.head_dim = cfg.rope_theta, cfg.head_dim
         self.sink_token_id = cfg.sink_token_id
         self.stream_prefix = cfg.stream_prefix  # [sink token] [BOS]: ContextMemory starts every stream with it
         self.session = create_session(self.export_dir / self.config.files.get("model", MODEL_FILE), provider,
@@ -295,31 +339,86 @@ class OrtBackend:
         self.output_names = self.contract.output_names
         self._past_names = past_names(self.contract.n_layers)  # per call this is the hot path: no rebuilding
         self._cache_dtype = np.dtype(self.contract.cache_dtype)
+        self.rotated = self.contract.keys_rotated
+        self.ops = FrameCacheOps() if self.rotated else NumpyCacheOps()
+        self.span = rotation_span(self.max_seq_len)
         self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
 
     def run(self, ids: np.ndarray, layout, past) -> list[np.ndarray]:
-        """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...).
-        ids (B, T) int64; layout: ctxmem.layout.AttentionLayout over the P+T slots; past None/[]
-        (P = 0) or per layer (k, v)."""
-        layout = layout.with_sinks()  # the graph always takes the sink inputs
-        feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
-                POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
-                KEY_POSITIONS: np.ascontiguousarray(layout.key_positions, dtype=np.int64),
-                ALLOWED: np.ascontiguousarray(layout.allowed, dtype=bool),
-                SINK_POSITIONS: np.ascontiguousarray(layout.sink_positions, dtype=np.int64),
-                SINK_KEYS: np.ascontiguousarray(layout.sink_keys, dtype=bool)}
+        """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...)."""
+        return self.step(ids, layout, past)[0]
+
+    def step(self, ids: np.ndarray, layout, past) -> tuple[list[np.ndarray], Any]:
+        """One graph call: (outputs in contract order, the cache to feed back: FrameCache for v3,
+        per-layer (k, v) for v2). ids (B, T) int64; layout: ctxmem.layout.AttentionLayout over the
+        P+T slots; past None/[] (P = 0) or the cache a previous step returned."""
+        B, T = ids.shape
+        feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ALLOWED: np.ascontiguousarray(layout.allowed)}
+        if self.rotated:
+            frame = past.frame if past else np.zeros(B, np.int64)
+            if past and self.uses_rope:
+                past, frame = self._keep_in_span(layout, past, frame, T)
+            feed[POSITIONS] = (layout.stream[:, -T:] - frame[:, None]).astype(np.int64)
+            sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
+            feed[SINK_POSITIONS] = np.ascontiguousarray(sink_q, dtype=np.int64)
+            feed[SINK_KEYS] = (np.ascontiguousarray(layout.sink_slots) if layout.sink_slots is not None
+                               else np.zeros(layout.allowed.shape[::2], bool))
+            if self.uses_rope and layout.sink_slots is not None and frame.any() and \
+                    (layout.sink_slots[:, -T:] & (frame != 0)[:, None]).any():
+                raise ValueError("a sink token arrived in a row whose key frame has moved; sinks are a stream's "
+                                 "first tokens (ctxmem.layout)")
+        else:
+            layout = layout.with_sinks()  # the graph always takes the sink inputs
+            feed.update({POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
+                         KEY_POSITIONS: np.ascontiguousarray(layout.key_positions, dtype=np.int64),
+                         SINK_POSITIONS: np.ascontiguousarray(layout.sink_positions, dtype=np.int64),
+                         SINK_KEYS: np.ascontiguousarray(layout.sink_keys, dtype=bool)})
         if past:
             arrays = [a for kv in past for a in kv]
         else:
-            empty = np.zeros((ids.shape[0], self.contract.n_kv_heads, 0, self.contract.head_dim), self._cache_dtype)
+            empty = np.zeros((B, self.contract.n_kv_heads, 0, self.contract.head_dim), self._cache_dtype)
             arrays = [empty] * len(self._past_names)
         feed.update(zip(self._past_names, arrays))
-        return self.session.run(self.output_names, feed)
+        outs = self.session.run(self.output_names, feed)
+        present = list(zip(outs[1::2], outs[2::2]))  # (B, Hkv, P+T, D) per layer
+        return outs, (FrameCache(present, frame) if self.rotated else present)
+
+    def key_positions(self, layout, frame: np.ndarray) -> np.ndarray:
+        """(B, S) the rotation position of each slot's cached key (v3): a sink at its stream index,
+        any other slot at its stream index minus its row's frame offset."""
+        sink = layout.sink_slots if layout.sink_slots is not None else np.zeros(layout.stream.shape, bool)
+        return np.where(sink, layout.stream, layout.stream - frame[:, None])
+
+    def _keep_in_span(self, layout, past: FrameCache, frame: np.ndarray, T: int) -> tuple[FrameCache, np.ndarray]:
+        """Rows whose new positions would reach past the rotation table get a new frame offset (the
+        newest token at max_seq_len - 1, inside the v2 range) and their cached ordinary keys rotated
+        back by the offset's change; sink keys do not move. Exact up to one rotation's rounding, once
+        per key: the offset moves every max_seq_len tokens at most, longer than a key stays cached."""
+        low, high = self.span
+        newest = layout.stream[:, -T:].max(axis=1)  # (B,)
+        move = newest - frame >= high
+        if not move.any():
+            return past, frame
+        frame = frame.copy()
+        frame[move] = newest[move] - (self.max_seq_len - 1)
+        shift = frame - past.frame  # (B,) how far the frame moved; keys go back by as much
+        P = past[0][0].shape[2]
+        sink = layout.sink_slots[:, :P] if layout.sink_slots is not None else np.zeros((len(frame), P), bool)
+        rows = np.flatnonzero(move)
+        back = np.where(sink[rows], 0, -shift[rows, None])  # (R, P)
+        layers = []
+        for k, v in past:
+            k = k.copy()
+            k[rows] = rotate(k[rows], back, self.head_dim, self.rope_theta)
+            layers.append((k, v))
+        if (layout.stream[:, -T:] - frame[:, None]).min() < low:
+            raise ValueError(f"{T} new tokens span more rotation positions than the graph's table holds "
+                             f"({low}..{high}); feed them in smaller pieces")
+        return FrameCache(layers, frame), frame
 
     def forward(self, ids, layout, past, last_only=True):
-        outs = self.run(ids, layout, past)
+        outs, present = self.step(ids, layout, past)
         logits = outs[0][:, -1] if last_only else outs[0]
-        present = list(zip(outs[1::2], outs[2::2]))  # (B, Hkv, S+T, D) per layer
         return np.asarray(logits, dtype=np.float32), present
 
 
@@ -343,5 +442,6 @@ def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = No
     return Generator(backend, tokenizer, mem, GenerationConfig(**config.generation))
 
 
-__all__ = ["RuntimeConfig", "OrtBackend", "load_onnx_generator", "create_session", "choose_provider",
+__all__ = ["RuntimeConfig", "OrtBackend", "FrameCache", "FrameCacheOps", "rotate", "load_onnx_generator",
+           "create_session", "choose_provider",
            "RUNTIME_CONFIG", "MODEL_FILE", "DATA_FILE", "TOKENIZER_FILE", "REPORT_FILE"]

@@ -3,7 +3,9 @@
 Order (as optimum's exporters check, but a failure here is an error, never a warning):
     1. names   - the graph's inputs/outputs are exactly the contract's;
     2. shapes  - every output has the shape the contract implies, at every call;
-    3. values  - every output (logits and the whole cache) is within tolerance of PyTorch's, at
+    3. values  - every output (logits and the whole cache; under contract v3 PyTorch's keys, cached
+                 before rotation, are rotated where the runtime keeps them and compared at the slots
+                 the memory holds) is within tolerance of PyTorch's, at
                  prefill (left-padded batch of 2, past length 0), at several decode steps, and after
                  the window has slid under the sink policy (>= 3 whole windows evicted), then a
                  multi-token chunk fed into the slid cache; and at the end of the context (a prompt
@@ -82,12 +84,12 @@ class _Stats:
 
 
 class _LockstepOps:
-    """Applies each cache operation to both caches: (torch per-layer (k, v), numpy per-layer (k, v))."""
+    """Applies each cache operation to both caches: (torch per-layer (k, v), the ORT backend's cache)."""
 
-    def __init__(self):
+    def __init__(self, ort_ops=None):
         from ctxmem.backend import TorchCacheOps
 
-        self.torch_ops, self.np_ops = TorchCacheOps(), NumpyCacheOps()
+        self.torch_ops, self.np_ops = TorchCacheOps(), ort_ops or NumpyCacheOps()
 
     def take(self, past, idx):
         return self.torch_ops.take(past[0], idx), self.np_ops.take(past[1], idx)
@@ -108,7 +110,7 @@ class _Lockstep:
         self.model, self.ort, self.contract = model, ort, contract
         self.max_seq_len, self.vocab_size, self.uses_rope = ort.max_seq_len, ort.vocab_size, ort.uses_rope
         self.sink_token_id, self.stream_prefix = ort.sink_token_id, ort.stream_prefix
-        self.ops = _LockstepOps()
+        self.ops = _LockstepOps(ort.ops)
         self.gate_values, self.atol, self.rtol = gate_values, atol, rtol
         self.calls = self.slides = 0
         self.valid = np.zeros(0, dtype=np.int64)  # valid slots per row after the previous call
@@ -138,13 +140,27 @@ class _Lockstep:
             logits, presents = self.model(t(ids), positions=t(full.positions), past=past_t, use_cache=True,
                                           key_positions=t(full.key_positions), allowed=t(full.allowed),
                                           sink_positions=t(full.sink_positions), sink_keys=t(full.sink_keys))
-        reference = [logits.float().numpy()] + [x.float().numpy() for kv in presents for x in kv]
-        outputs = self.ort.run(ids, layout, past_o)
-        self._check(stage, where, reference, outputs, B, T, P)
-        result = reference[0][:, -1] if last_only else reference[0]
-        return result, (presents, list(zip(outputs[1::2], outputs[2::2])))
+        outputs, present_o = self.ort.step(ids, layout, past_o)
+        keys_valid = None
+        if self.ort.rotated and self.uses_rope:
+            # contract v3 caches keys rotated in the row's frame: PyTorch's keys (cached before
+            # rotation) are rotated at the same positions, with PyTorch's own rotary code, to compare;
+            # evicted slots (masked, never read) hold keys of positions the layout no longer gives
+            from ctxmem.model import apply_rope, rope_cos_sin
 
-    def _check(self, stage, where, reference, outputs, B, T, P) -> None:
+            cos, sin = rope_cos_sin(t(self.ort.key_positions(layout, present_o.frame)), self.ort.head_dim,
+                                    self.ort.rope_theta)
+            reference = [logits.float().numpy()] + [apply_rope(x.float(), cos, sin).numpy() if j % 2 == 0
+                                                    else x.float().numpy()
+                                                    for kv in presents for j, x in enumerate(kv)]
+            keys_valid = valid[:, None, :, None]  # (B, 1, P + T, 1)
+        else:
+            reference = [logits.float().numpy()] + [x.float().numpy() for kv in presents for x in kv]
+        self._check(stage, where, reference, outputs, B, T, P, keys_valid)
+        result = reference[0][:, -1] if last_only else reference[0]
+        return result, (presents, present_o)
+
+    def _check(self, stage, where, reference, outputs, B, T, P, keys_valid=None) -> None:
         names = self.contract.output_names
         expected = self.contract.output_shapes(B, T, P)
         for name, ref, got in zip(names, reference, outputs):  # shapes first, all of them
@@ -155,6 +171,8 @@ class _Lockstep:
         stats.calls += 1
         for name, ref, got in zip(names, reference, outputs):
             diff = np.abs(got.astype(np.float32) - ref)
+            if keys_valid is not None and name.startswith("present_key"):
+                diff = np.where(keys_valid, diff, 0.0)
             worst = float(diff.max()) if diff.size else 0.0
             if worst > stats.max_abs_diff:
                 stats.max_abs_diff, stats.worst = worst, f"{name} at {where}"

@@ -15,8 +15,11 @@ from ctxmem.export.runtime import RUNTIME_CONFIG, RuntimeConfig
 
 def test_contract_names_inputs_and_outputs_per_layer_in_cache_order():
     c = ExportContract.for_model(preset("tiny"))
-    assert c.input_names == ["input_ids", "positions", "key_positions", "allowed", "sink_positions", "sink_keys",
+    assert c.version == 3 and c.keys_rotated  # keys cached after rotation: no key_positions input
+    assert c.input_names == ["input_ids", "positions", "allowed", "sink_positions", "sink_keys",
                              "past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    traced = ExportContract.for_model(preset("tiny"), version=2)  # the traced graph's: keys before rotation
+    assert traced.input_names[:3] == ["input_ids", "positions", "key_positions"] and not traced.keys_rotated
     assert c.output_names == ["logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
     assert past_names(1) == ["past_key_0", "past_value_0"] and present_names(1) == ["present_key_0", "present_value_0"]
 
@@ -25,7 +28,9 @@ def test_contract_gives_the_mask_its_own_dynamic_dimension_and_fixes_heads_and_h
     cfg = preset("tiny")
     c = ExportContract.for_model(cfg)
     dims = {t.name: t.dims for t in c.inputs()}
-    assert dims["key_positions"] == dims["sink_keys"] == ("batch", "mask_len")
+    assert dims["sink_keys"] == ("batch", "mask_len")
+    assert {t.name: t.dims for t in ExportContract.for_model(cfg, version=2).inputs()}["key_positions"] == (
+        "batch", "mask_len")
     assert dims["allowed"] == ("batch", "new_tokens", "mask_len")
     assert dims["past_key_0"] == ("batch", cfg.n_kv_heads, "past_len", cfg.head_dim)
     assert c.output_shapes(batch=3, new=1, past=0)["present_value_1"] == (3, cfg.n_kv_heads, 1, cfg.head_dim)
@@ -40,10 +45,22 @@ def test_contract_round_trips_through_its_dict_and_rejects_other_cache_dtypes():
         ExportContract(2, 2, 24, 263, cache_dtype="int8")
 
 
+def test_a_contract_this_ctxmem_does_not_run_names_the_reexport_command():
+    """An export from before contract v2 (or from a newer ctxmem) is refused with the command that
+    rewrites it, at load time, not with a graph that crashes on its first call."""
+    data = ExportContract.for_model(preset("tiny")).to_dict()
+    for version in (None, 1, 4):
+        old = {**data, "version": version} if version else {k: v for k, v in data.items() if k != "version"}
+        with pytest.raises(ValueError, match=r"re-export it with `ctxmem export --model"):
+            ExportContract.from_dict(old)
+    with pytest.raises(RuntimeConfigError, match=r"re-export it with `ctxmem export --model"):
+        _config(contract={**data, "version": 1})
+
+
 def test_the_traced_example_scores_sinks_apart_so_the_graph_holds_both_paths():
     """The graph is traced once: its example must take the sink path, or the exporter would bake in
     an example where the sink query positions equal the ordinary ones and prune nothing visible."""
-    c = ExportContract.for_model(preset("tiny"))
+    c = ExportContract.for_model(preset("tiny"), version=2)
     ids, positions, key_positions, allowed, sink_positions, sink_keys, past = c.example_inputs()
     assert ids.shape == positions.shape == sink_positions.shape
     assert allowed.shape == (ids.shape[0], ids.shape[1], key_positions.shape[1])

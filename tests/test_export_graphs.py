@@ -51,24 +51,43 @@ def test_fused_graph_passes_verification_for_each_model_part(tmp_path, changes):
 
 @pytest.mark.slow  # traces the model with torch.onnx.export (~15 s)
 def test_fused_and_traced_graphs_compute_the_same_outputs(tiny_checkpoint, tiny_export, tmp_path):
-    """Two independent constructions of contract v2 - written op by op, and traced from PyTorch -
-    agree on logits and the whole cache, on a layout that scores sinks apart (a chunk past the window)."""
-    from ctxmem.checkpoint import load_model
-    from ctxmem.export.contract import ExportContract
-    from ctxmem.export.onnx_export import export_onnx
-    from ctxmem.export.runtime import OrtBackend, RuntimeConfig
+    """Two independent constructions of the model - written op by op under contract v3 (keys cached
+    rotated, in a frame per row) and traced from PyTorch under v2 (keys cached before rotation) -
+    agree on the logits of every feed of a sink stream (prefill, decode past the window, a chunk that
+    scores sinks apart), and on the cache: the same values, and the fused graph's keys are the traced
+    graph's rotated at the positions the runtime keeps them at."""
+    from ctxmem.export.runtime import OrtBackend, rotate
+    from ctxmem.memory import ContextMemory, MemoryConfig
 
-    traced = export_onnx(tiny_checkpoint, tmp_path / "traced", graph="traced", verify=False)
+    traced = export_onnx_traced(tiny_checkpoint, tmp_path)
+    backends = OrtBackend(tiny_export), OrtBackend(traced)
+    assert backends[0].contract.version == 3 and backends[1].contract.version == 2
+    mems = [ContextMemory(b, MemoryConfig("sink", window=12, sinks=4)) for b in backends]
+    states = [m.start(2) for m in mems]
+    rng = np.random.default_rng(0)
+    feeds = [[rng.integers(0, 256, 9).tolist(), rng.integers(0, 256, 3).tolist()]]
+    feeds += [rng.integers(0, 256, (2, 1)) for _ in range(40)] + [rng.integers(0, 256, (2, 7))]
+    for ids in feeds:
+        fused, traced_logits = (m.feed(s, ids, all_logits=True) for m, s in zip(mems, states))
+        np.testing.assert_allclose(fused, traced_logits, atol=1e-5, rtol=1e-5)
+    (f, t), mem = states, mems[0]
+    assert np.array_equal(f.mask, t.mask) and f.past.frame.shape == (2,)
+    stream = mem._stream_positions(f.mask, f.seen)
+    where = np.where(f.mask & (stream < 4), stream, stream - f.past.frame[:, None])  # (B, S) as the runtime keeps them
+    valid = f.mask[:, None, :, None]
+    for (fk, fv), (tk, tv) in zip(f.past, t.past):
+        np.testing.assert_allclose(fv, tv, atol=1e-5, rtol=1e-5)
+        rotated = rotate(tk, where, backends[0].head_dim, backends[0].rope_theta)
+        np.testing.assert_allclose(np.where(valid, fk, 0), np.where(valid, rotated, 0), atol=1e-5, rtol=1e-5)
+
+
+def export_onnx_traced(checkpoint, tmp_path):
+    from ctxmem.export.onnx_export import export_onnx
+    from ctxmem.export.runtime import RuntimeConfig
+
+    traced = export_onnx(checkpoint, tmp_path / "traced", graph="traced", verify=False)
     assert RuntimeConfig.load(traced).optimization["graph"] == "traced"
-    contract = ExportContract.for_model(load_model(tiny_checkpoint).cfg)
-    args = contract.example_inputs(batch=2, new=6, past=9)
-    feed = dict(zip(contract.input_names, [a.numpy() for a in args[:6]] + [t.numpy() for kv in args[6] for t in kv]))
-    assert feed["sink_keys"].any() and not np.array_equal(feed["sink_positions"], feed["positions"])
-    fused_out = OrtBackend(tiny_export).session.run(None, feed)
-    traced_out = OrtBackend(traced).session.run(None, feed)
-    for name, a, b in zip(contract.output_names, fused_out, traced_out):
-        assert a.shape == b.shape, name
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
+    return traced
 
 
 @pytest.mark.slow  # trains and exports the `small` fixture (~30 s): out of the fast loop

@@ -31,7 +31,7 @@ def test_export_writes_graph_weights_tokenizer_runtime_config_and_report(tiny_ex
     assert config.special_tokens["eos_id"] == 258 and 262 in config.special_tokens["stop_ids"]
     assert config.chat_template["style"] == "special-tokens"
     assert config.source["checkpoint"] == str(tiny_checkpoint.resolve())
-    assert config.contract["keys_before_rotation"] is True
+    assert config.contract["version"] == 3 and config.contract["keys_before_rotation"] is False
     assert config.optimization["graph"] == "fused"  # export/graph_builder.py, the default
 
 
@@ -70,6 +70,34 @@ def test_one_graph_serves_prefill_from_empty_past_and_decode_at_any_batch(tiny_e
                                   past_o, last_only=False)
         assert got.shape == (B, T, 263) and past_o[0][0].shape == (B, 2, P + T, 24)
         np.testing.assert_allclose(got, logits.numpy(), atol=ATOL, rtol=ATOL)
+
+
+def test_the_key_frame_moves_far_past_the_window_and_the_logits_stay_pytorchs(tiny_export, tiny_checkpoint):
+    """Contract v3 keeps keys rotated at their stream index minus a per-row frame offset; past twice
+    the context (the rotation table's end) the runtime moves a row's offset and rotates its cached
+    ordinary keys back, once. Two rows at different stream lengths, 1,000+ tokens of a sink stream
+    (the frame moves 4+ times per row), single tokens and chunks: every logit within the fp32
+    tolerance of the PyTorch engine fed the same tokens through the same memory."""
+    from ctxmem.backend import TorchBackend
+    from ctxmem.checkpoint import load_model
+    from ctxmem.export.runtime import OrtBackend
+    from ctxmem.memory import ContextMemory
+
+    ort = OrtBackend(tiny_export)
+    torch_backend = TorchBackend(load_model(tiny_checkpoint))
+    mems = [ContextMemory(b, MemoryConfig("sink", window=28, sinks=4)) for b in (torch_backend, ort)]
+    states = [m.start(2) for m in mems]
+    rng = np.random.default_rng(1)
+    feeds = [[rng.integers(0, 256, 40).tolist(), rng.integers(0, 256, 7).tolist()]]
+    feeds += [rng.integers(0, 256, (2, 9 if step % 40 == 0 else 1)) for step in range(1, 700)]
+    frames = set()
+    for ids in feeds:
+        want, got = (m.feed(s, ids, all_logits=True) for m, s in zip(mems, states))
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=ATOL)
+        frames.add(tuple(states[1].past.frame))
+    high = 2 * ort.max_seq_len
+    assert states[1].seen.min() > 4 * high // 2 + 100 and len({f[0] for f in frames}) >= 4
+    assert len({f[1] for f in frames}) >= 4  # the second row's frame moved on its own, at its own times
 
 
 def test_onnx_generator_matches_torch_generator_token_for_token_under_sinks(tiny_export, tiny_checkpoint, caplog):
@@ -152,6 +180,7 @@ def test_fp16_variant_keeps_a_half_precision_cache_and_the_loss(tiny_export, tmp
     from onnx import numpy_helper
 
     from ctxmem.config import ModelConfig
+    from ctxmem.export.contract import rotation_span
     from ctxmem.export.graph_builder import rope_table
 
     graph = onnx.load(str(out / "model.onnx")).graph
@@ -159,7 +188,8 @@ def test_fp16_variant_keeps_a_half_precision_cache_and_the_loss(tiny_export, tmp
     table = {t.name: numpy_helper.to_array(t) for t in graph.initializer}["cos_table"]
     cfg = ModelConfig.from_dict(backend.config.model)
     assert table.dtype == np.float16
-    np.testing.assert_array_equal(table, rope_table(cfg, cfg.max_seq_len)[0].astype(np.float16))
+    low, high = rotation_span(cfg.max_seq_len)
+    np.testing.assert_array_equal(table, rope_table(cfg, -low, high)[0].astype(np.float16))
     # ... and verification compared the end of the context, where they are largest
     assert report["stages"]["end_of_context"]["last_position"] >= 127 + 4
 
