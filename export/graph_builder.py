@@ -23,6 +23,7 @@ D head_dim, d model width, V vocab.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .contract import (ALLOWED, INPUT_IDS, LOGITS, POSITIONS, SINK_KEYS, SINK_PO
                        rotation_span)
 
 MS = "com.microsoft"
+TENSOR_INT32 = 6  # onnx.TensorProto.INT32
 GRAPH_KIND = "fused"  # runtime_config optimization.graph: "fused" (this module) or "traced" (torch.onnx.export)
 
 
@@ -56,30 +58,50 @@ def rope_table(cfg, offset: int, end: int | None = None) -> tuple[np.ndarray, np
 
 
 class _Graph:
-    """A tiny node/initializer collector over onnx.helper."""
+    """A tiny node/initializer collector over onnx.helper. A branch (``parent`` given) has its own
+    nodes, prefixed names, and shares its parent's initializers (each written once)."""
 
-    def __init__(self):
-        self.nodes, self.inits, self.count = [], [], 0
+    def __init__(self, parent: "_Graph | None" = None, prefix: str = ""):
+        self.nodes, self.prefix = [], prefix
+        self.inits = parent.inits if parent else []
+        self.names = parent.names if parent else set()
+        self.counter = parent.counter if parent else [0]
 
     def const(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if name not in self.names:
+            self.names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "", **attrs):
         from onnx import helper
 
-        self.count += 1
-        base = name or f"{op_type}_{self.count}"
+        self.counter[0] += 1
+        base = self.prefix + (name or f"{op_type}_{self.counter[0]}")
         outs = [f"{base}/out{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
         return outs[0] if n_out == 1 else outs
 
 
-def build_fused_graph(model, opset: int = 18):
+def has_decode_branch(cfg) -> bool:
+    """Whether build_fused_graph writes the GroupQueryAttention decode branch for this model: rotary
+    positions, no learned head sink, a head_dim ONNX Runtime's CPU kernel takes (a multiple of 16);
+    the general path serves the rest."""
+    return cfg.pos == "rope" and cfg.sink != "learned" and cfg.head_dim % 16 == 0
+
+
+def build_fused_graph(model, opset: int = 18, decode_branch: bool = True):
     """onnx.ModelProto of ``model`` (a ctxmem Transformer, eval) under contract v3. Raises
-    UnsupportedModelError for a part it does not write."""
+    UnsupportedModelError for a part it does not write.
+
+    With ``decode_branch`` (and a model has_decode_branch accepts) the graph is one If over two
+    copies of the layer stack sharing every weight: a decode step - one new token per row, a
+    cache, every row's sink query position equal to its ordinary one (no sink scored apart), so one
+    scoring is exact - runs each layer's attention as one GroupQueryAttention (rotary on q and the
+    new key, the cache concatenation, grouped scores with the layout's mask as a bias, softmax, V);
+    any other call runs the general path. The general path alone otherwise."""
     from onnx import TensorProto, helper
 
     cfg = model.cfg
@@ -87,31 +109,87 @@ def build_fused_graph(model, opset: int = 18):
         raise UnsupportedModelError(f"positions {cfg.pos!r}")
     contract = ExportContract.for_model(cfg)
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    g = _Graph()
+    outputs = contract.output_names
+    if not (decode_branch and has_decode_branch(cfg)):
+        logits, presents = _stack(_Graph(g), cfg, sd, decode=False, into=g)
+        _rename(g.nodes, dict(zip([logits, *presents], outputs)))
+    else:
+        general, decode = _Graph(g, "general/"), _Graph(g, "decode/")
+        branches = {}
+        for name, branch, is_decode in (("general", general, False), ("decode", decode, True)):
+            values = _stack(branch, cfg, sd, decode=is_decode, into=branch)
+            outs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in [values[0], *values[1]]]
+            branches[name] = helper.make_graph(branch.nodes, name, [], outs)
+        g.nodes.append(helper.make_node("If", [_decode_condition(g)], outputs, name="decode_or_general",
+                                        then_branch=branches["decode"], else_branch=branches["general"]))
+
+    def vi(decl):
+        elem = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": TensorProto.FLOAT,
+                "float16": TensorProto.FLOAT16}[decl.dtype]
+        return helper.make_tensor_value_info(decl.name, elem, list(decl.dims))
+
+    graph = helper.make_graph(g.nodes, "ctxmem_fused", [vi(t) for t in contract.inputs()],
+                              [vi(t) for t in contract.outputs()], initializer=g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              producer_name="ctxmem.export.graph_builder")
+    proto.ir_version = min(proto.ir_version, 10)
+    return proto
+
+
+def _decode_condition(g: _Graph) -> str:
+    """bool scalar: one new token per row, a cache, no row scoring its sinks apart (sink_positions
+    equal to positions), positions >= 0 (GroupQueryAttention's table starts at 0)."""
+    i64 = lambda name, values: g.const(name, np.asarray(values, dtype=np.int64))  # noqa: E731
+    one_token = g.op("Equal", [g.op("Gather", [g.op("Shape", [INPUT_IDS]), i64("c.one", 1)], axis=0), i64("c.one", 1)])
+    cached = g.op("Greater", [g.op("Gather", [g.op("Shape", ["past_key_0"]), i64("c.two", 2)], axis=0),
+                              i64("c.zero", 0)])
+    apart = g.op("ReduceMax", [g.op("Cast", [g.op("Not", [g.op("Equal", [POSITIONS, SINK_POSITIONS])])],
+                                    to=7)], keepdims=0)  # 1 when some query scores sinks apart
+    together = g.op("Equal", [apart, i64("c.zero", 0)])
+    nonneg = g.op("GreaterOrEqual", [g.op("ReduceMin", [POSITIONS], keepdims=0), i64("c.zero", 0)])
+    return g.op("And", [g.op("And", [one_token, cached]), g.op("And", [together, nonneg])], name="decode_condition")
+
+
+def _stack(g: _Graph, cfg, sd: dict, decode: bool, into: _Graph) -> tuple[str, list[str]]:
+    """The model from ids to logits in ``g``: (the logits value, the present values in contract
+    order). ``decode``: each layer's attention as one GroupQueryAttention (see build_fused_graph)."""
     H, Hkv, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     rep = H // Hkv
-    g = _Graph()
     i64 = lambda name, values: g.const(name, np.asarray(values, dtype=np.int64))  # noqa: E731
     f32 = lambda name, value: g.const(name, np.asarray(value, dtype=np.float32))  # noqa: E731
     linear = lambda key: sd[f"{key}.weight"].T  # torch Linear (out, in) -> MatMul weight (in, out)  # noqa: E731
 
-    # ---- once per graph: bias from the layout, rotary tables, sink mask ---------------------------
     x = g.op("Gather", [g.const("tok_emb", sd["tok_emb.weight"]), INPUT_IDS], name="embed")  # (B, T, d)
     if cfg.pos == "learned":
         x = g.op("Add", [x, g.op("Gather", [g.const("pos_emb", sd["pos_emb.weight"]), POSITIONS])])
-    # allowed (B, T, M) -> additive bias, tiled to the (rep * T) rows of a kv group: (B, 1, rep*T, M)
-    bias = g.op("Where", [ALLOWED, f32("zero", 0.0), f32("neg_inf", -np.inf)])
-    bias = g.op("Tile", [g.op("Unsqueeze", [bias, i64("axis1", [1])]), i64("tile_rep", [1, 1, rep, 1])],
-                name="bias_tiled")
     rope = cfg.pos == "rope"
-    if rope:
-        low, high = rotation_span(cfg.max_seq_len)
-        cos, sin = rope_table(cfg, -low, high)
-        cos, sin = g.const("cos_table", cos), g.const("sin_table", sin)
-        shift = i64("rope_offset", -low)
-        q_pos = g.op("Add", [POSITIONS, shift], name="q_pos")  # the new tokens' queries and keys
-        s_pos = g.op("Add", [SINK_POSITIONS, shift], name="s_pos")
-        sink_mask = g.op("Unsqueeze", [SINK_KEYS, i64("axes12", [1, 2])], name="sink_mask")  # (B, 1, 1, M)
+    low, high = rotation_span(cfg.max_seq_len)
     scale = 1.0 / math.sqrt(D)
+    if decode:
+        # allowed (B, 1, M) -> additive bias (B, 1, 1, M); every row's new token at slot M - 1
+        bias = g.op("Unsqueeze", [g.op("Where", [ALLOWED, f32("zero", 0.0), f32("neg_inf", -np.inf)]),
+                                  i64("axis1", [1])], name="bias")
+        shape = g.op("Shape", [ALLOWED])
+        total = g.op("Gather", [shape, i64("c.two", 2)], axis=0)  # M
+        seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, i64("c.one", 1)]),
+                                                g.op("Slice", [shape, i64("c.zeros1", [0]), i64("c.ones1", [1])])])],
+                       to=TENSOR_INT32)  # (B,) M - 1
+        total = g.op("Cast", [total], to=TENSOR_INT32)
+        cos, sin = rope_table(cfg, 0, high)  # GroupQueryAttention's table starts at position 0
+        dcos, dsin = g.const("decode_cos_table", cos), g.const("decode_sin_table", sin)
+    else:
+        # allowed (B, T, M) -> additive bias, tiled to the (rep * T) rows of a kv group: (B, 1, rep*T, M)
+        bias = g.op("Where", [ALLOWED, f32("zero", 0.0), f32("neg_inf", -np.inf)])
+        bias = g.op("Tile", [g.op("Unsqueeze", [bias, i64("axis1", [1])]), i64("tile_rep", [1, 1, rep, 1])],
+                    name="bias_tiled")
+        if rope:
+            cos, sin = rope_table(cfg, -low, high)
+            cos, sin = g.const("cos_table", cos), g.const("sin_table", sin)
+            shift = i64("rope_offset", -low)
+            q_pos = g.op("Add", [POSITIONS, shift], name="q_pos")  # the new tokens' queries and keys
+            s_pos = g.op("Add", [SINK_POSITIONS, shift], name="s_pos")
+            sink_mask = g.op("Unsqueeze", [SINK_KEYS, i64("axes12", [1, 2])], name="sink_mask")  # (B, 1, 1, M)
     q_group_shape = i64("q_group_shape", [0, 0, Hkv, rep, D])
     kv_shape = i64("kv_shape", [0, 0, Hkv, D])
     rows_shape = i64("rows_shape", [0, 0, -1, D])
@@ -147,33 +225,42 @@ def build_fused_graph(model, opset: int = 18):
         q = g.op("Transpose", [g.op("Reshape", [q, q_group_shape])], perm=[0, 2, 3, 1, 4])  # (B, Hkv, rep, T, D)
         return g.op("Reshape", [q, rows_shape])
 
+    presents = []
     residual, pending, pending_bias = x, None, None
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
         h, residual = norm(f"{p}.attn_norm", residual, pending, pending_bias)
         bq = (np.concatenate([sd[f"{p}.attn.w{n}.bias"] for n in "qkv"]) if cfg.bias else None)
         qkv = matmul(f"{p}.attn.wqkv", h, np.concatenate([linear(f"{p}.attn.w{n}") for n in "qkv"], axis=1), bq)
-        q, k, v = g.op("Split", [qkv, i64(f"{p}.split", [d, Hkv * D, Hkv * D])], n_out=3, axis=-1)
-        if rope:  # each new key rotated once, at its own position in the row's frame (contract v3)
-            k = g.op("RotaryEmbedding", [k, q_pos, cos, sin], domain=MS)  # (B, T, Hkv*D)
-        k = g.op("Transpose", [g.op("Reshape", [k, kv_shape])], perm=[0, 2, 1, 3])  # (B, Hkv, T, D)
-        v = g.op("Transpose", [g.op("Reshape", [v, kv_shape])], perm=[0, 2, 1, 3])
-        keys = g.op("Concat", [f"past_key_{i}", k], axis=2, name=f"present_key_{i}")  # rotated (B, Hkv, M, D)
-        present_v = g.op("Concat", [f"past_value_{i}", v], axis=2, name=f"present_value_{i}")
-        scores = g.op("FusedMatMul", [grouped_rows(q, q_pos if rope else None), keys], domain=MS, transA=0,
-                      transB=1, alpha=scale)  # (B, Hkv, rep*T, M)
-        if rope:  # sink slots are scored with the query rotated at sink_positions (ctxmem/layout.py)
-            to_sinks = g.op("FusedMatMul", [grouped_rows(q, s_pos), keys], domain=MS, transA=0, transB=1,
-                            alpha=scale)
-            scores = g.op("Where", [sink_mask, to_sinks, scores])
-        scores = g.op("Add", [scores, bias])
-        if cfg.sink == "learned":  # one more softmax column per head, its value zero (gpt-oss)
-            weights = _softmax_with_head_sink(g, scores, sd[f"{p}.attn.head_sink"], Hkv, rep, i64, i)
+        if decode:  # q|k|v packed (B, 1, (H + 2 Hkv) D) -> (B, 1, H*D); present (B, Hkv, M, D) rotated
+            att, keys, present_v = g.op("GroupQueryAttention", [qkv, "", "", f"past_key_{i}", f"past_value_{i}",
+                                                                 seqlens, total, dcos, dsin, POSITIONS, bias],
+                                        n_out=3, domain=MS, num_heads=H, kv_num_heads=Hkv, do_rotary=1,
+                                        scale=scale, name=f"{p}.attn.gqa")
         else:
-            weights = g.op("Softmax", [scores], axis=-1)
-        att = g.op("MatMul", [weights, present_v])  # (B, Hkv, rep*T, D)
-        att = g.op("Transpose", [g.op("Reshape", [att, back_shape])], perm=[0, 3, 1, 2, 4])  # (B, T, Hkv, rep, D)
-        att = matmul(f"{p}.attn.wo", g.op("Reshape", [att, out_shape]), linear(f"{p}.attn.wo"))
+            q, k, v = g.op("Split", [qkv, i64(f"{p}.split", [d, Hkv * D, Hkv * D])], n_out=3, axis=-1)
+            if rope:  # each new key rotated once, at its own position in the row's frame (contract v3)
+                k = g.op("RotaryEmbedding", [k, q_pos, cos, sin], domain=MS)  # (B, T, Hkv*D)
+            k = g.op("Transpose", [g.op("Reshape", [k, kv_shape])], perm=[0, 2, 1, 3])  # (B, Hkv, T, D)
+            v = g.op("Transpose", [g.op("Reshape", [v, kv_shape])], perm=[0, 2, 1, 3])
+            keys = g.op("Concat", [f"past_key_{i}", k], axis=2, name=f"present_key_{i}")  # rotated (B, Hkv, M, D)
+            present_v = g.op("Concat", [f"past_value_{i}", v], axis=2, name=f"present_value_{i}")
+            scores = g.op("FusedMatMul", [grouped_rows(q, q_pos if rope else None), keys], domain=MS, transA=0,
+                          transB=1, alpha=scale)  # (B, Hkv, rep*T, M)
+            if rope:  # sink slots are scored with the query rotated at sink_positions (ctxmem/layout.py)
+                to_sinks = g.op("FusedMatMul", [grouped_rows(q, s_pos), keys], domain=MS, transA=0, transB=1,
+                                alpha=scale)
+                scores = g.op("Where", [sink_mask, to_sinks, scores])
+            scores = g.op("Add", [scores, bias])
+            if cfg.sink == "learned":  # one more softmax column per head, its value zero (gpt-oss)
+                weights = _softmax_with_head_sink(g, scores, sd[f"{p}.attn.head_sink"], Hkv, rep, i64, i)
+            else:
+                weights = g.op("Softmax", [scores], axis=-1)
+            att = g.op("MatMul", [weights, present_v])  # (B, Hkv, rep*T, D)
+            att = g.op("Transpose", [g.op("Reshape", [att, back_shape])], perm=[0, 3, 1, 2, 4])  # (B, T, Hkv, rep, D)
+            att = g.op("Reshape", [att, out_shape])
+        presents += [keys, present_v]
+        att = matmul(f"{p}.attn.wo", att, linear(f"{p}.attn.wo"))
         wo_bias = g.const(f"{p}.attn.wo.bias", sd[f"{p}.attn.wo.bias"]) if cfg.bias else None
         h, residual = norm(f"{p}.ffn_norm", residual, att, wo_bias)
         if cfg.ffn == "swiglu":
@@ -188,25 +275,10 @@ def build_fused_graph(model, opset: int = 18):
         pending = matmul(f"{p}.ffn.w_down", act, linear(f"{p}.ffn.w_down"))
         pending_bias = g.const(f"{p}.ffn.w_down.bias", sd[f"{p}.ffn.w_down.bias"]) if cfg.bias else None
     h, _ = norm("norm", residual, pending, pending_bias)
-    g.op("MatMul", [h, g.const("lm_head.weight", np.ascontiguousarray(sd["lm_head.weight"].T))], name="lm_head")
-    g.nodes[-1].output[0] = LOGITS
-    for i in range(cfg.n_layers):  # the Concat nodes write the contract's present names directly
-        for kind in ("key", "value"):
-            node = next(n for n in g.nodes if n.name == f"present_{kind}_{i}")
-            node.output[0] = f"present_{kind}_{i}"
-    _rewire(g)
-
-    def vi(decl):
-        elem = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": TensorProto.FLOAT,
-                "float16": TensorProto.FLOAT16}[decl.dtype]
-        return helper.make_tensor_value_info(decl.name, elem, list(decl.dims))
-
-    graph = helper.make_graph(g.nodes, "ctxmem_fused", [vi(t) for t in contract.inputs()],
-                              [vi(t) for t in contract.outputs()], initializer=g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                              producer_name="ctxmem.export.graph_builder")
-    proto.ir_version = min(proto.ir_version, 10)
-    return proto
+    logits = g.op("MatMul", [h, g.const("lm_head.weight", np.ascontiguousarray(sd["lm_head.weight"].T))], name="lm_head")
+    if into is not g:
+        into.nodes.extend(g.nodes)
+    return logits, presents
 
 
 def _softmax_with_head_sink(g: _Graph, scores: str, head_sink: np.ndarray, Hkv: int, rep: int, i64, layer: int) -> str:
@@ -225,18 +297,37 @@ def _softmax_with_head_sink(g: _Graph, scores: str, head_sink: np.ndarray, Hkv: 
     return g.op("Slice", [weights, i64(f"l{layer}.z", [0]), i64(f"l{layer}.m1", [-1]), i64(f"l{layer}.ax", [-1])])
 
 
-def _rewire(g: _Graph) -> None:
-    """Outputs renamed after creation (logits, present_*): point their consumers at the new names."""
-    renamed = {}
-    for node in g.nodes:
-        if node.name == "lm_head":
-            renamed[f"{node.name}/out0"] = node.output[0]
-        if node.name.startswith("present_"):
-            renamed[f"{node.name}/out0"] = node.output[0]
-    for node in g.nodes:
+def _rename(nodes: list, renamed: dict[str, str]) -> None:
+    """Values renamed after creation (logits, present_*: the contract's names): their producers and
+    consumers point at the new names."""
+    for node in nodes:
+        for j, name in enumerate(node.output):
+            if name in renamed:
+                node.output[j] = renamed[name]
         for j, name in enumerate(node.input):
             if name in renamed:
                 node.input[j] = renamed[name]
+
+
+def without_decode_branch(proto):
+    """The same graph with the general path only (the If replaced by its else branch): for converters
+    that do not follow If branches (the float16 converter). Works on a build_fused_graph proto, with or
+    without the branch; returns it unchanged when there is none."""
+    from onnx import helper
+
+    graph = proto.graph
+    branch = next((n for n in graph.node if n.op_type == "If" and n.name == "decode_or_general"), None)
+    if branch is None:
+        return proto
+    general = next(a.g for a in branch.attribute if a.name == "else_branch")
+    nodes = [copy.deepcopy(node) for node in general.node]  # renamed below: the given proto stays as it is
+    _rename(nodes, {out.name: name for out, name in zip(general.output, branch.output)})
+    used = {name for node in nodes for name in node.input}
+    inits = [t for t in graph.initializer if t.name in used]
+    new = helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output), initializer=inits)
+    out = helper.make_model(new, opset_imports=list(proto.opset_import), producer_name=proto.producer_name)
+    out.ir_version = proto.ir_version
+    return out
 
 
 def write_fused_graph(model, out_dir: Path, opset: int, model_file: str, data_file: str) -> Path:
@@ -250,4 +341,6 @@ def write_fused_graph(model, out_dir: Path, opset: int, model_file: str, data_fi
     return path
 
 
-__all__ = ["build_fused_graph", "write_fused_graph", "rope_table", "UnsupportedModelError", "GRAPH_KIND"]
+__all__ = ["build_fused_graph", "write_fused_graph", "rope_table", "has_decode_branch", "without_decode_branch",
+           "UnsupportedModelError",
+           "GRAPH_KIND"]

@@ -133,10 +133,12 @@ def derive_variant(fp32_export: str | Path, out_dir: str | Path, variant: str, *
             config.optimization.update(quantize_weights(src / MODEL_FILE, work / MODEL_FILE, QUANT_BITS[variant]))
         elif variant == "fp16":
             from .fp16 import convert_keeping_angles_fp32
+            from .graph_builder import without_decode_branch
 
             # logits stay float32 for the shared sampler; the cache becomes float16 (half the memory);
-            # rotary angles stay float32 (export/fp16.py)
-            half, kept_fp32 = convert_keeping_angles_fp32(onnx.load(str(src / MODEL_FILE)))
+            # rotary angles stay float32 (export/fp16.py); the converter does not follow If branches,
+            # so the fused graph's decode branch is left out (the general path serves every call)
+            half, kept_fp32 = convert_keeping_angles_fp32(without_decode_branch(onnx.load(str(src / MODEL_FILE))))
             onnx.save_model(half, str(work / MODEL_FILE), save_as_external_data=True, location=DATA_FILE,
                             size_threshold=1024)
             config.contract = ExportContract.from_dict({**config.contract, "cache_dtype": "float16"}).to_dict()

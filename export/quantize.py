@@ -34,10 +34,19 @@ def quantize_weights(src: Path, dst: Path, bits: int) -> dict[str, Any]:
     quantizer.process()
     dst.parent.mkdir(parents=True, exist_ok=True)
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
-    quantized = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(dst), load_external_data=False).graph.node)
+    quantized = sum(node.op_type == "MatMulNBits" for node in _nodes(onnx.load(str(dst), load_external_data=False).graph))
     return {"quantization": f"weight-only int{bits} (onnxruntime MatMulNBits)", "bits": bits,
             "block_size": BLOCK_SIZE, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
             "quantized_ops": ["MatMul"], "quantized_nodes": quantized}
+
+
+def _nodes(graph):
+    """Every node of a graph and of its subgraphs (the fused graph's If branches share the weights)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                yield from _nodes(attr.g)
 
 
 __all__ = ["quantize_weights", "BLOCK_SIZE", "ACCURACY_LEVEL"]

@@ -34,6 +34,8 @@ def _checkpoint(tmp_path, **changes):
                  id="layernorm-gelu-bias-learned-positions", marks=pytest.mark.slow),
     # gpt-oss-like: a learned sink logit per head, grouped-query attention, ReLU FFN
     pytest.param(dict(sink="learned", n_kv_heads=2, ffn="relu"), id="learned-head-sink-gqa-relu"),
+    # head_dim 16: the graph gets the GroupQueryAttention decode branch (tiny's 24 does not)
+    pytest.param(dict(n_heads=6, n_kv_heads=2), id="decode-branch-head-dim-16"),
 ])
 def test_fused_graph_passes_verification_for_each_model_part(tmp_path, changes):
     """verify_export's whole structured check (prefill, decode, the sink window slid three times, a
@@ -47,6 +49,62 @@ def test_fused_graph_passes_verification_for_each_model_part(tmp_path, changes):
     report = json.loads((out / "verification.json").read_text())
     assert report["status"] == "passed" and report["greedy"]["identical"]
     assert RuntimeConfig.load(out).optimization["graph"] == "fused"
+
+
+def _decode_feeds(cfg, rng) -> dict[str, dict[str, np.ndarray]]:
+    """Contract v3 feeds over a rotated cache of 9 slots, 2 rows (row 1 left-padded, 3 slots masked):
+    a decode step (one token, sink query = ordinary query), a step whose sinks are scored apart, and
+    a two-token chunk."""
+    B, P, Hkv, D = 2, 9, cfg.n_kv_heads, cfg.head_dim
+    cache = {f"past_{kind}_{i}": rng.standard_normal((B, Hkv, P, D)).astype(np.float32)
+             for i in range(cfg.n_layers) for kind in ("key", "value")}
+    feeds = {}
+    for name, T, apart in (("decode", 1, False), ("sinks apart", 1, True), ("chunk", 2, False)):
+        allowed = np.ones((B, T, P + T), bool)
+        allowed[1, :, :3] = False
+        allowed[:, 0, P + 1:] = False  # causal inside the chunk
+        positions = np.array([[9 + t for t in range(T)], [6 + t for t in range(T)]], np.int64)
+        sink_keys = np.zeros((B, P + T), bool)
+        sink_keys[0, :2] = sink_keys[1, 3:5] = True
+        feeds[name] = {"input_ids": rng.integers(0, cfg.vocab_size, (B, T)), "positions": positions,
+                       "allowed": allowed, "sink_positions": positions - 3 * apart, "sink_keys": sink_keys, **cache}
+    return feeds
+
+
+def test_the_decode_branch_is_one_group_query_attention_per_layer_and_computes_the_general_path(tmp_path):
+    """A decode step (one token per row, no sink scored apart) runs the If's GroupQueryAttention
+    branch, every other call the general path; both give the general path's logits and cache (fp32
+    summation order aside), and without_decode_branch (what the float16 converter gets) is the
+    general path alone."""
+    import onnxruntime as ort
+
+    from ctxmem.export.graph_builder import build_fused_graph, has_decode_branch, without_decode_branch
+
+    _, model = _checkpoint(tmp_path, n_heads=6, n_kv_heads=2)
+    assert has_decode_branch(model.cfg) and not has_decode_branch(model.cfg.replace(n_heads=4))
+    branched, general = build_fused_graph(model), build_fused_graph(model, decode_branch=False)
+    (if_node,) = [n for n in branched.graph.node if n.op_type == "If"]
+    then = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    assert sum(n.op_type == "GroupQueryAttention" for n in then.node) == model.cfg.n_layers
+    assert not [n for n in without_decode_branch(branched).graph.node if n.op_type == "If"]
+
+    def session(proto, profile=False):
+        options = ort.SessionOptions()
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(tmp_path / "profile")
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    sessions = [session(branched, profile=True), session(general), session(without_decode_branch(branched))]
+    ran_gqa = {}
+    for name, feed in _decode_feeds(model.cfg, np.random.default_rng(0)).items():
+        outs = [s.run(None, feed) for s in sessions]
+        for got in outs[0], outs[2]:
+            for a, b in zip(got, outs[1]):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
+        events = json.loads(open(sessions[0].end_profiling()).read())
+        ran_gqa[name] = any(e.get("args", {}).get("op_name") == "GroupQueryAttention" for e in events)
+        sessions[0] = session(branched, profile=True)
+    assert ran_gqa == {"decode": True, "sinks apart": False, "chunk": False}
 
 
 @pytest.mark.slow  # traces the model with torch.onnx.export (~15 s)
