@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from typing import Any, AsyncIterator, Callable
 
 from ctxmem.memory import ContextMemory, MemoryConfig, MemoryConfigError
@@ -108,29 +107,18 @@ class Engine:
             yield [err.to_event()]
             return
         try:
-            last = None
             while True:
+                # the scheduler paces the stream (at most a message per stream interval, the first text
+                # at once); what piled up while the consumer was behind goes out as one message
                 events = await queue.get()
-                if last is not None:  # after the first token: send at most every `interval`
-                    wait = self._stream_interval() - (time.perf_counter() - last)
-                    if wait > 0 and not isinstance(events[-1], FINAL):
-                        await asyncio.sleep(wait)
                 while not queue.empty():
                     events = events + queue.get_nowait()
                 out = coalesce(events)
                 yield out
-                last = time.perf_counter()
                 if isinstance(out[-1], FINAL):
                     return
         finally:
             job.cancelled = True  # client gone or done: the row leaves at the next step
-
-    def _stream_interval(self) -> float:
-        """Seconds between two messages of one stream (see EngineConfig.stream_interval_ms)."""
-        ms = self.config.stream_interval_ms
-        if ms is None:
-            ms = min(250.0, 10.0 * self.scheduler.running)
-        return ms / 1000.0
 
     # -- control --
     def reconfigure(self, config: EngineConfig) -> dict[str, Any]:

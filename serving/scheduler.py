@@ -26,7 +26,11 @@ requests wait and are served by the new loop. Only a loop that keeps dying (`cra
 replica unhealthy, so that Ray Serve replaces it.
 
 Sampling, detokenisation and stop rules stay in `ctxmem.generation.SequenceDecoder`; eviction stays in
-`ctxmem.memory.ContextMemory`. Events (`events.py`) go out through `Job.emit`, batched per step.
+`ctxmem.memory.ContextMemory`. Events (`events.py`) go out through `Job.emit`, batched per step. A
+stream read by an asyncio consumer (`AsyncSink`, what `Engine.generate` uses) is paced here, on this
+thread: its events are held until its stream interval has passed since its last message and go out
+together, so the consumer's event loop wakes once per message rather than once per decode step; the
+stream's first text and its last event are never held.
 """
 from __future__ import annotations
 
@@ -78,6 +82,7 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    shown: float | None = None  # when a message with text last went out (AsyncSink pacing; None: no text yet)
 
 
 @dataclass
@@ -486,13 +491,26 @@ class Scheduler:
         else:
             slot[1].append(event)
 
+    def stream_interval(self) -> float:
+        """Seconds between two messages of one paced stream (EngineConfig.stream_interval_ms; adaptive
+        by default: 10 ms per running sequence, at most 250 ms)."""
+        ms = self.config.stream_interval_ms
+        return (min(250.0, 10.0 * self._running) if ms is None else ms) / 1000.0
+
     def _flush(self) -> None:
         out, self._out = self._out, {}
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for job, events in out.values():
-            if job.cancelled and not isinstance(events[-1], FINAL):
+        now, interval = time.perf_counter(), self.stream_interval()
+        for key, (job, events) in out.items():
+            final = isinstance(events[-1], FINAL)
+            if job.cancelled and not final:
                 continue
             if isinstance(job.emit, AsyncSink):  # one wake-up per event loop per step, not one per request
+                if not final and job.shown is not None and now - job.shown < interval:
+                    self._out[key] = (job, events)  # held: they go out with a later step's, as one message
+                    continue
+                if job.shown is not None or any(isinstance(ev, Delta) and ev.text for ev in events):
+                    job.shown = now  # the interval runs from the first text on: time to first text is never held
                 by_loop.setdefault(job.emit.loop, []).append((job, events))
                 continue
             try:
