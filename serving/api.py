@@ -443,22 +443,21 @@ class _API:
                 await retry.wait(err)
 
     async def sse(self, who, first, events, kind, rid, created, arrived, payload, record, session):
-        model = self.args.model_name
+        """The SSE body: one write per message of the engine (its deltas as one chunk each, the end - last
+        chunk, usage, [DONE] - together), so every hop after the engine carries as few messages as it does."""
         include_usage = payload.get("include_usage", False)
-        chunk_fn = P.chat_chunk if kind == "chat" else P.completion_chunk
+        chunk = _Chunks(kind, rid, self.args.model_name, created)
         timer = ClientTimer(self.metrics, arrived)
         text: list[str] = []
-        if kind == "chat":
-            yield P.sse(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+        out: list[bytes] = [chunk.role()] if kind == "chat" else []
         try:
-            async for chunk in _chain(first, events):
-                for ev in chunk:
+            async for message in _chain(first, events):
+                for ev in message:
                     if isinstance(ev, Delta):
                         timer.tokens(ev.tokens)
                         if ev.text:
                             text.append(ev.text)
-                            body = {"content": ev.text} if kind == "chat" else ev.text
-                            yield P.sse(chunk_fn(rid, model, created, body))
+                            out.append(chunk.text(ev.text))
                     elif isinstance(ev, Finished):
                         timer.done(ev.usage.prompt_tokens, ev.usage.completion_tokens)
                         self.rates.charge(who, ev.usage.prompt_tokens + ev.usage.completion_tokens)
@@ -467,31 +466,31 @@ class _API:
                             try:
                                 warning = await self._record(record, "".join(text), ev)
                             except APIError as err:  # the 409 of a concurrent turn
-                                yield P.sse(err.body())
-                                yield P.DONE
+                                out += [P.sse(err.body()), P.DONE]
+                                yield b"".join(out)
                                 return
                         usage = P.usage(ev)
-                        last = chunk_fn(rid, model, created, {} if kind == "chat" else "", ev.finish_reason,
-                                        None if include_usage else usage)
-                        if session:
-                            last["session"] = session
-                        yield P.sse(last)
+                        out.append(chunk.last(ev.finish_reason, None if include_usage else usage, session))
                         if include_usage:
-                            yield P.sse(chunk_fn(rid, model, created, {}, None, usage, empty=True))
+                            out.append(chunk.usage(usage))
                         if warning:  # the answer is complete above; the client learns it was not stored
-                            yield P.sse(APIError(503, warning, code="store_unavailable").body())
-                        yield P.DONE
+                            out.append(P.sse(APIError(503, warning, code="store_unavailable").body()))
+                        out.append(P.DONE)
+                        yield b"".join(out)
                         return
                     elif isinstance(ev, Failed):
-                        yield P.sse(APIError.from_event(ev).body())
-                        yield P.DONE
+                        out += [P.sse(APIError.from_event(ev).body()), P.DONE]
+                        yield b"".join(out)
                         return
-            yield P.sse(APIError(500, "the engine ended the stream early", code="engine_failure").body())
-            yield P.DONE
+                if out:
+                    yield b"".join(out)
+                    out = []
+            out += [P.sse(APIError(500, "the engine ended the stream early", code="engine_failure").body()), P.DONE]
+            yield b"".join(out)
         except EngineUnavailable:
-            yield P.sse(APIError(503, "the engine replica went away mid-stream; retry this turn",
-                                 code="engine_unavailable").body())
-            yield P.DONE
+            out += [P.sse(APIError(503, "the engine replica went away mid-stream; retry this turn",
+                                   code="engine_unavailable").body()), P.DONE]
+            yield b"".join(out)
 
     # -- metrics --
     async def metrics_text(self) -> bytes:
@@ -525,6 +524,34 @@ async def _chain(first: list[Event], rest: AsyncIterator[list[Event]]) -> AsyncI
     yield first
     async for chunk in rest:
         yield chunk
+
+
+class _Chunks:
+    """The SSE chunks of one streamed response. Everything but the text is the same in every chunk of a
+    stream, so it is serialised once: a text chunk is a prefix, the JSON string of the text, a suffix
+    (what `P.sse(P.completion_chunk(...))` / `P.chat_chunk` write, byte for byte)."""
+
+    def __init__(self, kind: str, rid: str, model: str, created: int):
+        self.kind, self.rid, self.model, self.created = kind, rid, model, created
+        self.build = P.chat_chunk if kind == "chat" else P.completion_chunk
+        marker = "\x00"  # a text that cannot occur in the rest of the chunk's JSON, split around
+        whole = P.dumps(self.build(rid, model, created, {"content": marker} if kind == "chat" else marker))
+        self.head, self.tail = whole.rsplit(P.dumps(marker), 1)  # the text is the last string but the nulls
+
+    def text(self, text: str) -> bytes:
+        return f"data: {self.head}{P.dumps(text)}{self.tail}\n\n".encode()
+
+    def role(self) -> bytes:
+        return P.sse(self.build(self.rid, self.model, self.created, {"role": "assistant", "content": ""}))
+
+    def last(self, finish_reason: str, usage: dict | None, session: dict | None) -> bytes:
+        body = self.build(self.rid, self.model, self.created, {} if self.kind == "chat" else "", finish_reason, usage)
+        if session:
+            body["session"] = session
+        return P.sse(body)
+
+    def usage(self, usage: dict) -> bytes:
+        return P.sse(self.build(self.rid, self.model, self.created, {}, None, usage, empty=True))
 
 
 def _no_session(sid: str) -> APIError:

@@ -353,9 +353,13 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
     return out
 
 
+def dumps(value: Any) -> str:
+    """JSON as every response and stream chunk writes it: compact, UTF-8 text kept as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def sse(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    return f"data: {data if isinstance(data, str) else dumps(data)}\n\n".encode()
 
 
 DONE = sse("[DONE]")
