@@ -87,14 +87,33 @@ class Registry:
         self._series(name, labels).set(value)
 
     def observe(self, name: str, value: float, labels: dict[str, str] | None = None, count: int = 1) -> None:
-        """`count` observations of `value` (tokens that arrived together share one gap)."""
+        """`count` observations of `value` (tokens that arrived together share one gap), recorded at once:
+        a coalesced chunk of n tokens costs one bucket update, not n."""
         series = self._series(name, labels)
-        for _ in range(count):
+        if count == 1:
             series.observe(value)
+        elif count > 1:
+            _observe_many(series, value, count)
 
     def snapshot(self) -> list[Metric]:
         """The collected metric families: plain picklable objects, cheap to send through Ray."""
         return list(self.registry.collect())
+
+
+def _observe_many(histogram, value: float, count: int) -> None:
+    """What `count` calls of `histogram.observe(value)` record (its sum, the one bucket `value` falls in;
+    the cumulative buckets and the count are derived from those when collected), in one update. Uses
+    prometheus_client's Histogram fields; should they ever change, it falls back to the calls."""
+    bounds, buckets, total = (getattr(histogram, k, None) for k in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    for bound, bucket in zip(bounds, buckets):
+        if value <= bound:
+            bucket.inc(count)
+            break
 
 
 class _Collected:

@@ -207,6 +207,24 @@ def test_every_token_of_a_stream_reaches_the_inter_token_histogram():
     assert _sample(text, "ctxmem_completion_tokens_total") == 5
 
 
+def test_many_observations_at_once_record_what_one_by_one_calls_record():
+    """A coalesced chunk's tokens are observed in one update (Registry.observe(count=n)); the text a
+    scrape gets is the same as after n single observations, bucket for bucket (the sum to rounding:
+    value * n is one rounding, n additions are n)."""
+    at_once, one_by_one = Registry(), Registry()
+    for value, n in ((0.0, 3), (0.004, 7), (0.3, 1), (45.0, 2), (0.01, 5)):  # 0.01 sits on a bucket bound
+        at_once.observe("ctxmem_inter_token_latency_seconds", value, count=n)
+        for _ in range(n):
+            one_by_one.observe("ctxmem_inter_token_latency_seconds", value)
+    at_once.observe("ctxmem_inter_token_latency_seconds", 1.0, count=0)  # nothing
+    lines = [[line for line in render([r.snapshot()]).decode().splitlines()
+              if line.startswith("ctxmem_inter_token_latency_seconds") and "_sum " not in line]
+             for r in (at_once, one_by_one)]
+    assert lines[0] == lines[1] and any('le="0.01"} 15.0' in line for line in lines[0]), lines[0]
+    sums = [_sample(render([r.snapshot()]), "ctxmem_inter_token_latency_seconds_sum") for r in (at_once, one_by_one)]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-12) and sums[0] == pytest.approx(90.378)
+
+
 def test_metrics_of_replicas_add_up_and_registries_share_nothing():
     a, b = Registry(), Registry()
     a.inc("ctxmem_requests_total", labels={"endpoint": "/v1/completions", "status": "200"})
