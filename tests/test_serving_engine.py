@@ -370,6 +370,7 @@ def test_reconfigure_to_another_model_rolls_over_while_a_request_is_in_flight(ex
 
 # ---- no request can hurt the replica -----------------------------------------------------------------
 POISON_SEED = 4242
+HEALTHY_TOKENS = 300
 
 
 def test_a_row_whose_logits_go_non_finite_fails_alone_while_the_batch_goes_on(engine, reference, monkeypatch):
@@ -386,7 +387,9 @@ def test_a_row_whose_logits_go_non_finite_fails_alone_while_the_batch_goes_on(en
         return step(self, logits)
 
     monkeypatch.setattr(SequenceDecoder, "step", faulty_step)
-    ref = reference.generate(["the healthy one"], GenerationConfig(max_new_tokens=40, temperature=0),
+    # the healthy request is long enough to be still decoding when the poisoned one joins: its tokens
+    # reach this consumer in paced messages (the stream interval), not one per decode step
+    ref = reference.generate(["the healthy one"], GenerationConfig(max_new_tokens=HEALTHY_TOKENS, temperature=0),
                              memory=engine.model.memory)[0]
     before = _counter(engine, "ctxmem_failed_sequences_total", {"stage": "decode"})
 
@@ -394,7 +397,7 @@ def test_a_row_whose_logits_go_non_finite_fails_alone_while_the_batch_goes_on(en
         healthy_events: list[Event] = []
 
         async def healthy():
-            async for chunk in engine.generate(completion("the healthy one", 40)):
+            async for chunk in engine.generate(completion("the healthy one", HEALTHY_TOKENS)):
                 healthy_events.extend(chunk)
 
         async def poisoned():
@@ -412,7 +415,7 @@ def test_a_row_whose_logits_go_non_finite_fails_alone_while_the_batch_goes_on(en
     assert "NonFiniteLogitsError" in poison_end.message
     assert sum(ev.tokens for ev in poison_events if isinstance(ev, Delta)) == 3  # it had streamed before failing
     end = healthy_events[-1]
-    assert isinstance(end, Finished) and end.usage.completion_tokens == 40
+    assert isinstance(end, Finished) and end.usage.completion_tokens == HEALTHY_TOKENS
     assert "".join(ev.text for ev in healthy_events if isinstance(ev, Delta)) == ref.text
     assert max(ev.batch for ev in healthy_events if isinstance(ev, Delta)) == 2  # they shared decode steps
     assert _counter(engine, "ctxmem_failed_sequences_total", {"stage": "decode"}) == before + 1
