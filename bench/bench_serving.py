@@ -70,10 +70,30 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def session_cpu() -> float:
+ROLES = ("client", "proxy", "ingress", "engine", "ray")  # where session_cpu_by_role puts each process
+
+
+def _role(pid: int) -> str:
+    """Which part of the session a process is: this process is the load generator (the client); Ray
+    Serve names its actors' processes (`ray::ProxyActor`, `ray::ServeReplica:<app>:<deployment>`);
+    the rest is Ray itself (raylet, GCS, controller, agents, idle workers)."""
+    if pid == os.getpid():
+        return "client"
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return "ray"
+    if "ProxyActor" in cmdline:
+        return "proxy"
+    if cmdline.startswith("ray::ServeReplica:"):
+        return {"Ingress": "ingress", "Engine": "engine"}.get(cmdline.rsplit(":", 1)[-1].split()[0], "ray")
+    return "ray"
+
+
+def session_cpu_by_role() -> dict[str, float]:
     """CPU seconds used so far by this process and every process it started (Ray's raylet, GCS,
-    proxy, replicas): a measure of cost per token that other users of the machine do not distort
-    the way they distort wall-clock throughput."""
+    proxy, replicas), by role (ROLES): a measure of cost per token that other users of the machine
+    do not distort the way they distort wall-clock throughput."""
     tick = os.sysconf("SC_CLK_TCK")
     parent, cpu = {}, {}
     for pid in os.listdir("/proc"):
@@ -92,7 +112,15 @@ def session_cpu() -> float:
             if ppid == p and child not in mine:
                 mine.add(child)
                 frontier.append(child)
-    return sum(cpu.get(p, 0.0) for p in mine)
+    out = dict.fromkeys(ROLES, 0.0)
+    for p in mine:
+        out[_role(p)] += cpu.get(p, 0.0)
+    return out
+
+
+def session_cpu() -> float:
+    """CPU seconds of the whole session so far (session_cpu_by_role, summed)."""
+    return sum(session_cpu_by_role().values())
 
 
 async def sse_lines(response):
@@ -460,10 +488,12 @@ def main(argv=None) -> int:
                 deploy(max_batch_size=32 if batching == "on" else 1)
                 asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
                 for c in levels:
-                    cpu0 = session_cpu()
+                    cpu0 = session_cpu_by_role()
                     r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
                     tokens = r["tok_s"] * r.pop("wall")
-                    r["cpu_ms_per_token"] = 1000 * (session_cpu() - cpu0) / max(tokens, 1)
+                    cpu1 = session_cpu_by_role()
+                    r["cpu_roles"] = {k: 1000 * (cpu1[k] - cpu0[k]) / max(tokens, 1) for k in ROLES}
+                    r["cpu_ms_per_token"] = sum(r["cpu_roles"].values())
                     rows.append({"batching": batching, **r})
                     print(f"# batching {batching} c={c}: {r['tok_s']:.0f} tok/s", file=sys.stderr)
             header(f"Load (completions, stream, {args.max_tokens} tokens/request, 127.0.0.1; {os.cpu_count()} CPUs, "
@@ -477,6 +507,14 @@ def main(argv=None) -> int:
                       f"{1000 * r['itl_p50']:.2f} | {1000 * r['itl_p99']:.2f} | {r['cpu_ms_per_token']:.2f} |")
             print("\nCPU ms/token: CPU time of the whole session (client, proxy, ingress, engine, Ray) per generated "
                   "token - what throughput would be on idle cores: cores / (CPU ms/token) * 1000 tokens/s.")
+            print("\nWhere it goes, CPU ms per generated token by process (client: this load generator; server: "
+                  "the rest - Serve's HTTP proxy, the ingress and engine replicas, Ray's own processes):\n")
+            print("| batching | concurrency | " + " | ".join(ROLES) + " | server | total |")
+            print("|---|---|" + "---|" * (len(ROLES) + 2))
+            for r in rows:
+                roles = r["cpu_roles"]
+                print(f"| {r['batching']} | {r['concurrency']} | " + " | ".join(f"{roles[k]:.3f}" for k in ROLES)
+                      + f" | {r['cpu_ms_per_token'] - roles['client']:.3f} | {r['cpu_ms_per_token']:.3f} |")
             on = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "on"}
             off = {r["concurrency"]: r["tok_s"] for r in rows if r["batching"] == "off"}
             cpu_on = {r["concurrency"]: r["cpu_ms_per_token"] for r in rows if r["batching"] == "on"}
