@@ -30,7 +30,8 @@ Sampling, detokenisation and stop rules stay in `ctxmem.generation.SequenceDecod
 stream read by an asyncio consumer (`AsyncSink`, what `Engine.generate` uses) is paced here, on this
 thread: its events are held until its stream interval has passed since its last message and go out
 together, so the consumer's event loop wakes once per message rather than once per decode step; the
-stream's first text and its last event are never held.
+stream's first text and its last event are never held (a first token with no text of its own - half a
+UTF-8 character, or text a stop string holds back - waits for the text or the interval).
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    shown: float | None = None  # when a message with text last went out (AsyncSink pacing; None: no text yet)
+    sent: float | None = None  # AsyncSink pacing: when its last message went out (or its first events came)
+    texted: bool = False  # a message with text went out
 
 
 @dataclass
@@ -506,11 +508,14 @@ class Scheduler:
             if job.cancelled and not final:
                 continue
             if isinstance(job.emit, AsyncSink):  # one wake-up per event loop per step, not one per request
-                if not final and job.shown is not None and now - job.shown < interval:
-                    self._out[key] = (job, events)  # held: they go out with a later step's, as one message
-                    continue
-                if job.shown is not None or any(isinstance(ev, Delta) and ev.text for ev in events):
-                    job.shown = now  # the interval runs from the first text on: time to first text is never held
+                text = any(isinstance(ev, Delta) and ev.text for ev in events)
+                if not final and (job.texted or not text):  # the first text goes at once, the end too
+                    if job.sent is None:
+                        job.sent = now  # the clock starts with the stream's first events
+                    if now - job.sent < interval:
+                        self._out[key] = (job, events)  # held: they go out with a later step's, as one message
+                        continue
+                job.sent, job.texted = now, job.texted or text
                 by_loop.setdefault(job.emit.loop, []).append((job, events))
                 continue
             try:

@@ -368,6 +368,35 @@ def test_reconfigure_to_another_model_rolls_over_while_a_request_is_in_flight(ex
         eng.close()
 
 
+def test_a_paced_stream_sends_its_first_text_at_once_and_the_rest_with_its_end(export_dir, engine):
+    """The scheduler paces a stream (stream_interval_ms): with an interval longer than the request, the
+    first text goes out as soon as it is decoded and everything after it with the end - two messages;
+    with 0, a message per decode step. The text is the same either way."""
+    request = completion("pacing", 40, generation={"max_new_tokens": 40, "temperature": 0.0, "stop_token_ids": []})
+
+    async def messages(eng):
+        return [chunk async for chunk in eng.generate(request)]
+
+    paced = Engine(EngineConfig(model=str(export_dir), stream_interval_ms=60_000), model=engine.model)
+    eager = Engine(EngineConfig(model=str(export_dir), stream_interval_ms=0), model=engine.model)
+    try:
+        start = time.perf_counter()
+        slow = asyncio.run(messages(paced))
+        took = time.perf_counter() - start
+        every = asyncio.run(messages(eager))
+    finally:
+        paced.close()
+        eager.close()
+
+    def text(chunks):
+        return "".join(ev.text for chunk in chunks for ev in chunk if isinstance(ev, Delta))
+
+    assert took < 30  # the end is never held for the interval
+    assert len(slow) == 2 and any(isinstance(ev, Delta) and ev.text for ev in slow[0]), slow
+    assert isinstance(slow[1][-1], Finished) and slow[1][-1].usage.completion_tokens == 40
+    assert len(every) >= 39 and text(every) == text(slow)  # one message per step (the first carries Started)
+
+
 # ---- no request can hurt the replica -----------------------------------------------------------------
 POISON_SEED = 4242
 HEALTHY_TOKENS = 300
