@@ -6,8 +6,9 @@ The seed article's loop asks "is the input too long?". Each policy answers it ex
 * ``sink``      - StreamingLLM (Xiao et al. 2023, arXiv:2309.17453). Token n of a stream attends to
                   the first ``sinks`` tokens of its stream and the ``window`` most recent tokens up to
                   and including itself, with positions given by rank within that visible set; the
-                  middle is evicted. Keys are cached before rotation, so positions never exceed
-                  sinks+window and the cost per token stays constant however long the stream. This
+                  middle is evicted. Keys are cached before rotation (PyTorch) or rotated once in a
+                  per-row frame that keeps every distance (the ONNX export), so the rotary positions
+                  stay bounded and the cost per token stays constant however long the stream. This
                   meaning holds whatever the piecing: prefill in pieces of any size, left-padded batch
                   rows, a cached session or a rebuild from the whole history (ctxmem.layout).
 * ``recompute`` - when a row's window is full it drops its oldest ``chunk`` tokens and re-runs prefill
