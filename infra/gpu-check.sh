@@ -78,10 +78,12 @@ left=$(( budget - 40 - ($(date +%s) - started) ))   # 40 s for the final probes,
 minutes=$(awk -v s="$left" 'BEGIN { printf "%.2f", s / 60 }')
 device=$([ "$cuda" = 1 ] && echo cuda || echo cpu)
 sweep=runs/recall-sweep
+recipes=()
 recipe() {  # name, data, extra flags
   local name=$1 data=$2; shift 2
   "$PY" bench/train_recall.py --data "runs/recall-data/$data" --out "$sweep/$name" --device "$device" \
     --minutes "$minutes" "$@" > "$sweep/$name.log" 2>&1 &
+  recipes+=($!)
 }
 mkdir -p "$sweep"
 echo "5 recipes of the small preset, $minutes minutes each, at once on $device"
@@ -98,7 +100,7 @@ mapfile -t gpu_tests < <(grep -l "pytest.mark.gpu" tests/test_*.py)
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "${gpu_tests[@]}" || failed=1
 
 step "the recall recipes: waiting for them, then their results"
-wait
+wait "${recipes[@]}"   # by pid: a bare `wait` would also wait for the tee above, which ends only with the script
 for f in "$sweep"/*.log; do echo "--- $f"; cat "$f"; done
 best=$("$PY" - "$sweep" <<'PY'
 import json, sys
@@ -114,8 +116,7 @@ print(sorted(rows, reverse=True)[0][1] if rows else "")
 PY
 )
 if [ -n "$best" ] && [ -n "${OUT:-}" ]; then
-  cat "$sweep"/*/summary.json > "$OUT/recall-summaries.json"
-  cat "$sweep"/*/log.jsonl > "$OUT/recall-logs.jsonl" 2>/dev/null
+  for f in "$sweep"/*/log.jsonl; do echo "{\"recipe\": \"$(basename "$(dirname "$f")")\"}"; cat "$f"; done > "$OUT/recall-logs.jsonl"
   tar -C "$sweep" -cf - "$best" | split -b 15M - "$OUT/best-recall.tar.part-"
   echo "best recipe: $best (packed in $OUT/best-recall.tar.part-*)"
 else
