@@ -5,8 +5,12 @@
 Phases (`--phases`, comma-separated; default all but `soak`):
 
 load          concurrency 1, 4, 16, 32 with continuous batching on (max_batch_size 32) and off (1): req/s,
-              aggregate tokens/s, time to first token, inter-token latency p50/p99, session CPU per token.
+              aggregate tokens/s, time to first token, inter-token latency p50/p99, session CPU per token
+              (and by process: client, proxy, ingress, engine, Ray).
               Targets (issue 11): 16 streams >= 5x one stream's tokens/s; <= 0.15 ms CPU/token (tiny).
+cost          where the CPU per token comes from, at 16 streams: 1-token requests (what a request costs
+              whatever its length), --max-tokens requests with a message a second and with the default
+              adaptive stream interval: CPU ms per request by process, text messages per request.
 engine        the engine's own batched decode at batch 16, no HTTP, in this process: tokens/s, against
               the load phase's HTTP tokens/s at 16 streams (target: HTTP >= 0.8x).
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
@@ -32,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -70,7 +75,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-ROLES = ("client", "proxy", "ingress", "engine", "ray")  # where session_cpu_by_role puts each process
+ROLES = ("client", "proxy", "ingress", "engine", "ray")  # what session_cpu_by_pid calls each process
 
 
 def _role(pid: int) -> str:
@@ -85,15 +90,16 @@ def _role(pid: int) -> str:
         return "ray"
     if "ProxyActor" in cmdline:
         return "proxy"
-    if cmdline.startswith("ray::ServeReplica:"):
-        return {"Ingress": "ingress", "Engine": "engine"}.get(cmdline.rsplit(":", 1)[-1].split()[0], "ray")
+    if cmdline.startswith("ray::ServeReplica:"):  # ray::ServeReplica:<app>:<deployment>[.<method> while in one]
+        deployment = re.match(r"[\w-]*", cmdline.split(":", 4)[-1]).group()
+        return {"Ingress": "ingress", "Engine": "engine"}.get(deployment, "ray")
     return "ray"
 
 
-def session_cpu_by_role() -> dict[str, float]:
-    """CPU seconds used so far by this process and every process it started (Ray's raylet, GCS,
-    proxy, replicas), by role (ROLES): a measure of cost per token that other users of the machine
-    do not distort the way they distort wall-clock throughput."""
+def session_cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds used so far) for this process and every process it started (Ray's
+    raylet, GCS, proxy, replicas): a measure of cost per token that other users of the machine do not
+    distort the way they distort wall-clock throughput."""
     tick = os.sysconf("SC_CLK_TCK")
     parent, cpu = {}, {}
     for pid in os.listdir("/proc"):
@@ -112,15 +118,21 @@ def session_cpu_by_role() -> dict[str, float]:
             if ppid == p and child not in mine:
                 mine.add(child)
                 frontier.append(child)
+    return {p: (_role(p), cpu[p]) for p in mine if p in cpu}
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `session_cpu_by_pid` snapshots, by each process's role at the end (Ray
+    reuses idle workers for new replicas, so a process can change role in between)."""
     out = dict.fromkeys(ROLES, 0.0)
-    for p in mine:
-        out[_role(p)] += cpu.get(p, 0.0)
+    for pid, (role, cpu) in after.items():
+        out[role] += cpu - before.get(pid, (role, 0.0))[1]
     return out
 
 
 def session_cpu() -> float:
-    """CPU seconds of the whole session so far (session_cpu_by_role, summed)."""
-    return sum(session_cpu_by_role().values())
+    """CPU seconds of the whole session so far."""
+    return sum(cpu for _, cpu in session_cpu_by_pid().values())
 
 
 async def sse_lines(response):
@@ -140,7 +152,7 @@ async def sse_lines(response):
 async def one_stream(http, url: str, body: dict) -> dict:
     start = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = texts = 0
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code}
@@ -152,11 +164,12 @@ async def one_stream(http, url: str, body: dict) -> dict:
             if chunk.get("choices") and chunk["choices"][0]["text"]:
                 first = first or now
                 last = now
+                texts += 1
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     first = first or end
-    return {"status": 200, "ttft": first - start, "tokens": tokens, "latency": end - start,
+    return {"status": 200, "ttft": first - start, "tokens": tokens, "latency": end - start, "texts": texts,
             # mean gap between tokens after the first (what a reader of the stream sees)
             "itl": ((last or end) - first) / max(tokens - 1, 1)}
 
@@ -185,6 +198,7 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, secon
     ok = [r for r in results if r["status"] == 200]
     return {"concurrency": concurrency, "requests": len(ok), "errors": len(results) - len(ok), "wall": wall,
             "req_s": len(ok) / wall, "tok_s": sum(r["tokens"] for r in ok) / wall,
+            "texts": sum(r["texts"] for r in ok) / max(len(ok), 1),
             "ttft_p50": pct([r["ttft"] for r in ok], 0.5), "ttft_p99": pct([r["ttft"] for r in ok], 0.99),
             "itl_p50": pct([r["itl"] for r in ok], 0.5), "itl_p99": pct([r["itl"] for r in ok], 0.99)}
 
@@ -352,6 +366,35 @@ async def soak(url: str, model: str, clients: int, seconds: float) -> dict:
     return statuses
 
 
+def engine_streams(model_dir: Path, streams: int, requests: int, max_tokens: int) -> tuple[float, float]:
+    """Tokens/s and CPU ms per token of the engine with its scheduler, sampler and stream pacing
+    (`Engine.generate`, `streams` streams at temperature 1, `requests` each), in this process, no Ray:
+    between the bare decode (engine_decode) and HTTP."""
+    from ctxmem.serving.config import EngineConfig
+    from ctxmem.serving.engine import Engine
+    from ctxmem.serving.events import Delta
+
+    engine = Engine(EngineConfig(model=str(model_dir), max_batch_size=32))
+
+    async def one(i: int) -> int:
+        request = {"kind": "completion", "prompt": f"request {i}: once upon a time", "generation": {
+            "max_new_tokens": max_tokens, "temperature": 1.0, "seed": i, "stop_token_ids": []}}
+        return sum(ev.tokens for chunk in [c async for c in engine.generate(request)] for ev in chunk
+                   if isinstance(ev, Delta))
+
+    async def run(rounds: int) -> int:
+        return sum([sum(await asyncio.gather(*[one(r * streams + i) for i in range(streams)])) for r in range(rounds)])
+
+    try:
+        asyncio.run(run(1))  # warm-up
+        start, cpu = time.perf_counter(), time.process_time()
+        tokens = asyncio.run(run(requests))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        engine.close()
+    return tokens / wall, 1000 * cpu / max(tokens, 1)
+
+
 def engine_decode(model_dir: Path, batch: int, steps: int) -> tuple[float, float]:
     """Tokens/s and CPU ms per token of the engine's own batched decode (ContextMemory over the served
     model, greedy argmax), no HTTP: what the serving stack adds is the rest."""
@@ -380,7 +423,7 @@ def engine_decode(model_dir: Path, batch: int, steps: int) -> tuple[float, float
 
 
 # ---- the run -------------------------------------------------------------------------------------
-PHASES = ("load", "engine", "conversation", "sessions", "long-prompt", "soak")
+PHASES = ("load", "cost", "engine", "conversation", "sessions", "long-prompt", "soak")
 QUICK = {"levels": "1", "rounds": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
          "conversations": 4, "session_turns": 3, "session_replicas": 2, "long_prompt": 2000, "long_streams": 2,
          "long_stream_tokens": 8, "long_baseline_seconds": 2, "soak_clients": 8, "soak_seconds": 3, "engine_steps": 5}
@@ -488,11 +531,11 @@ def main(argv=None) -> int:
                 deploy(max_batch_size=32 if batching == "on" else 1)
                 asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
                 for c in levels:
-                    cpu0 = session_cpu_by_role()
+                    cpu0 = session_cpu_by_pid()
                     r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
                     tokens = r["tok_s"] * r.pop("wall")
-                    cpu1 = session_cpu_by_role()
-                    r["cpu_roles"] = {k: 1000 * (cpu1[k] - cpu0[k]) / max(tokens, 1) for k in ROLES}
+                    used = cpu_by_role(cpu0, session_cpu_by_pid())
+                    r["cpu_roles"] = {k: 1000 * used[k] / max(tokens, 1) for k in ROLES}
                     r["cpu_ms_per_token"] = sum(r["cpu_roles"].values())
                     rows.append({"batching": batching, **r})
                     print(f"# batching {batching} c={c}: {r['tok_s']:.0f} tok/s", file=sys.stderr)
@@ -524,6 +567,33 @@ def main(argv=None) -> int:
                       f"streams {cpu_on[16]:.2f} ms (target <= 0.15 on tiny), {cpu_on[1] / cpu_on[16]:.1f}x lower "
                       "than at 1")
 
+        if "cost" in args.phases:
+            cases = [("1 token", 1, None), (f"{args.max_tokens} tokens, a message a second", args.max_tokens, 1000.0),
+                     (f"{args.max_tokens} tokens, adaptive interval (default)", args.max_tokens, None)]
+            costs = []
+            for label, tokens, interval in cases:
+                deploy(max_batch_size=32, stream_interval_ms=interval)
+                n = max(16, args.rounds * 16) * (4 if tokens == 1 else 1)
+                cpu0 = session_cpu_by_pid()
+                r = asyncio.run(load(url, 16, n, tokens, args.seconds, name))
+                used = cpu_by_role(cpu0, session_cpu_by_pid())
+                costs.append((label, tokens, r, {k: 1000 * used[k] / max(r["requests"], 1) for k in ROLES}))
+            header(f"Where the CPU goes (16 streams, completions, stream; 1-min load average {os.getloadavg()[0]:.1f})")
+            print("| requests of | requests | text messages / request | " + " | ".join(ROLES)
+                  + " | CPU ms / request | CPU ms / token |")
+            print("|---|---|---|" + "---|" * (len(ROLES) + 2))
+            for label, tokens, r, per in costs:
+                total = sum(per.values())
+                print(f"| {label} | {r['requests']} | {r['texts']:.1f} | " + " | ".join(f"{per[k]:.2f}" for k in ROLES)
+                      + f" | {total:.2f} | {total / tokens:.3f} |")
+            (_, _, one, fixed), (_, n_tok, few, sparse), (_, _, many, paced) = costs
+            fixed_ms, sparse_ms, paced_ms = sum(fixed.values()), sum(sparse.values()), sum(paced.values())
+            extra = many["texts"] - few["texts"]
+            print(f"\nA request costs {fixed_ms:.1f} ms of CPU whatever its length; each further token "
+                  f"{(sparse_ms - fixed_ms) / max(n_tok - 1, 1):.3f} ms (a message a second), each further message "
+                  + (f"{(paced_ms - sparse_ms) / extra:.2f} ms" if extra > 0.5 else "- (too few to tell)")
+                  + f" ({extra:.1f} more per request with the adaptive interval)")
+
         if "engine" in args.phases:
             decode, decode_cpu = engine_decode(model_dir, 16, args.engine_steps)
             header("The engine's own batched decode (batch 16, no HTTP, this process)")
@@ -534,6 +604,10 @@ def main(argv=None) -> int:
             print(f"| {decode:.0f} | {decode_cpu:.3f} | {http16:.0f} | {http16 / decode:.2f}x (target >= 0.8x) | "
                   f"{cpu_on[16]:.3f} |" if http16 else
                   f"| {decode:.0f} | {decode_cpu:.3f} | - (the load phase did not run level 16) | - | - |")
+            paced, paced_cpu = engine_streams(model_dir, 16, max(1, args.rounds), args.max_tokens)
+            print(f"\nThe engine with its scheduler, sampler and stream pacing (Engine.generate, 16 streams x "
+                  f"{args.max_tokens} tokens at temperature 1, no Ray, this process): {paced:.0f} tokens/s, "
+                  f"{paced_cpu:.3f} ms CPU/token")
 
         if "conversation" in args.phases:
             convs = {}

@@ -13,7 +13,7 @@ import pytest
 
 from helpers_serving import REPO
 
-TABLES = ["## Load (completions", "## The engine's own batched decode", "## One 3-turn conversation",
+TABLES = ["## Load (completions", "## Where the CPU goes (16 streams", "## The engine's own batched decode", "## One 3-turn conversation",
           "## Sessions across 2 engine replicas", "-token prompt arrives while 2 streams decode", "## Soak: 8 clients"]
 
 
@@ -50,6 +50,7 @@ def test_the_quick_readme_benchmark_runs_every_phase_and_prints_every_table(comm
     for table in TABLES:
         assert table in done.stdout, f"{table!r} missing:\n{done.stdout}"
     assert "| on | 1 |" in done.stdout and "| off | 1 |" in done.stdout  # batching on and off, concurrency 1
+    assert "| 1 token | " in done.stdout and "A request costs " in done.stdout  # the cost phase's rows and summary
     assert "| session affinity |" in done.stdout and "| power of two choices |" in done.stdout
     assert "requests, 0 5xx or connection errors" in done.stdout  # the soak (a short load test) failed nothing
     rows = [line.split("|") for line in done.stdout.splitlines()
