@@ -19,11 +19,22 @@ CONFIGS = sorted((REPO / "infra").glob("train-*.yaml"))
 def test_every_shipped_training_config_is_listed_here_and_resolves():
     # a new config must be added to the tests that run it (test_training_run.py)
     assert {c.name for c in CONFIGS} == {"train-tiny.yaml", "train-cpu-demo.yaml", "train-gpu-124m.yaml",
-                                         "train-ray-cpu.yaml", "train-cpu-memory.yaml"}  # memory: test_bench_sinks.py
+                                         "train-ray-cpu.yaml", "train-cpu-memory.yaml",
+                                         "train-gpu-memory.yaml"}  # memory: test_bench_sinks.py and below
     for path in CONFIGS:
         cfg = TrainConfig.load(path)
         assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # round-trips
         assert cfg.seq_len <= cfg.model.build(263).max_seq_len
+
+
+def test_the_gpu_memory_config_trains_the_cpu_memory_model_on_its_data_for_longer():
+    # the README's recall numbers come from this config on a GPU; the CPU config is its 20-minute cut
+    cpu = TrainConfig.load(REPO / "infra" / "train-cpu-memory.yaml")
+    gpu = TrainConfig.load(REPO / "infra" / "train-gpu-memory.yaml")
+    assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.eval.memory == cpu.eval.memory
+    assert (gpu.device, gpu.precision) == ("cuda", "bf16")
+    tokens = lambda c: c.steps * c.batch.global_batch * c.data.seq_len  # noqa: E731
+    assert tokens(gpu) >= 20 * tokens(cpu)  # recall appeared after 20-37M tokens; the CPU config trains ~1M
 
 
 def test_the_gpu_config_is_gpt_124m_in_bf16_with_zero_2():
