@@ -2,22 +2,13 @@
 whole probe runs on a checkpoint and a prepared data folder."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import torch
 
 from ctxmem.tokenizer import ByteTokenizer
 from ctxmem.training.data import prepare
-from helpers_training import REPO
-
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("probe_recall", REPO / "bench" / "probe_recall.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers_training import load_bench
 
 
 class Copier(torch.nn.Module):
@@ -36,7 +27,7 @@ class Copier(torch.nn.Module):
 
 
 def test_the_copy_probe_separates_a_copying_model_from_a_random_one(tiny_checkpoint):
-    probe = load_probe()
+    probe = load_bench("probe_recall")
     tok = ByteTokenizer()
     first, repeat = probe.copy_probe(Copier(tok.vocab_size, 100), tok, length=100)
     assert repeat / first < 0.01
@@ -45,7 +36,7 @@ def test_the_copy_probe_separates_a_copying_model_from_a_random_one(tiny_checkpo
 
 
 def test_the_probe_runs_on_a_checkpoint_and_data(tiny_checkpoint, tmp_path, capsys):
-    probe = load_probe()
+    probe = load_bench("probe_recall")
     prepare(["recall:40"], tmp_path / "data", progress=False)
     assert probe.main([str(tiny_checkpoint), "--data", str(tmp_path / "data"), "--distances", "48,60",
                        "--trials", "4"]) == 0

@@ -3,28 +3,18 @@ CPU steps of the tiny preset write its probe log, its summary and a checkpoint c
 copying curriculum's rows are the periodic repeats it promises."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import torch
 
 from ctxmem.checkpoint import load_model
 from ctxmem.training.data import prepare
-from helpers_training import REPO
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_recall", REPO / "bench" / "train_recall.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers_training import load_bench
 
 
 def test_copy_rows_repeat_a_segment_with_their_period_and_the_rest_are_crops():
-    bench = load_bench()
+    bench = load_bench("train_recall")
     tokens = np.arange(10_000, dtype=np.int64) % 250
     batches = bench.Batches(tokens, seq=128, batch=8, copy=0.5, vocab=263, device="cpu", seed=0)
     rows = batches()
@@ -36,7 +26,7 @@ def test_copy_rows_repeat_a_segment_with_their_period_and_the_rest_are_crops():
 
 
 def test_a_short_run_writes_its_log_summary_and_a_loadable_checkpoint(tmp_path):
-    bench = load_bench()
+    bench = load_bench("train_recall")
     prepare(["recall:60"], tmp_path / "data", progress=False)
     out = tmp_path / "run"
     assert bench.main(["--data", str(tmp_path / "data"), "--out", str(out), "--preset", "tiny", "--seq", "128",
