@@ -23,12 +23,17 @@ forcing: greedy-exact, as in the memory evaluation). Methods:
 * lexical   - passages = the evicted tokens split after '.', '?', '!' and newlines; each scored by
               the distinct words it shares with the question (stop words left out), best first,
               ties to the later one; a passage longer than the budget left is cut from its start.
-* infllm-max, infllm-mean - InfLLM-style (Xiao et al. 2024): the evicted tokens in blocks of
-              `block`, scored against the queries of the question's last `query_tokens` tokens:
-              q.k / sqrt(D) averaged over layers, query heads and query tokens, where k is the
-              block's best-matching key (max) or its mean key (mean). The best block is taken with
-              its neighbours first (a fact cut by a block boundary comes back whole), then the
-              next best, until the budget is full.
+* infllm-max, infllm-mean, infllm-attn - InfLLM-style (Xiao et al. 2024): the evicted tokens in
+              blocks of `block` (the grid shifted per trial, so the trials' values, which all sit at
+              one position, do not share one alignment), scored against the queries of the
+              question's last `query_tokens` tokens, averaged over layers, query heads and query
+              tokens: q.k / sqrt(D) of the block's best key (max) or of its mean key (mean), or the
+              softmax attention mass the block would get among all evicted tokens (attn). The best
+              block is taken, then the block after it (what followed the match), then the one before
+              it, then the next best block ..., while each fits the budget.
+* infllm-max@L, infllm-attn@L - the same with layer L's queries and keys alone; L is the layer
+              whose infllm-max pick most often holds the whole value on trials of another seed
+              (--seed + 1000, d = 4x the window), never on the measured trials.
 
 Also printed: `sink (stream)`, the same trials scored on the sink memory's own logits (what
 `ctxmem eval memory` reports for sink), as a check of the re-encoded `none`. The extra tokens column
