@@ -35,6 +35,11 @@ forcing: greedy-exact, as in the memory evaluation). Methods:
               whose infllm-max pick most often holds the whole value on trials of another seed
               (--seed + 1000, d = 4x the window), never on the measured trials.
 
+Each method is scored twice: `text`, the picked tokens re-encoded in the compacted sequence above
+(what a text store re-inserts), and `kv`, the stream's own keys and values of the sinks, the picked
+tokens and the window put back as the cache at compacted positions, the context's last token and the
+answer fed on top (what an InfLLM-style KV store re-inserts; `none` under kv is the sink cache).
+
 Also printed: `sink (stream)`, the same trials scored on the sink memory's own logits (what
 `ctxmem eval memory` reports for sink), as a check of the re-encoded `none`. The extra tokens column
 is the mean retrieved tokens put in front of the window; the attended-slots ratio,
@@ -183,31 +188,34 @@ def pick_blocks(scores: Sequence[float], bounds: list[tuple[int, int]], budget: 
 
 # ---- the stream: keys and queries as the sink memory computed them ---------------------------------
 class Recorder:
-    """Forward hooks on every layer's key and query projections; `take()` gives what was recorded
-    since the last take: k (B, L, Hkv, T, D), q (B, L, H, T, D), before rotation."""
+    """Forward hooks on every layer's key, value and query projections; `take()` gives what was
+    recorded since the last take: k, v (B, L, Hkv, T, D) and q (B, L, H, T, D), before rotation."""
 
     def __init__(self, model):
         cfg = model.cfg
         self.shape = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.k: list[list[torch.Tensor]] = [[] for _ in model.blocks]
         self.q: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+        self.v: list[list[torch.Tensor]] = [[] for _ in model.blocks]
         self.handles = []
         for i, block in enumerate(model.blocks):
             self.handles.append(block.attn.wk.register_forward_hook(self._hook(self.k[i])))
             self.handles.append(block.attn.wq.register_forward_hook(self._hook(self.q[i])))
+            self.handles.append(block.attn.wv.register_forward_hook(self._hook(self.v[i])))
 
     @staticmethod
     def _hook(store):
         return lambda module, args, out: store.append(out.detach().float())
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         H, Hkv, D = self.shape
-        k = torch.stack([torch.cat(parts, 1) for parts in self.k], 1)  # (B, L, T, Hkv*D)
-        q = torch.stack([torch.cat(parts, 1) for parts in self.q], 1)
-        for parts in self.k + self.q:
+        k, v, q = (torch.stack([torch.cat(parts, 1) for parts in store], 1)  # (B, L, T, heads*D)
+                   for store in (self.k, self.v, self.q))
+        for parts in self.k + self.v + self.q:
             parts.clear()
         B, L, T, _ = k.shape
-        return (k.view(B, L, T, Hkv, D).transpose(2, 3), q.view(B, L, T, H, D).transpose(2, 3))
+        return (k.view(B, L, T, Hkv, D).transpose(2, 3), v.view(B, L, T, Hkv, D).transpose(2, 3),
+                q.view(B, L, T, H, D).transpose(2, 3))
 
     def close(self):
         for h in self.handles:
@@ -217,8 +225,8 @@ class Recorder:
 @torch.inference_mode()
 def stream_pass(model, trials, sinks: int, window: int, batch: int = 16):
     """Feeds every row but its last token through the sink memory in pieces of `window`, as
-    `ctxmem eval memory` does. -> (keys (B, L, Hkv, T-1, D), queries (B, L, H, T-1, D),
-    the sink memory's own exact-answer flags (B,))."""
+    `ctxmem eval memory` does. -> (keys and values (B, L, Hkv, T-1, D), queries (B, L, H, T-1, D),
+    the sink memory's own exact-answer flags (B,)); keys as the cache holds them (unrotated)."""
     from ctxmem.backend import TorchBackend
     from ctxmem.memory import ContextMemory, MemoryConfig
     from ctxmem.memory_eval import _piece_bounds
@@ -227,7 +235,7 @@ def stream_pass(model, trials, sinks: int, window: int, batch: int = 16):
     ids = trials.ids
     B, T = ids.shape
     n = len(trials.answers[0])
-    keys, queries, correct = [], [], []
+    keys, values, queries, correct = [], [], [], []
     recorder = Recorder(model)
     try:
         for s in range(0, B, batch):
@@ -237,12 +245,36 @@ def stream_pass(model, trials, sinks: int, window: int, batch: int = 16):
             logits = np.concatenate([memory.feed(state, rows[:, a:b], all_logits=True)
                                      for a, b in _piece_bounds(rows.shape[1], [window])], axis=1)
             correct.append((logits[:, -n:].argmax(-1) == ids[s:s + batch, -n:]).all(1))
-            k, q = recorder.take()
+            k, v, q = recorder.take()
             keys.append(k[..., -(T - 1):, :])  # the last T-1 recorded tokens are the row's (after any stream prefix)
+            values.append(v[..., -(T - 1):, :])
             queries.append(q[..., -(T - 1):, :])
     finally:
         recorder.close()
-    return torch.cat(keys), torch.cat(queries), np.concatenate(correct)
+    return torch.cat(keys), torch.cat(values), torch.cat(queries), np.concatenate(correct)
+
+
+def answer_exact_kv(model, keys: torch.Tensor, values: torch.Tensor, trial: Trial, picked: Sequence[int],
+                    sinks: int, window: int) -> bool:
+    """The answer scored on re-inserted cache entries instead of re-encoded tokens (InfLLM's way)."""
+    predicted = kv_logits(model, keys, values, trial, picked, sinks, window).argmax(-1)
+    return bool((predicted == torch.from_numpy(trial.answer)).all())
+
+
+@torch.inference_mode()
+def kv_logits(model, keys: torch.Tensor, values: torch.Tensor, trial: Trial, picked: Sequence[int],
+              sinks: int, window: int) -> torch.Tensor:
+    """(n, V) logits of the answer's tokens when the stream's own keys and values (L, Hkv, C', D) of
+    [sinks][picked][window but its last token] are the past, at compacted positions 0..S-1 (the
+    cache stores keys unrotated, so placing a slot is choosing its rank), and the context's last
+    token and the answer but its last are fed on top."""
+    C = len(trial.context)
+    start, end = evicted_span(C, sinks, window)
+    slots = torch.as_tensor(list(range(min(sinks, C))) + sorted(set(int(i) for i in picked)) + list(range(end, C - 1)))
+    past = [(keys[layer][:, slots][None], values[layer][:, slots][None]) for layer in range(keys.shape[0])]
+    new = torch.from_numpy(np.concatenate((trial.context[-1:], trial.answer[:-1])))[None]
+    mask = torch.ones(1, len(slots) + new.shape[1], dtype=torch.bool)
+    return model(new, past=past, attention_mask=mask)[0]
 
 
 @torch.inference_mode()
@@ -286,7 +318,7 @@ def select_layer(model, builder, distance: int, sinks: int, window: int, block: 
     `builder`'s trials (another seed than the measured ones) -> (layer, that share per layer)."""
     built = builder.build(distance)
     rows = split_trials(builder, built)
-    keys, queries, _ = stream_pass(model, built, sinks, window)
+    keys, _, queries, _ = stream_pass(model, built, sinks, window)
     hits = np.zeros(keys.shape[1])
     for i, trial in enumerate(rows):
         C = len(trial.context)
@@ -312,12 +344,12 @@ def measure(model, tokenizer, filler: np.ndarray, *, distances: Sequence[int], b
         t0 = time.perf_counter()
         built = builder.build(d)
         rows = split_trials(builder, built)
-        keys, queries, stream_ok = stream_pass(model, built, sinks, window)
-        records.append({"method": "sink (stream)", "distance": d, "budget": 0, "accuracy": float(stream_ok.mean()),
-                        "n": len(rows), "extra": 0.0, "value_in": float("nan")})
+        keys, values, queries, stream_ok = stream_pass(model, built, sinks, window)
+        records.append({"method": "sink (stream)", "distance": d, "budget": 0, "reinsert": "-",
+                        "accuracy": float(stream_ok.mean()), "n": len(rows), "extra": 0.0, "value_in": float("nan")})
         for method in methods:
             for budget in ([0] if method == "none" else budgets):
-                seqs, value_in, extra = [], [], []
+                seqs, value_in, extra, kv_ok = [], [], [], []
                 for i, trial in enumerate(rows):
                     C = len(trial.context)
                     span = evicted_span(C, sinks, window)
@@ -325,29 +357,32 @@ def measure(model, tokenizer, filler: np.ndarray, *, distances: Sequence[int], b
                     picked = pick(method, trial, budget, span, decode=tokenizer.decode, q=q, k=keys[i], block=block,
                                   offset=i)
                     seqs.append(compacted(trial.context, picked, sinks, window))
+                    kv_ok.append(answer_exact_kv(model, keys[i], values[i], trial, picked, sinks, window))
                     value = range(*trial.value)
                     value_in.append(set(value) <= set(picked) or value[0] >= span[1])
                     extra.append(len(picked))
                 ok = answers_exact(model, seqs, [t.answer for t in rows])
-                records.append({"method": method, "distance": d, "budget": budget, "accuracy": float(ok.mean()),
-                                "n": len(rows), "extra": float(np.mean(extra)), "value_in": float(np.mean(value_in))})
+                for reinsert, flags in (("text", ok), ("kv", np.asarray(kv_ok))):
+                    records.append({"method": method, "distance": d, "budget": budget, "reinsert": reinsert,
+                                    "accuracy": float(flags.mean()), "n": len(rows), "extra": float(np.mean(extra)),
+                                    "value_in": float(np.mean(value_in))})
         log(f"# d={d}: {time.perf_counter() - t0:.1f}s")
     return records
 
 
 def table(records: list[dict], sinks: int, window: int) -> str:
     distances = sorted({r["distance"] for r in records})
-    rows: dict[tuple[str, int], dict] = {}
+    rows: dict[tuple[str, int, str], dict] = {}
     for r in records:
-        rows.setdefault((r["method"], r["budget"]), {})[r["distance"]] = r
+        rows.setdefault((r["method"], r["budget"], r["reinsert"]), {})[r["distance"]] = r
     n = max(r["n"] for r in records)
     lines = [f"recall accuracy, greedy answer exact ({n} facts per cell); window {window}, {sinks} sinks; "
              f"the value is inside the window when d <= {window}",
              "cells: accuracy (share of trials whose retrieved tokens hold the whole value)"]
-    head = f"{'method':<14} {'budget':>6} " + " ".join(f"{'d=' + str(d):>12}" for d in distances) \
+    head = f"{'method':<14} {'budget':>6} {'reinsert':>8} " + " ".join(f"{'d=' + str(d):>12}" for d in distances) \
         + f" {'extra tokens':>12} {'attended':>8}"
     lines += [head, "-" * len(head)]
-    for (method, budget), by_d in rows.items():
+    for (method, budget, reinsert), by_d in rows.items():
         cells = []
         for d in distances:
             r = by_d.get(d)
@@ -360,7 +395,7 @@ def table(records: list[dict], sinks: int, window: int) -> str:
         far = [r["extra"] for dd, r in by_d.items() if dd > window]
         extra = float(np.mean(far)) if far else 0.0
         ratio = (sinks + extra + window) / (sinks + window)
-        lines.append(f"{method:<14} {budget or '-':>6} " + " ".join(cells) + f" {extra:>12.1f} {ratio:>7.2f}x")
+        lines.append(f"{method:<14} {budget or '-':>6} {reinsert:>8} " + " ".join(cells) + f" {extra:>12.1f} {ratio:>7.2f}x")
     return "\n".join(lines)
 
 

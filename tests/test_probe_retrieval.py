@@ -95,10 +95,10 @@ def test_the_stream_records_the_models_own_keys_and_scores_as_the_memory_eval_do
 
     model = load_model(tiny_checkpoint).eval()
     _, _, trials, _ = built
-    keys, queries, ok = probe.stream_pass(model, trials, SINKS, WINDOW, batch=4)
+    keys, values, queries, ok = probe.stream_pass(model, trials, SINKS, WINDOW, batch=4)
     B, T = trials.ids.shape
     assert keys.shape[:2] == (B, model.cfg.n_layers) and keys.shape[3] == T - 1
-    assert queries.shape[2] == model.cfg.n_heads
+    assert queries.shape[2] == model.cfg.n_heads and values.shape == keys.shape
     # the first window's tokens were computed with nothing evicted: their keys are a plain forward's
     x = torch.from_numpy(trials.ids[:, :WINDOW])
     with torch.inference_mode():
@@ -137,3 +137,31 @@ def test_the_probe_runs_on_a_checkpoint_and_data(probe, tiny_checkpoint, tmp_pat
     for method in probe.METHODS:
         assert f"\n{method} " in out
     assert "infllm-attn@" in out and "d=48" in out and "d=64" in out
+
+
+def test_kv_reinsertion_of_an_unevicted_context_scores_as_a_plain_forward(probe, tiny_checkpoint):
+    from ctxmem.checkpoint import load_model
+    from ctxmem.memory_eval import RecallTrials
+
+    model = load_model(tiny_checkpoint).eval()
+    rng = np.random.default_rng(1)
+    context = rng.integers(0, 256, 40)
+    seq = torch.from_numpy(context)[None]
+    with torch.inference_mode():  # the model's own greedy continuation: the answer that must pass
+        for _ in range(3):
+            seq = torch.cat((seq, model(seq)[:, -1:].argmax(-1)), dim=1)
+    answer = seq[0, -3:].numpy()
+    wrong = answer.copy()
+    wrong[1] = (wrong[1] + 1) % 256
+    for given, expected in ((answer, True), (wrong, False)):
+        ids = np.concatenate((context, given))[None]
+        keys, values, _, _ = probe.stream_pass(model, RecallTrials(3, ids, [given.tolist()]), sinks=0, window=64)
+        trial = probe.Trial(context, given, (0, 0), (0, 0), "")
+        # window 64 > 40 tokens: nothing is evicted, the past is the whole context but its last token
+        assert probe.answer_exact_kv(model, keys[0], values[0], trial, [], 0, 64) is expected
+        assert probe.answers_exact(model, [context], [given]).tolist() == [expected]
+        with torch.inference_mode():
+            plain = model(torch.from_numpy(ids[:, :-1]))[0, -3:]
+        # the same fp32 computation split into past and new tokens: equal up to summation order
+        torch.testing.assert_close(probe.kv_logits(model, keys[0], values[0], trial, [], 0, 64), plain,
+                                   rtol=1e-4, atol=1e-4)
