@@ -332,7 +332,7 @@ def select_layer(model, builder, distance: int, sinks: int, window: int, block: 
 
 
 def measure(model, tokenizer, filler: np.ndarray, *, distances: Sequence[int], budgets: Sequence[int],
-            sinks: int, window: int, trials: int, seed: int, block: int = 16, query_tokens: int = 4,
+            sinks: int, window: int, trials: int, seed: int, block: int = 16, query_tokens: int = 12,
             head: Sequence[int] = (), methods: Sequence[str] = METHODS, log=print) -> list[dict]:
     """One record per (method, distance, budget): accuracy, n, mean retrieved tokens and the share
     of trials whose retrieved tokens hold the whole value."""
@@ -395,7 +395,8 @@ def table(records: list[dict], sinks: int, window: int) -> str:
         far = [r["extra"] for dd, r in by_d.items() if dd > window]
         extra = float(np.mean(far)) if far else 0.0
         ratio = (sinks + extra + window) / (sinks + window)
-        lines.append(f"{method:<14} {budget or '-':>6} {reinsert:>8} " + " ".join(cells) + f" {extra:>12.1f} {ratio:>7.2f}x")
+        lines.append(f"{method:<14} {budget or '-':>6} {reinsert:>8} " + " ".join(cells)
+                     + f" {extra:>12.1f} {ratio:>7.2f}x")
     return "\n".join(lines)
 
 
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from ctxmem.checkpoint import load_model
+    from ctxmem.memory_eval import RecallBuilder
     from ctxmem.training.data import TokenData
 
     torch.set_num_threads(args.threads)
@@ -427,15 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     tokens = np.asarray(data.stream("val", 1_000_000), dtype=np.int64)
     bos = getattr(tokenizer, "bos_id", None)
     head = tokens[:1] if bos is not None and len(tokens) and int(tokens[0]) == bos else tokens[:0]
-    from ctxmem.memory_eval import RecallBuilder
-
     filler = tokens[len(head):]
-    selector = RecallBuilder(tokenizer, filler, args.trials, args.seed + SELECT_SEED, max(16, 2 * args.sinks), head.tolist())
+    selector = RecallBuilder(tokenizer, filler, args.trials, args.seed + SELECT_SEED, max(16, 2 * args.sinks),
+                             head.tolist())
     budgets = [int(x) for x in args.budgets.split(",")]
     layer, rates = select_layer(model, selector, 4 * args.window, args.sinks, args.window, args.block,
                                 args.query_tokens, min(budgets))
     print(f"retrieval layer {layer}: per layer, the share of {args.trials} trials (seed {args.seed + SELECT_SEED}, "
-          f"d={4 * args.window}) whose infllm-max pick of {min(budgets)} tokens, that layer alone, holds the whole value: "
+          f"d={4 * args.window}) whose infllm-max pick of {min(budgets)} tokens, that layer alone, holds the whole "
+          "value: "
           + " ".join(f"{r:.2f}" for r in rates))
     records = measure(model, tokenizer, filler, distances=[int(x) for x in args.distances.split(",")],
                       budgets=budgets, sinks=args.sinks, window=args.window,
