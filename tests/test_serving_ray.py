@@ -71,7 +71,10 @@ def server(tiny_export, registry, tmp_path_factory):  # noqa: F811
     ray_tmp = tempfile.mkdtemp(prefix="ctxray-", dir="/tmp")  # Ray's socket paths must stay short
     env = pytest.MonkeyPatch()
     env.setenv("CTXMEM_MODEL_CACHE", str(registry["cache"]))  # replicas inherit it: downloads stay in tmp
-    ctx = ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False, _temp_dir=ray_tmp,
+    # 4 logical CPUs on any machine: the YAML application (1) and a README `ctxmem serve` application
+    # (2 x 0.5) must fit while the previous README application is still being torn down, which under
+    # load can outlast the test that started it (a fresh-clone run waited 180 s for CPUs to free up)
+    ctx = ray.init(num_cpus=4, object_store_memory=400 * 2**20, include_dashboard=False, _temp_dir=ray_tmp,
                    log_to_driver=False)
     port = free_port()
     config = patched_serve_yaml(REPO / "infra" / "serve.yaml", tmp / "serve.yaml", port, {
