@@ -1,7 +1,7 @@
 """Which retrieval brings an evicted fact back? A training-free measurement for issue 14 (memory
 beyond the window), on a recall-trained checkpoint:
 
-    .venv/bin/python bench/probe_retrieval.py runs/recall-gpu/byte-lr1e-3-copy/final --data data/stdlib-recall
+    .venv/bin/python bench/probe_retrieval.py bench/models/recall-small --data data/stdlib-recall
 
 Trials are the memory evaluation's (ctxmem.memory_eval.RecallBuilder; filler from the data's
 validation split, starting with BOS when the split does): a fact, `distance` tokens of filler and
