@@ -41,13 +41,19 @@ def load(path: Path):
     return model.eval()
 
 
+def _device(model) -> torch.device:
+    """Where the model's weights are (a model without any, like a test's rule-based one: the CPU)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 @torch.inference_mode()
 def copy_probe(model, tokenizer, rows: int = 8, length: int = 100, seed: int = 0) -> tuple[float, float]:
     """(first copy NLL, repeat NLL) of `rows` random letter strings of `length` tokens, each repeated once."""
     letters = np.asarray(tokenizer.encode("abcdefghijklmnopqrstuvwxyz"))
     ids = np.random.default_rng(seed).choice(letters, (rows, length))
-    x = torch.from_numpy(np.concatenate([ids, ids], axis=1))
-    nll = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+    x = torch.from_numpy(np.concatenate([ids, ids], axis=1)).to(_device(model))
+    logits = model(x[:, :-1]).float()  # float: under autocast the logits may be bf16
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
     skip = 10  # the first few tokens of each copy have little context either way
     return nll[:, skip:length - 1].mean().item(), nll[:, length + skip:].mean().item()
 
@@ -59,8 +65,9 @@ def recall_probe(model, tokenizer, filler: np.ndarray, distance: int, trials: in
     trial = RecallBuilder(tokenizer, filler, trials, seed, lead=16).build(distance)
     n = len(trial.answers[0])  # every value has the same number of digits
     ids = trial.ids[:, -model.cfg.max_seq_len - 1:]  # as much as the context holds, answer included
-    logits = model(torch.from_numpy(ids[:, :-1]))[:, -n:]  # (B, n, V): the predictions of the answer tokens
-    target = torch.from_numpy(ids[:, -n:])
+    ids = torch.from_numpy(ids).to(_device(model))
+    logits = model(ids[:, :-1])[:, -n:].float()  # (B, n, V): the predictions of the answer tokens
+    target = ids[:, -n:]
     predicted = logits.argmax(-1)
     digits = 4 if n >= 4 else n  # the value's digits are its last tokens (byte or digit-split BPE)
     nll = torch.nn.functional.cross_entropy(logits[:, -digits:].transpose(1, 2), target[:, -digits:])

@@ -35,12 +35,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # probe_recall beside this script
 
 from ctxmem.checkpoint import save_checkpoint  # noqa: E402
 from ctxmem.config import preset  # noqa: E402
-from ctxmem.memory_eval import RecallBuilder  # noqa: E402
 from ctxmem.model import Transformer  # noqa: E402
 from ctxmem.training.data import TokenData  # noqa: E402
+from probe_recall import copy_probe, recall_probe  # noqa: E402
 
 DISTANCES = (48, 64, 96, 160)  # tokens between the fact's value and the question; <= 64 is inside a 64-token window
 
@@ -87,22 +88,13 @@ class Batches:
         return rows
 
 
-@torch.inference_mode()
-def probe(model, tokenizer, builder: RecallBuilder, device: str) -> dict:
+def probe(model, tokenizer, filler: np.ndarray, trials: int) -> dict:
+    """The copy ratio and exact recall per distance (bench/probe_recall.py's probes, same trials every call)."""
     model.eval()
-    # copy: 16 strings of 100 random letters, each repeated once
-    letters = np.asarray(tokenizer.encode("abcdefghijklmnopqrstuvwxyz"))
-    ids = np.random.default_rng(0).choice(letters, (16, 100))
-    x = torch.from_numpy(np.concatenate([ids, ids], axis=1)).to(device)
-    nll = torch.nn.functional.cross_entropy(model(x[:, :-1]).float().transpose(1, 2), x[:, 1:], reduction="none")
-    out = {"copy_ratio": round((nll[:, 110:].mean() / nll[:, 10:99].mean()).item(), 4)}
-    ctx = model.cfg.max_seq_len
+    first, repeat = copy_probe(model, tokenizer, rows=16)
+    out = {"copy_ratio": round(repeat / first, 4)}
     for d in DISTANCES:
-        trial = builder.build(d)
-        n = len(trial.answers[0])  # values have a fixed digit count; answers of one trial set are equally long
-        rows = torch.from_numpy(trial.ids[:, -ctx - 1:]).to(device)
-        logits = model(rows[:, :-1])[:, -n:]  # (B, n, V): the predictions of the answer tokens
-        out[f"recall_d{d}"] = round((logits.argmax(-1) == rows[:, -n:]).all(1).float().mean().item(), 4)
+        out[f"recall_d{d}"] = round(recall_probe(model, tokenizer, filler, d, trials, seed=1234)["exact"], 4)
     model.train()
     return out
 
@@ -122,7 +114,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     batches = Batches(data.stream("train", 1 << 30), args.seq, args.batch, args.copy, data.vocab_size, args.device,
                       args.seed)
-    builder = RecallBuilder(tokenizer, data.stream("val", 1 << 20), args.trials, 1234, lead=16)
+    filler = data.stream("val", 1 << 20)  # the recall trials' filler
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
     print(f"[{out.name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, recipe {recipe}",
           flush=True)
@@ -148,11 +140,11 @@ def main(argv=None) -> int:
         if step % args.every == 0:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 record = {"step": step, "seconds": round(time.time() - started, 1), "loss": round(loss.item(), 4),
-                          **probe(model, tokenizer, builder, args.device)}
+                          **probe(model, tokenizer, filler, args.trials)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(f"[{out.name}] " + " ".join(f"{k} {v}" for k, v in record.items()), flush=True)
-    final = probe(model.float(), tokenizer, builder, args.device)  # fp32, as evaluation runs it
+    final = probe(model.float(), tokenizer, filler, args.trials)  # fp32, as evaluation runs it
     summary = {"recipe": recipe, "steps": step, "seconds": round(time.time() - started, 1),
                "tokens": step * args.batch * args.seq, **final}
     save_checkpoint(out / "final", model, tokenizer)
