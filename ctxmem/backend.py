@@ -25,17 +25,39 @@ class TorchCacheOps:
     def concat(self, pasts):
         return [(torch.cat([p[i][0] for p in pasts]), torch.cat([p[i][1] for p in pasts])) for i in range(len(pasts[0]))]
 
+    def export(self, past, idx: np.ndarray, stream: np.ndarray):
+        """Keys are cached before rotation, so ``stream`` is not needed -> k, v (B, K, L, Hkv, D) numpy."""
+        taken = self.take(past, idx)
+        k = torch.stack([k for k, _ in taken], dim=1).permute(0, 3, 1, 2, 4)  # (B, L, Hkv, K, D) -> (B, K, L, Hkv, D)
+        v = torch.stack([v for _, v in taken], dim=1).permute(0, 3, 1, 2, 4)
+        return k.cpu().numpy(), v.cpu().numpy()
+
+    def splice(self, past, idx: np.ndarray, start: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
+        """take(idx) (fresh tensors), then slots [start, start + Z) set to k, v (B, Z, L, Hkv, D)."""
+        taken = self.take(past, idx)
+        device = past[0][0].device
+        Z = k.shape[1]
+        if Z:
+            k_in = torch.from_numpy(np.ascontiguousarray(k.transpose(2, 0, 3, 1, 4))).to(device)  # (L, B, Hkv, Z, D)
+            v_in = torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 3, 1, 4))).to(device)
+            for i, (lk, lv) in enumerate(taken):
+                lk[:, :, start:start + Z] = k_in[i]
+                lv[:, :, start:start + Z] = v_in[i]
+        return taken
+
 
 class TorchBackend:
     """Runs a ctxmem Transformer eagerly; logits come back as float32 numpy for the shared sampler."""
 
     ops = TorchCacheOps()
+    gives_queries = True  # forward_with_queries: the retrieve policy can run here
 
     def __init__(self, model: Transformer, device: str | torch.device | None = None):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.max_seq_len = model.cfg.max_seq_len
+        self.n_layers = model.cfg.n_layers
         self.vocab_size = model.cfg.vocab_size
         self.uses_rope = model.cfg.pos == "rope"
         self.sink_token_id = model.cfg.sink_token_id
@@ -53,6 +75,20 @@ class TorchBackend:
         if last_only:
             logits = logits[:, -1]
         return logits.float().cpu().numpy(), present
+
+    def forward_with_queries(self, ids, layout, past, last_only, layer: int):
+        """forward, plus layer ``layer``'s queries of the new tokens before rotation (B, H, T, D)
+        float32 numpy (the retrieve policy scores its store with them)."""
+        seen = []
+        hook = self.model.blocks[layer].attn.wq.register_forward_hook(lambda m, a, out: seen.append(out))
+        try:
+            logits, present = self.forward(ids, layout, past, last_only)
+        finally:
+            hook.remove()
+        cfg = self.model.cfg
+        B, T = ids.shape
+        q = seen[-1].detach().float().view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        return logits, present, q.cpu().numpy()
 
 
 @contextlib.contextmanager

@@ -62,10 +62,14 @@ class AttentionLayout:
 
 
 def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: int = 0,
-                 window: int | None = None) -> AttentionLayout:
+                 window: int | None = None, pinned: np.ndarray | None = None) -> AttentionLayout:
     """stream_pos (B, S) int64: each slot's index in its stream (the rank in the cache for policies
     without a band); valid (B, S) bool; the last ``n_new`` slots are the new tokens. ``window``
-    None = no band (causal over everything valid). See the module docstring for the meaning."""
+    None = no band (causal over everything valid). ``pinned`` (B, S) int64 (``retrieve``): the
+    compacted position of each evicted slot put back between the sinks and the window (sinks,
+    sinks + 1, ...), -1 elsewhere; such a slot is read like a sink, at that position, and the window
+    moves up by the row's count R (rank of a query = sinks + R + window - 1: a row holds put-back
+    slots only once its window is full). See the module docstring for the meaning."""
     B, S = valid.shape
     T = n_new
     q_pos = stream_pos[:, S - T:]  # (B, T)
@@ -73,22 +77,26 @@ def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: i
     k = stream_pos[:, None, :]  # (B, 1, S)
     q = q_pos[:, :, None]  # (B, T, 1)
     allowed = valid[:, None, :] & (k <= q)
+    pin = np.zeros(valid.shape, bool) if pinned is None else valid & (pinned >= 0)
     if window is not None:
-        allowed &= (k < sinks) | (k > q - window)
+        allowed &= (k < sinks) | (k > q - window) | pin[:, None, :]
     # a token always reads its own slot, so a padding query never has an all-masked row (NaN)
     own = np.arange(T)
     allowed[:, own, S - T + own] = True
     if window is None:
         key_positions = _own_key_positions(np.where(valid, stream_pos, 0), q_pos, q_valid)
         return AttentionLayout(q_pos.astype(np.int64), key_positions, allowed, valid=valid, stream=stream_pos)
-    top = sinks + window - 1  # the rank of a token whose visible set is full
-    last = np.where(q_valid, q_pos, -1).max(axis=1)  # (B,) the row's last new token
-    base = np.maximum(last - top, 0)[:, None]  # (B, 1)
-    is_sink = valid & (stream_pos < sinks)
+    extra = pin.sum(axis=1)  # (B,) R
+    top = (sinks + extra + window - 1)[:, None]  # (B, 1) the rank of a token whose visible set is full
+    last = np.where(q_valid, q_pos, -1).max(axis=1)[:, None]  # (B, 1) the row's last new token
+    full = (extra > 0)[:, None] & q_valid.any(axis=1, keepdims=True)  # a put-back row's query is at the top
+    base = np.where(full, last - top, np.maximum(last - top, 0))  # (B, 1)
+    is_sink = valid & ((stream_pos < sinks) | pin)
     positions = (q_pos - base).astype(np.int64)
-    key_positions = _own_key_positions(np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0),
+    fixed = np.where(pin, pinned if pinned is not None else 0, stream_pos)  # sinks at their index, put-back at theirs
+    key_positions = _own_key_positions(np.where(valid, np.where(is_sink, fixed, stream_pos - base), 0),
                                        positions, q_valid)
-    sink_positions = np.minimum(q_pos, top).astype(np.int64)
+    sink_positions = np.where(full, top, np.minimum(q_pos, top)).astype(np.int64)
     if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
         return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
     return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid, stream_pos, is_sink)

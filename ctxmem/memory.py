@@ -11,6 +11,10 @@ The seed article's loop asks "is the input too long?". Each policy answers it ex
                   stay bounded and the cost per token stays constant however long the stream. This
                   meaning holds whatever the piecing: prefill in pieces of any size, left-padded batch
                   rows, a cached session or a rebuild from the whole history (ctxmem.layout).
+* ``retrieve``  - ``sink``, plus what the window evicted kept in a bounded per-stream store and its
+                  most relevant blocks put back between the sinks and the window at compacted
+                  positions, chosen afresh before every token past the window (ctxmem.retrieval has
+                  the exact meaning, the store's bound and its drop rule).
 * ``recompute`` - when a row's window is full it drops its oldest ``chunk`` tokens and re-runs prefill
                   over what it keeps (works for absolute positions too); each row evicts on its own,
                   so a request's output never depends on its batch neighbours. ``chunk=1`` is the
@@ -32,8 +36,10 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from .layout import AttentionLayout, build_layout
+from .retrieval import RetrievalSettings, StreamStore
 
-POLICIES = ("full", "sink", "recompute")
+POLICIES = ("full", "sink", "recompute", "retrieve")
+RETRIEVAL_KEYS = ("budget", "block", "store", "layer", "queries")
 
 
 class ContextOverflowError(ValueError):
@@ -50,6 +56,14 @@ class MemoryConfig:
     window: int | None = None  # sink: recent tokens kept; recompute: tokens kept in all. None = derive from context
     sinks: int = 4  # sink: first tokens always kept (the "attention sinks")
     chunk: int = 1  # recompute: tokens dropped at a time
+    # retrieve (ctxmem.retrieval): evicted tokens put back at most, in blocks of `block`; the store's
+    # bound in tokens (a multiple of `block`); the layer whose queries choose (None: half way up,
+    # layer n_layers // 2, the best on bench/probe_retrieval.py's recall model); queries averaged
+    budget: int = 32
+    block: int = 16
+    store: int = 2048
+    layer: int | None = None
+    queries: int = 12
 
     def resolve(self, max_seq_len: int, uses_rope: bool = True) -> "MemoryConfig":
         """Validate against a model and fill in the default window."""
@@ -57,16 +71,21 @@ class MemoryConfig:
             raise MemoryConfigError(f"unknown memory policy {self.policy!r}; choose one of {POLICIES}")
         if self.policy == "full":
             return replace(self, window=max_seq_len, sinks=0)
-        if self.policy == "sink":
+        if self.policy in ("sink", "retrieve"):
             if not uses_rope:
-                raise MemoryConfigError("the sink policy re-assigns positions inside the cache, which needs rotary "
-                                        "positions; this model has learned absolute positions - use --policy recompute")
+                raise MemoryConfigError(f"the {self.policy} policy re-assigns positions inside the cache, which needs "
+                                        "rotary positions; this model has learned absolute positions - use --policy "
+                                        "recompute")
             if self.sinks < 0:
                 raise MemoryConfigError(f"sinks must be >= 0, got {self.sinks}")
-            window = self.window if self.window is not None else max_seq_len - self.sinks
-            if window < 1 or window + self.sinks > max_seq_len:
-                raise MemoryConfigError(f"sinks ({self.sinks}) + window ({window}) must be between 1 and the model's "
-                                        f"context ({max_seq_len}): positions inside the cache may not exceed it")
+            extra = self.budget if self.policy == "retrieve" else 0
+            if self.policy == "retrieve":
+                self._check_retrieval()
+            window = self.window if self.window is not None else max_seq_len - self.sinks - extra
+            if window < 1 or window + self.sinks + extra > max_seq_len:
+                what = f"sinks ({self.sinks}) + window ({window})" + (f" + budget ({extra})" if extra else "")
+                raise MemoryConfigError(f"{what} must be between 1 and the model's context ({max_seq_len}): "
+                                        "positions inside the cache may not exceed it")
             return replace(self, window=window)
         window = self.window if self.window is not None else max_seq_len
         if not 2 <= window <= max_seq_len:
@@ -74,6 +93,18 @@ class MemoryConfig:
         if not 1 <= self.chunk < window:
             raise MemoryConfigError(f"recompute chunk must be in [1, window), got {self.chunk}")
         return replace(self, window=window, sinks=0)
+
+    def _check_retrieval(self) -> None:
+        if self.budget < 0:
+            raise MemoryConfigError(f"budget (tokens put back) must be >= 0, got {self.budget}")
+        if self.block < 1:
+            raise MemoryConfigError(f"block must be >= 1, got {self.block}")
+        if self.store < self.block or self.store % self.block:
+            raise MemoryConfigError(f"store ({self.store} tokens) must be a positive multiple of block ({self.block})")
+        if self.queries < 1:
+            raise MemoryConfigError(f"queries must be >= 1, got {self.queries}")
+        if self.layer is not None and self.layer < 0:
+            raise MemoryConfigError(f"layer must be >= 0, got {self.layer}")
 
     def with_overrides(self, max_seq_len: int, uses_rope: bool = True, **given: Any) -> "MemoryConfig":
         """This config (usually the one an artifact saved) with a caller's overrides, resolved.
@@ -83,9 +114,10 @@ class MemoryConfig:
         A different ``policy`` starts from that policy's defaults, not from this config's numbers.
         Setting only ``sinks`` (or only ``window``) re-derives the other: this config's value when it
         still fits the model's context, else the most that fits. Raises MemoryConfigError."""
-        unknown = sorted(set(given) - {"policy", "window", "sinks", "chunk"})
+        known = ("policy", "window", "sinks", "chunk") + RETRIEVAL_KEYS
+        unknown = sorted(set(given) - set(known))
         if unknown:
-            raise MemoryConfigError(f"unknown memory settings {unknown}; known: policy, window, sinks, chunk")
+            raise MemoryConfigError(f"unknown memory settings {unknown}; known: {', '.join(known)}")
         given = {k: v for k, v in given.items() if v is not None}
         for key, value in given.items():
             if key != "policy" and (not isinstance(value, int) or isinstance(value, bool)):
@@ -95,11 +127,14 @@ class MemoryConfig:
             raise MemoryConfigError(f"policy 'full' keeps every token and takes no {sorted(given)}; to bound "
                                     "the memory choose policy 'sink' (or 'recompute') as well")
         start = self if policy == self.policy else MemoryConfig(policy=policy)
-        if policy == "sink":
+        if policy in ("sink", "retrieve"):
+            extra = given.get("budget", start.budget) if policy == "retrieve" else 0
             if "sinks" in given and "window" not in given and start.window is not None:
-                given["window"] = min(start.window, max_seq_len - given["sinks"])
+                given["window"] = min(start.window, max_seq_len - given["sinks"] - extra)
             if "window" in given and "sinks" not in given:
-                given["sinks"] = max(0, min(start.sinks, max_seq_len - given["window"]))
+                given["sinks"] = max(0, min(start.sinks, max_seq_len - given["window"] - extra))
+            if policy == "retrieve" and "budget" in given and "window" not in given and start.window is not None:
+                given["window"] = min(start.window, max_seq_len - given.get("sinks", start.sinks) - extra)
         if policy == "recompute" and "window" in given and "chunk" not in given:
             given["chunk"] = max(1, min(start.chunk, given["window"] - 1))
         return replace(start, policy=policy, **given).resolve(max_seq_len, uses_rope)
@@ -107,10 +142,15 @@ class MemoryConfig:
     @property
     def capacity(self) -> int:
         """Most valid tokens the cache holds at once (after resolve)."""
+        if self.policy == "retrieve":
+            return self.window + self.sinks + self.budget
         return self.window + (self.sinks if self.policy == "sink" else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "window": self.window, "sinks": self.sinks, "chunk": self.chunk}
+        out = {"policy": self.policy, "window": self.window, "sinks": self.sinks, "chunk": self.chunk}
+        if self.policy == "retrieve":
+            out.update({k: getattr(self, k) for k in RETRIEVAL_KEYS})
+        return out
 
 
 class CacheOps(Protocol):
@@ -119,6 +159,13 @@ class CacheOps(Protocol):
     def take(self, past: Any, idx: np.ndarray) -> Any: ...  # idx (B, K) slots per row
     def select(self, past: Any, rows: np.ndarray) -> Any: ...  # rows (B',)
     def concat(self, pasts: Sequence[Any]) -> Any: ...  # along batch; equal S
+    # retrieve only: slots out as position-free numpy, and slots in at chosen rotary positions
+    def export(self, past: Any, idx: np.ndarray, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    #   idx, stream (B, K): slots and their stream indices -> k, v (B, K, L, Hkv, D), keys before rotation
+    def splice(self, past: Any, idx: np.ndarray, start: int, k: np.ndarray, v: np.ndarray,
+               positions: np.ndarray) -> Any: ...
+    #   take(idx) with slots [start, start + Z) replaced by k, v (B, Z, L, Hkv, D), keys scored at
+    #   positions (B, Z) (a cache that stores rotated keys rotates them there)
 
 
 class Backend(Protocol):
@@ -135,6 +182,10 @@ class Backend(Protocol):
         Returns logits float32 (B, V) if last_only else (B, T, V), and the cache of S+T slots."""
         ...
 
+    # retrieve only, on a backend whose ``gives_queries`` is True (others cannot run that policy):
+    # def forward_with_queries(self, ids, layout, past, last_only, layer) -> (logits, past, q)
+    #   as forward, plus layer `layer`'s queries of the new tokens before rotation, q (B, H, T, D) float32
+
 
 @dataclass
 class MemoryState:
@@ -145,6 +196,10 @@ class MemoryState:
     tokens: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), dtype=np.int64))  # (B, S)
     evicted: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # (B,)
     seen: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # (B,) tokens ever fed
+    # retrieve only: (B, S) stream index of each slot put back from the store, -1 elsewhere (None: no
+    # such slot), and each row's store (ctxmem.retrieval.StreamStore)
+    pinned: np.ndarray | None = None
+    stores: list[StreamStore] | None = None
 
     @classmethod
     def empty(cls, batch: int) -> "MemoryState":
@@ -160,8 +215,16 @@ class MemoryState:
         return self.mask.shape[1]
 
     def lengths(self) -> np.ndarray:
-        """Valid tokens per row (B,)."""
-        return self.mask.sum(axis=1)
+        """Valid tokens per row held in place (B,): slots put back from a store are not counted."""
+        return self.in_place().sum(axis=1)
+
+    def in_place(self) -> np.ndarray:
+        """(B, S) the valid slots that are not copies put back from a store."""
+        return self.mask if self.pinned is None else self.mask & (self.pinned < 0)
+
+    def pins(self) -> np.ndarray:
+        """(B, S) pinned, -1 where nothing is put back."""
+        return np.full(self.mask.shape, -1, np.int64) if self.pinned is None else self.pinned
 
     def kept_tokens(self, row: int) -> list[int]:
         return self.tokens[row][self.mask[row]].tolist()
@@ -226,6 +289,7 @@ class ContextMemory:
                  piece: int | None = None):
         self.backend = backend
         self.config = config.resolve(backend.max_seq_len, backend.uses_rope)
+        self.retrieval = self._retrieval_settings(backend) if self.config.policy == "retrieve" else None
         self.sink_token: int | None = getattr(backend, "sink_token_id", None)
         self.prefix: tuple[int, ...] = stream_prefix(backend)
         # masked (evicted) slots the sink cache may carry before it is compacted
@@ -237,6 +301,18 @@ class ContextMemory:
             self.piece = max(1, self.config.window - self.config.chunk)
         else:
             self.piece = piece if piece is not None else max(64, min(self.config.window, 256))
+
+    def _retrieval_settings(self, backend) -> RetrievalSettings:
+        cfg = self.config
+        if not getattr(backend, "gives_queries", False):
+            raise MemoryConfigError(f"the retrieve policy chooses with a layer's queries, which backend "
+                                    f"{getattr(backend, 'name', type(backend).__name__)} does not give (an export "
+                                    "made before the policy existed: re-export it with `ctxmem export`)")
+        layers = int(backend.n_layers)
+        layer = cfg.layer if cfg.layer is not None else layers // 2
+        if not 0 <= layer < layers:
+            raise MemoryConfigError(f"layer {layer} does not exist: the model has layers 0..{layers - 1}")
+        return RetrievalSettings(cfg.budget, cfg.block, cfg.store, layer, cfg.queries, cfg.sinks)
 
     # ---- public -----------------------------------------------------------------------------
     def start(self, batch: int = 1) -> MemoryState:
@@ -279,6 +355,8 @@ class ContextMemory:
                     "policy; shorten the input, lower max_new_tokens, or choose policy 'sink' (attention sinks + "
                     "rolling window, constant cost per token) or 'recompute' (re-prefill a sliding window)")
             return self._forward(state, ids, valid, last_only=not all_logits)
+        if cfg.policy == "retrieve":
+            return self._feed_retrieve(state, ids, valid, all_logits)
         if cfg.policy == "recompute" and state.batch > 1 and ids.shape[1] > 1 and \
                 (state.lengths() + valid.sum(axis=1) > cfg.window).any():
             return self._feed_rows_alone(state, ids, valid, all_logits)
@@ -296,6 +374,94 @@ class ContextMemory:
             has = part_valid.any(axis=1)
             logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
         return np.concatenate(every, axis=1) if all_logits else logits
+
+    def _feed_retrieve(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:
+        """retrieve: pieces as under sink while no new token is past the window (nothing evicted, so
+        nothing to put back), then one column at a time: put back, forward, evict into the stores,
+        score the stores with the new token's query (ctxmem.retrieval's exact meaning)."""
+        cfg = self.config
+        if state.stores is None:
+            state.stores = [None] * state.batch
+        logits, every, col, T = None, [], 0, ids.shape[1]
+        while col < T:
+            rest = valid[:, col:]
+            index = state.seen[:, None] + np.cumsum(rest, axis=1) - 1  # (B, T - col) stream index of each new token
+            early = (~rest | (index < cfg.sinks + cfg.window)).all(axis=0)  # no row's window has moved yet
+            lead = int(np.argmin(np.append(early, False)))  # leading early columns
+            step = min(self.piece, lead) if lead else 1
+            part_ids, part_valid = ids[:, col:col + step], valid[:, col:col + step]
+            self._make_room(state, part_valid)
+            if lead:
+                step_logits = self._forward(state, part_ids, part_valid, last_only=not all_logits)
+            else:
+                self._put_back(state, part_valid[:, 0])
+                step_logits, queries = self._forward(state, part_ids, part_valid, last_only=not all_logits,
+                                                     queries=True)
+            self._evict(state, cfg.window)
+            if not lead:
+                for r in np.flatnonzero(part_valid[:, 0]):
+                    if state.stores[r] is not None:
+                        state.stores[r].observe(queries[r, :, 0])  # (H, D)
+            if all_logits:
+                every.append(step_logits)
+            else:
+                has = part_valid.any(axis=1)
+                logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
+            col += step
+        return np.concatenate(every, axis=1) if all_logits else logits
+
+    def _put_back(self, state: MemoryState, fed: np.ndarray) -> None:
+        """Before one column: each fed row (fed (B,) bool) with a store chooses its blocks; if any row's
+        choice changed, the cache is rebuilt as [sinks][put back][the rest], the put-back zone right-
+        aligned per row, its keys at compacted positions sinks, sinks + 1, ... (ctxmem.retrieval)."""
+        cfg = self.config
+        stores = state.stores
+        choices = [(s.choose() if fed[r] else s.chosen) if s is not None else () for r, s in enumerate(stores)]
+        if all(s is None or c == s.chosen for s, c in zip(stores, choices)):
+            return
+        in_place = state.in_place()
+        stream = self._stream_positions(state.mask, state.seen, state.pinned)
+        sink_part = in_place & (stream < cfg.sinks)
+        idx_s, kept_s = packed_slots(sink_part)
+        idx_r, kept_r = packed_slots(in_place & ~sink_part)
+        got = [s.gather(c) if s is not None else None for s, c in zip(stores, choices)]
+        Z = max((len(g[0]) for g in got if g is not None), default=0)
+        some = next(s for s in stores if s is not None)
+        L, Hkv, D = some.k.shape[1:]
+        zk = np.zeros((state.batch, Z, L, Hkv, D), some.k.dtype)
+        zv = np.zeros_like(zk)
+        zpos = np.zeros((state.batch, Z), np.int64)
+        zpin = np.full((state.batch, Z), -1, np.int64)
+        ztok = np.zeros((state.batch, Z), np.int64)
+        for r, g in enumerate(got):
+            if g is None or not len(g[0]):
+                continue
+            t, k, v, tok = g
+            n = len(t)
+            zk[r, Z - n:], zv[r, Z - n:], zpin[r, Z - n:], ztok[r, Z - n:] = k, v, t, tok
+            zpos[r, Z - n:] = cfg.sinks + np.arange(n)
+        idx = np.concatenate((idx_s, np.zeros((state.batch, Z), np.int64), idx_r), axis=1)
+        state.past = self.backend.ops.splice(state.past, idx, idx_s.shape[1], zk, zv, zpos)
+        state.mask = np.concatenate((kept_s, zpin >= 0, kept_r), axis=1)
+        state.tokens = np.concatenate((np.take_along_axis(state.tokens, idx_s, axis=1), ztok,
+                                       np.take_along_axis(state.tokens, idx_r, axis=1)), axis=1)
+        state.pinned = np.concatenate((np.full(idx_s.shape, -1), zpin, np.full(idx_r.shape, -1)), axis=1)
+        for s, c in zip(stores, choices):
+            if s is not None:
+                s.chosen = c
+
+    def _store_evicted(self, state: MemoryState, gone: np.ndarray) -> None:
+        """gone (B, S): slots evicted now (still in the cache) -> each row's store, position-free."""
+        idx, kept = packed_slots(gone)
+        if not kept.any():
+            return
+        stream = np.take_along_axis(self._stream_positions(state.mask, state.seen, state.pinned), idx, axis=1)
+        tokens = np.take_along_axis(state.tokens, idx, axis=1)
+        k, v = self.backend.ops.export(state.past, idx, stream)  # (B, K, L, Hkv, D)
+        for r in np.flatnonzero(kept.any(axis=1)):
+            if state.stores[r] is None:
+                state.stores[r] = StreamStore(self.retrieval, *k.shape[2:], k.dtype)
+            state.stores[r].add(stream[r][kept[r]], k[r][kept[r]], v[r][kept[r]], tokens[r][kept[r]])
 
     def prefix_for(self, tokens: Sequence[int] | np.ndarray) -> list[int]:
         """What feed() puts before a stream that starts with ``tokens``: the model's stream prefix,
@@ -318,6 +484,9 @@ class ContextMemory:
         Exact while those tokens are still in the cache; the caller checks that they are."""
         if state.batch != 1:
             raise ValueError("rewind works on one sequence at a time")
+        if state.stores is not None and state.stores[0] is not None:
+            raise ValueError("cannot rewind a retrieve stream past its window: its store and scores moved with "
+                             "those tokens; rebuild it from the history instead")
         mask = state.mask.copy()
         valid = np.flatnonzero(mask[0])
         if n > len(valid):
@@ -330,7 +499,10 @@ class ContextMemory:
         """The sub-batch of ``rows`` (e.g. the sequences still running)."""
         r = np.asarray(rows, dtype=np.int64)
         past = self.backend.ops.select(state.past, r) if state.past is not None else None
-        return MemoryState(past, state.mask[r], state.tokens[r], state.evicted[r], state.seen[r])
+        stores = None if state.stores is None else [None if state.stores[i] is None else state.stores[i].copy()
+                                                    for i in r]
+        return MemoryState(past, state.mask[r], state.tokens[r], state.evicted[r], state.seen[r],
+                           None if state.pinned is None else state.pinned[r], stores)
 
     def merge(self, states: Sequence[MemoryState]) -> MemoryState:
         """One batch from several (continuous batching): shorter caches are left-padded with masked slots."""
@@ -339,9 +511,14 @@ class ContextMemory:
             raise ValueError("merge needs states that have been fed (prefill each sequence first)")
         width = max(s.slots for s in states)
         padded = [self._pad_to(s, width) for s in states]
+        pinned = np.concatenate([s.pins() for s in padded]) if any(s.pinned is not None for s in padded) else None
+        stores = None
+        if any(s.stores is not None for s in padded):
+            stores = [x for s in padded for x in (s.stores if s.stores is not None else [None] * s.batch)]
         return MemoryState(self.backend.ops.concat([s.past for s in padded]),
                            np.concatenate([s.mask for s in padded]), np.concatenate([s.tokens for s in padded]),
-                           np.concatenate([s.evicted for s in padded]), np.concatenate([s.seen for s in padded]))
+                           np.concatenate([s.evicted for s in padded]), np.concatenate([s.seen for s in padded]),
+                           pinned, stores)
 
     def compact(self, state: MemoryState) -> MemoryState:
         """Drop slots that no row uses any more (padding left by finished rows or eviction)."""
@@ -354,29 +531,47 @@ class ContextMemory:
         return self._take(state, idx, np.take_along_axis(state.mask, idx, axis=1))
 
     # ---- internals --------------------------------------------------------------------------
-    def _stream_positions(self, mask: np.ndarray, seen: np.ndarray) -> np.ndarray:
-        """mask (B, S), seen (B,) -> (B, S) each slot's index in its stream (sink), or its rank in
-        the cache (recompute, full: a recompute restarts positions at 0)."""
-        rank = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        if self.config.policy != "sink":
+    def _stream_positions(self, mask: np.ndarray, seen: np.ndarray, pinned: np.ndarray | None = None) -> np.ndarray:
+        """mask (B, S), seen (B,) -> (B, S) each slot's index in its stream (sink, retrieve: a slot
+        put back from a store has its own, ``pinned``), or its rank in the cache (recompute, full: a
+        recompute restarts positions at 0)."""
+        in_place = mask if pinned is None else mask & (pinned < 0)
+        rank = np.maximum(np.cumsum(in_place, axis=1) - 1, 0)
+        if self.config.policy not in ("sink", "retrieve"):
             return rank
-        dropped = (seen - mask.sum(axis=1))[:, None]  # tokens evicted from the middle so far
-        return np.where(rank < self.config.sinks, rank, rank + dropped)
+        dropped = (seen - in_place.sum(axis=1))[:, None]  # tokens evicted from the middle so far
+        stream = np.where(rank < self.config.sinks, rank, rank + dropped)
+        return stream if pinned is None else np.where(pinned >= 0, pinned, stream)
 
-    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True) -> np.ndarray:
+    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True,
+                 queries: bool = False):
+        """One backend call on new columns ids/valid (B, T). Returns the logits, or with ``queries``
+        (retrieve) the logits and the retrieval layer's queries of the new tokens (B, H, T, D)."""
         cfg = self.config
         mask = np.concatenate((state.mask, valid), axis=1)
         seen = state.seen + valid.sum(axis=1)
-        stream = self._stream_positions(mask, seen)
-        if cfg.policy == "sink":
-            layout = build_layout(stream, mask, ids.shape[1], cfg.sinks, cfg.window)
+        pinned = None if state.pinned is None else np.concatenate(
+            (state.pinned, np.full(valid.shape, -1, np.int64)), axis=1)
+        stream = self._stream_positions(mask, seen, pinned)
+        if cfg.policy in ("sink", "retrieve"):
+            ranks = None
+            if pinned is not None and (pinned >= 0).any():  # put-back slots sit at sinks, sinks + 1, ...
+                pin = pinned >= 0
+                ranks = np.where(pin, cfg.sinks + np.cumsum(pin, axis=1) - 1, -1)
+            layout = build_layout(stream, mask, ids.shape[1], cfg.sinks, cfg.window, pinned=ranks)
         else:
             layout = build_layout(stream, mask, ids.shape[1])
-        logits, state.past = self.backend.forward(ids, layout, state.past, last_only=last_only)
+        q = None
+        if queries:
+            logits, state.past, q = self.backend.forward_with_queries(ids, layout, state.past, last_only,
+                                                                       self.retrieval.layer)
+        else:
+            logits, state.past = self.backend.forward(ids, layout, state.past, last_only=last_only)
         state.mask = mask
+        state.pinned = pinned
         state.tokens = np.concatenate((state.tokens, ids), axis=1)
         state.seen = seen
-        return logits
+        return (logits, q) if queries else logits
 
     def _evict(self, state: MemoryState, recent: int) -> None:
         """sink: keep each row's first `sinks` tokens and its `recent` most recent, by masking.
@@ -387,22 +582,26 @@ class ContextMemory:
         cfg = self.config
         if state.past is None:
             return
-        lengths = state.lengths()
+        in_place = state.in_place()
+        lengths = in_place.sum(axis=1)
         if lengths.max() <= cfg.sinks + recent:
             return
-        mask = first_and_last_mask(state.mask, cfg.sinks, recent)
-        state.evicted = state.evicted + lengths - mask.sum(axis=1)
-        state.mask = mask
+        keep = first_and_last_mask(in_place, cfg.sinks, recent)
+        if self.retrieval is not None:  # retrieve: what leaves goes to the stores first
+            self._store_evicted(state, in_place & ~keep)
+        state.evicted = state.evicted + lengths - keep.sum(axis=1)
+        state.mask = keep | (state.mask & ~in_place)  # put-back slots stay
         if state.slots > cfg.capacity + self.slack:
-            compacted = self._take(state, *packed_slots(mask))
-            state.past, state.mask, state.tokens = compacted.past, compacted.mask, compacted.tokens
+            compacted = self._take(state, *packed_slots(state.mask))
+            state.past, state.mask, state.tokens, state.pinned = (compacted.past, compacted.mask, compacted.tokens,
+                                                                  compacted.pinned)
 
     def _make_room(self, state: MemoryState, incoming: np.ndarray) -> None:
         """Before feeding ``incoming`` (B, T) valid columns."""
         cfg = self.config
         if state.past is None:
             return
-        if cfg.policy == "sink":
+        if cfg.policy in ("sink", "retrieve"):
             # the first new token reads the sinks and the window - 1 tokens before it; the band in
             # the layout hides from later new tokens what falls out of their own windows
             self._evict(state, cfg.window - 1)
@@ -461,8 +660,10 @@ class ContextMemory:
         return np.concatenate(outs, axis=0)
 
     def _take(self, state: MemoryState, idx: np.ndarray, kept: np.ndarray) -> MemoryState:
+        pinned = None if state.pinned is None else np.where(kept, np.take_along_axis(state.pinned, idx, axis=1), -1)
         return MemoryState(self.backend.ops.take(state.past, idx), kept,
-                           np.take_along_axis(state.tokens, idx, axis=1), state.evicted.copy(), state.seen.copy())
+                           np.take_along_axis(state.tokens, idx, axis=1), state.evicted.copy(), state.seen.copy(),
+                           pinned, state.stores)
 
     def _pad_to(self, state: MemoryState, width: int) -> MemoryState:
         extra = width - state.slots
@@ -492,3 +693,20 @@ class NumpyCacheOps:
     def concat(self, pasts):
         return [(np.concatenate([p[i][0] for p in pasts]), np.concatenate([p[i][1] for p in pasts]))
                 for i in range(len(pasts[0]))]
+
+    def export(self, past, idx, stream):
+        # keys are stored before rotation here, so `stream` is not needed: (B, K, L, Hkv, D)
+        taken = self.take(past, idx)
+        return (np.stack([k for k, _ in taken], axis=1).transpose(0, 3, 1, 2, 4),
+                np.stack([v for _, v in taken], axis=1).transpose(0, 3, 1, 2, 4))
+
+    def splice(self, past, idx, start, k, v, positions):
+        taken = self.take(past, idx)
+        Z = k.shape[1]
+        out = []
+        for i, (lk, lv) in enumerate(taken):
+            lk, lv = np.array(lk), np.array(lv)  # a copy of its own: take may return views of past
+            lk[:, :, start:start + Z] = k[:, :, i].transpose(0, 2, 1, 3)  # (B, Z, Hkv, D) -> (B, Hkv, Z, D)
+            lv[:, :, start:start + Z] = v[:, :, i].transpose(0, 2, 1, 3)
+            out.append((lk, lv))
+        return out
