@@ -14,6 +14,10 @@ scored, per policy:
                    of ``piece`` tokens (default: the window), logits for every token of a piece from
                    one forward. The memory makes the result independent of the piecing.
 * window-only    - ``sink`` with 0 sinks.
+* ``retrieve``   - ``sink`` plus evicted blocks put back (ctxmem.retrieval), ``budget`` tokens at most;
+                   fed like ``sink`` (the memory goes token by token past the window, as its meaning
+                   asks). Measured when the backend gives its queries and sinks + window + budget fit
+                   the model's context; ``budget=0`` leaves it out.
 * ``recompute`` chunk=window/4 - fed as its token-by-token run would compute: the first ``window``
                    tokens, then pieces of ``chunk`` (each piece follows exactly one re-prefill).
 * ``recompute`` chunk=1 - StreamingLLM's quality reference (sliding window with re-computation):
@@ -37,8 +41,9 @@ when the greedy continuation reproduces the value exactly: every answer token is
 the correct tokens before it (teacher forcing, one forward - the same as greedy decoding except for
 exact ties). A stream that starts with BOS (a document-trained model's) starts every trial with BOS
 too. Policies: ``full`` (the question with as much of the trial as fits the context),
-``sink``, window-only and recompute chunk=1. Records
-``{"policy", "sinks", "window", "distance", "accuracy", "n"}``.
+``sink``, window-only, ``retrieve`` and recompute chunk=1. Records
+``{"policy", "sinks", "window", "distance", "accuracy", "n"}`` (``retrieve`` adds ``"budget"``, in the
+perplexity records too).
 
 Shapes: B rows, T tokens, V vocabulary. Everything here is numpy over a Backend; no torch.
 """
@@ -80,41 +85,55 @@ class PolicyRun:
     sinks: int
     window: int
     chunk: int | None = None
+    budget: int | None = None  # retrieve: tokens put back at most
 
     @property
     def label(self) -> str:
-        return run_label(self.policy, self.sinks, self.window, self.chunk)
+        return run_label(self.policy, self.sinks, self.window, self.chunk, self.budget)
 
     def memory_config(self) -> MemoryConfig:
         if self.policy == "full":
             return MemoryConfig("full")
+        if self.policy == "retrieve":
+            return MemoryConfig("retrieve", window=self.window, sinks=self.sinks, budget=self.budget)
         return MemoryConfig(self.policy, window=self.window, sinks=self.sinks, chunk=self.chunk or 1)
 
+    def fields(self) -> dict[str, Any]:
+        """What identifies the run in a record."""
+        out = {"policy": self.policy, "sinks": self.sinks, "window": self.window}
+        return {**out, "budget": self.budget} if self.policy == "retrieve" else out
 
-def run_label(policy: str, sinks: int, window: int, chunk: int | None = None) -> str:
+
+def run_label(policy: str, sinks: int, window: int, chunk: int | None = None, budget: int | None = None) -> str:
     if policy == "full":
         return f"full (context {window})"
     if policy == "sink":
         return f"sink ({sinks} sinks)" if sinks else "window-only"
+    if policy == "retrieve":
+        return f"retrieve ({sinks} sinks, {budget} back)"
     return f"recompute (chunk={chunk})" if chunk is not None else "recompute"
 
 
-def streaming_runs(context: int, window: int, sinks: int, rope: bool = True) -> list[PolicyRun]:
-    """full, sink (S sinks), window-only, recompute chunk=1 and chunk=window/4 (one when equal).
-    Without rotary positions the sink policy cannot run (it re-assigns positions): left out."""
-    runs = recall_runs(context, window, sinks, rope)
+def streaming_runs(context: int, window: int, sinks: int, rope: bool = True, budget: int = 0) -> list[PolicyRun]:
+    """full, sink (S sinks), window-only, retrieve (budget > 0), recompute chunk=1 and chunk=window/4
+    (one when equal). Without rotary positions sink and retrieve cannot run (they re-assign
+    positions): left out."""
+    runs = recall_runs(context, window, sinks, rope, budget)
     if window // 4 > 1:
         runs.append(PolicyRun("recompute", 0, window, window // 4))
     return runs
 
 
-def recall_runs(context: int, window: int, sinks: int, rope: bool = True) -> list[PolicyRun]:
-    """full, sink, window-only and the recompute chunk=1 reference (recall records carry no chunk)."""
+def recall_runs(context: int, window: int, sinks: int, rope: bool = True, budget: int = 0) -> list[PolicyRun]:
+    """full, sink, window-only, retrieve (budget > 0) and the recompute chunk=1 reference (recall
+    records carry no chunk)."""
     runs = [PolicyRun("full", 0, context)]
     if rope:
         runs.append(PolicyRun("sink", sinks, window))
         if sinks:
             runs.append(PolicyRun("sink", 0, window))
+        if budget:
+            runs.append(PolicyRun("retrieve", sinks, window, budget=budget))
     runs.append(PolicyRun("recompute", 0, window, 1))
     return runs
 
@@ -162,12 +181,19 @@ class MemoryEvalResult:
                 return r
         return None
 
+    def retrieve_vs_sink(self) -> float | None:
+        """Perplexity beyond 10x the window under retrieve / under sink with the same sinks."""
+        ours = next((r for r in self.streaming if r["policy"] == "retrieve" and self.is_beyond(r)), None)
+        sink = ours and self.beyond("sink", ours["sinks"])
+        return ours["ppl"] / sink["ppl"] if ours and sink else None
+
     def curves(self) -> dict[str, list[dict[str, Any]]]:
         """Per run label, its per-bucket records in stream order (the beyond-10x records left out)."""
         out: dict[str, list[dict[str, Any]]] = {}
         for r in self.streaming:
             if not self.is_beyond(r):
-                out.setdefault(run_label(r["policy"], r["sinks"], r["window"], r["chunk"]), []).append(r)
+                out.setdefault(run_label(r["policy"], r["sinks"], r["window"], r["chunk"], r.get("budget")),
+                               []).append(r)
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -194,6 +220,8 @@ class MemoryEvalResult:
             lines.append(f"{label:<24} {r0['sinks']:>5} {r0['window']:>6} {_cell(r0['chunk']):>5} "
                          f"{records[0]['ppl']:>9.4f} {records[-1]['ppl']:>9.4f} {_cell(beyond and beyond['ppl']):>9} "
                          f"{_cell(ratio):>14}")
+        if self.retrieve_vs_sink() is not None:
+            lines.append(f"retrieve / sink beyond 10x the window: {self.retrieve_vs_sink():.4f}")
         if self.recall:
             distances = sorted({r["distance"] for r in self.recall})
             n = max(r["n"] for r in self.recall)
@@ -204,7 +232,7 @@ class MemoryEvalResult:
             rows: dict[str, dict[int, float]] = {}
             first: dict[str, dict[str, Any]] = {}
             for r in self.recall:
-                label = run_label(r["policy"], r["sinks"], r["window"])
+                label = run_label(r["policy"], r["sinks"], r["window"], budget=r.get("budget"))
                 rows.setdefault(label, {})[r["distance"]] = r["accuracy"]
                 first.setdefault(label, r)
             for label, by_d in rows.items():
@@ -230,6 +258,8 @@ def _metric_name(r: dict[str, Any]) -> str:
         return f"sink{r['sinks']}" if r["sinks"] else "window_only"
     if r["policy"] == "recompute" and r.get("chunk") is not None:
         return f"recompute_chunk{r['chunk']}"
+    if r["policy"] == "retrieve":
+        return f"retrieve{r['sinks']}_b{r['budget']}"
     return r["policy"]
 
 
@@ -276,7 +306,8 @@ def plot_recall(result: MemoryEvalResult, path: str | Path) -> Path:
     ax = fig.add_subplot()
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in result.recall:
-        lines.setdefault(run_label(r["policy"], r["sinks"], r["window"]), []).append((r["distance"], r["accuracy"]))
+        label = run_label(r["policy"], r["sinks"], r["window"], budget=r.get("budget"))
+        lines.setdefault(label, []).append((r["distance"], r["accuracy"]))
     for label, points in lines.items():
         points.sort()
         ax.plot([d for d, _ in points], [a for _, a in points], marker="o", label=label)
@@ -298,14 +329,16 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
                     window: int | None = None, sinks: int = 4, length: int | None = None,
                     distances: Sequence[int] | None = None, trials: int = 32, seed: int = 0,
                     piece: int | None = None, reference_tokens: int | None = 1024,
-                    batch: int = 16, recall: bool = True) -> MemoryEvalResult:
+                    batch: int = 16, recall: bool = True, budget: int = 32) -> MemoryEvalResult:
     """Streaming perplexity and recall by distance of `backend` on `tokens` (the evaluation text,
     tokenised with `tokenizer`). window: recent tokens kept (default half the model's context);
     length: stream tokens (default 20x the window); distances: recall distances (default spread
-    inside and beyond the window); trials: facts per distance and policy."""
+    inside and beyond the window); trials: facts per distance and policy; budget: the retrieve
+    policy's tokens put back (0: retrieve not measured)."""
     context = stream_context(backend)
     window = backend.max_seq_len // 2 if window is None else window
     _check_window(backend, window, sinks)
+    budget = retrieve_budget(backend, window, sinks, budget)
     length = STREAM_WINDOWS * window if length is None else length
     if length <= window + 1:
         raise MemoryEvalError(f"length ({length}) must exceed the window ({window}) + 1: nothing past the window "
@@ -328,13 +361,14 @@ def evaluate_memory(backend, tokens: Sequence[int] | np.ndarray, tokenizer, *, t
     if not backend.uses_rope:
         log.warning("the model has learned absolute positions: the sink policy cannot run, measuring full and "
                     "recompute only")
-    for run in streaming_runs(context, window, sinks, backend.uses_rope):
+    for run in streaming_runs(context, window, sinks, backend.uses_rope, budget):
         log.info("streaming perplexity: %s over %d tokens", run.label, length)
         nll = streaming_nll(backend, stream, run, piece=piece, reference_tokens=reference_tokens, batch=batch)
         result.streaming.extend(perplexity_records(nll, run, window))
     if recall:
         result.recall = recall_by_distance(backend, tokens, tokenizer, window=window, sinks=sinks,
-                                           distances=distances, trials=trials, seed=seed, piece=piece, batch=batch)
+                                           distances=distances, trials=trials, seed=seed, piece=piece, batch=batch,
+                                           budget=budget)
     return result
 
 
@@ -343,6 +377,24 @@ def stream_context(backend) -> int:
     (ModelConfig.stream_prefix: sink token, BOS), which ContextMemory puts first in every stream (a
     stream that brings its own BOS gets only the sink token added: then one token of room is spare)."""
     return backend.max_seq_len - len(stream_prefix(backend))
+
+
+def retrieve_budget(backend, window: int, sinks: int, budget: int) -> int:
+    """The retrieve policy's budget to measure, or 0 (left out, with the reason logged) where it cannot
+    run: a backend that does not give its queries (an export made before the policy), learned
+    positions, or sinks + window + budget past the model's context."""
+    if budget <= 0:
+        return 0
+    if not backend.uses_rope or not getattr(backend, "gives_queries", False):
+        log.warning("the retrieve policy is not measured: %s", "the model has learned absolute positions"
+                    if not backend.uses_rope else "this backend does not give its queries (re-export the model)")
+        return 0
+    try:
+        MemoryConfig("retrieve", window=window, sinks=sinks, budget=budget).resolve(backend.max_seq_len)
+    except MemoryConfigError as err:
+        log.warning("the retrieve policy is not measured: %s", err)
+        return 0
+    return budget
 
 
 def _check_window(backend, window: int, sinks: int) -> None:
@@ -380,7 +432,7 @@ def streaming_nll(backend, stream: np.ndarray, run: PolicyRun, *, piece: int, re
         logits = sliding_window_logits(backend, inputs, cols, run.window, batch)
         values = token_nll(logits, targets[cols])
     else:
-        if run.policy == "sink":
+        if run.policy in ("sink", "retrieve"):
             pieces = [piece]
         else:  # recompute: its token-by-token run fills the window, then re-prefills every `chunk` tokens
             pieces = [run.window, run.chunk]
@@ -487,7 +539,7 @@ def perplexity_records(nll: np.ndarray, run: PolicyRun, window: int) -> list[dic
         values = values[~np.isnan(values)]
         if len(values) == 0:
             continue
-        records.append({"policy": run.policy, "sinks": run.sinks, "window": run.window, "chunk": run.chunk,
+        records.append({**run.fields(), "chunk": run.chunk,
                         "start": int(start), "end": int(end), "ppl": float(math.exp(min(values.mean(), 50.0)))})
     return records
 
@@ -566,7 +618,7 @@ class RecallBuilder:
 
 def recall_by_distance(backend, tokens: np.ndarray, tokenizer, *, window: int, sinks: int,
                        distances: Sequence[int] | None = None, trials: int = 32, seed: int = 0,
-                       piece: int | None = None, batch: int = 16) -> list[dict[str, Any]]:
+                       piece: int | None = None, batch: int = 16, budget: int = 0) -> list[dict[str, Any]]:
     """Accuracy per (policy, distance): the share of `trials` facts whose value the model answers
     exactly, greedy, when asked `distance` tokens after the value (see the module docstring)."""
     if trials < 1:
@@ -589,10 +641,11 @@ def recall_by_distance(backend, tokens: np.ndarray, tokenizer, *, window: int, s
     records = []
     for d in distances:
         trial = builder.build(d)
-        for run in recall_runs(stream_context(backend), window, sinks, backend.uses_rope):
+        for run in recall_runs(stream_context(backend), window, sinks, backend.uses_rope,
+                               retrieve_budget(backend, window, sinks, budget)):
             log.info("recall: %s at distance %d (%d trials)", run.label, d, trials)
             correct = answer_correct(backend, trial, run, piece=piece or window, batch=batch)
-            records.append({"policy": run.policy, "sinks": run.sinks, "window": run.window, "distance": d,
+            records.append({**run.fields(), "distance": d,
                             "accuracy": float(correct.mean()), "n": int(len(correct))})
     return records
 

@@ -31,6 +31,8 @@ def add_memory_eval(parser: argparse.ArgumentParser) -> None:
     memory.add_argument("--window", type=int, default=None,
                         help="recent tokens every policy keeps (default: half the model's context)")
     memory.add_argument("--sinks", type=int, default=4, help="attention sinks of the sink policy (default 4)")
+    memory.add_argument("--budget", type=int, default=32,
+                        help="evicted tokens the retrieve policy puts back (default 32; 0 leaves retrieve out)")
     memory.add_argument("--length", type=int, default=None, help="stream tokens (default: 20x the window)")
     memory.add_argument("--distances", type=int, nargs="+", default=None, metavar="D",
                         help="recall distances in tokens (default: spread inside and beyond the window)")
@@ -67,7 +69,7 @@ def cmd_eval_memory(args: argparse.Namespace) -> int:
     tokens, sha, source = load_eval_tokens(args.text or args.data, tokenizer)
     result = evaluate_memory(backend, tokens, tokenizer, text_hash=sha, window=args.window, sinks=args.sinks,
                              length=args.length, distances=args.distances, trials=args.trials, seed=args.seed,
-                             reference_tokens=args.reference_tokens)
+                             reference_tokens=args.reference_tokens, budget=args.budget)
     paths = result.save(args.out) if args.out else {}
     print(result.to_json() if args.json else result.table())
     for name, path in paths.items():
@@ -76,7 +78,7 @@ def cmd_eval_memory(args: argparse.Namespace) -> int:
     if uri:
         params = {"model": args.model, "backend": kind, "source": source, "text_sha256": sha,
                   "window": result.window, "sinks": args.sinks, "length": result.length, "trials": args.trials,
-                  "seed": args.seed, "reference_tokens": args.reference_tokens}
+                  "seed": args.seed, "reference_tokens": args.reference_tokens, "budget": args.budget}
         run_id = log_memory_eval(result, uri, args.experiment, params, paths)
         log.info("logged the memory evaluation to %s (run %s)", uri, run_id)
     return 0

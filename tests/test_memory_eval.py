@@ -53,11 +53,11 @@ def test_json_schema_is_exact(result, text):
     assert set(saved) == {"text_sha256", "streaming", "recall"}
     assert saved["text_sha256"] == text_sha256(text)
     assert saved["streaming"] and saved["recall"]
-    for record in saved["streaming"]:
-        assert set(record) == STREAM_KEYS
+    for record in saved["streaming"]:  # retrieve records also name their budget
+        assert set(record) == STREAM_KEYS | ({"budget"} if record["policy"] == "retrieve" else set())
         assert 0 < record["ppl"] < float("inf")
     for record in saved["recall"]:
-        assert set(record) == RECALL_KEYS
+        assert set(record) == RECALL_KEYS | ({"budget"} if record["policy"] == "retrieve" else set())
         assert 0.0 <= record["accuracy"] <= 1.0
     assert MemoryEvalResult.from_json(result.to_json()).to_dict() == saved
 
@@ -66,8 +66,8 @@ def test_every_policy_covers_the_stream_in_window_buckets(result):
     length = 20 * WINDOW  # the default stream: 20x the window
     assert result.length == length and result.window == WINDOW
     runs = {(r["policy"], r["sinks"], r["chunk"]) for r in result.streaming}
-    assert runs == {("full", 0, None), ("sink", SINKS, None), ("sink", 0, None), ("recompute", 0, 1),
-                    ("recompute", 0, WINDOW // 4)}
+    assert runs == {("full", 0, None), ("sink", SINKS, None), ("sink", 0, None), ("retrieve", SINKS, None),
+                    ("recompute", 0, 1), ("recompute", 0, WINDOW // 4)}
     for (policy, sinks, chunk) in runs:
         records = [r for r in result.streaming if (r["policy"], r["sinks"], r["chunk"]) == (policy, sinks, chunk)]
         buckets = [r for r in records if not result.is_beyond(r)]
@@ -85,8 +85,8 @@ def test_every_policy_covers_the_stream_in_window_buckets(result):
 
 def test_recall_records_cover_the_asked_distances(result):
     cells = {(r["policy"], r["sinks"], r["distance"]): r["n"] for r in result.recall}
-    assert cells == {(p, s, d): 3 for (p, s) in (("full", 0), ("sink", SINKS), ("sink", 0), ("recompute", 0))
-                     for d in (48, 80)}
+    assert cells == {(p, s, d): 3 for (p, s) in (("full", 0), ("sink", SINKS), ("sink", 0), ("retrieve", SINKS),
+                                                  ("recompute", 0)) for d in (48, 80)}
 
 
 def test_too_short_text_says_how_long_it_must_be(backend):
