@@ -3,7 +3,8 @@
 One graph serves prefill and decode. Shapes: B batch, T new tokens, P past (cached) slots,
 M slots in all (= P + T), Hkv key/value heads, D head_dim, V vocab, L layers.
 
-Version 3 (the fused graph, export/graph_builder.py) - keys cached *after* rotation:
+Version 4 (the fused graph, export/graph_builder.py) - keys cached *after* rotation, and each layer's
+queries of the new tokens given out (the ``retrieve`` memory policy scores its store with one layer's):
 
     inputs   input_ids        int64    (B, T)         the new tokens
              positions        int64    (B, T)         rotation positions of the new tokens in their row's
@@ -17,15 +18,22 @@ Version 3 (the fused graph, export/graph_builder.py) - keys cached *after* rotat
     outputs  logits           float32  (B, T, V)
              present_key_<i>  float    (B, Hkv, P+T, D)  the cache to feed back next step
              present_value_<i>
+             query_<i>        float    (B, T, H*D)    layer i's queries of the new tokens before rotation
+                                                      (the q projection, head h at h*D .. h*D + D - 1)
+
+The query outputs are values the graph computes anyway (the q part of the projection): a caller
+that does not fetch them (every policy but ``retrieve``) pays for nothing but their buffers.
+Version 3 is version 4 without the query outputs: it runs every policy but ``retrieve``.
 
 A row's frame is its stream index minus an offset that the runtime keeps per row (export/runtime.py):
 an ordinary key stays at its rotation for good, because only distances between ordinary keys and
-queries matter (ctxmem/layout.py); sink keys sit at their own stream index and are scored with the
-query rotated a second time (sink_positions). The offset moves (the cached keys re-rotated once)
+queries matter (ctxmem/layout.py); sink keys sit at their own stream index, the ``retrieve``
+policy's put-back keys at their compacted positions (both flagged in sink_keys), and are scored
+with the query rotated a second time (sink_positions). The offset moves (the cached keys re-rotated once)
 only when a row's positions would leave ROTATION_SPAN, so a key is rotated once per window at most.
 
 Version 2 (the traced graph, torch.onnx.export) caches keys *before* rotation and takes
-key_positions (B, M) int64: every cached key is rotated again at every step. The runtime runs both.
+key_positions (B, M) int64: every cached key is rotated again at every step. The runtime runs all three.
 
 The attention layout (which slot each token reads, at which rotary positions) is computed by
 ctxmem.layout for every policy, so the graph never learns the policy and the sink window has one
@@ -42,18 +50,20 @@ import numpy as np
 
 INPUT_IDS, POSITIONS, LOGITS = "input_ids", "positions", "logits"
 KEY_POSITIONS, ALLOWED, SINK_POSITIONS, SINK_KEYS = "key_positions", "allowed", "sink_positions", "sink_keys"
-# 3: keys cached after rotation, in a per-row frame (the fused graph); 2: keys cached before rotation,
-# explicit layout with key_positions (the traced graph); 1 derived positions from a (B, M) mask
-CONTRACT_VERSION = 3
+# 4: v3 plus each layer's queries as outputs (the fused graph; the retrieve policy needs them);
+# 3: keys cached after rotation, in a per-row frame; 2: keys cached before rotation, explicit layout
+# with key_positions (the traced graph); 1 derived positions from a (B, M) mask
+CONTRACT_VERSION = 4
 TRACED_CONTRACT_VERSION = 2
-VERSIONS = (2, 3)
+QUERIES_SINCE = 4  # the first version whose graph gives the query outputs
+VERSIONS = (2, 3, 4)
 REEXPORT = "re-export it with `ctxmem export --model CHECKPOINT --out DIR`"
 # Names of the dynamic dimensions as they appear in the ONNX graph.
 BATCH, NEW_TOKENS, PAST_LEN, MASK_LEN = "batch", "new_tokens", "past_len", "mask_len"
 _PER_LAYER = "per layer (key, value), each (batch, kv_heads, slots, head_dim); "
-CACHE_LAYOUT = {2: _PER_LAYER + "keys stored before rotary embedding",
-                3: _PER_LAYER + "keys stored after rotary embedding, "
-                   "at their stream index minus the row's frame offset (sink keys at their stream index)"}
+_ROTATED = (_PER_LAYER + "keys stored after rotary embedding, "
+            "at their stream index minus the row's frame offset (sink keys at their stream index)")
+CACHE_LAYOUT = {2: _PER_LAYER + "keys stored before rotary embedding", 3: _ROTATED, 4: _ROTATED}
 # Sizes of the example the graph is traced with: distinct, and past >= 2, so that torch.export
 # neither specialises a dynamic dimension to 0/1 nor merges two of them by coincidence.
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 3, 5, 7
@@ -74,6 +84,10 @@ def present_names(n_layers: int) -> list[str]:
     return [f"present_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
 
 
+def query_names(n_layers: int) -> list[str]:
+    return [f"query_{i}" for i in range(n_layers)]
+
+
 @dataclass(frozen=True)
 class TensorDecl:
     name: str
@@ -92,6 +106,7 @@ class ExportContract:
     vocab_size: int
     cache_dtype: str = "float32"
     version: int = CONTRACT_VERSION
+    n_heads: int | None = None  # query heads: the query outputs' width (v4; older contracts need not say)
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in CACHE_DTYPES:
@@ -99,16 +114,23 @@ class ExportContract:
         if self.version not in VERSIONS:
             raise ValueError(f"export contract version {self.version} is not run by this ctxmem (it runs "
                              f"{', '.join(map(str, VERSIONS))}); {REEXPORT}")
+        if self.gives_queries and not self.n_heads:
+            raise ValueError(f"export contract version {self.version} gives query outputs and needs n_heads")
 
     @classmethod
     def for_model(cls, cfg, cache_dtype: str = "float32", version: int = CONTRACT_VERSION) -> "ExportContract":
         """From a ctxmem ModelConfig."""
-        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size, cache_dtype, version)
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size, cache_dtype, version, cfg.n_heads)
 
     @property
     def keys_rotated(self) -> bool:
-        """True when the cache holds keys after rotation (v3)."""
+        """True when the cache holds keys after rotation (v3, v4)."""
         return self.version >= 3
+
+    @property
+    def gives_queries(self) -> bool:
+        """True when the graph gives each layer's queries before rotation (v4: query_<i>)."""
+        return self.version >= QUERIES_SINCE
 
     # ---- the declaration -----------------------------------------------------------------
     def inputs(self) -> list[TensorDecl]:
@@ -124,8 +146,10 @@ class ExportContract:
 
     def outputs(self) -> list[TensorDecl]:
         cache = (BATCH, self.n_kv_heads, f"{PAST_LEN} + {NEW_TOKENS}", self.head_dim)
+        queries = [TensorDecl(n, self.cache_dtype, (BATCH, NEW_TOKENS, self.n_heads * self.head_dim))
+                   for n in query_names(self.n_layers)] if self.gives_queries else []
         return [TensorDecl(LOGITS, "float32", (BATCH, NEW_TOKENS, self.vocab_size)),
-                *(TensorDecl(n, self.cache_dtype, cache) for n in present_names(self.n_layers))]
+                *(TensorDecl(n, self.cache_dtype, cache) for n in present_names(self.n_layers)), *queries]
 
     @property
     def input_names(self) -> list[str]:
@@ -134,6 +158,11 @@ class ExportContract:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs()]
+
+    @property
+    def cache_output_names(self) -> list[str]:
+        """logits and the present cache: what a call fetches unless it asks for queries too."""
+        return [LOGITS, *present_names(self.n_layers)]
 
     def output_shapes(self, batch: int, new: int, past: int) -> dict[str, tuple[int, ...]]:
         """The concrete shape every output must have for given sizes."""
@@ -145,12 +174,14 @@ class ExportContract:
                 "vocab_size": self.vocab_size, "cache_dtype": self.cache_dtype,
                 "cache_layout": CACHE_LAYOUT[self.version], "keys_before_rotation": not self.keys_rotated,
                 "version": self.version, "layout": "ctxmem.layout",
+                **({"n_heads": self.n_heads} if self.n_heads else {}),
                 "inputs": [t.to_dict() for t in self.inputs()], "outputs": [t.to_dict() for t in self.outputs()]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExportContract":
         return cls(int(data["n_layers"]), int(data["n_kv_heads"]), int(data["head_dim"]), int(data["vocab_size"]),
-                   str(data.get("cache_dtype", "float32")), int(data.get("version", 1)))
+                   str(data.get("cache_dtype", "float32")), int(data.get("version", 1)),
+                   int(data["n_heads"]) if data.get("n_heads") else None)
 
     # ---- what torch.onnx.export needs ------------------------------------------------------
     def dynamic_shapes(self) -> dict[str, Any]:

@@ -11,11 +11,13 @@ This graph does the same arithmetic in ~30 nodes per layer:
     RotaryEmbedding with a cos/sin table (positions and key positions index it)
     FusedMatMul (Q Kᵀ with the 1/sqrt(D) scale), Add of the layout's bias, Softmax, MatMul with V
 
-It writes contract v3 (export/contract.py): each new key is rotated once, at its position in its
+It writes contract v4 (export/contract.py): each new key is rotated once, at its position in its
 row's frame, before it is cached, so a decode step rotates T keys instead of the whole cache
 (contract v2 re-rotated every cached key at every step); the runtime keeps the frame
 (export/runtime.py) and the memory policies, serving and verification see the same layout as
-before (ctxmem.layout), so the sink window keeps its per-token meaning. Grouped-query attention never copies the cache: the H query heads are reshaped
+before (ctxmem.layout), so the sink window keeps its per-token meaning. Each layer's queries before
+rotation are outputs too (query_<i>: the q part of the projection, which both paths compute anyway),
+for the retrieve policy, which scores its store of evicted tokens with one layer's queries. Grouped-query attention never copies the cache: the H query heads are reshaped
 to (Hkv, rep * T) rows, so each key/value head is read once by the rep query heads that share it.
 
 Shapes: B batch, T new tokens, P past slots, M = P + T, H heads, Hkv kv heads, rep = H / Hkv,
@@ -93,7 +95,7 @@ def has_decode_branch(cfg) -> bool:
 
 
 def build_fused_graph(model, opset: int = 18, decode_branch: bool = True):
-    """onnx.ModelProto of ``model`` (a ctxmem Transformer, eval) under contract v3. Raises
+    """onnx.ModelProto of ``model`` (a ctxmem Transformer, eval) under contract v4. Raises
     UnsupportedModelError for a part it does not write.
 
     With ``decode_branch`` (and a model has_decode_branch accepts) the graph is one If over two
@@ -112,14 +114,14 @@ def build_fused_graph(model, opset: int = 18, decode_branch: bool = True):
     g = _Graph()
     outputs = contract.output_names
     if not (decode_branch and has_decode_branch(cfg)):
-        logits, presents = _stack(_Graph(g), cfg, sd, decode=False, into=g)
-        _rename(g.nodes, dict(zip([logits, *presents], outputs)))
+        logits, presents, queries = _stack(_Graph(g), cfg, sd, decode=False, into=g)
+        _rename(g.nodes, dict(zip([logits, *presents, *queries], outputs)))
     else:
         general, decode = _Graph(g, "general/"), _Graph(g, "decode/")
         branches = {}
         for name, branch, is_decode in (("general", general, False), ("decode", decode, True)):
-            values = _stack(branch, cfg, sd, decode=is_decode, into=branch)
-            outs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in [values[0], *values[1]]]
+            logits, presents, queries = _stack(branch, cfg, sd, decode=is_decode, into=branch)
+            outs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in [logits, *presents, *queries]]
             branches[name] = helper.make_graph(branch.nodes, name, [], outs)
         g.nodes.append(helper.make_node("If", [_decode_condition(g)], outputs, name="decode_or_general",
                                         then_branch=branches["decode"], else_branch=branches["general"]))
@@ -151,9 +153,10 @@ def _decode_condition(g: _Graph) -> str:
     return g.op("And", [g.op("And", [one_token, cached]), g.op("And", [together, nonneg])], name="decode_condition")
 
 
-def _stack(g: _Graph, cfg, sd: dict, decode: bool, into: _Graph) -> tuple[str, list[str]]:
+def _stack(g: _Graph, cfg, sd: dict, decode: bool, into: _Graph) -> tuple[str, list[str], list[str]]:
     """The model from ids to logits in ``g``: (the logits value, the present values in contract
-    order). ``decode``: each layer's attention as one GroupQueryAttention (see build_fused_graph)."""
+    order, each layer's queries before rotation (B, T, H*D)). ``decode``: each layer's attention as
+    one GroupQueryAttention (see build_fused_graph)."""
     H, Hkv, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     rep = H // Hkv
     i64 = lambda name, values: g.const(name, np.asarray(values, dtype=np.int64))  # noqa: E731
@@ -225,7 +228,7 @@ def _stack(g: _Graph, cfg, sd: dict, decode: bool, into: _Graph) -> tuple[str, l
         q = g.op("Transpose", [g.op("Reshape", [q, q_group_shape])], perm=[0, 2, 3, 1, 4])  # (B, Hkv, rep, T, D)
         return g.op("Reshape", [q, rows_shape])
 
-    presents = []
+    presents, queries = [], []
     residual, pending, pending_bias = x, None, None
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
@@ -237,8 +240,13 @@ def _stack(g: _Graph, cfg, sd: dict, decode: bool, into: _Graph) -> tuple[str, l
                                                                  seqlens, total, dcos, dsin, POSITIONS, bias],
                                         n_out=3, domain=MS, num_heads=H, kv_num_heads=Hkv, do_rotary=1,
                                         scale=scale, name=f"{p}.attn.gqa")
+            # the query output (contract v4): the q part of the packed projection, (B, 1, H*D), a
+            # copy of H*D floats per row and layer (GroupQueryAttention rotates its own copy)
+            queries.append(g.op("Slice", [qkv, i64("c.zeros1", [0]), i64("q_width", [d]), i64("c.last1", [-1])],
+                                name=f"{p}.attn.query"))
         else:
             q, k, v = g.op("Split", [qkv, i64(f"{p}.split", [d, Hkv * D, Hkv * D])], n_out=3, axis=-1)
+            queries.append(q)  # before rotation (B, T, H*D): the query output (contract v4)
             if rope:  # each new key rotated once, at its own position in the row's frame (contract v3)
                 k = g.op("RotaryEmbedding", [k, q_pos, cos, sin], domain=MS)  # (B, T, Hkv*D)
             k = g.op("Transpose", [g.op("Reshape", [k, kv_shape])], perm=[0, 2, 1, 3])  # (B, Hkv, T, D)
@@ -278,7 +286,7 @@ def _stack(g: _Graph, cfg, sd: dict, decode: bool, into: _Graph) -> tuple[str, l
     logits = g.op("MatMul", [h, g.const("lm_head.weight", np.ascontiguousarray(sd["lm_head.weight"].T))], name="lm_head")
     if into is not g:
         into.nodes.extend(g.nodes)
-    return logits, presents
+    return logits, presents, queries
 
 
 def _softmax_with_head_sink(g: _Graph, scores: str, head_sink: np.ndarray, Hkv: int, rep: int, i64, layer: int) -> str:

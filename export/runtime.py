@@ -21,8 +21,8 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from ctxmem.config import ConfigError, ModelConfig
 from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
 
-from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, POSITIONS, SINK_KEYS, SINK_POSITIONS, ExportContract,
-                       past_names, rotation_span)
+from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, POSITIONS, REEXPORT, SINK_KEYS, SINK_POSITIONS,
+                       ExportContract, past_names, query_names, rotation_span)
 from .errors import (ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError,
                      UnsafeFilePathError)
 from .providers import choose_provider, is_auto, ort_name
@@ -89,8 +89,9 @@ class RuntimeConfig:
             self.memory_config.resolve(cfg.max_seq_len, cfg.pos == "rope")
         except (ConfigError, MemoryConfigError, KeyError, TypeError, ValueError) as err:
             raise RuntimeConfigError(f"invalid model/contract/memory section ({err})") from None
-        if (contract.n_layers, contract.n_kv_heads, contract.head_dim, contract.vocab_size) != (
-                cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size):
+        if (contract.n_layers, contract.n_kv_heads, contract.head_dim, contract.vocab_size,
+                contract.n_heads or cfg.n_heads) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
+                                                     cfg.n_heads):
             raise RuntimeConfigError("the contract section does not match the model section")
 
     # ---- typed views ---------------------------------------------------------------------
@@ -283,10 +284,12 @@ class FrameCache(list):
 
 
 class FrameCacheOps:
-    """NumpyCacheOps that carry each row's frame offset along with its slots."""
+    """NumpyCacheOps that carry each row's frame offset along with its slots. ``rotary``: (head_dim,
+    theta) of a model whose keys the graph rotates; None for learned positions (keys never rotated)."""
 
-    def __init__(self):
+    def __init__(self, rotary: tuple[int, float] | None = None):
         self._np = NumpyCacheOps()
+        self.rotary = rotary
 
     def take(self, past, idx):
         return FrameCache(self._np.take(past, idx), past.frame)
@@ -296,6 +299,29 @@ class FrameCacheOps:
 
     def concat(self, pasts):
         return FrameCache(self._np.concat(pasts), np.concatenate([p.frame for p in pasts]))
+
+    def export(self, past, idx, stream):
+        """The retrieve policy's store takes evicted slots position-free: idx, stream (B, K) ordinary
+        slots (window tokens, never a sink or a put-back slot: those are not evicted) and their stream
+        indices -> k, v (B, K, L, Hkv, D), keys rotated back from n - frame[row], where the cache holds
+        a key of stream index n, to before rotation (numpy, float64 angles: ``rotate``)."""
+        k, v = self._np.export(past, idx, stream)
+        return self._rotated(k, -(stream - past.frame[:, None])), v
+
+    def splice(self, past, idx, start, k, v, positions):
+        """take(idx), then slots [start, start + Z) set to k, v (B, Z, L, Hkv, D) given before rotation:
+        keys rotated at ``positions`` (B, Z), the compacted positions the layout scores them at, as
+        sink keys are stored at theirs (not in the row's frame: a frame move leaves them alone)."""
+        return FrameCache(self._np.splice(past, idx, start, self._rotated(k, positions), v, positions), past.frame)
+
+    def _rotated(self, k: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """k (B, Z, L, Hkv, D) each slot rotated at positions (B, Z) (a copy; k itself when unrotated)."""
+        if self.rotary is None or k.size == 0:
+            return k
+        B, Z, L, Hkv, D = k.shape
+        heads = k.transpose(0, 2, 3, 1, 4).reshape(B, L * Hkv, Z, D)  # every layer's heads share a slot's angle
+        out = rotate(heads, positions, *self.rotary)
+        return out.reshape(B, L, Hkv, Z, D).transpose(0, 3, 1, 2, 4)
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
@@ -318,7 +344,8 @@ class OrtBackend:
     their stream index minus the row's offset, sink keys scored at the layout's sink positions. A
     row whose positions would leave the graph's rotation table has its offset moved and its cached
     ordinary keys rotated back by the same amount, once (numpy). Contract v2 (the traced graph):
-    keys before rotation, the layout passed as it is."""
+    keys before rotation, the layout passed as it is. Contract v4 also gives each layer's queries
+    (forward_with_queries), which the retrieve policy needs (``gives_queries``)."""
 
     def __init__(self, export_dir: str | Path, provider: str | None = None, intra_op_threads: int = 1,
                  config: RuntimeConfig | None = None):
@@ -328,6 +355,7 @@ class OrtBackend:
         cfg = self.config.model_config
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
+        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
         self.uses_rope = cfg.pos == "rope"
         self.rope_theta, self.head_dim = cfg.rope_theta, cfg.head_dim
         self.sink_token_id = cfg.sink_token_id
@@ -337,10 +365,14 @@ class OrtBackend:
         check_names(self.session, self.contract, str(self.export_dir))
         self.provider = self.session.get_providers()[0]
         self.output_names = self.contract.output_names
+        # what a call fetches: logits and the cache; the query outputs (v4) only when asked for
+        self._fetch = self.contract.cache_output_names
         self._past_names = past_names(self.contract.n_layers)  # per call this is the hot path: no rebuilding
         self._cache_dtype = np.dtype(self.contract.cache_dtype)
         self.rotated = self.contract.keys_rotated
-        self.ops = FrameCacheOps() if self.rotated else NumpyCacheOps()
+        self.gives_queries = self.contract.gives_queries  # the retrieve policy runs only where this holds
+        rotary = (self.head_dim, self.rope_theta) if self.uses_rope else None
+        self.ops = FrameCacheOps(rotary) if self.rotated else NumpyCacheOps()
         self.span = rotation_span(self.max_seq_len)
         self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
 
@@ -348,10 +380,11 @@ class OrtBackend:
         """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...)."""
         return self.step(ids, layout, past)[0]
 
-    def step(self, ids: np.ndarray, layout, past) -> tuple[list[np.ndarray], Any]:
-        """One graph call: (outputs in contract order, the cache to feed back: FrameCache for v3,
-        per-layer (k, v) for v2). ids (B, T) int64; layout: ctxmem.layout.AttentionLayout over the
-        P+T slots; past None/[] (P = 0) or the cache a previous step returned."""
+    def step(self, ids: np.ndarray, layout, past, extra: tuple[str, ...] = ()) -> tuple[list[np.ndarray], Any]:
+        """One graph call: (logits and the presents in contract order, then the ``extra`` outputs
+        asked for (query_<i>, v4); the cache to feed back: FrameCache for v3/v4, per-layer (k, v) for
+        v2). ids (B, T) int64; layout: ctxmem.layout.AttentionLayout over the P+T slots; past None/[]
+        (P = 0) or the cache a previous step returned."""
         B, T = ids.shape
         feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ALLOWED: np.ascontiguousarray(layout.allowed)}
         if self.rotated:
@@ -379,15 +412,17 @@ class OrtBackend:
             empty = np.zeros((B, self.contract.n_kv_heads, 0, self.contract.head_dim), self._cache_dtype)
             arrays = [empty] * len(self._past_names)
         feed.update(zip(self._past_names, arrays))
-        outs = self.session.run(self.output_names, feed)
-        present = list(zip(outs[1::2], outs[2::2]))  # (B, Hkv, P+T, D) per layer
+        outs = self.session.run([*self._fetch, *extra] if extra else self._fetch, feed)
+        n = len(self._fetch)
+        present = list(zip(outs[1:n:2], outs[2:n:2]))  # (B, Hkv, P+T, D) per layer
         return outs, (FrameCache(present, frame) if self.rotated else present)
 
     def key_positions(self, layout, frame: np.ndarray) -> np.ndarray:
-        """(B, S) the rotation position of each slot's cached key (v3): a sink at its stream index,
-        any other slot at its stream index minus its row's frame offset."""
+        """(B, S) the rotation position of each slot's cached key (v3, v4): a sink at its stream index
+        and a slot put back by the retrieve policy at its compacted position (both as the layout
+        scores them: its key_positions), any other slot at its stream index minus its row's frame offset."""
         sink = layout.sink_slots if layout.sink_slots is not None else np.zeros(layout.stream.shape, bool)
-        return np.where(sink, layout.stream, layout.stream - frame[:, None])
+        return np.where(sink, layout.key_positions, layout.stream - frame[:, None])
 
     def _keep_in_span(self, layout, past: FrameCache, frame: np.ndarray, T: int) -> tuple[FrameCache, np.ndarray]:
         """Rows whose new positions would reach past the rotation table get a new frame offset (the
@@ -420,6 +455,18 @@ class OrtBackend:
         outs, present = self.step(ids, layout, past)
         logits = outs[0][:, -1] if last_only else outs[0]
         return np.asarray(logits, dtype=np.float32), present
+
+    def forward_with_queries(self, ids, layout, past, last_only, layer: int):
+        """forward, plus layer ``layer``'s queries of the new tokens before rotation, q (B, H, T, D)
+        float32 (the graph's query_<layer> output, contract v4; the retrieve policy scores with it)."""
+        if not self.gives_queries:
+            raise MemoryConfigError(f"{self.export_dir} is an export of contract v{self.contract.version}, whose "
+                                    f"graph does not give its queries (the retrieve policy needs them): {REEXPORT}")
+        outs, present = self.step(ids, layout, past, (query_names(self.n_layers)[layer],))
+        logits = outs[0][:, -1] if last_only else outs[0]
+        B, T = ids.shape
+        q = outs[-1].reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, T, H*D) -> (B, H, T, D)
+        return np.asarray(logits, dtype=np.float32), present, q.astype(np.float32)
 
 
 def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,

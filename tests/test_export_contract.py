@@ -15,12 +15,16 @@ from ctxmem.export.runtime import RUNTIME_CONFIG, RuntimeConfig
 
 def test_contract_names_inputs_and_outputs_per_layer_in_cache_order():
     c = ExportContract.for_model(preset("tiny"))
-    assert c.version == 3 and c.keys_rotated  # keys cached after rotation: no key_positions input
+    assert c.version == 4 and c.keys_rotated and c.gives_queries  # keys cached rotated: no key_positions input
     assert c.input_names == ["input_ids", "positions", "allowed", "sink_positions", "sink_keys",
                              "past_key_0", "past_value_0", "past_key_1", "past_value_1"]
     traced = ExportContract.for_model(preset("tiny"), version=2)  # the traced graph's: keys before rotation
     assert traced.input_names[:3] == ["input_ids", "positions", "key_positions"] and not traced.keys_rotated
-    assert c.output_names == ["logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
+    assert c.output_names == ["logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1",
+                              "query_0", "query_1"]  # v4: each layer's queries before rotation (retrieve)
+    assert {t.name: t.dims for t in c.outputs()}["query_1"] == ("batch", "new_tokens", 96)  # (B, T, H*D)
+    v3 = ExportContract.for_model(preset("tiny"), version=3)  # an older export: every policy but retrieve
+    assert v3.output_names == c.cache_output_names == c.output_names[:5] and not v3.gives_queries
     assert past_names(1) == ["past_key_0", "past_value_0"] and present_names(1) == ["present_key_0", "present_value_0"]
 
 
@@ -49,7 +53,7 @@ def test_a_contract_this_ctxmem_does_not_run_names_the_reexport_command():
     """An export from before contract v2 (or from a newer ctxmem) is refused with the command that
     rewrites it, at load time, not with a graph that crashes on its first call."""
     data = ExportContract.for_model(preset("tiny")).to_dict()
-    for version in (None, 1, 4):
+    for version in (None, 1, 5):
         old = {**data, "version": version} if version else {k: v for k, v in data.items() if k != "version"}
         with pytest.raises(ValueError, match=r"re-export it with `ctxmem export --model"):
             ExportContract.from_dict(old)
@@ -107,6 +111,6 @@ def test_runtime_config_checks_its_sections_agree(tmp_path):
     with pytest.raises(RuntimeConfigError, match="opset"):
         _config(opset=17)
     with pytest.raises(RuntimeConfigError, match="does not match"):
-        _config(contract=ExportContract(3, 2, 24, 263).to_dict())
+        _config(contract=ExportContract(3, 2, 24, 263, n_heads=4).to_dict())
     with pytest.raises(RuntimeConfigError, match="memory"):
         _config(memory={"policy": "sink", "window": 1000, "sinks": 4, "chunk": 1})

@@ -119,7 +119,7 @@ def test_fused_and_traced_graphs_compute_the_same_outputs(tiny_checkpoint, tiny_
 
     traced = export_onnx_traced(tiny_checkpoint, tmp_path)
     backends = OrtBackend(tiny_export), OrtBackend(traced)
-    assert backends[0].contract.version == 3 and backends[1].contract.version == 2
+    assert backends[0].contract.version == 4 and backends[1].contract.version == 2
     mems = [ContextMemory(b, MemoryConfig("sink", window=12, sinks=4)) for b in backends]
     states = [m.start(2) for m in mems]
     rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ def test_export_writes_graph_weights_tokenizer_runtime_config_and_report(tiny_ex
     assert config.special_tokens["eos_id"] == 258 and 262 in config.special_tokens["stop_ids"]
     assert config.chat_template["style"] == "special-tokens"
     assert config.source["checkpoint"] == str(tiny_checkpoint.resolve())
-    assert config.contract["version"] == 3 and config.contract["keys_before_rotation"] is False
+    assert config.contract["version"] == 4 and config.contract["keys_before_rotation"] is False
     assert config.optimization["graph"] == "fused"  # export/graph_builder.py, the default
 
 
