@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads per replica (CPU: 1)")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (1 = batching off)")
     p.add_argument("--no-kv-reuse", action="store_true", help="re-prefill every conversation turn")
+    p.add_argument("--policy", choices=["full", "sink", "recompute", "retrieve"], default=None,
+                   help="memory policy (default: the model's saved one; 'full' is served as 'sink')")
+    p.add_argument("--window", type=int, default=None, help="memory window (recent tokens kept)")
+    p.add_argument("--sinks", type=int, default=None, help="sink tokens always kept (sink, retrieve)")
+    p.add_argument("--budget", type=int, default=None, help="retrieve: evicted tokens put back at most")
+    p.add_argument("--store", type=int, default=None,
+                   help="retrieve: evicted tokens kept per conversation at most (a multiple of 16)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: from --model)")
     p.add_argument("--api-key", action="append", default=None,
                    help="an admin bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
@@ -70,6 +77,9 @@ def serve_args(args: argparse.Namespace):
         "engine_deployment": DeploymentOptions(num_replicas=args.replicas, max_ongoing_requests=256,
                                                ray_actor_options=actor).model_dump(),
     }
+    memory = {k: getattr(args, k, None) for k in ("policy", "window", "sinks", "budget", "store")}
+    if any(v is not None for v in memory.values()):
+        data["engine"]["memory"] = {k: v for k, v in memory.items() if v is not None}
     if args.session_store:
         data["session_store"] = args.session_store
     return ServeArgs.model_validate(data)

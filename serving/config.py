@@ -31,12 +31,23 @@ class _Strict(BaseModel):
 
 
 class MemoryOverrides(_Strict):
-    """A memory policy for the server (defaults to the model's saved one, see EngineConfig.memory)."""
+    """A memory policy for the server (defaults to the model's saved one, see EngineConfig.memory).
 
-    policy: Literal["full", "sink", "recompute"] | None = None
+    `retrieve` (ctxmem.retrieval) also takes: `budget` (evicted tokens put back at most), `store` (the
+    bound of each conversation's store of evicted KV, in tokens: a multiple of `block`; its bytes are
+    store x layers x 2 x kv_heads x head_dim x 4 for a float32 cache, ~12.6 MB per conversation for
+    the recall-trained small model at the default 2048), `block`, `layer`, `queries`. The store lives
+    with the conversation's KV state (kv_cache_mb bounds both together)."""
+
+    policy: Literal["full", "sink", "recompute", "retrieve"] | None = None
     window: int | None = Field(default=None, ge=1)
     sinks: int | None = Field(default=None, ge=0)
     chunk: int | None = Field(default=None, ge=1)
+    budget: int | None = Field(default=None, ge=0)
+    block: int | None = Field(default=None, ge=1)
+    store: int | None = Field(default=None, ge=1)
+    layer: int | None = Field(default=None, ge=0)
+    queries: int | None = Field(default=None, ge=1)
 
 
 class EngineConfig(_Strict):
@@ -153,13 +164,17 @@ def load_keys_file(path: str | Path) -> list[Tenant]:
 
 
 class RequestMemory(_Strict):
-    """The per-request memory knobs (`policy`, `window`, `sinks`) this server accepts. Every distinct
-    window forms its own batch group and a tiny one makes prefill many times slower, so by default a
-    request may pick a policy but not a window or a sink count: list the values to allow."""
+    """The per-request memory knobs (`policy`, `window`, `sinks`, `budget`) this server accepts. Every
+    distinct window forms its own batch group and a tiny one makes prefill many times slower, so by
+    default a request may pick a policy but not a window, a sink count or a retrieve budget: list the
+    values to allow. `retrieve` is allowed by default: its store's bound and scoring are the server's
+    (EngineConfig.memory), and a model that cannot run it answers 400 saying why."""
 
-    policies: list[Literal["full", "sink", "recompute"]] = Field(default_factory=lambda: ["sink", "recompute", "full"])
+    policies: list[Literal["full", "sink", "recompute", "retrieve"]] = Field(
+        default_factory=lambda: ["sink", "recompute", "full", "retrieve"])
     windows: list[int] = Field(default_factory=list)
     sinks: list[int] = Field(default_factory=list)
+    budgets: list[int] = Field(default_factory=list)
 
 
 class ServeArgs(_Strict):

@@ -34,6 +34,23 @@ class Usage:
     cached_tokens: int
     evicted_tokens: int  # tokens of this context the window no longer holds
     prefill_tokens: int  # prompt tokens run through the model (prompt - cached)
+    # retrieve only (None under other policies): the evicted tokens put back while this reply was
+    # generated (the union over its tokens' choices), as Recalled ranges in stream order
+    recalled: tuple["Recalled", ...] | None = None
+
+    @property
+    def recalled_tokens(self) -> int:
+        return sum(r.tokens for r in self.recalled or ())
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """A run of evicted tokens the retrieve policy put back: where it starts in the conversation's
+    tokens (0 = the first prompt token), how many, and their text."""
+
+    start: int
+    tokens: int
+    text: str
 
 
 @dataclass(frozen=True)

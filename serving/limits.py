@@ -72,17 +72,18 @@ def too_many(message: str, wait: float) -> APIError:
 
 
 def outside(memory: dict[str, Any] | None, allowed: RequestMemory) -> list[str]:
-    """The knobs of a request's policy/window/sinks that are not in the server's allowed set."""
-    rules = {"policy": allowed.policies, "window": allowed.windows, "sinks": allowed.sinks}
+    """The knobs of a request's policy/window/sinks/budget that are not in the server's allowed set."""
+    rules = {"policy": allowed.policies, "window": allowed.windows, "sinks": allowed.sinks, "budget": allowed.budgets}
     return [k for k, v in (memory or {}).items() if k in rules and v not in rules[k]]
 
 
 def check_memory(memory: dict[str, Any] | None, allowed: RequestMemory, own: dict[str, Any] | None = None) -> None:
-    """A 400 naming the allowed values when a request's policy/window/sinks is not in the server's set.
+    """A 400 naming the allowed values when a request's policy/window/sinks/budget is not in the server's set.
     A value equal to the server's own setting (`own`, the engine's memory policy) is always allowed:
     restating it changes nothing."""
     own = own or {}
-    rules = (("policy", allowed.policies), ("window", allowed.windows), ("sinks", allowed.sinks))
+    rules = (("policy", allowed.policies), ("window", allowed.windows), ("sinks", allowed.sinks),
+             ("budget", allowed.budgets))
     for param, values in rules:
         if param in (memory or {}) and memory[param] not in values and memory[param] != own.get(param):
             if values:

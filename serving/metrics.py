@@ -56,6 +56,9 @@ SPECS: dict[str, Spec] = {
     "ctxmem_waiting_requests": Spec("gauge", "requests queued in the engine"),
     "ctxmem_kv_cache_sessions": Spec("gauge", "conversation states kept by the engine"),
     "ctxmem_kv_cache_bytes": Spec("gauge", "bytes of conversation states kept by the engine"),
+    "ctxmem_kv_cache_store_bytes": Spec("gauge", "of those bytes, the retrieve policy's stores of evicted KV"),
+    "ctxmem_recalled_tokens_total": Spec("counter", "evicted tokens the retrieve policy put back for finished "
+                                         "replies (per reply: the union over its tokens)"),
 }
 # added by `render` (how many engine snapshots this scrape merged), not kept by any replica
 ENGINE_REPLICAS = "ctxmem_engine_replicas"

@@ -101,9 +101,10 @@ class _Req(BaseModel):
     # ctxmem extras (`extra_body=` in the openai client)
     top_k: Int | None = Field(default=None, ge=0, le=TOP_K_MAX)
     repetition_penalty: Number | None = Field(default=None, gt=0, le=REPETITION_PENALTY_MAX)
-    policy: Literal["full", "sink", "recompute"] | None = None
+    policy: Literal["full", "sink", "recompute", "retrieve"] | None = None
     window: Int | None = Field(default=None, ge=1)
     sinks: Int | None = Field(default=None, ge=0)
+    budget: Int | None = Field(default=None, ge=0)  # retrieve: evicted tokens put back at most
     ignore_eos: Bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension
 
 
@@ -207,7 +208,8 @@ def _common(req: _Req, limit: int, default_max_tokens: int, max_tokens: int | No
         if set(req.stream_options) - {"include_usage", "include_obfuscation"} or \
                 not isinstance(req.stream_options.get("include_usage", False), bool):
             raise bad_request("stream_options accepts include_usage (a boolean)", param="stream_options")
-    memory = {k: v for k, v in dict(policy=req.policy, window=req.window, sinks=req.sinks).items() if v is not None}
+    memory = {k: v for k, v in dict(policy=req.policy, window=req.window, sinks=req.sinks,
+                                    budget=req.budget).items() if v is not None}
     gen = {k: v for k, v in dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                  repetition_penalty=req.repetition_penalty, seed=req.seed).items() if v is not None}
     gen["max_new_tokens"] = max_tokens if max_tokens is not None else min(default_max_tokens, limit)
@@ -314,12 +316,18 @@ def new_id(prefix: str) -> str:
 
 
 def usage(end: Finished) -> dict[str, Any]:
-    """OpenAI usage + prompt_tokens_details.cached_tokens (KV reuse) + evicted_tokens (the window)."""
+    """OpenAI usage + prompt_tokens_details.cached_tokens (KV reuse) + evicted_tokens (the window);
+    under the retrieve policy also recalled_tokens and recalled: the evicted tokens put back while
+    the reply was generated, [{start, tokens, text}] (start: index in the conversation's tokens)."""
     u = end.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-            "evicted_tokens": u.evicted_tokens}
+    out = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+           "total_tokens": u.prompt_tokens + u.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+           "evicted_tokens": u.evicted_tokens}
+    if u.recalled is not None:
+        out["recalled_tokens"] = u.recalled_tokens
+        out["recalled"] = [{"start": r.start, "tokens": r.tokens, "text": r.text} for r in u.recalled]
+    return out
 
 
 def completion_response(rid: str, model: str, text: str, end: Finished, created: int | None = None) -> dict:

@@ -53,9 +53,10 @@ from ctxmem.sampling import GenerationConfig
 from .config import EngineConfig
 from .errors import APIError, bad_request
 from .events import FINAL, Delta, Event, Finished, Started, Usage
-from .kv_reuse import CachedConversation, SessionCache, past_nbytes, reuse
+from .kv_reuse import CachedConversation, SessionCache, reuse, state_nbytes, store_nbytes
 from .loading import LoadedModel
 from .metrics import Registry
+from .recall import RecallLog
 
 log = logging.getLogger("ctxmem.serving.scheduler")
 RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)  # after the 1st, 2nd, 3rd, later deaths in a row
@@ -97,6 +98,7 @@ class Seq:
     next_token: int = -1
     batch_sum: int = 0
     steps: int = 0
+    recall: RecallLog | None = None  # retrieve: the evicted tokens put back for this reply
 
 
 @dataclass
@@ -390,6 +392,9 @@ class Scheduler:
         try:
             decoder = SequenceDecoder(job.model.generator.tokenizer, job.generation, job.prompt_ids)
             seq = Seq(job, decoder, list(job.prompt_ids), p.cached, p.cache_result)
+            if memory.retrieval is not None:  # the last prompt token's put-back blocks gave the first token
+                seq.recall = RecallLog(len(memory.prefix_for(job.prompt_ids)))
+                seq.recall.note(_store(state, 0))
             self._emit(job, Started(len(job.prompt_ids), p.cached, p.queue_s, p.cache_result, p.steps))
             if decoder.finished:  # max_tokens=0 never reaches here (validated), kept for safety
                 self._finish(seq, memory, state)
@@ -435,6 +440,10 @@ class Scheduler:
             group.seqs, group.state = [], None
             return
         self.metrics.observe("ctxmem_batch_size", batch)
+        if memory.retrieval is not None:  # what each row's token was computed with
+            for i, s in enumerate(seqs):
+                if s.recall is not None:
+                    s.recall.note(_store(group.state, i))
         leaving: list[int] = []
         failed: list[int] = []
         for i, s in enumerate(seqs):
@@ -475,16 +484,20 @@ class Scheduler:
         """state: this sequence's row alone (batch 1)."""
         job, d = seq.job, seq.decoder
         evicted = int(state.seen[0] - state.lengths()[0])  # tokens of this context no longer attended to
+        recalled = None if seq.recall is None else seq.recall.ranges(job.model.generator.tokenizer.decode)
         usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=len(d.token_ids), cached_tokens=seq.cached,
-                      evicted_tokens=evicted, prefill_tokens=len(job.prompt_ids) - seq.cached)
+                      evicted_tokens=evicted, prefill_tokens=len(job.prompt_ids) - seq.cached, recalled=recalled)
         self._emit(job, Finished(d.finish_reason or "length", usage, seq.cache_result,
                                  seq.batch_sum / seq.steps if seq.steps else 1.0))
         m = self.metrics
         m.inc("ctxmem_evicted_tokens_total", evicted)
+        if recalled is not None:
+            m.inc("ctxmem_recalled_tokens_total", usage.recalled_tokens)
         if job.session_id is not None and self.config.kv_reuse and not job.cancelled:
+            # under retrieve the state carries the conversation's store: kept (and bounded) with it
             state = memory.compact(state)
             self.cache.put(job.session_id, CachedConversation(job.model.version, job.memory, seq.history, state,
-                                                              past_nbytes(state.past)))
+                                                              state_nbytes(state), store_nbytes(state)))
 
     def _emit(self, job: Job, event: Event) -> None:
         slot = self._out.get(id(job))
@@ -536,6 +549,7 @@ class Scheduler:
         m.set("ctxmem_waiting_requests", len(self._queue))
         m.set("ctxmem_kv_cache_sessions", len(self.cache))
         m.set("ctxmem_kv_cache_bytes", self.cache.nbytes)
+        m.set("ctxmem_kv_cache_store_bytes", self.cache.store_bytes)
 
     def _fail_in_flight(self, err: APIError) -> None:
         """After the loop died: every running or half-admitted request gets `err` and leaves (their
@@ -547,6 +561,11 @@ class Scheduler:
             self._emit(job, err.to_event())
         self._flush()
         self._count_running()
+
+
+def _store(state: MemoryState | None, row: int):
+    """Row ``row``'s retrieve store, or None (nothing evicted yet)."""
+    return None if state is None or state.stores is None else state.stores[row]
 
 
 class AsyncSink:

@@ -1,0 +1,212 @@
+"""The `retrieve` memory policy in serving (issue 14): a fact given early in a conversation is answered
+many windows later, the response says what memory did (evicted tokens, and the evicted tokens put
+back with their text), and a conversation moved to another replica - rebuilt there from its history -
+gives the same replies as on the replica that kept its state.
+
+The model is bench/models/recall-small (recall-trained, byte tokenizer, context 256), served from
+its checkpoint (the PyTorch backend) with 4 sinks, a window of 64 and 32 tokens put back. It is not
+chat-trained (under the chat template it answers nothing, even inside its window), so the
+conversation is raw text through the completions path: each turn's prompt is the whole conversation
+so far, the replies included, and the session id lets the engine reuse its state.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ctxmem.memory import ContextMemory, MemoryConfig
+from ctxmem.recall_facts import FactGenerator
+from ctxmem.serving.config import EngineConfig, MemoryOverrides, RequestMemory
+from ctxmem.serving.engine import Engine
+from ctxmem.serving.errors import APIError
+from ctxmem.serving.events import Delta, Finished
+from ctxmem.serving.kv_reuse import CachedConversation, reuse
+from ctxmem.serving.limits import check_memory, outside
+from ctxmem.serving.metrics import render
+from ctxmem.serving.protocol import parse_completion, usage
+from helpers_serving import REPO
+
+RECALL_MODEL = REPO / "bench" / "models" / "recall-small"
+WINDOW, SINKS, BUDGET, STORE = 64, 4, 32, 512
+SINK = {"policy": "sink", "window": WINDOW, "sinks": SINKS}  # the same window without the store
+
+
+def engine_config(**extra) -> EngineConfig:
+    return EngineConfig(model=str(RECALL_MODEL), memory=MemoryOverrides(
+        policy="retrieve", window=WINDOW, sinks=SINKS, budget=BUDGET, store=STORE), **extra)
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    """Two engines of one deployment: each keeps its own conversation states."""
+    a, b = Engine(engine_config()), Engine(engine_config())
+    yield a, b
+    a.close()
+    b.close()
+
+
+async def _collect(engine: Engine, request: dict) -> tuple[str, Finished]:
+    text, last = [], None
+    async for chunk in engine.generate(request):
+        for ev in chunk:
+            last = ev
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+    assert isinstance(last, Finished), last
+    return "".join(text), last
+
+
+def run(engine: Engine, prompt: str, sid: str | None, max_tokens: int, memory: dict | None = None,
+        stop: list[str] | None = None) -> tuple[str, Finished]:
+    request = {"kind": "completion", "prompt": prompt, "session_id": sid, "memory": memory,
+               "generation": {"max_new_tokens": max_tokens, "temperature": 0.0, "stop": stop or []}}
+    return asyncio.run(_collect(engine, request))
+
+
+def conversation(seed: int, turns: int) -> tuple[list[str], str]:
+    """Turn 1 states a fact among filler, the next turns are filler, the last asks for the fact."""
+    facts = FactGenerator(seed)
+    fact = facts.facts(1)[0]
+    return [fact.statement + " " + facts.filler(20)] + [facts.filler(20) for _ in range(turns - 2)] + \
+        [fact.question], fact.answer
+
+
+def chat(engine: Engine, texts: list[str], sid: str, memory: dict | None = None) -> tuple[str, list[Finished]]:
+    """The turns through one session; returns the whole text and every turn's end."""
+    history, ends = "", []
+    for i, text in enumerate(texts):
+        history += (" " if history else "") + text
+        last = i == len(texts) - 1
+        reply, end = run(engine, history, sid, 6 if last else 3, memory, ["."] if last else None)
+        history += reply
+        ends.append(end)
+    return history, ends
+
+
+def test_a_fact_from_turn_1_is_recalled_turns_later_under_retrieve_and_lost_under_sink(replicas):
+    a, _ = replicas
+    texts, answer = conversation(seed=0, turns=10)
+    history, ends = chat(a, texts, "recall")
+    last = ends[-1].usage
+    assert history.endswith(answer), history[-80:]
+    # the question is far past the window: hundreds of tokens evicted, some of them put back
+    assert last.prompt_tokens > 4 * WINDOW and last.evicted_tokens > 3 * WINDOW
+    assert all(e.cache == "hit" for e in ends[1:]) and last.cached_tokens > last.prompt_tokens - 48
+    # what was put back for the answer holds the fact, its value included
+    assert 0 < last.recalled_tokens <= 2 * BUDGET  # the union over the reply's tokens
+    assert any(answer.strip() in r.text for r in last.recalled), last.recalled
+    start = texts[0].index(answer)  # bytes = tokens: the value's index in the conversation
+    assert any(r.start <= start < r.start + r.tokens for r in last.recalled), (start, last.recalled)
+    body = usage(ends[-1])
+    assert body["recalled_tokens"] == last.recalled_tokens and body["recalled"][0]["text"] == last.recalled[0].text
+    assert body["evicted_tokens"] == last.evicted_tokens
+
+    # the same conversation under sink (same window, no store): the fact is gone, nothing is recalled
+    sink_history, sink_ends = chat(a, texts, "sink", SINK)
+    assert not sink_history.endswith(answer)
+    assert sink_ends[-1].usage.recalled is None and "recalled" not in usage(sink_ends[-1])
+    assert sink_ends[-1].usage.evicted_tokens > 0
+
+
+def test_a_conversation_moved_to_another_replica_gives_the_same_reply_and_store(replicas):
+    """Replica A served the turns so far and holds the state; B never saw the conversation and
+    rebuilds it from the history. The next turn is the same on both (greedy), and so are the stores."""
+    a, b = replicas
+    texts, answer = conversation(seed=1, turns=8)
+    history, _ = chat(a, texts[:-1], "moved")
+    prompt = history + " " + texts[-1]
+    on_a, end_a = run(a, prompt, "moved", 6, stop=["."])
+    on_b, end_b = run(b, prompt, "moved", 6, stop=["."])
+    assert end_a.cache == "hit" and end_b.cache == "miss" and end_b.usage.cached_tokens == 0
+    assert on_a == on_b and on_a.startswith(answer)
+    assert end_a.usage.evicted_tokens == end_b.usage.evicted_tokens > 3 * WINDOW
+    assert end_a.usage.recalled == end_b.usage.recalled and end_a.usage.recalled_tokens > 0
+    kept_a, kept_b = a.scheduler.cache.take("moved"), b.scheduler.cache.take("moved")
+    assert kept_a.history == kept_b.history
+    sa, sb = kept_a.state.stores[0], kept_b.state.stores[0]
+    assert (sa.lo, sa.hi, sa.chosen) == (sb.lo, sb.hi, sb.chosen)
+    assert np.array_equal(sa.ids, sb.ids)
+    every = [(block, 0) for block in range((sa.lo - SINKS) // 16, (sa.hi - 1 - SINKS) // 16 + 1)]  # 16: block
+    got_a, got_b = sa.gather(every), sb.gather(every)  # stream indices, k, v, ids of every stored token
+    assert np.array_equal(got_a[0], got_b[0]) and len(got_a[0]) == sa.hi - sa.lo
+    np.testing.assert_allclose(got_a[1], got_b[1], atol=1e-4)  # pieced prefill vs token by token
+    # the store is bounded: STORE tokens whatever the conversation's length, counted with the state
+    assert sa.hi - sa.lo <= STORE and kept_a.store_nbytes == sa.nbytes
+    assert kept_a.nbytes > kept_a.store_nbytes
+    # /metrics' gauge of the kept stores' bytes
+    a.scheduler.cache.put("moved", kept_a)
+    a.scheduler._gauges()
+    scraped = dict(line.split() for line in render([a.metrics.snapshot()]).decode().splitlines()
+                   if line and not line.startswith("#"))
+    assert float(scraped["ctxmem_kv_cache_store_bytes"]) == a.scheduler.cache.store_bytes >= sa.nbytes
+    assert float(scraped["ctxmem_recalled_tokens_total"]) > 0
+
+
+def test_an_edited_history_past_the_window_is_rebuilt_not_rewound(replicas):
+    """A retrieve state past its window cannot be rewound (its store moved with the tokens): the
+    engine rebuilds from the prompt and answers exactly what a replica without the state answers."""
+    a, b = replicas
+    texts, _ = conversation(seed=2, turns=4)
+    history, _ = chat(a, texts, "edit")
+    edited = history[:-3] + " The river waits near the hill."  # the last reply rewritten
+    on_a, end_a = run(a, edited, "edit", 4)
+    on_b, end_b = run(b, edited, None, 4)
+    assert end_a.cache == "miss" and end_a.usage.cached_tokens == 0
+    assert (on_a, end_a.usage.evicted_tokens, end_a.usage.recalled) == (on_b, end_b.usage.evicted_tokens,
+                                                                        end_b.usage.recalled)
+
+
+def test_reuse_falls_back_to_a_rebuild_where_rewind_refuses(replicas):
+    a, _ = replicas
+    memory = ContextMemory(a.model.generator.backend, a.model.memory)
+    history = list(range(40, 40 + 3 * WINDOW))
+    state = memory.start(1)
+    memory.feed(state, [history])
+    assert state.stores[0] is not None  # past the window: its store holds evicted tokens
+    entry = CachedConversation("v", memory.config, history, state, 0)
+    assert reuse(entry, history + [1, 2], memory)[1] == len(history)  # an extension: reused as is
+    entry = CachedConversation("v", memory.config, history, state, 0)
+    assert reuse(entry, history[:-3] + [1], memory) is None  # would rewind: rebuild instead of failing
+
+
+def test_a_request_picks_retrieve_and_keeps_the_servers_store_bound(replicas):
+    """A server of another policy: a request for retrieve gets the server's store, budget and scoring,
+    never the core's defaults; its budget is a knob the server must allow, like window and sinks."""
+    a, _ = replicas
+    sink_server = a.model.memory.with_overrides(256, True, policy="sink", window=WINDOW, sinks=SINKS, store=128,
+                                                budget=16)
+    model = type("Model", (), {"memory": sink_server, "generator": a.model.generator})
+    got = Engine._memory(model, {"policy": "retrieve"})
+    assert (got.policy, got.store, got.budget, got.sinks) == ("retrieve", 128, 16, SINKS)
+    assert Engine._memory(model, {"policy": "retrieve", "budget": 32}).budget == 32
+    with pytest.raises(APIError) as err:
+        Engine._memory(model, {"policy": "retrieve", "budget": 10_000})
+    assert err.value.status == 400 and err.value.param == "budget"
+
+    _, payload = parse_completion({"model": "m", "prompt": "x", "policy": "retrieve", "budget": 16}, 64, 16)
+    assert payload["memory"] == {"policy": "retrieve", "budget": 16}
+    allowed = RequestMemory()
+    assert "retrieve" in allowed.policies and outside(payload["memory"], allowed) == ["budget"]
+    with pytest.raises(APIError) as err:
+        check_memory(payload["memory"], allowed, {"policy": "sink"})
+    assert err.value.param == "budget" and "not allowed" in err.value.message
+    check_memory(payload["memory"], RequestMemory(budgets=[16]))  # listed: allowed
+    check_memory(payload["memory"], allowed, {"policy": "retrieve", "budget": 16})  # the server's own: allowed
+    assert MemoryOverrides(policy="retrieve", store=512).store == 512
+
+
+def test_the_serve_command_line_sets_the_retrieve_policy():
+    import argparse
+
+    from ctxmem.serving.cli import register, serve_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(RECALL_MODEL), "--policy", "retrieve", "--window", "64",
+                              "--budget", "32", "--store", "512"])
+    memory = serve_args(args).engine.memory
+    assert (memory.policy, memory.window, memory.budget, memory.store, memory.sinks) == ("retrieve", 64, 32, 512, None)
+    assert serve_args(parser.parse_args(["serve", "--model", "m"])).engine.memory is None
+    assert MemoryConfig(policy="retrieve", window=64, budget=32, store=512).resolve(256).capacity == 100
