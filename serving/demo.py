@@ -3,6 +3,8 @@
     data prepare (chatterbot corpus, offline) -> train (DeepSpeed ZeRO, MLflow on SQLite)
     -> export (ONNX + verification) -> registry (challenger, its memory evaluation, -> champion, gated)
     -> serve (Ray Serve on 127.0.0.1, ONNX Runtime) -> a multi-turn chat through the OpenAI client
+    -> memory past the window: a fact given in turn 1 asked for at turn 20, under `retrieve` and `sink`
+       (the repository's recall-trained model, served in process; serving/demo_memory.py)
     -> the chat page's URL (`--keep-serving`: the server stays up until Ctrl-C)
 
 Every stage runs as its own `ctxmem` command, exactly as a user would type it; the commands are
@@ -40,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-serving", action="store_true",
                    help="after the chat, keep the server (and its chat page) up until Ctrl-C")
     p.add_argument("--fresh", action="store_true", help="start over: train again even if a final checkpoint exists")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory segment (a fact recalled 20 turns later under retrieve, beside sink)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -168,6 +172,13 @@ def cmd_demo(args) -> int:
         try:
             _wait_healthy(url, server)
             report["chat"] = _chat(url)
+            if not args.no_memory:
+                _say("memory past the window: a fact given in turn 1, asked for at turn 20 - the retrieve policy "
+                     "(sink + a bounded store of evicted KV, its best blocks put back) beside sink, on the "
+                     "recall-trained small model (the demo's own model is too small to recall)")
+                from .demo_memory import run_memory_demo
+
+                report["memory"] = run_memory_demo(_say)
             report["chat_page"] = url + "/"
             _finish(report, work, export, env, started)
             if args.keep_serving:

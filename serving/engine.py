@@ -24,7 +24,6 @@ from .metrics import Registry
 from .scheduler import AsyncSink, Job, Scheduler
 
 log = logging.getLogger("ctxmem.serving.engine")
-SERVER_RETRIEVAL_KEYS = ("budget", "block", "store", "layer", "queries")  # MemoryConfig's retrieve fields
 
 
 class Engine:
@@ -60,15 +59,13 @@ class Engine:
     @staticmethod
     def _memory(model: LoadedModel, overrides: dict[str, Any] | None) -> MemoryConfig:
         """The request's policy/window/sinks/budget over the server's (None = unset; setting only
-        `sinks` re-derives the window), validated against the model. A request for `retrieve` on a
-        server of another policy gets the server's retrieve settings (EngineConfig.memory's store,
-        budget, ...), not the core's defaults."""
+        `sinks` re-derives the window), validated against the model. On a retrieve server a request
+        keeps the server's store bound and scoring (it may set only the budget); a request for
+        `retrieve` on a server of another policy gets the core's retrieve defaults (a store of 2048
+        tokens per conversation)."""
         if not overrides:
             return model.memory
         backend = model.generator.backend
-        if overrides.get("policy") == "retrieve" and model.memory.policy != "retrieve":
-            # the store's bound and the scoring stay the server's (a request only picks the policy)
-            overrides = {**{k: getattr(model.memory, k) for k in SERVER_RETRIEVAL_KEYS}, **overrides}
         try:
             return model.memory.with_overrides(backend.max_seq_len, backend.uses_rope, **overrides)
         except MemoryConfigError as err:

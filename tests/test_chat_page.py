@@ -117,21 +117,27 @@ def browser():
 
 @pytest.fixture
 def context(browser, server):
+    ctx = offline_context(browser, server.url)
+    yield ctx
+    assert ctx.elsewhere == [], f"the page asked another origin: {ctx.elsewhere}"
+    ctx.close()
+
+
+def offline_context(browser, url: str):
+    """A browser context where requests to any origin but `url`'s are refused (and remembered)."""
     ctx = browser.new_context(viewport={"width": 1100, "height": 900})
     ctx.set_default_timeout(LOAD_TIMEOUT_MS)
-    ctx.elsewhere = []  # requests to any other origin: refused and remembered
+    ctx.elsewhere = []
 
     def offline(route):
-        if urlparse(route.request.url).netloc == urlparse(server.url).netloc or route.request.url.startswith("data:"):
+        if urlparse(route.request.url).netloc == urlparse(url).netloc or route.request.url.startswith("data:"):
             route.continue_()
         else:
             ctx.elsewhere.append(route.request.url)
             route.abort()
 
     ctx.route("**/*", offline)
-    yield ctx
-    assert ctx.elsewhere == [], f"the page asked another origin: {ctx.elsewhere}"
-    ctx.close()
+    return ctx
 
 
 def open_page(context, url: str):
@@ -329,3 +335,52 @@ def test_the_page_is_readable_at_phone_width(server, context):
         box = page.get_by_label(label).bounding_box()
         assert box and 0 <= box["x"] and box["x"] + box["width"] <= 375, label
     assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def retrieve_server(tiny_export):
+    """The same export served under the retrieve policy (ONNX Runtime, contract v4 gives the queries):
+    4 sinks, a window of 60, up to 32 evicted tokens put back from a store of 256 per conversation."""
+    memory = {"policy": "retrieve", "window": 60, "sinks": 4, "budget": 32, "store": 256}
+    args = ServeArgs(model=str(tiny_export), model_name=NAME, engine={"model": str(tiny_export), "memory": memory})
+    engine = Engine(args.resolve().engine)
+    srv = Server(build_api(LocalEngineClient(engine), args.resolve(), MemoryStore()), free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+    engine.close()
+
+
+def test_the_memory_bar_shows_what_retrieve_put_back(retrieve_server, browser):
+    """Past the window, each reply's bar counts the evicted tokens put back for it and lists them with
+    their text, as the API's usage says (recalled_tokens, recalled); a reload shows them again. The
+    random tiny model recalls nothing meaningful: tests/test_serving_retrieve.py checks real recall."""
+    url = retrieve_server.url
+    ctx = offline_context(browser, url)
+    page = open_page(ctx, url + "/")  # no API keys on this server
+    page.locator("#memory-policy").filter(has_text="up to 32 evicted tokens put back").wait_for()
+    page.get_by_label("Temperature").fill("1")
+    page.get_by_label("Max tokens").fill("8")
+    bars = []
+    for i in range(10):
+        bars.append(send(page, f"Turn {i}: tell me more."))
+        if int(bars[-1]["evicted"]) > 0 and int(bars[-1]["recalled"]) > 0:
+            break
+    assert all("recalled" in b for b in bars), bars  # every retrieve reply says how many, 0 before evictions
+    assert int(bars[0]["recalled"]) == 0 and int(bars[-1]["recalled"]) > 0, bars
+    sid = page.url.split("#session=")[1]
+    stored = httpx.get(f"{url}/v1/sessions/{sid}").json()["usage"]
+    assert [u["recalled_tokens"] for u in stored] == [int(b["recalled"]) for b in bars]
+    last = page.locator("figure.memory").last
+    assert f"{bars[-1]['evicted']} evicted so far ({bars[-1]['recalled']} put back for this reply)" in last.inner_text()
+    shown = last.locator("ul.recalled li")
+    assert shown.count() == len(stored[-1]["recalled"]) > 0
+    assert last.locator("ul.recalled q").all_text_contents() == [p["text"] for p in stored[-1]["recalled"]]
+    first = stored[-1]["recalled"][0]
+    assert f"put back: tokens {first['start']}–{first['start'] + first['tokens'] - 1}" in shown.first.inner_text()
+    before = page.locator("figure.memory").evaluate_all(BARS)
+    page.reload()
+    page.locator("figure.memory").nth(len(bars) - 1).wait_for()
+    assert page.locator("figure.memory").evaluate_all(BARS) == before  # the numbers and the lists come back
+    assert page.errors == [] and ctx.elsewhere == []
+    ctx.close()

@@ -182,3 +182,12 @@ def test_the_demo_runs_as_written(tmp_path, tiny_checkpoint, mlflow_store_templa
     assert [t["turn"] for t in turns] == [1, 2, 3, 4]
     assert all(t["usage"]["completion_tokens"] > 0 for t in turns)
     assert turns[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the conversation's KV state was reused
+    # the memory segment: turn 1's fact, asked for at turn 20 (several windows later), answered under
+    # retrieve from the block it put back, and lost under sink; every turn's evictions are in the report
+    memory = report["memory"]
+    assert [t["turn"] for t in memory["turns"]] == list(range(1, 21))
+    assert memory["distance"] > 4 * memory["memory"]["window"]
+    assert memory["retrieve"]["recalled"] and not memory["sink"]["recalled"], memory["retrieve"], memory["sink"]
+    assert any(memory["expected"].strip() in part["text"] for part in memory["retrieve"]["put_back"])
+    assert memory["retrieve"]["evicted_tokens"] == memory["sink"]["evicted_tokens"] > memory["distance"] - 100
+    assert "retrieve answers" in log.read_text() and "sink answers" in log.read_text()

@@ -171,18 +171,19 @@ def test_reuse_falls_back_to_a_rebuild_where_rewind_refuses(replicas):
     assert reuse(entry, history[:-3] + [1], memory) is None  # would rewind: rebuild instead of failing
 
 
-def test_a_request_picks_retrieve_and_keeps_the_servers_store_bound(replicas):
-    """A server of another policy: a request for retrieve gets the server's store, budget and scoring,
-    never the core's defaults; its budget is a knob the server must allow, like window and sinks."""
+def test_a_request_sets_the_budget_and_keeps_the_servers_store_bound(replicas):
+    """On a retrieve server a request may change the budget (a knob the server must allow, like window
+    and sinks) but never the store's bound; on a sink server a budget alone is a 400 naming it."""
     a, _ = replicas
-    sink_server = a.model.memory.with_overrides(256, True, policy="sink", window=WINDOW, sinks=SINKS, store=128,
-                                                budget=16)
-    model = type("Model", (), {"memory": sink_server, "generator": a.model.generator})
-    got = Engine._memory(model, {"policy": "retrieve"})
-    assert (got.policy, got.store, got.budget, got.sinks) == ("retrieve", 128, 16, SINKS)
-    assert Engine._memory(model, {"policy": "retrieve", "budget": 32}).budget == 32
+    assert (a.model.memory.policy, a.model.memory.store) == ("retrieve", STORE)
+    got = Engine._memory(a.model, {"budget": 16})
+    assert (got.policy, got.store, got.budget, got.window, got.sinks) == ("retrieve", STORE, 16, WINDOW, SINKS)
+    assert Engine._memory(a.model, SINK).policy == "sink"
     with pytest.raises(APIError) as err:
-        Engine._memory(model, {"policy": "retrieve", "budget": 10_000})
+        Engine._memory(a.model, {"budget": 10_000})  # more than the context leaves
+    assert err.value.status == 400 and err.value.param == "budget"
+    with pytest.raises(APIError) as err:
+        Engine._memory(a.model, {**SINK, "budget": 16})
     assert err.value.status == 400 and err.value.param == "budget"
 
     _, payload = parse_completion({"model": "m", "prompt": "x", "policy": "retrieve", "budget": 16}, 64, 16)
@@ -210,3 +211,36 @@ def test_the_serve_command_line_sets_the_retrieve_policy():
     assert (memory.policy, memory.window, memory.budget, memory.store, memory.sinks) == ("retrieve", 64, 32, 512, None)
     assert serve_args(parser.parse_args(["serve", "--model", "m"])).engine.memory is None
     assert MemoryConfig(policy="retrieve", window=64, budget=32, store=512).resolve(256).capacity == 100
+
+
+def test_on_onnx_runtime_a_moved_conversation_gives_the_same_reply(tiny_export):
+    """The production path: the tiny export (contract v4: its graph gives the queries) under retrieve on
+    two engines. Sampled at temperature 1 with a seed (the random model's greedy text is empty), so the
+    replies compare many tokens; equal logits give equal samples."""
+    config = EngineConfig(model=str(tiny_export), memory=MemoryOverrides(policy="retrieve", window=60, sinks=4,
+                                                                         budget=32, store=256))
+    a, b = Engine(config), Engine(config)
+    try:
+        assert a.model.kind == "onnx" and a.model.memory.policy == "retrieve"
+
+        def turn(engine, prompt, sid, max_tokens):
+            request = {"kind": "completion", "prompt": prompt, "session_id": sid, "generation": {
+                "max_new_tokens": max_tokens, "temperature": 1.0, "seed": 7, "stop_token_ids": []}}
+            return asyncio.run(_collect(engine, request))
+
+        # the random model's sampled bytes need not be valid UTF-8, so its text would not read back as
+        # the same tokens: the turns before the last keep no reply (one token, never fed back)
+        history = ""
+        for i in range(4):
+            history += f" Turn {i}: the river walks past the hill, the wind forgets the room."
+            turn(a, history, "ort", 1)
+        prompt = history + " Turn 4: and then?"
+        on_a, end_a = turn(a, prompt, "ort", 16)
+        on_b, end_b = turn(b, prompt, "ort", 16)
+        assert (end_a.cache, end_b.cache) == ("hit", "miss")
+        assert end_a.usage.evicted_tokens > 2 * 60 and end_a.usage.recalled_tokens > 0
+        assert on_a == on_b and len(on_a) > 0
+        assert (end_a.usage.evicted_tokens, end_a.usage.recalled) == (end_b.usage.evicted_tokens, end_b.usage.recalled)
+    finally:
+        a.close()
+        b.close()

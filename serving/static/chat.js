@@ -14,7 +14,7 @@
   const state = {
     key: localStorage.getItem(KEY_STORE) || "",
     model: null,      // the served model's id (GET v1/models)
-    memory: null,     // {policy, window, sinks}: the server's memory policy, when it says
+    memory: null,     // {policy, window, sinks[, budget, store]}: the server's memory policy, when it says
     session: null,    // the open conversation's id (also in the URL: #session=ID)
     turns: 0,         // the turns the server has kept of it, as last seen
     pastMarked: false, // whether a turn of this conversation is already marked as past the window
@@ -105,9 +105,11 @@
   }
 
   // ---- the memory bar --------------------------------------------------------------------------
-  function capacity(memory) {  // tokens the model attends to at most
+  function hasSinks(memory) { return Boolean(memory) && (memory.policy === "sink" || memory.policy === "retrieve"); }
+
+  function capacity(memory) {  // tokens of the conversation kept in place at most (retrieve's put-back copies aside)
     if (!memory || !memory.window) return null;
-    return memory.policy === "sink" ? memory.sinks + memory.window : memory.window;
+    return hasSinks(memory) ? memory.sinks + memory.window : memory.window;
   }
 
   function segment(cls, tokens, total, title) {
@@ -119,8 +121,10 @@
   }
 
   // Two bars on one scale, the whole conversation after this turn (total_tokens):
-  //   [sinks | evicted | window]     what the model still attends to, and what it no longer holds
+  //   [sinks | put back | evicted | window]  what the model still attends to, and what it no longer holds
   //   [cached | prefilled | reply]   this turn's prompt from the KV cache or computed now, then the reply
+  // "put back" (retrieve only, usage.recalled_tokens): evicted tokens the store put back while the
+  // reply was generated, listed with their text under the bar (usage.recalled).
   // `markable`: whether this turn, if past the window, can be called the first one (false when the
   // turn before it is unknown: that one may have been past already).
   function memoryBar(usage, markable = true) {
@@ -129,19 +133,23 @@
     const total = usage.total_tokens || prompt + completion;
     const cached = (usage.prompt_tokens_details || {}).cached_tokens || 0;
     const evicted = usage.evicted_tokens || 0;
+    const retrieve = usage.recalled_tokens !== undefined;  // the reply ran under the retrieve policy
+    const recalled = Math.min(usage.recalled_tokens || 0, evicted);
     const held = Math.max(0, total - evicted);
-    const sinks = state.memory && state.memory.policy === "sink" ? Math.min(state.memory.sinks, held) : 0;
+    const sinks = hasSinks(state.memory) ? Math.min(state.memory.sinks, held) : 0;
     const window = held - sinks;
     const cap = capacity(state.memory);
 
     const fig = document.createElement("figure");
     fig.className = "memory";
     Object.assign(fig.dataset, {sinks, window, cached, evicted, prompt, total});
+    if (retrieve) fig.dataset.recalled = recalled;
     const bar = document.createElement("div");
     bar.className = "bar";
     bar.setAttribute("role", "img");
     bar.append(segment("sink", sinks, total, "sink tokens (always kept)"),
-               segment("evicted", evicted, total, "evicted tokens"),
+               segment("recalled", recalled, total, "evicted tokens put back for this reply"),
+               segment("evicted", evicted - recalled, total, "evicted tokens"),
                segment("window", window, total, "window tokens (most recent)"));
     const turn = document.createElement("div");
     turn.className = "bar thin";
@@ -151,10 +159,11 @@
     const legend = document.createElement("figcaption");
     legend.className = "legend";
     legend.textContent = `memory: ${sinks} sink + ${window} window tokens` + (cap ? ` (holds ${cap})` : "") +
-      ` · ${evicted} evicted so far · ${cached} of ${prompt} prompt tokens from the cached KV state` +
-      ` · ${completion} generated`;
+      ` · ${evicted} evicted so far` + (retrieve ? ` (${recalled} put back for this reply)` : "") +
+      ` · ${cached} of ${prompt} prompt tokens from the cached KV state · ${completion} generated`;
     bar.setAttribute("aria-label", legend.textContent);
     fig.append(bar, turn, legend);
+    if (retrieve && (usage.recalled || []).length) fig.append(recalledList(usage.recalled));
     if (cap !== null && prompt > cap && !state.pastMarked) {
       state.pastMarked = true;
       if (!markable) return fig;
@@ -166,6 +175,24 @@
       fig.append(mark);
     }
     return fig;
+  }
+
+  // What retrieve put back: each run of evicted tokens, where it was in the conversation, its text.
+  function recalledList(parts) {
+    const list = document.createElement("ul");
+    list.className = "recalled";
+    list.setAttribute("aria-label", "evicted tokens put back for this reply");
+    for (const p of parts) {
+      const li = document.createElement("li");
+      const where = document.createElement("span");
+      where.className = "where";
+      where.textContent = `put back: tokens ${p.start}–${p.start + p.tokens - 1}`;
+      const text = document.createElement("q");
+      text.textContent = p.text;
+      li.append(where, " ", text);
+      list.append(li);
+    }
+    return list;
   }
 
   // ---- messages --------------------------------------------------------------------------------
@@ -354,6 +381,9 @@
     const m = state.memory;
     $("memory-policy").textContent = !m ? "" : m.policy === "sink"
       ? `Memory: the first ${m.sinks} tokens (sinks) + the ${m.window} most recent; a conversation of any length goes on.`
+      : m.policy === "retrieve"
+      ? `Memory: the first ${m.sinks} tokens (sinks) + the ${m.window} most recent, and up to ${m.budget} evicted ` +
+        `tokens put back before each token, the most relevant of the last ${m.store} evicted (kept per conversation).`
       : m.policy === "recompute" ? `Memory: the ${m.window} most recent tokens, recomputed when the window is full.`
       : `Memory: the whole context (${m.window} tokens); nothing is evicted.`;
     status("");
