@@ -10,8 +10,11 @@ Then the cost of exactness: prefilling a 4x-window prompt under `sink` with the 
 layout (any piece size gives token-by-token results) beside the earlier inexact prefill, which fed
 window-sized pieces and evicted down to the sinks at each piece boundary (re-implemented here as the
 baseline), interleaved rounds, medians.
+The retrieve policy (sink + evicted blocks put back, ctxmem.retrieval) at 1x, 4x and 8x the window,
+each beside a fresh sink@1x: its store fills to its bound (2,048 tokens by default) by 4x, so 8x
+shows whether the cost stays flat once the store drops blocks.
 Targets: sink@32x <= 1.15 x sink@1x; sink >= 10x faster per token than recompute chunk=1;
-exact prefill <= 1.3x the piecewise prefill.
+exact prefill <= 1.3x the piecewise prefill; retrieve <= 1.5x sink per token, flat past 4x.
 """
 from __future__ import annotations
 
@@ -79,6 +82,10 @@ def main() -> None:
     parser.add_argument("--measure", type=int, default=48, help="tokens timed at each stream length")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noise)")
     parser.add_argument("--prefill-rounds", type=int, default=3, help="interleaved rounds of the prefill comparison")
+    parser.add_argument("--budget", type=int, default=32, help="retrieve: tokens put back (0 = no retrieve rows)")
+    parser.add_argument("--retrieve-multiples", type=int, nargs="*", default=[1, 4, 8],
+                        help="stream lengths, in windows, where retrieve is timed (fed token by token past the "
+                             "window, as its meaning asks: the longest dominates the bench's time)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -128,14 +135,39 @@ def main() -> None:
         recompute_ms[chunk] = ms / reference
         rows.append((f"recompute (chunk={chunk})", "steady", ms, ms / reference, int(st.evicted[0])))
 
+    retrieve_ratio = {}
+    if args.budget:
+        r_window = model.cfg.max_seq_len - args.sinks - args.budget
+        retrieve = ContextMemory(backend, MemoryConfig("retrieve", window=r_window, sinks=args.sinks, budget=args.budget))
+        r_state, r_fed = retrieve.start(1), 0
+        for multiple in args.retrieve_multiples:
+            target = multiple * r_window
+            while r_fed < target - args.measure:
+                n = min(r_window, target - args.measure - r_fed)
+                retrieve.feed(r_state, [rng.integers(0, 512, n).tolist()])
+                r_fed += n
+            reference = fresh_1x_ms()
+            ms = per_token_ms(retrieve, r_state, rng.integers(0, 512, args.measure).tolist(), args.measure)
+            r_fed += args.measure
+            retrieve_ratio[multiple] = ms / reference
+            store = r_state.stores[0]
+            rows.append((f"retrieve (budget={args.budget}, window={r_window})", f"{multiple}x", ms, ms / reference,
+                         int(r_state.evicted[0])))
+            if store is not None:
+                rows[-1] = rows[-1] + (f"store {store.tokens} tokens, {store.nbytes / 2**20:.1f} MiB",)
+
     print(f"\nper-token decode latency, preset={args.preset} ({model.cfg.num_params() / 1e6:.1f}M params), "
           f"context={model.cfg.max_seq_len}, torch threads={args.threads}, thread CPU time")
     print(f"{'policy':38s} {'stream':>7s} {'ms/token':>9s} {'vs sink@1x':>11s} {'evicted':>8s}   (ratio vs a fresh 1x stream timed just before)")
-    for name, length, ms, ratio, evicted in rows:
-        print(f"{name:38s} {length:>7s} {ms:9.2f} {ratio:10.2f}x {evicted:8d}")
+    for name, length, ms, ratio, evicted, *extra in rows:
+        print(f"{name:38s} {length:>7s} {ms:9.2f} {ratio:10.2f}x {evicted:8d}   {' '.join(extra)}")
     print(f"\nsink@32x / sink@1x = {rows[3][3]:.2f} (target <= 1.15)")
     print(f"recompute(chunk=1) / sink = {recompute_ms[1]:.1f}x slower per token (target >= 10x)")
     print(f"recompute(chunk={max(1, window // 4)}) / sink = {recompute_ms[max(1, window // 4)]:.1f}x")
+    if retrieve_ratio:
+        longest = max(retrieve_ratio)
+        print(f"retrieve@{longest}x / sink@1x = {retrieve_ratio[longest]:.2f} (target <= 1.5); "
+              + ", ".join(f"@{m}x {r:.2f}" for m, r in sorted(retrieve_ratio.items())) + " (flat once the store is full)")
 
     prefill = prefill_rows(backend, model, window, args.sinks, args.prefill_rounds, rng)
     print(f"\nprefill of a {4 * window}-token prompt (4x the window) under sink, median of {args.prefill_rounds} "

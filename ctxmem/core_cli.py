@@ -35,13 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help=">1 discourages repeats (1 = off)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not printed")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    g.add_argument("--policy", choices=["full", "sink", "recompute"], default=None,
+    g.add_argument("--policy", choices=["full", "sink", "recompute", "retrieve"], default=None,
                    help="what the KV cache does past the window: full = error at the model's context; "
                         "sink = keep --sinks first tokens + --window recent ones (constant cost); "
-                        "recompute = drop --chunk oldest tokens and re-prefill the window")
+                        "recompute = drop --chunk oldest tokens and re-prefill the window; "
+                        "retrieve = sink, plus the --budget most relevant evicted tokens put back before "
+                        "each token (a bounded store of what left the window)")
     g.add_argument("--window", type=int, default=None, help="recent tokens kept (sink) / window size (recompute)")
     g.add_argument("--sinks", type=int, default=None, help="attention-sink tokens kept at the start (sink policy)")
     g.add_argument("--chunk", type=int, default=None, help="tokens dropped per re-prefill (recompute policy)")
+    g.add_argument("--budget", type=int, default=None,
+                   help="evicted tokens put back, in whole 16-token blocks (retrieve policy; default 32)")
+    g.add_argument("--store", type=int, default=None,
+                   help="evicted tokens kept per stream, oldest blocks dropped first (retrieve; default 2048)")
     g.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda)")
     g.set_defaults(func=cmd_generate)
 
@@ -76,7 +82,7 @@ def _build_generator(args):
     # fails now, naming the setting, on a bad combination
     generator.memory_config = generator.memory_config.with_overrides(
         backend.max_seq_len, backend.uses_rope, policy=args.policy, window=args.window, sinks=args.sinks,
-        chunk=args.chunk)
+        chunk=args.chunk, budget=args.budget, store=args.store)
     return generator
 
 

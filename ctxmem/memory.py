@@ -126,6 +126,10 @@ class MemoryConfig:
         if policy == "full" and given:
             raise MemoryConfigError(f"policy 'full' keeps every token and takes no {sorted(given)}; to bound "
                                     "the memory choose policy 'sink' (or 'recompute') as well")
+        stray = sorted(set(given) & set(RETRIEVAL_KEYS)) if policy != "retrieve" else []
+        if stray:
+            raise MemoryConfigError(f"{stray} set the retrieve policy's store and put-back; the policy here is "
+                                    f"{policy!r}: choose policy 'retrieve' as well")
         start = self if policy == self.policy else MemoryConfig(policy=policy)
         if policy in ("sink", "retrieve"):
             extra = given.get("budget", start.budget) if policy == "retrieve" else 0

@@ -52,29 +52,50 @@ class StreamStore:
 
     def __init__(self, s: RetrievalSettings, layers: int, kv_heads: int, head_dim: int, dtype):
         self.s = s
-        self.k = np.zeros((s.store, layers, kv_heads, head_dim), dtype)  # (N, L, Hkv, D) keys before rotation
-        self.v = np.zeros((s.store, layers, kv_heads, head_dim), dtype)
-        self.ids = np.zeros(s.store, np.int64)  # (N,) token ids, to show what was put back
+        # the ring's arrays start small and double up to `store` slots (a short conversation does not
+        # pay for the bound); they only wrap once full, so a slot is (t - sinks) % store throughout
+        n = min(s.store, 4 * s.block)
+        self.k = np.zeros((n, layers, kv_heads, head_dim), dtype)  # (N, L, Hkv, D) keys before rotation
+        self.v = np.zeros((n, layers, kv_heads, head_dim), dtype)
+        self.rk = np.zeros((n, kv_heads, head_dim), np.float32)  # (N, Hkv, D) the retrieval layer's, contiguous
+        self.ids = np.zeros(n, np.int64)  # (N,) token ids, to show what was put back
         self.lo = self.hi = s.sinks
-        # per recent query: the attention mass of each ring block (NB,) and the block ids it was
-        # computed for (NB,), so a ring block reused by a newer block does not inherit old mass
-        self.masses: list[tuple[np.ndarray, np.ndarray]] = []
+        # the latest `queries` queries' attention mass per ring block (Q, NB), and the block id each
+        # mass was computed for (Q, NB; -1 none), so a ring block reused by a newer block does not
+        # inherit an old block's mass; row `seen % Q` is the next to be written
+        nb = s.store // s.block
+        self.mass = np.zeros((s.queries, nb))
+        self.stamp = np.full((s.queries, nb), -1, np.int64)
+        self.seen = 0
         self.chosen: tuple[tuple[int, int], ...] = ()  # (block id, size) re-inserted now
 
     def copy(self) -> "StreamStore":
         out = StreamStore.__new__(StreamStore)
-        out.s, out.k, out.v, out.ids, out.lo, out.hi = self.s, self.k.copy(), self.v.copy(), self.ids.copy(), \
-            self.lo, self.hi
-        out.masses, out.chosen = list(self.masses), self.chosen  # the mass arrays are never written in place
+        out.__dict__.update(self.__dict__)
+        for name in ("k", "v", "rk", "ids", "mass", "stamp"):
+            setattr(out, name, getattr(self, name).copy())
         return out
 
     @property
     def tokens(self) -> int:
         return self.hi - self.lo
 
+    def _grow(self, slots: int) -> None:
+        """Room for `slots` ring slots (at most `store`), doubling."""
+        have = len(self.ids)
+        if slots <= have:
+            return
+        n = min(self.s.store, max(slots, 2 * have))
+        for name in ("k", "v", "rk", "ids"):
+            old = getattr(self, name)
+            new = np.zeros((n, *old.shape[1:]), old.dtype)
+            new[:have] = old
+            setattr(self, name, new)
+
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes held for this stream (at most the bound's: the ring grows up to `store` slots)."""
+        return self.k.nbytes + self.v.nbytes + self.rk.nbytes + self.ids.nbytes + self.mass.nbytes + self.stamp.nbytes
 
     # ---- filling -------------------------------------------------------------------------------
     def add(self, stream: np.ndarray, k: np.ndarray, v: np.ndarray, ids: np.ndarray) -> None:
@@ -88,67 +109,67 @@ class StreamStore:
         for start in range(0, len(stream), s.store):  # more than the ring at once: only the last ring survives
             part = slice(start, start + s.store)
             n = len(stream[part])
+            self._grow(self.hi + n - s.sinks)
             while self.hi + n - self.lo > s.store:  # drop the oldest whole block
                 self.lo += s.block
             slots = (stream[part] - s.sinks) % s.store
             self.k[slots], self.v[slots], self.ids[slots] = k[part], v[part], ids[part]
+            self.rk[slots] = k[part][:, s.layer]
             self.hi += n
 
     def observe(self, query: np.ndarray) -> None:
         """One new token's retrieval-layer query (H, D), before rotation: its attention mass per stored
         block (softmax over every stored token, per head, averaged over heads) joins the latest scores."""
         s = self.s
-        if self.tokens == 0:
+        n = self.tokens
+        if n == 0:
             return
         H, D = query.shape
-        slots, blocks = self.slot_range()
-        keys = self.k[slots, s.layer].astype(np.float32)  # (n, Hkv, D)
-        rep = H // keys.shape[1]
-        q = query.astype(np.float32).reshape(keys.shape[1], rep, D)  # query head h reads kv head h // rep
-        scores = np.einsum("grd,ngd->grn", q, keys) / np.sqrt(D)  # (Hkv, rep, n)
+        first = (self.lo - s.sinks) % s.store  # ring slot of the oldest stored token (block-aligned)
+        keys = self.rk[first:first + n] if first + n <= s.store else \
+            np.concatenate((self.rk[first:], self.rk[:first + n - s.store]))  # (n, Hkv, D), stream order
+        Hkv = keys.shape[1]
+        q = query.astype(np.float32, copy=False).reshape(Hkv, H // Hkv, D)  # query head h reads kv head h // rep
+        scores = np.matmul(q, keys.transpose(1, 2, 0)) * (1.0 / np.sqrt(D))  # (Hkv, rep, n)
         scores -= scores.max(axis=-1, keepdims=True)
         w = np.exp(scores)
         w /= w.sum(axis=-1, keepdims=True)
-        per_token = w.mean(axis=(0, 1))  # (n,)
+        per_token = w.reshape(H, n).mean(axis=0)  # (n,)
+        sums = np.add.reduceat(per_token, np.arange(0, n, s.block))  # (blocks,) oldest first
+        blocks = (self.lo - s.sinks) // s.block + np.arange(len(sums))
+        row = self.seen % s.queries
         nb = s.store // s.block
-        mass = np.zeros(nb, np.float64)
-        np.add.at(mass, blocks % nb, per_token)
-        ids = np.full(nb, -1, np.int64)
-        ids[blocks % nb] = blocks
-        self.masses.append((mass, ids))
-        del self.masses[:-s.queries]
+        self.mass[row] = 0.0
+        self.stamp[row] = -1
+        self.mass[row, blocks % nb] = sums
+        self.stamp[row, blocks % nb] = blocks
+        self.seen += 1
 
     # ---- choosing ------------------------------------------------------------------------------
-    def slot_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """Ring slots (n,) of the stored tokens in stream order, and each token's block id (n,)."""
-        t = np.arange(self.lo, self.hi)
-        return (t - self.s.sinks) % self.s.store, (t - self.s.sinks) // self.s.block
-
     def choose(self) -> tuple[tuple[int, int], ...]:
-        """The blocks to re-insert, as (block id, tokens stored of it): the best-scored block, the one after it, the one before it, then
-        the next best ..., each whole, while they fit the budget; sorted. Ties go to the older block."""
+        """The blocks to re-insert, as (block id, tokens stored of it): the best-scored block, the one
+        after it, the one before it, then the next best ..., each whole, while they fit the budget;
+        sorted. Ties go to the older block. Nothing before any query has scored the store."""
         s = self.s
-        if self.tokens == 0 or not self.masses or s.budget == 0:
+        if self.tokens == 0 or self.seen == 0 or s.budget == 0:
             return ()
         first, last = (self.lo - s.sinks) // s.block, (self.hi - 1 - s.sinks) // s.block
-        ids = np.arange(first, last + 1)  # (nb,) stored block ids, oldest first
-        nb = s.store // s.block
-        score = np.zeros(len(ids))
-        for mass, stamp in self.masses:
-            here = stamp[ids % nb] == ids
-            score += np.where(here, mass[ids % nb], 0.0)
-        sizes = np.array([self.block_size(int(b)) for b in ids])
-        chosen: list[int] = []
+        ids = np.arange(first, last + 1)  # stored block ids, oldest first
+        ring = ids % (s.store // s.block)
+        score = np.where(self.stamp[:, ring] == ids, self.mass[:, ring], 0.0).sum(axis=0)  # (blocks,)
+        starts = np.maximum(s.sinks + ids * s.block, self.lo)
+        sizes = np.minimum(s.sinks + (ids + 1) * s.block, self.hi) - starts
+        chosen: dict[int, int] = {}
         used = 0
         for best in np.argsort(-score, kind="stable"):
             for i in (best, best + 1, best - 1):
                 if 0 <= i < len(ids) and int(ids[i]) not in chosen and used + sizes[i] <= s.budget:
-                    chosen.append(int(ids[i]))
+                    chosen[int(ids[i])] = int(sizes[i])
                     used += int(sizes[i])
             if used + s.block > s.budget and used:
                 break
         # with each block's size: a block still filling is a different choice once it has grown
-        return tuple((b, self.block_size(b)) for b in sorted(chosen))
+        return tuple(sorted(chosen.items()))
 
     def block_size(self, block: int) -> int:
         a = max(self.s.sinks + block * self.s.block, self.lo)

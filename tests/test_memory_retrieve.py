@@ -116,7 +116,8 @@ def test_a_bounded_store_drops_its_oldest_blocks(model):
     store = state.stores[0]
     # 48 tokens evicted (stream 2..49); blocks of 4 from 2; the newest whole blocks within 8 tokens: 42..49
     assert (store.lo, store.hi, store.tokens) == (42, 50, 8)
-    assert store.nbytes == 2 * 8 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+    kv = 2 * 8 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4  # the bound's keys and values
+    assert store.k.nbytes + store.v.nbytes == kv and store.nbytes < 2 * kv  # + scoring keys, ids, scores
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -193,3 +194,5 @@ def test_overrides_keep_the_budget_inside_the_context():
     assert (got.policy, got.sinks, got.budget, got.window) == ("retrieve", 4, 16, 44)
     assert got.capacity == 64 and got.to_dict()["store"] == 2048
     assert MemoryConfig("retrieve").resolve(64).window == 64 - 4 - 32
+    with pytest.raises(MemoryConfigError, match="choose policy 'retrieve'"):
+        saved.with_overrides(64, budget=16)  # a budget means nothing to the sink policy: said, not ignored
