@@ -351,7 +351,7 @@ def retrieve_server(tiny_export):
     engine.close()
 
 
-def test_the_memory_bar_shows_what_retrieve_put_back(retrieve_server, browser):
+def test_the_memory_bar_shows_what_retrieve_put_back(retrieve_server, browser, tmp_path):
     """Past the window, each reply's bar counts the evicted tokens put back for it and lists them with
     their text, as the API's usage says (recalled_tokens, recalled); a reload shows them again. The
     random tiny model recalls nothing meaningful: tests/test_serving_retrieve.py checks real recall."""
@@ -378,6 +378,8 @@ def test_the_memory_bar_shows_what_retrieve_put_back(retrieve_server, browser):
     assert last.locator("ul.recalled q").all_text_contents() == [p["text"] for p in stored[-1]["recalled"]]
     first = stored[-1]["recalled"][0]
     assert f"put back: tokens {first['start']}–{first['start'] + first['tokens'] - 1}" in shown.first.inner_text()
+    last.screenshot(path=str(tmp_path / "retrieve-bar.png"))
+    assert (tmp_path / "retrieve-bar.png").stat().st_size > 2_000
     before = page.locator("figure.memory").evaluate_all(BARS)
     page.reload()
     page.locator("figure.memory").nth(len(bars) - 1).wait_for()

@@ -114,14 +114,14 @@ def test_a_conversation_moved_to_another_replica_gives_the_same_reply_and_store(
     """Replica A served the turns so far and holds the state; B never saw the conversation and
     rebuilds it from the history. The next turn is the same on both (greedy), and so are the stores."""
     a, b = replicas
-    texts, answer = conversation(seed=1, turns=8)
+    texts, answer = conversation(seed=1, turns=7)
     history, _ = chat(a, texts[:-1], "moved")
     prompt = history + " " + texts[-1]
     on_a, end_a = run(a, prompt, "moved", 6, stop=["."])
     on_b, end_b = run(b, prompt, "moved", 6, stop=["."])
     assert end_a.cache == "hit" and end_b.cache == "miss" and end_b.usage.cached_tokens == 0
     assert on_a == on_b and on_a.startswith(answer)
-    assert end_a.usage.evicted_tokens == end_b.usage.evicted_tokens > 3 * WINDOW
+    assert end_a.usage.evicted_tokens == end_b.usage.evicted_tokens > 2 * WINDOW
     assert end_a.usage.recalled == end_b.usage.recalled and end_a.usage.recalled_tokens > 0
     kept_a, kept_b = a.scheduler.cache.take("moved"), b.scheduler.cache.take("moved")
     assert kept_a.history == kept_b.history
@@ -161,7 +161,7 @@ def test_an_edited_history_past_the_window_is_rebuilt_not_rewound(replicas):
 def test_reuse_falls_back_to_a_rebuild_where_rewind_refuses(replicas):
     a, _ = replicas
     memory = ContextMemory(a.model.generator.backend, a.model.memory)
-    history = list(range(40, 40 + 3 * WINDOW))
+    history = list(range(40, 40 + WINDOW + 40))
     state = memory.start(1)
     memory.feed(state, [history])
     assert state.stores[0] is not None  # past the window: its store holds evicted tokens
