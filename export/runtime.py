@@ -377,7 +377,8 @@ class OrtBackend:
         self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
 
     def run(self, ids: np.ndarray, layout, past) -> list[np.ndarray]:
-        """One graph call; outputs in contract order (logits, present_key_0, present_value_0, ...)."""
+        """One graph call; logits and the cache in contract order (logits, present_key_0,
+        present_value_0, ...; a v4 graph's query outputs are fetched by forward_with_queries only)."""
         return self.step(ids, layout, past)[0]
 
     def step(self, ids: np.ndarray, layout, past, extra: tuple[str, ...] = ()) -> tuple[list[np.ndarray], Any]:
@@ -427,7 +428,8 @@ class OrtBackend:
     def _keep_in_span(self, layout, past: FrameCache, frame: np.ndarray, T: int) -> tuple[FrameCache, np.ndarray]:
         """Rows whose new positions would reach past the rotation table get a new frame offset (the
         newest token at max_seq_len - 1, inside the v2 range) and their cached ordinary keys rotated
-        back by the offset's change; sink keys do not move. Exact up to one rotation's rounding, once
+        back by the offset's change; sink keys do not move, nor the retrieve policy's put-back keys
+        (both flagged in layout.sink_slots, both rotated at fixed positions, not in the frame). Exact up to one rotation's rounding, once
         per key: the offset moves every max_seq_len tokens at most, longer than a key stays cached."""
         low, high = self.span
         newest = layout.stream[:, -T:].max(axis=1)  # (B,)
