@@ -176,9 +176,7 @@ def cmd_demo(args) -> int:
                 _say("memory past the window: a fact given in turn 1, asked for at turn 20 - the retrieve policy "
                      "(sink + a bounded store of evicted KV, its best blocks put back) beside sink, on the "
                      "recall-trained small model (the demo's own model is too small to recall)")
-                from .demo_memory import run_memory_demo
-
-                report["memory"] = run_memory_demo(_say)
+                report["memory"] = _memory_segment(work / "recall-export", args.fresh, env)
             report["chat_page"] = url + "/"
             _finish(report, work, export, env, started)
             if args.keep_serving:
@@ -192,6 +190,22 @@ def cmd_demo(args) -> int:
     else:
         _finish(report, work, export, env, started)
     return 0
+
+
+def _memory_segment(export: Path, fresh: bool, env: dict) -> dict:
+    """The recall-trained model exported (once; reused like the other stages), then the segment."""
+    from .demo_memory import RECALL_MODEL, run_memory_demo
+
+    if not (RECALL_MODEL / "model.safetensors").exists():
+        print(f"  skipped: the recall-trained model is not at {RECALL_MODEL} (it ships in the repository's bench/)",
+              file=sys.stderr)
+        return {"skipped": f"no model at {RECALL_MODEL}"}
+    if (export / "model.onnx").exists() and not fresh:
+        print(f"  reusing {export}", file=sys.stderr)
+    else:
+        _ctxmem("export", "--model", str(RECALL_MODEL), "--out", str(export), "--policy", "sink", "--sinks", "4",
+                "--window", "64", env=env)
+    return run_memory_demo(_say, export)
 
 
 def _finish(report: dict, work: Path, export: Path, env: dict, started: float) -> None:

@@ -2,11 +2,13 @@
 hundreds of tokens (several windows) later, under the `retrieve` policy and under `sink`, side by side.
 
 The model is bench/models/recall-small (recall-trained; the demo's own CPU-trained model recalls
-nothing). It is not chat-trained - under the chat template it answers nothing even inside its window -
+nothing), exported to ONNX by the demo (`ctxmem export`, contract v4: the graph gives the queries
+retrieve scores with) and served by ONNX Runtime; its checkpoint directory works too (PyTorch, about
+twice the CPU). It is not chat-trained - under the chat template it answers nothing even inside its window -
 so the conversation is raw text through `/v1/completions`: each turn's prompt is the conversation so
 far (replies included) plus the new text, in one `X-Session-Id` so the engine reuses its KV state and
 its store. It is served in this process: the same engine and API app as
-`ctxmem serve --model bench/models/recall-small --policy retrieve ...`, on uvicorn instead of Ray Serve
+`ctxmem serve --model EXPORT --policy retrieve ...`, on uvicorn instead of Ray Serve
 (a second Ray application would cost more than the segment itself). One conversation runs under the
 server's `retrieve`, the other asks for `sink` with the same sinks and window (the request knobs the
 API takes), so the only difference is the store.
@@ -74,7 +76,7 @@ class _Server:
 def run_memory_demo(say: Callable[[str], None], model: Path = RECALL_MODEL, turns: int = TURNS,
                     seed: int = SEED) -> dict[str, Any]:
     """Runs the segment, prints it, returns its report (for demo_report.json)."""
-    if not (model / "model.safetensors").exists():
+    if not ((model / "model.safetensors").exists() or (model / "model.onnx").exists()):
         print(f"  skipped: the recall-trained model is not at {model} (it ships in the repository's bench/)",
               file=sys.stderr)
         return {"skipped": f"no model at {model}"}
@@ -100,7 +102,7 @@ def run_memory_demo(say: Callable[[str], None], model: Path = RECALL_MODEL, turn
             rows = _converse(client, texts)
     finally:
         engine.close()
-    return _report(say, texts, fact, rows)
+    return _report(say, str(model), texts, fact, rows)
 
 
 def _converse(client, texts: list[str]) -> list[dict[str, Any]]:
@@ -126,7 +128,7 @@ def _converse(client, texts: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _report(say: Callable[[str], None], texts: list[str], fact, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _report(say: Callable[[str], None], model: str, texts: list[str], fact, rows: list[dict[str, Any]]) -> dict[str, Any]:
     last = rows[-1]
     r, s = last["retrieve"], last["sink"]
     recalled = r["usage"].get("recalled") or []
@@ -141,7 +143,7 @@ def _report(say: Callable[[str], None], texts: list[str], fact, rows: list[dict[
         print(f"    tokens {part['start']}-{part['start'] + part['tokens'] - 1}: {part['text']!r}", file=sys.stderr)
     print(f"  sink answers     {s['reply']!r}: {'recalled' if s['reply'].startswith(fact.answer) else 'not recalled'}"
           f"; {s['usage']['evicted_tokens']} tokens evicted, nothing kept to put back", file=sys.stderr, flush=True)
-    return {"model": str(RECALL_MODEL), "memory": MEMORY, "fact": fact.statement, "question": texts[-1],
+    return {"model": model, "memory": MEMORY, "fact": fact.statement, "question": texts[-1],
             "expected": fact.answer, "distance": distance, "turns": rows,
             "retrieve": {"answer": r["reply"], "recalled": r["reply"].startswith(fact.answer),
                          "evicted_tokens": r["usage"]["evicted_tokens"], "put_back": recalled},
@@ -149,7 +151,7 @@ def _report(say: Callable[[str], None], texts: list[str], fact, rows: list[dict[
                      "evicted_tokens": s["usage"]["evicted_tokens"]}}
 
 
-if __name__ == "__main__":  # the segment alone: python -m ctxmem.serving.demo_memory
+if __name__ == "__main__":  # the segment alone: python -m ctxmem.serving.demo_memory [MODEL_DIR (an export too)]
     started = time.monotonic()
-    run_memory_demo(lambda m: print(f"\n[demo] {m}", file=sys.stderr))
+    run_memory_demo(lambda m: print(f"\n[demo] {m}", file=sys.stderr), Path(sys.argv[1]) if sys.argv[1:] else RECALL_MODEL)
     print(f"{time.monotonic() - started:.1f}s", file=sys.stderr)
