@@ -187,7 +187,7 @@ def test_the_demo_runs_as_written(tmp_path, tiny_checkpoint, mlflow_store_templa
     memory = report["memory"]
     assert [t["turn"] for t in memory["turns"]] == list(range(1, 21))
     assert memory["distance"] > 4 * memory["memory"]["window"]
-    assert memory["retrieve"]["recalled"] and not memory["sink"]["recalled"], memory["retrieve"], memory["sink"]
+    assert memory["retrieve"]["recalled"] and not memory["sink"]["recalled"], (memory["retrieve"], memory["sink"])
     assert any(memory["expected"].strip() in part["text"] for part in memory["retrieve"]["put_back"])
     assert memory["retrieve"]["evicted_tokens"] == memory["sink"]["evicted_tokens"] > memory["distance"] - 100
     assert "retrieve answers" in log.read_text() and "sink answers" in log.read_text()
