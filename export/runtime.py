@@ -429,8 +429,9 @@ class OrtBackend:
         """Rows whose new positions would reach past the rotation table get a new frame offset (the
         newest token at max_seq_len - 1, inside the v2 range) and their cached ordinary keys rotated
         back by the offset's change; sink keys do not move, nor the retrieve policy's put-back keys
-        (both flagged in layout.sink_slots, both rotated at fixed positions, not in the frame). Exact up to one rotation's rounding, once
-        per key: the offset moves every max_seq_len tokens at most, longer than a key stays cached."""
+        (both flagged in layout.sink_slots, both rotated at fixed positions, not in the frame). Exact up
+        to one rotation's rounding, once per key: the offset moves every max_seq_len tokens at most,
+        longer than a key stays cached."""
         low, high = self.span
         newest = layout.stream[:, -T:].max(axis=1)  # (B,)
         move = newest - frame >= high
