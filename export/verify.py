@@ -344,7 +344,8 @@ def _retrieve_run(model, ort: OrtBackend, gate_values: bool) -> dict[str, Any]:
     out = lock.stages["retrieve"].to_dict()
     store = state.stores[0]
     out.update(memory=mem.config.to_dict(), layer=mem.retrieval.layer, choice_changes=changes,
-               distinct_choices=len(choices - {()}), stored_tokens=[int(s.tokens) for s in state.stores], dropped_from_store=int(store.lo - memory.sinks))
+               distinct_choices=len(choices - {()}), stored_tokens=[int(s.tokens) for s in state.stores],
+               dropped_from_store=int(store.lo - memory.sinks))
     return out
 
 
