@@ -205,7 +205,11 @@ def _memory_segment(export: Path, fresh: bool, env: dict) -> dict:
     else:
         _ctxmem("export", "--model", str(RECALL_MODEL), "--out", str(export), "--policy", "sink", "--sinks", "4",
                 "--window", "64", env=env)
-    return run_memory_demo(_say, export)
+    try:
+        return run_memory_demo(_say, export)
+    except Exception as err:  # noqa: BLE001 - say which stage failed, in words, as for the other stages
+        raise DemoError(f"the memory segment failed ({type(err).__name__}: {err}); the server's messages are "
+                        f"above. `ctxmem demo --no-memory` skips it.") from err
 
 
 def _finish(report: dict, work: Path, export: Path, env: dict, started: float) -> None:
