@@ -244,3 +244,27 @@ def test_on_onnx_runtime_a_moved_conversation_gives_the_same_reply(tiny_export):
     finally:
         a.close()
         b.close()
+
+
+def test_the_recall_log_keeps_the_union_of_put_back_blocks_as_runs_with_their_text():
+    """RecallLog without a model: blocks noted over several steps (one growing, one dropped from the
+    store later) become runs of consecutive tokens, in conversation indices (the stream prefix off)."""
+    from ctxmem.serving.recall import RecallLog
+
+    class Store:  # StreamStore's chosen and gather, over a stream whose token at index t is t
+        def __init__(self, chosen, hi):
+            self.chosen, self.hi = chosen, hi
+
+        def gather(self, chosen):
+            t = np.concatenate([np.arange(4 + 16 * b, min(4 + 16 * (b + 1), self.hi)) for b, _ in chosen])
+            return t, None, None, t
+
+    log = RecallLog(offset=2)
+    log.note(None)  # nothing evicted yet
+    log.note(Store(((1, 16), (2, 10)), hi=46))  # block 2 still filling
+    log.note(Store(((1, 16), (2, 10)), hi=46))  # the same choice: nothing new
+    log.note(Store(((2, 16), (5, 16)), hi=100))  # block 2 grown; block 1 no longer chosen, still reported
+    runs = log.ranges(lambda ids: ",".join(map(str, ids)))
+    assert [(r.start, r.tokens) for r in runs] == [(20 - 2, 32), (84 - 2, 16)]
+    assert runs[0].text.split(",")[0] == "20" and runs[1].text.split(",")[-1] == "99"
+    assert RecallLog(0).ranges(str) == ()
