@@ -39,7 +39,7 @@ from .layout import AttentionLayout, build_layout
 from .retrieval import RetrievalSettings, StreamStore
 
 POLICIES = ("full", "sink", "recompute", "retrieve")
-RETRIEVAL_KEYS = ("budget", "block", "store", "layer", "queries")
+RETRIEVAL_KEYS = ("budget", "block", "store", "layer", "queries", "every")
 
 
 class ContextOverflowError(ValueError):
@@ -58,12 +58,14 @@ class MemoryConfig:
     chunk: int = 1  # recompute: tokens dropped at a time
     # retrieve (ctxmem.retrieval): evicted tokens put back at most, in blocks of `block`; the store's
     # bound in tokens (a multiple of `block`); the layer whose queries choose (None: half way up,
-    # layer n_layers // 2, the best on bench/probe_retrieval.py's recall model); queries averaged
+    # layer n_layers // 2, the best on bench/probe_retrieval.py's recall model); queries averaged;
+    # the choice is refreshed at stream indices that are multiples of `every`
     budget: int = 32
     block: int = 16
     store: int = 2048
     layer: int | None = None
     queries: int = 12
+    every: int = 1
 
     def resolve(self, max_seq_len: int, uses_rope: bool = True) -> "MemoryConfig":
         """Validate against a model and fill in the default window."""
@@ -103,6 +105,8 @@ class MemoryConfig:
             raise MemoryConfigError(f"store ({self.store} tokens) must be a positive multiple of block ({self.block})")
         if self.queries < 1:
             raise MemoryConfigError(f"queries must be >= 1, got {self.queries}")
+        if self.every < 1:
+            raise MemoryConfigError(f"every must be >= 1, got {self.every}")
         if self.layer is not None and self.layer < 0:
             raise MemoryConfigError(f"layer must be >= 0, got {self.layer}")
 
@@ -316,7 +320,8 @@ class ContextMemory:
         layer = cfg.layer if cfg.layer is not None else layers // 2
         if not 0 <= layer < layers:
             raise MemoryConfigError(f"layer {layer} does not exist: the model has layers 0..{layers - 1}")
-        return RetrievalSettings(cfg.budget, cfg.block, cfg.store, layer, cfg.queries, cfg.sinks)
+        return RetrievalSettings(budget=cfg.budget, block=cfg.block, store=cfg.store, layer=layer,
+                                 queries=cfg.queries, every=cfg.every, sinks=cfg.sinks)
 
     # ---- public -----------------------------------------------------------------------------
     def start(self, batch: int = 1) -> MemoryState:
@@ -380,32 +385,30 @@ class ContextMemory:
         return np.concatenate(every, axis=1) if all_logits else logits
 
     def _feed_retrieve(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:
-        """retrieve: pieces as under sink while no new token is past the window (nothing evicted, so
-        nothing to put back), then one column at a time: put back, forward, evict into the stores,
-        score the stores with the new token's query (ctxmem.retrieval's exact meaning)."""
+        """retrieve: pieces as under sink, but cut at each row's refresh points (ctxmem.retrieval), where
+        the row chooses what to put back; after each piece the evicted tokens go to the stores and the
+        new tokens' queries are remembered."""
         cfg = self.config
         if state.stores is None:
             state.stores = [None] * state.batch
+        state.stores = [s if s is not None else StreamStore(self.retrieval) for s in state.stores]
+        index = state.seen[:, None] + np.cumsum(valid, axis=1) - 1  # (B, T) stream index of each new token
+        refresh = valid & (index >= cfg.sinks + cfg.window) & (index % self.retrieval.every == 0)  # (B, T)
+        cuts = np.flatnonzero(refresh.any(axis=0))
         logits, every, col, T = None, [], 0, ids.shape[1]
         while col < T:
-            rest = valid[:, col:]
-            index = state.seen[:, None] + np.cumsum(rest, axis=1) - 1  # (B, T - col) stream index of each new token
-            early = (~rest | (index < cfg.sinks + cfg.window)).all(axis=0)  # no row's window has moved yet
-            lead = int(np.argmin(np.append(early, False)))  # leading early columns
-            step = min(self.piece, lead) if lead else 1
+            later = cuts[cuts > col]
+            step = min(self.piece, (int(later[0]) if len(later) else T) - col)
             part_ids, part_valid = ids[:, col:col + step], valid[:, col:col + step]
             self._make_room(state, part_valid)
-            if lead:
-                step_logits = self._forward(state, part_ids, part_valid, last_only=not all_logits)
-            else:
-                self._put_back(state, part_valid[:, 0])
-                step_logits, queries = self._forward(state, part_ids, part_valid, last_only=not all_logits,
-                                                     queries=True)
+            if refresh[:, col].any():
+                self._put_back(state, refresh[:, col])
+            step_logits, queries = self._forward(state, part_ids, part_valid, last_only=not all_logits, queries=True)
             self._evict(state, cfg.window)
-            if not lead:
-                for r in np.flatnonzero(part_valid[:, 0]):
-                    if state.stores[r] is not None:
-                        state.stores[r].observe(queries[r, :, 0])  # (H, D)
+            for r in range(state.batch):
+                cols = np.flatnonzero(part_valid[r])
+                if len(cols):
+                    state.stores[r].remember(queries[r][:, cols].transpose(1, 0, 2))  # (T', H, D)
             if all_logits:
                 every.append(step_logits)
             else:
@@ -415,7 +418,7 @@ class ContextMemory:
         return np.concatenate(every, axis=1) if all_logits else logits
 
     def _put_back(self, state: MemoryState, fed: np.ndarray) -> None:
-        """Before one column: each fed row (fed (B,) bool) with a store chooses its blocks; if any row's
+        """Before a piece: each row at a refresh point (fed (B,) bool) chooses its blocks; if any row's
         choice changed, the cache is rebuilt as [sinks][put back][the rest], the put-back zone right-
         aligned per row, its keys at compacted positions sinks, sinks + 1, ... (ctxmem.retrieval)."""
         cfg = self.config
@@ -428,9 +431,9 @@ class ContextMemory:
         sink_part = in_place & (stream < cfg.sinks)
         idx_s, kept_s = packed_slots(sink_part)
         idx_r, kept_r = packed_slots(in_place & ~sink_part)
-        got = [s.gather(c) if s is not None else None for s, c in zip(stores, choices)]
+        got = [s.gather(c) if s is not None and c else None for s, c in zip(stores, choices)]
         Z = max((len(g[0]) for g in got if g is not None), default=0)
-        some = next(s for s in stores if s is not None)
+        some = next(s for s in stores if s is not None and s.k is not None)  # a change needs stored tokens
         L, Hkv, D = some.k.shape[1:]
         zk = np.zeros((state.batch, Z, L, Hkv, D), some.k.dtype)
         zv = np.zeros_like(zk)
@@ -464,7 +467,7 @@ class ContextMemory:
         k, v = self.backend.ops.export(state.past, idx, stream)  # (B, K, L, Hkv, D)
         for r in np.flatnonzero(kept.any(axis=1)):
             if state.stores[r] is None:
-                state.stores[r] = StreamStore(self.retrieval, *k.shape[2:], k.dtype)
+                state.stores[r] = StreamStore(self.retrieval)
             state.stores[r].add(stream[r][kept[r]], k[r][kept[r]], v[r][kept[r]], tokens[r][kept[r]])
 
     def prefix_for(self, tokens: Sequence[int] | np.ndarray) -> list[int]:
@@ -489,8 +492,8 @@ class ContextMemory:
         if state.batch != 1:
             raise ValueError("rewind works on one sequence at a time")
         if state.stores is not None and state.stores[0] is not None:
-            raise ValueError("cannot rewind a retrieve stream past its window: its store and scores moved with "
-                             "those tokens; rebuild it from the history instead")
+            raise ValueError("cannot rewind a retrieve stream: its store and remembered queries moved with those "
+                             "tokens; rebuild it from the history instead")
         mask = state.mask.copy()
         valid = np.flatnonzero(mask[0])
         if n > len(valid):

@@ -9,11 +9,15 @@ past the window, against 0.91-0.97 for the best single layer), the softmax atten
 16-token block would get among all stored tokens, averaged over the stream's latest ``queries``
 queries, and the best block taken together with the block after it (what followed the match).
 
-Exact meaning (the same whatever the piecing, cached or rebuilt from history): token n's retrieved
-set is chosen from the tokens evicted before n (those the sink rule no longer shows n), by the
-layer's queries of tokens n - ``queries`` .. n - 1, each query scored against the store as it was
-right after its own token. So a stream past the window is fed token by token, and everything here
-is a function of the stream alone.
+Exact meaning (the same whatever the piecing, cached or rebuilt from history): the choice is made
+at refresh points, the stream indices n >= sinks + window (once the window has moved) that are
+multiples of ``every``. At a refresh point n the stored tokens (those evicted before n, within the
+bound) are scored by the layer's queries of tokens n - ``queries`` .. n - 1, all against the store as
+it is at n; tokens n .. next refresh - 1 read that choice. So a stream past the window is fed in
+pieces that end at refresh points, and everything here is a function of the stream alone.
+``every`` 1 chooses afresh before every token; larger values feed a long prompt in longer pieces
+(prefill cost) and score less often (decode cost), at the price of choosing with queries up to
+``every`` - 1 tokens old.
 
 Bound: a ring of ``store`` tokens (a multiple of ``block``); when it is full the oldest whole block
 is dropped (first in, first out: a conversation's oldest turns go first). Keys and values are kept
@@ -40,6 +44,7 @@ class RetrievalSettings:
     store: int  # tokens kept per stream at most, a multiple of block
     layer: int  # the layer whose queries and keys score the blocks
     queries: int  # latest queries averaged
+    every: int  # refresh points: stream indices past the window that are multiples of this
     sinks: int  # stream indices below this are sinks, never stored
 
 
@@ -50,54 +55,59 @@ class StreamStore:
     (t - sinks) // block. ``lo``/``hi``: the stored stream range [lo, hi), contiguous (evictions come
     in stream order), ``lo`` block-aligned."""
 
-    def __init__(self, s: RetrievalSettings, layers: int, kv_heads: int, head_dim: int, dtype):
+    def __init__(self, s: RetrievalSettings):
         self.s = s
-        # the ring's arrays start small and double up to `store` slots (a short conversation does not
-        # pay for the bound); they only wrap once full, so a slot is (t - sinks) % store throughout
-        n = min(s.store, 4 * s.block)
-        self.k = np.zeros((n, layers, kv_heads, head_dim), dtype)  # (N, L, Hkv, D) keys before rotation
-        self.v = np.zeros((n, layers, kv_heads, head_dim), dtype)
-        self.rk = np.zeros((n, kv_heads, head_dim), np.float32)  # (N, Hkv, D) the retrieval layer's, contiguous
-        self.ids = np.zeros(n, np.int64)  # (N,) token ids, to show what was put back
+        # the ring's arrays are made at the first eviction (their shapes come from the cache) and
+        # double up to `store` slots (a short conversation does not pay for the bound); they only
+        # wrap once full, so a slot is (t - sinks) % store throughout
+        self.k = self.v = self.rk = self.ids = None  # (N, L, Hkv, D) x2, (N, Hkv, D) float32, (N,) int64
         self.lo = self.hi = s.sinks
-        # the latest `queries` queries' attention mass per ring block (Q, NB), and the block id each
-        # mass was computed for (Q, NB; -1 none), so a ring block reused by a newer block does not
-        # inherit an old block's mass; row `seen % Q` is the next to be written
-        nb = s.store // s.block
-        self.mass = np.zeros((s.queries, nb))
-        self.stamp = np.full((s.queries, nb), -1, np.int64)
-        self.seen = 0
-        self.chosen: tuple[tuple[int, int], ...] = ()  # (block id, size) re-inserted now
+        self.q: np.ndarray | None = None  # (queries, H, D) float32: the latest queries, slot = count % queries
+        self.q_seen = 0
+        self.chosen: tuple[tuple[int, int], ...] = ()  # (block id, size) put back now
 
     def copy(self) -> "StreamStore":
         out = StreamStore.__new__(StreamStore)
         out.__dict__.update(self.__dict__)
-        for name in ("k", "v", "rk", "ids", "mass", "stamp"):
-            setattr(out, name, getattr(self, name).copy())
+        for name in ("k", "v", "rk", "ids", "q"):
+            if getattr(self, name) is not None:
+                setattr(out, name, getattr(self, name).copy())
         return out
 
     @property
     def tokens(self) -> int:
         return self.hi - self.lo
 
-    def _grow(self, slots: int) -> None:
-        """Room for `slots` ring slots (at most `store`), doubling."""
-        have = len(self.ids)
-        if slots <= have:
-            return
-        n = min(self.s.store, max(slots, 2 * have))
-        for name in ("k", "v", "rk", "ids"):
-            old = getattr(self, name)
-            new = np.zeros((n, *old.shape[1:]), old.dtype)
-            new[:have] = old
-            setattr(self, name, new)
-
     @property
     def nbytes(self) -> int:
         """Bytes held for this stream (at most the bound's: the ring grows up to `store` slots)."""
-        return self.k.nbytes + self.v.nbytes + self.rk.nbytes + self.ids.nbytes + self.mass.nbytes + self.stamp.nbytes
+        return sum(a.nbytes for a in (self.k, self.v, self.rk, self.ids, self.q) if a is not None)
 
     # ---- filling -------------------------------------------------------------------------------
+    def remember(self, queries: np.ndarray) -> None:
+        """The retrieval layer's queries (T, H, D) of new tokens, before rotation, in stream order."""
+        Q = self.s.queries
+        if self.q is None:
+            self.q = np.zeros((Q, *queries.shape[1:]), np.float32)
+        T = len(queries)
+        kept = queries[-Q:]  # (T', H, D): older ones would be overwritten anyway
+        self.q[(self.q_seen + T - len(kept) + np.arange(len(kept))) % Q] = kept  # token i's slot: its count % Q
+        self.q_seen += T
+
+    def _grow(self, slots: int, like_k: np.ndarray) -> None:
+        """Room for `slots` ring slots (at most `store`), doubling; like_k (n, L, Hkv, D) gives shapes."""
+        have = 0 if self.ids is None else len(self.ids)
+        if slots <= have:
+            return
+        n = min(self.s.store, max(slots, 2 * have, 4 * self.s.block))
+        shapes = {"k": (like_k.shape[1:], like_k.dtype), "v": (like_k.shape[1:], like_k.dtype),
+                  "rk": (like_k.shape[2:], np.float32), "ids": ((), np.int64)}
+        for name, (shape, dtype) in shapes.items():
+            new = np.zeros((n, *shape), dtype)
+            if have:
+                new[:have] = getattr(self, name)
+            setattr(self, name, new)
+
     def add(self, stream: np.ndarray, k: np.ndarray, v: np.ndarray, ids: np.ndarray) -> None:
         """stream (n,) consecutive stream indices starting at ``hi``; k, v (n, L, Hkv, D) before
         rotation; ids (n,) their tokens."""
@@ -109,7 +119,7 @@ class StreamStore:
         for start in range(0, len(stream), s.store):  # more than the ring at once: only the last ring survives
             part = slice(start, start + s.store)
             n = len(stream[part])
-            self._grow(self.hi + n - s.sinks)
+            self._grow(self.hi + n - s.sinks, k)
             while self.hi + n - self.lo > s.store:  # drop the oldest whole block
                 self.lo += s.block
             slots = (stream[part] - s.sinks) % s.store
@@ -117,46 +127,36 @@ class StreamStore:
             self.rk[slots] = k[part][:, s.layer]
             self.hi += n
 
-    def observe(self, query: np.ndarray) -> None:
-        """One new token's retrieval-layer query (H, D), before rotation: its attention mass per stored
-        block (softmax over every stored token, per head, averaged over heads) joins the latest scores."""
+    # ---- choosing ------------------------------------------------------------------------------
+    def block_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stored block ids (nb,), oldest first, and each one's attention mass (nb,): softmax over every
+        stored token per query head and remembered query, averaged over both, summed per block."""
         s = self.s
         n = self.tokens
-        if n == 0:
-            return
-        H, D = query.shape
         first = (self.lo - s.sinks) % s.store  # ring slot of the oldest stored token (block-aligned)
-        keys = self.rk[first:first + n] if first + n <= s.store else \
+        keys = self.rk[first:first + n] if first + n <= len(self.rk) else \
             np.concatenate((self.rk[first:], self.rk[:first + n - s.store]))  # (n, Hkv, D), stream order
+        q = self.q[:min(self.q_seen, s.queries)]  # (Q', H, D)
+        Qn, H, D = q.shape
         Hkv = keys.shape[1]
-        q = query.astype(np.float32, copy=False).reshape(Hkv, H // Hkv, D)  # query head h reads kv head h // rep
-        scores = np.matmul(q, keys.transpose(1, 2, 0)) * (1.0 / np.sqrt(D))  # (Hkv, rep, n)
+        # query head h reads kv head h // rep: (Hkv, rep * Q', D) against (Hkv, D, n)
+        q = q.reshape(Qn, Hkv, H // Hkv, D).transpose(1, 2, 0, 3).reshape(Hkv, -1, D)
+        scores = np.matmul(q, keys.transpose(1, 2, 0)) * (1.0 / np.sqrt(D))  # (Hkv, rep * Q', n)
         scores -= scores.max(axis=-1, keepdims=True)
         w = np.exp(scores)
         w /= w.sum(axis=-1, keepdims=True)
-        per_token = w.reshape(H, n).mean(axis=0)  # (n,)
-        sums = np.add.reduceat(per_token, np.arange(0, n, s.block))  # (blocks,) oldest first
-        blocks = (self.lo - s.sinks) // s.block + np.arange(len(sums))
-        row = self.seen % s.queries
-        nb = s.store // s.block
-        self.mass[row] = 0.0
-        self.stamp[row] = -1
-        self.mass[row, blocks % nb] = sums
-        self.stamp[row, blocks % nb] = blocks
-        self.seen += 1
+        per_token = w.reshape(-1, n).mean(axis=0)  # (n,)
+        sums = np.add.reduceat(per_token, np.arange(0, n, s.block))  # (nb,)
+        return (self.lo - s.sinks) // s.block + np.arange(len(sums)), sums
 
-    # ---- choosing ------------------------------------------------------------------------------
     def choose(self) -> tuple[tuple[int, int], ...]:
-        """The blocks to re-insert, as (block id, tokens stored of it): the best-scored block, the one
+        """The blocks to put back, as (block id, tokens stored of it): the best-scored block, the one
         after it, the one before it, then the next best ..., each whole, while they fit the budget;
-        sorted. Ties go to the older block. Nothing before any query has scored the store."""
+        sorted. Ties go to the older block."""
         s = self.s
-        if self.tokens == 0 or self.seen == 0 or s.budget == 0:
+        if self.tokens == 0 or self.q_seen == 0 or s.budget == 0:
             return ()
-        first, last = (self.lo - s.sinks) // s.block, (self.hi - 1 - s.sinks) // s.block
-        ids = np.arange(first, last + 1)  # stored block ids, oldest first
-        ring = ids % (s.store // s.block)
-        score = np.where(self.stamp[:, ring] == ids, self.mass[:, ring], 0.0).sum(axis=0)  # (blocks,)
+        ids, score = self.block_scores()
         starts = np.maximum(s.sinks + ids * s.block, self.lo)
         sizes = np.minimum(s.sinks + (ids + 1) * s.block, self.hi) - starts
         chosen: dict[int, int] = {}
@@ -170,10 +170,6 @@ class StreamStore:
                 break
         # with each block's size: a block still filling is a different choice once it has grown
         return tuple(sorted(chosen.items()))
-
-    def block_size(self, block: int) -> int:
-        a = max(self.s.sinks + block * self.s.block, self.lo)
-        return max(0, min(self.s.sinks + (block + 1) * self.s.block, self.hi) - a)
 
     def gather(self, chosen: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The stored tokens of ``chosen`` blocks: stream indices (n,), k, v (n, L, Hkv, D) and token

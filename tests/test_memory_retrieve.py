@@ -34,11 +34,9 @@ def config(**kw) -> MemoryConfig:
     return MemoryConfig("retrieve", **{**base, **kw})
 
 
-def choose(masses: list[dict[int, float]], sizes: dict[int, int], budget: int) -> list[int]:
-    """Second implementation of the choice: summed mass per block over the latest queries (none
-    before any query has seen an evicted token)."""
-    total = {b: sum(m.get(b, 0.0) for m in masses) for b in sizes}
-    order = sorted(sizes, key=lambda b: (-total[b], b))  # best first; ties to the older block
+def choose(score: dict[int, float], sizes: dict[int, int], budget: int) -> list[int]:
+    """Second implementation of the choice: best block, the next, the previous, then the next best."""
+    order = sorted(sizes, key=lambda b: (-score[b], b))  # best first; ties to the older block
     chosen, used = [], 0
     for best in order:
         for b in (best, best + 1, best - 1):
@@ -51,23 +49,30 @@ def choose(masses: list[dict[int, float]], sizes: dict[int, int], budget: int) -
 
 
 @torch.inference_mode()
-def reference_logits(model, tokens, layer=1, store=64) -> tuple[np.ndarray, list[list[int]]]:
+def reference_logits(model, tokens, layer=1, store=64, every=1) -> tuple[np.ndarray, list[list[int]]]:
     """(N, V) logits and, per token, the stream indices put back before it."""
     cfg = model.cfg
-    keys, values, out, masses, put_back = [], [], [], [], []
+    keys, values, queries, out, put_back = [], [], [], [], []
     captured = []
+    back: list[int] = []
     hook = model.blocks[layer].attn.wq.register_forward_hook(lambda m, a, o: captured.append(o))
     try:
         for n, tok in enumerate(tokens):
             lo = max(SINKS, n - WINDOW + 1)  # tokens [SINKS, lo) are evicted before token n
-            # the store keeps at most `store` of them, dropping whole blocks, oldest first
-            first = SINKS + max(0, -(-(lo - SINKS - store) // BLOCK)) * BLOCK
-            evicted = list(range(first, lo))
-            blocks: dict[int, list[int]] = {}
-            for t in evicted:
-                blocks.setdefault((t - SINKS) // BLOCK, []).append(t)
-            chosen = choose(masses[-QUERIES:], {b: len(ts) for b, ts in blocks.items()}, BUDGET) if masses else []
-            back = [t for b in chosen for t in blocks[b]]
+            if n >= SINKS + WINDOW and n % every == 0:  # a refresh point: choose again
+                # the store keeps at most `store` of the evicted, dropping whole blocks, oldest first
+                first = SINKS + max(0, -(-(lo - SINKS - store) // BLOCK)) * BLOCK
+                stored = list(range(first, lo))
+                k = torch.stack([keys[t][layer] for t in stored], dim=1)  # (Hkv, n, D)
+                k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=0)  # (H, n, D)
+                q = torch.stack(queries[-QUERIES:], dim=1)  # (H, Q, D) of tokens n - Q .. n - 1
+                w = torch.softmax(q @ k.transpose(1, 2) / cfg.head_dim ** 0.5, dim=-1)  # (H, Q, n)
+                mass = w.mean(dim=(0, 1)).tolist()
+                score: dict[int, float] = {}
+                for t, x in zip(stored, mass):
+                    score[(t - SINKS) // BLOCK] = score.get((t - SINKS) // BLOCK, 0.0) + x
+                sizes = {b: sum(1 for t in stored if (t - SINKS) // BLOCK == b) for b in score}
+                back = [t for b in choose(score, sizes, BUDGET) for t in stored if (t - SINKS) // BLOCK == b]
             put_back.append(back)
             slots = list(range(min(SINKS, n))) + back + list(range(lo, n))
             past = None
@@ -79,31 +84,23 @@ def reference_logits(model, tokens, layer=1, store=64) -> tuple[np.ndarray, list
             out.append(logits[0, -1].float().numpy())
             keys.append([k[0, :, -1] for k, _ in present])  # (Hkv, D) before rotation
             values.append([v[0, :, -1] for _, v in present])
-            # the new query's mass over the evicted tokens (the same set: the window now ends at n)
-            q = captured[-1][0, -1].float().view(cfg.n_heads, cfg.head_dim)  # (H, D)
-            after = evicted
-            if after:
-                k = torch.stack([keys[t][layer] for t in after], dim=1)  # (Hkv, n, D)
-                k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=0)  # (H, n, D)
-                w = torch.softmax((q[:, None, :] * k).sum(-1) / cfg.head_dim ** 0.5, dim=-1).mean(0)  # (n,)
-                mass: dict[int, float] = {}
-                for t, x in zip(after, w.tolist()):
-                    mass[(t - SINKS) // BLOCK] = mass.get((t - SINKS) // BLOCK, 0.0) + x
-                masses.append(mass)
+            queries.append(captured[-1][0, -1].float().view(cfg.n_heads, cfg.head_dim))  # (H, D)
     finally:
         hook.remove()
     return np.stack(out), put_back
 
 
-def test_token_by_token_matches_the_independent_reference(model):
+@pytest.mark.parametrize("every", [1, 3])
+def test_token_by_token_and_one_prompt_match_the_independent_reference(model, every):
     tokens = np.random.default_rng(0).integers(0, VOCAB, 70).tolist()
-    expected, put_back = reference_logits(model, tokens)
-    memory = ContextMemory(TorchBackend(model), config())
-    state = memory.start(1)
-    got = np.concatenate([memory.feed(state, [[t]], all_logits=True)[0] for t in tokens])
+    expected, put_back = reference_logits(model, tokens, every=every)
     assert sum(len(b) for b in put_back) > 100  # the reference did put tokens back, many times
     assert len({tuple(b) for b in put_back if b}) > 3  # and changed its mind along the way
-    np.testing.assert_allclose(got, expected, atol=ATOL)
+    for pieces in ([[t] for t in tokens], [tokens]):  # decoding, and one prompt (cut at refresh points)
+        memory = ContextMemory(TorchBackend(model), config(every=every))
+        state = memory.start(1)
+        got = np.concatenate([memory.feed(state, [p], all_logits=True)[0] for p in pieces])
+        np.testing.assert_allclose(got, expected, atol=ATOL)
 
 
 def test_a_bounded_store_drops_its_oldest_blocks(model):
@@ -184,7 +181,7 @@ def test_the_policy_is_refused_where_it_cannot_run(model):
     memory = ContextMemory(backend, config())
     state = memory.start(1)
     memory.feed(state, [list(range(30))])
-    with pytest.raises(ValueError, match="rebuild it from the history"):
+    with pytest.raises(ValueError, match="rebuild it from the history"):  # its remembered queries moved
         memory.rewind(state, 1)
 
 
