@@ -45,11 +45,16 @@ def _add_export(sub) -> None:
     p.add_argument("--eval-data", default=None,
                    help="data for the int8/int4/fp16 accuracy check: a `ctxmem data prepare` folder or a text file "
                         "(default: text sampled from the fp32 model)")
-    p.add_argument("--policy", choices=("full", "sink", "recompute"), default=None,
+    p.add_argument("--policy", choices=("full", "sink", "recompute", "retrieve"), default=None,
                    help="memory policy written to the runtime config (default: the checkpoint's generation_config)")
     p.add_argument("--window", type=int, default=None, help="runtime config: recent tokens kept (sink) / window (recompute)")
     p.add_argument("--sinks", type=int, default=None, help="runtime config: attention-sink tokens (sink policy)")
     p.add_argument("--chunk", type=int, default=None, help="runtime config: tokens dropped per re-prefill (recompute)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="runtime config: evicted tokens put back (retrieve; default 32, whole 16-token blocks)")
+    p.add_argument("--store", type=int, default=None,
+                   help="runtime config: evicted tokens kept per stream, oldest blocks dropped first (retrieve; "
+                        "default 2048)")
     _uri_arg(p)
     p.set_defaults(func=cmd_export)
 
@@ -166,7 +171,7 @@ def _memory(args, ckpt):
     from ctxmem.config import ConfigError, ModelConfig
     from ctxmem.memory import MemoryConfig
 
-    flags = dict(window=args.window, sinks=args.sinks, chunk=args.chunk)
+    flags = dict(window=args.window, sinks=args.sinks, chunk=args.chunk, budget=args.budget, store=args.store)
     if args.policy is None and all(v is None for v in flags.values()):
         return None
     try:

@@ -13,7 +13,8 @@ from ctxmem.memory import MemoryConfig, MemoryConfigError
 
 
 def _flags(**given) -> argparse.Namespace:
-    return argparse.Namespace(**{"policy": None, "window": None, "sinks": None, "chunk": None, **given})
+    return argparse.Namespace(**{"policy": None, "window": None, "sinks": None, "chunk": None, "budget": None,
+                                 "store": None, **given})
 
 
 def test_export_flags_start_from_the_checkpoints_saved_policy(tiny_checkpoint, tmp_path):
@@ -38,6 +39,12 @@ def test_export_flags_start_from_the_checkpoints_saved_policy(tiny_checkpoint, t
     assert _memory(_flags(chunk=8), saved) == MemoryConfig("recompute", window=64, sinks=0, chunk=8)
     with pytest.raises(MemoryConfigError, match="window"):
         _memory(_flags(policy="sink", window=ctx + 1), saved)
+    # retrieve: its budget and store written to the runtime config; a budget without it is refused
+    got = _memory(_flags(policy="retrieve", window=32, budget=16, store=512), saved)
+    assert (got.policy, got.window, got.budget, got.store) == ("retrieve", 32, 16, 512)
+    assert got.to_dict()["store"] == 512
+    with pytest.raises(MemoryConfigError, match="choose policy 'retrieve'"):
+        _memory(_flags(budget=16), saved)
 
 
 def test_pyfunc_sentinels_mean_unset_and_everything_else_is_a_value():
