@@ -194,7 +194,7 @@ def cmd_demo(args) -> int:
 
 def _memory_segment(export: Path, fresh: bool, env: dict) -> dict:
     """The recall-trained model exported (once; reused like the other stages), then the segment."""
-    from .demo_memory import RECALL_MODEL, run_memory_demo
+    from .demo_memory import MEMORY, RECALL_MODEL, run_memory_demo
 
     if not (RECALL_MODEL / "model.safetensors").exists():
         print(f"  skipped: the recall-trained model is not at {RECALL_MODEL} (it ships in the repository's bench/)",
@@ -203,8 +203,9 @@ def _memory_segment(export: Path, fresh: bool, env: dict) -> dict:
     if (export / "model.onnx").exists() and not fresh:
         print(f"  reusing {export}", file=sys.stderr)
     else:
-        _ctxmem("export", "--model", str(RECALL_MODEL), "--out", str(export), "--policy", "sink", "--sinks", "4",
-                "--window", "64", env=env)
+        # the export carries the segment's policy (its runtime config), as `ctxmem serve` would read it
+        flags = [a for k, v in MEMORY.items() for a in (f"--{k}", str(v))]
+        _ctxmem("export", "--model", str(RECALL_MODEL), "--out", str(export), *flags, env=env)
     try:
         return run_memory_demo(_say, export)
     except Exception as err:  # noqa: BLE001 - say which stage failed, in words, as for the other stages

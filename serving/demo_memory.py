@@ -2,8 +2,8 @@
 hundreds of tokens (several windows) later, under the `retrieve` policy and under `sink`, side by side.
 
 The model is bench/models/recall-small (recall-trained; the demo's own CPU-trained model recalls
-nothing), exported to ONNX by the demo (`ctxmem export`, contract v4: the graph gives the queries
-retrieve scores with) and served by ONNX Runtime; its checkpoint directory works too (PyTorch, about
+nothing), exported to ONNX by the demo (`ctxmem export --policy retrieve ...`, contract v4: the graph
+gives the queries retrieve scores with) and served by ONNX Runtime; its checkpoint directory works too (PyTorch, about
 twice the CPU). It is not chat-trained - under the chat template it answers nothing even inside its window -
 so the conversation is raw text through `/v1/completions`: each turn's prompt is the conversation so
 far (replies included) plus the new text, in one `X-Session-Id` so the engine reuses its KV state and
