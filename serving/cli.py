@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=None, help="retrieve: evicted tokens put back at most")
     p.add_argument("--store", type=int, default=None,
                    help="retrieve: evicted tokens kept per conversation at most (a multiple of 16)")
+    p.add_argument("--every", type=int, default=None,
+                   help="retrieve: choose what to put back every this many tokens (1 = before each token)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: from --model)")
     p.add_argument("--api-key", action="append", default=None,
                    help="an admin bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
@@ -77,7 +79,7 @@ def serve_args(args: argparse.Namespace):
         "engine_deployment": DeploymentOptions(num_replicas=args.replicas, max_ongoing_requests=256,
                                                ray_actor_options=actor).model_dump(),
     }
-    memory = {k: getattr(args, k, None) for k in ("policy", "window", "sinks", "budget", "store")}
+    memory = {k: getattr(args, k, None) for k in ("policy", "window", "sinks", "budget", "store", "every")}
     if any(v is not None for v in memory.values()):
         data["engine"]["memory"] = {k: v for k, v in memory.items() if v is not None}
     if args.session_store:

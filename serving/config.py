@@ -36,7 +36,9 @@ class MemoryOverrides(_Strict):
     `retrieve` (ctxmem.retrieval) also takes: `budget` (evicted tokens put back at most), `store` (the
     bound of each conversation's store of evicted KV, in tokens: a multiple of `block`; its bytes are
     store x layers x 2 x kv_heads x head_dim x 4 for a float32 cache, ~12.6 MB per conversation for
-    the recall-trained small model at the default 2048), `block`, `layer`, `queries`. The store lives
+    the recall-trained small model at the default 2048), `block`, `layer`, `queries`, `every` (the
+choice is made afresh every `every` tokens: 1 = before each token; more feeds a prompt in pieces and
+costs less). The store lives
     with the conversation's KV state (kv_cache_mb bounds both together)."""
 
     policy: Literal["full", "sink", "recompute", "retrieve"] | None = None
@@ -48,6 +50,7 @@ class MemoryOverrides(_Strict):
     store: int | None = Field(default=None, ge=1)
     layer: int | None = Field(default=None, ge=0)
     queries: int | None = Field(default=None, ge=1)
+    every: int | None = Field(default=None, ge=1)  # choose afresh at stream indices that are multiples of this
 
 
 class EngineConfig(_Strict):

@@ -206,22 +206,24 @@ def test_the_serve_command_line_sets_the_retrieve_policy():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", str(RECALL_MODEL), "--policy", "retrieve", "--window", "64",
-                              "--budget", "32", "--store", "512"])
+                              "--budget", "32", "--store", "512", "--every", "4"])
     memory = serve_args(args).engine.memory
-    assert (memory.policy, memory.window, memory.budget, memory.store, memory.sinks) == ("retrieve", 64, 32, 512, None)
+    assert (memory.policy, memory.window, memory.budget, memory.store, memory.every, memory.sinks) == \
+        ("retrieve", 64, 32, 512, 4, None)
     assert serve_args(parser.parse_args(["serve", "--model", "m"])).engine.memory is None
     assert MemoryConfig(policy="retrieve", window=64, budget=32, store=512).resolve(256).capacity == 100
 
 
 def test_on_onnx_runtime_a_moved_conversation_gives_the_same_reply(tiny_export):
     """The production path: the tiny export (contract v4: its graph gives the queries) under retrieve on
-    two engines. Sampled at temperature 1 with a seed (the random model's greedy text is empty), so the
-    replies compare many tokens; equal logits give equal samples."""
+    two engines, choosing every 4 tokens (a rebuilt prompt is fed in pieces cut there). Sampled at
+    temperature 1 with a seed (the random model's greedy text is empty), so the replies compare many
+    tokens; equal logits give equal samples."""
     config = EngineConfig(model=str(tiny_export), memory=MemoryOverrides(policy="retrieve", window=60, sinks=4,
-                                                                         budget=32, store=256))
+                                                                         budget=32, store=256, every=4))
     a, b = Engine(config), Engine(config)
     try:
-        assert a.model.kind == "onnx" and a.model.memory.policy == "retrieve"
+        assert a.model.kind == "onnx" and (a.model.memory.policy, a.model.memory.every) == ("retrieve", 4)
 
         def turn(engine, prompt, sid, max_tokens):
             request = {"kind": "completion", "prompt": prompt, "session_id": sid, "generation": {

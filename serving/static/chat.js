@@ -383,7 +383,8 @@
       ? `Memory: the first ${m.sinks} tokens (sinks) + the ${m.window} most recent; a conversation of any length goes on.`
       : m.policy === "retrieve"
       ? `Memory: the first ${m.sinks} tokens (sinks) + the ${m.window} most recent, and up to ${m.budget} evicted ` +
-        `tokens put back before each token, the most relevant of the last ${m.store} evicted (kept per conversation).`
+        `tokens put back ${m.every > 1 ? `(chosen every ${m.every} tokens)` : "before each token"}, the most ` +
+        `relevant of the last ${m.store} evicted (kept per conversation).`
       : m.policy === "recompute" ? `Memory: the ${m.window} most recent tokens, recomputed when the window is full.`
       : `Memory: the whole context (${m.window} tokens); nothing is evicted.`;
     status("");
