@@ -8,9 +8,9 @@ in the window). The cache is an accelerator only: a miss rebuilds the state from
 Under `retrieve` a state also carries its conversation's store of evicted KV (ctxmem.retrieval); the
 LRU counts its bytes with the cache's. The store and every choice made from it are a function of the
 token stream alone, so a conversation rebuilt from its history - on another replica, or after its
-state left this LRU - has the same store and gives the same replies. A retrieve state past its window
-cannot be rewound (`ContextMemory.rewind` refuses: its store and scores moved with those tokens):
-`reuse` then rebuilds instead.
+state left this LRU - has the same store and gives the same replies. A retrieve state cannot be
+rewound (`ContextMemory.rewind` refuses: its store and query scores moved with those tokens): `reuse`
+then rebuilds instead.
 """
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def rewind(memory: ContextMemory, state: MemoryState, n: int) -> MemoryState | None:
     """Forget the last n tokens of a one-row state (ContextMemory.rewind), or None where it refuses (a
-    retrieve stream past its window). The caller checks they are still in the cache - the sink window
-    only ever evicts from the middle."""
+    retrieve stream). The caller checks they are still in the cache - the sink window only ever evicts
+    from the middle."""
     try:
         return memory.rewind(state, n)
     except ValueError:
