@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 
@@ -25,3 +27,42 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own store
 
 # Shared model fixtures (tiny checkpoint and export, trained `small` and its exports).
 pytest_plugins = ["fixtures_models"]
+
+# Under `-n 2` (the README's test command, pytest-xdist) whole modules go to whichever worker is
+# free, so module fixtures (a Ray cluster, trained runs) are built once. They go out longest first,
+# in this order, so that one worker does not start a 3-minute module while the other has run out of work. Measured with
+# `pytest --durations` on the shared 2-core machine (2026-11-30, loaded); unlisted modules follow
+# in their usual order. Only the order changes: every test still runs.
+LONGEST_FIRST = [
+    "test_training_readme.py",  # 260 s: the README's trainings, 2-rank DeepSpeed runs among them
+    "test_training_run.py",  # 250 s: ZeRO parity on 2 ranks, Ray Train
+    "test_serving_bench.py",  # 155 s: bench_serving.py --quick (a Ray cluster of its own)
+    "test_readme.py",  # 140 s: `ctxmem demo`
+    "test_mlflow_postgres.py",  # 135 s: an MLflow server on PostgreSQL, `ctxmem serve`
+    "test_serving_ray.py",  # 130 s: `serve run` on the shipped YAML
+    "test_bench_sinks.py",  # 100 s
+    "test_training_launch.py",  # 80 s
+    "test_recall_model.py",  # 65 s
+    "test_export_registry.py",  # 50 s: a real `mlflow server`
+    "test_export_graphs.py",  # 45 s
+    "test_serving_replicas.py",  # 35 s: a Ray cluster with two engine replicas
+    "test_export_bench_decode.py",  # 35 s
+    "test_export_readme.py",  # 35 s
+    "test_training_copy.py",  # 30 s
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without it (infra/gpu-check.sh's pytest)
+def pytest_xdist_make_scheduler(config, log):
+    """One module at a time per worker (xdist's `--dist loadfile`), in collection order (the order
+    above), not xdist's default of the modules with the most tests first."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
