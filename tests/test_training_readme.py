@@ -24,6 +24,7 @@ import test_training_run
 from ctxmem.cli import build_parser
 from ctxmem.training.cli import _hostfile_slots
 from ctxmem.training.config import TrainConfig
+from helpers_export import new_sqlite_store
 from helpers_training import REPO, metrics, summary
 
 README = REPO / "training" / "README.md"
@@ -95,10 +96,13 @@ def test_every_command_in_the_training_readme_is_valid(command):
 
 # ---- run as written --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A working folder with infra/ (the shipped files; the demo config shortened) and the corpus
-    files the README's own-corpus example names."""
+def workdir(tmp_path_factory, mlflow_store_template) -> Path:
+    """A working folder with infra/ (the shipped files; the demo config shortened), the corpus
+    files the README's own-corpus example names, and the demo's MLflow store (./mlflow.db: its
+    config tracks, MLFLOW_TRACKING_URI unset) migrated and still empty - the run would otherwise
+    spend its first seconds creating MLflow's tables, before the test can interrupt it."""
     root = tmp_path_factory.mktemp("readme")
+    new_sqlite_store(mlflow_store_template, root / "mlflow.db")
     (root / "infra").mkdir()
     for path in (REPO / "infra").iterdir():
         (root / "infra" / path.name).symlink_to(path)
