@@ -65,6 +65,7 @@ class StreamStore:
         self.q: np.ndarray | None = None  # (queries, H, D) float32: the latest queries, slot = count % queries
         self.q_seen = 0
         self.chosen: tuple[tuple[int, int], ...] = ()  # (block id, size) put back now
+        self.put: tuple[np.ndarray, ...] | None = None  # gather(chosen) as it was then: what the cache holds
 
     def copy(self) -> "StreamStore":
         out = StreamStore.__new__(StreamStore)

@@ -311,7 +311,8 @@ def retrieval_memory(cfg) -> MemoryConfig | None:
     if cfg.pos != "rope" or window < 2:
         return None
     return MemoryConfig("retrieve", window=window, sinks=sinks, budget=RETRIEVE_BUDGET, block=RETRIEVE_BLOCK,
-                        store=RETRIEVE_STORE, queries=3).resolve(cfg.max_seq_len, True)
+                        store=RETRIEVE_STORE, queries=3, every=1).resolve(cfg.max_seq_len, True)  # every=1: the
+    # choice is made before every token, so put-backs change as often as they can (the graph's parity)
 
 
 def _retrieve_run(model, ort: OrtBackend, gate_values: bool) -> dict[str, Any]:

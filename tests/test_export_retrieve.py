@@ -44,7 +44,7 @@ def exported(tmp_path_factory):
 def retrieve(**kw):
     from ctxmem.memory import MemoryConfig
 
-    base = dict(window=12, sinks=2, budget=8, block=4, queries=3, store=32, layer=LAYER)
+    base = dict(window=12, sinks=2, budget=8, block=4, queries=3, store=32, layer=LAYER, every=1)
     return MemoryConfig("retrieve", **{**base, **kw})
 
 

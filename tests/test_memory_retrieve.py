@@ -30,7 +30,7 @@ def model():
 
 
 def config(**kw) -> MemoryConfig:
-    base = dict(window=WINDOW, sinks=SINKS, budget=BUDGET, block=BLOCK, queries=QUERIES, store=64, layer=1)
+    base = dict(window=WINDOW, sinks=SINKS, budget=BUDGET, block=BLOCK, queries=QUERIES, store=64, layer=1, every=1)
     return MemoryConfig("retrieve", **{**base, **kw})
 
 
@@ -117,10 +117,13 @@ def test_a_bounded_store_drops_its_oldest_blocks(model):
     assert store.k.nbytes + store.v.nbytes == kv and store.nbytes < 2 * kv  # + scoring keys, ids, scores
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pieces_of_any_size_and_batched_rows_match_token_by_token(model, seed):
+@pytest.mark.parametrize("seed,every", [(0, 1), (1, 8)])
+def test_pieces_of_any_size_and_batched_rows_match_token_by_token(model, seed, every):
     rng = np.random.default_rng(seed)
     backend = TorchBackend(model)
+
+    def config(**kw):  # rows of unequal lengths reach their refresh points at different columns
+        return globals()["config"](every=every, **kw)
     streams = [rng.integers(0, VOCAB, n).tolist() for n in (57, 40, 12)]
     alone = []
     for s in streams:
