@@ -23,7 +23,8 @@ RUN_BY = {
                                                         "test_the_demo_runs_as_written (slow)",
     "bash infra/bootstrap.sh && .venv/bin/python -m pytest": "test_quick_start_has_exactly_two_commands_and_ci_runs_"
                                                              "the_second (the suite cannot run itself: CI runs it)",
-    ".venv/bin/ctxmem generate ": "test_the_memory_policy_example_runs_on_the_demo_layout",
+    ".venv/bin/ctxmem generate --model runs/demo": "test_the_memory_policy_example_runs_on_the_demo_layout",
+    ".venv/bin/ctxmem generate --model bench/models/recall-small": "test_the_retrieve_example_recalls_the_fact (slow)",
     ".venv/bin/python bench/bench_memory.py": "test_the_memory_benchmark_runs_at_a_small_size",
 }
 
@@ -101,7 +102,7 @@ def test_bootstrap_only_checks_a_ready_venv(tmp_path):
 
 
 def test_the_memory_policy_example_runs_on_the_demo_layout(tmp_path, tiny_checkpoint):
-    command = readme_command(".venv/bin/ctxmem generate ")
+    command = readme_command(".venv/bin/ctxmem generate --model runs/demo")
     assert "--model runs/demo/train/final" in command  # where `ctxmem demo` writes its checkpoint
     folder = with_demo_training(folder_like_the_repository(tmp_path / "repo"), tiny_checkpoint)
     done = run(command, folder, timeout=300)
@@ -113,6 +114,17 @@ def test_the_memory_policy_example_runs_on_the_demo_layout(tmp_path, tiny_checkp
     assert done.stdout.strip()
 
 
+@pytest.mark.slow  # ~600 tokens fed to the small model in pieces of 8 past the window
+def test_the_retrieve_example_recalls_the_fact(tmp_path):
+    command = readme_command(".venv/bin/ctxmem generate --model bench/models/recall-small")
+    folder = folder_like_the_repository(tmp_path / "repo", "bench")
+    done = run(command, folder, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(" 4812"), done.stdout  # the fact, ~650 tokens back, put back from the store
+    sink = run(command.replace("--policy retrieve", "--policy sink"), folder, timeout=600)
+    assert sink.returncode == 0 and not sink.stdout.startswith(" 4812"), sink.stdout  # gone from the window
+
+
 def test_the_memory_benchmark_runs_at_a_small_size(tmp_path):
     # As written it times a 1024-token `small` model over 32x its window (about ten minutes); here the
     # same script runs with its size flags turned down and must still print the whole table.
@@ -120,7 +132,7 @@ def test_the_memory_benchmark_runs_at_a_small_size(tmp_path):
     folder = folder_like_the_repository(tmp_path / "repo", "bench")
     done = run(command + " --preset tiny --context 64 --measure 4", folder, timeout=300)
     assert done.returncode == 0, done.stderr
-    for row in ("1x", "4x", "16x", "32x", "recompute (chunk=1)"):
+    for row in ("1x", "4x", "16x", "32x", "recompute (chunk=1)", "retrieve (budget=32", "retrieve@8x / sink@1x"):
         assert row in done.stdout, f"{row!r} missing from the benchmark table:\n{done.stdout}"
 
 
