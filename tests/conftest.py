@@ -32,8 +32,8 @@ pytest_plugins = ["fixtures_models"]
 # free, so module fixtures (a Ray cluster, trained runs) are built once. They go out longest first,
 # in this order, so that one worker does not start a 3-minute module while the other has run out
 # of work. Measured with `pytest -n 2 --durations=60` on the shared 2-core machine (2026-11-30,
-# loaded: load average ~6), each module's slowest tests summed; unlisted modules follow in their usual order. Only the order
-# changes: every test still runs.
+# loaded: load average ~6), each module's slowest tests summed; unlisted modules follow in their
+# usual order. Only the order changes: every test still runs.
 LONGEST_FIRST = [
     "test_training_readme.py",  # 275 s: the README's trainings, 2-rank DeepSpeed runs among them
     "test_training_run.py",  # 250 s: ZeRO parity on 2 ranks, Ray Train
