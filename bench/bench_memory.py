@@ -137,7 +137,7 @@ def main() -> None:
 
     retrieve_ratio = {}
     if args.budget:
-        r_window = model.cfg.max_seq_len - args.sinks - args.budget
+        r_window = min(window, model.cfg.max_seq_len - args.sinks - args.budget)  # sink's window where it fits
         retrieve = ContextMemory(backend, MemoryConfig("retrieve", window=r_window, sinks=args.sinks, budget=args.budget))
         r_state, r_fed = retrieve.start(1), 0
         for multiple in args.retrieve_multiples:

@@ -210,14 +210,17 @@ class MemoryEvalResult:
         lines = [f"streaming perplexity (stream of {self.length} tokens, window {self.window}; "
                  f"buckets of one window)"]
         reference = self.beyond("recompute", 0, 1)
-        head = f"{'policy':<24} {'sinks':>5} {'window':>6} {'chunk':>5} {'first':>9} {'last':>9} " \
+        labels = [run_label(r["policy"], r["sinks"], r["window"], r.get("chunk"), r.get("budget"))
+                  for r in self.streaming + self.recall]
+        w = max([24, *map(len, labels)])  # the policy column fits its longest label
+        head = f"{'policy':<{w}} {'sinks':>5} {'window':>6} {'chunk':>5} {'first':>9} {'last':>9} " \
                f"{'>10x':>9} {'/ recompute(1)':>14}"
         lines += [head, "-" * len(head)]
         for label, records in self.curves().items():
             r0 = records[0]
             beyond = self.beyond(r0["policy"], r0["sinks"], r0["chunk"])
             ratio = beyond["ppl"] / reference["ppl"] if beyond and reference else None
-            lines.append(f"{label:<24} {r0['sinks']:>5} {r0['window']:>6} {_cell(r0['chunk']):>5} "
+            lines.append(f"{label:<{w}} {r0['sinks']:>5} {r0['window']:>6} {_cell(r0['chunk']):>5} "
                          f"{records[0]['ppl']:>9.4f} {records[-1]['ppl']:>9.4f} {_cell(beyond and beyond['ppl']):>9} "
                          f"{_cell(ratio):>14}")
         if self.retrieve_vs_sink() is not None:
@@ -227,7 +230,7 @@ class MemoryEvalResult:
             n = max(r["n"] for r in self.recall)
             lines += ["", f"recall accuracy by distance (greedy answer exact, {n} facts per cell; "
                           f"the value is inside the window when d <= {self.window})"]
-            head = f"{'policy':<24} {'sinks':>5} {'window':>6} " + " ".join(f"{'d=' + str(d):>7}" for d in distances)
+            head = f"{'policy':<{w}} {'sinks':>5} {'window':>6} " + " ".join(f"{'d=' + str(d):>7}" for d in distances)
             lines += [head, "-" * len(head)]
             rows: dict[str, dict[int, float]] = {}
             first: dict[str, dict[str, Any]] = {}
@@ -237,7 +240,7 @@ class MemoryEvalResult:
                 first.setdefault(label, r)
             for label, by_d in rows.items():
                 r0 = first[label]
-                lines.append(f"{label:<24} {r0['sinks']:>5} {r0['window']:>6} "
+                lines.append(f"{label:<{w}} {r0['sinks']:>5} {r0['window']:>6} "
                              + " ".join(f"{_cell(by_d.get(d)):>7}" for d in distances))
         return "\n".join(lines)
 
