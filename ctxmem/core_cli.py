@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what the KV cache does past the window: full = error at the model's context; "
                         "sink = keep --sinks first tokens + --window recent ones (constant cost); "
                         "recompute = drop --chunk oldest tokens and re-prefill the window; "
-                        "retrieve = sink, plus the --budget most relevant evicted tokens put back before "
-                        "each token (a bounded store of what left the window)")
+                        "retrieve = sink, plus the --budget most relevant evicted tokens put back every "
+                        "8 tokens (a bounded store of what left the window)")
     g.add_argument("--window", type=int, default=None, help="recent tokens kept (sink) / window size (recompute)")
     g.add_argument("--sinks", type=int, default=None, help="attention-sink tokens kept at the start (sink policy)")
     g.add_argument("--chunk", type=int, default=None, help="tokens dropped per re-prefill (recompute policy)")

@@ -13,8 +13,8 @@ The seed article's loop asks "is the input too long?". Each policy answers it ex
                   rows, a cached session or a rebuild from the whole history (ctxmem.layout).
 * ``retrieve``  - ``sink``, plus what the window evicted kept in a bounded per-stream store and its
                   most relevant blocks put back between the sinks and the window at compacted
-                  positions, chosen afresh before every token past the window (ctxmem.retrieval has
-                  the exact meaning, the store's bound and its drop rule).
+                  positions, chosen afresh every ``every`` tokens past the window (ctxmem.retrieval
+                  has the exact meaning, the store's bound and its drop rule).
 * ``recompute`` - when a row's window is full it drops its oldest ``chunk`` tokens and re-runs prefill
                   over what it keeps (works for absolute positions too); each row evicts on its own,
                   so a request's output never depends on its batch neighbours. ``chunk=1`` is the
@@ -139,12 +139,10 @@ class MemoryConfig:
         start = self if policy == self.policy else MemoryConfig(policy=policy)
         if policy in ("sink", "retrieve"):
             extra = given.get("budget", start.budget) if policy == "retrieve" else 0
-            if "sinks" in given and "window" not in given and start.window is not None:
-                given["window"] = min(start.window, max_seq_len - given["sinks"] - extra)
+            if ("sinks" in given or "budget" in given) and "window" not in given and start.window is not None:
+                given["window"] = min(start.window, max_seq_len - given.get("sinks", start.sinks) - extra)
             if "window" in given and "sinks" not in given:
                 given["sinks"] = max(0, min(start.sinks, max_seq_len - given["window"] - extra))
-            if policy == "retrieve" and "budget" in given and "window" not in given and start.window is not None:
-                given["window"] = min(start.window, max_seq_len - given.get("sinks", start.sinks) - extra)
         if policy == "recompute" and "window" in given and "chunk" not in given:
             given["chunk"] = max(1, min(start.chunk, given["window"] - 1))
         return replace(start, policy=policy, **given).resolve(max_seq_len, uses_rope)

@@ -15,7 +15,7 @@ scored, per policy:
                    one forward. The memory makes the result independent of the piecing.
 * window-only    - ``sink`` with 0 sinks.
 * ``retrieve``   - ``sink`` plus evicted blocks put back (ctxmem.retrieval), ``budget`` tokens at most;
-                   fed like ``sink`` (the memory goes token by token past the window, as its meaning
+                   fed like ``sink`` (the memory cuts the pieces at its refresh points, as its meaning
                    asks). Measured when the backend gives its queries and sinks + window + budget fit
                    the model's context; ``budget=0`` leaves it out.
 * ``recompute`` chunk=window/4 - fed as its token-by-token run would compute: the first ``window``
@@ -642,10 +642,11 @@ def recall_by_distance(backend, tokens: np.ndarray, tokenizer, *, window: int, s
         raise MemoryEvalError(f"the evaluation text has {len(builder.filler)} tokens; recall at distance {max(distances)} "
                               f"needs at least {need} tokens of filler text")
     records = []
+    runs = recall_runs(stream_context(backend), window, sinks, backend.uses_rope,
+                       retrieve_budget(backend, window, sinks, budget))  # checked once, not per distance
     for d in distances:
         trial = builder.build(d)
-        for run in recall_runs(stream_context(backend), window, sinks, backend.uses_rope,
-                               retrieve_budget(backend, window, sinks, budget)):
+        for run in runs:
             log.info("recall: %s at distance %d (%d trials)", run.label, d, trials)
             correct = answer_correct(backend, trial, run, piece=piece or window, batch=batch)
             records.append({**run.fields(), "distance": d,
