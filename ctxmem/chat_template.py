@@ -5,6 +5,11 @@ Without them (an imported HF tokenizer): plain text, one line per message,
     "System: …\\nUser: …\\nAssistant: …\\n" [+ "Assistant:"]
 and generation should also stop at `ChatTemplate.stop_strings`.
 
+`TextTemplate` is the other choice, for a model that was never chat-trained (a base or task model):
+the conversation is one running text, each user message joined to what precedes it by a space and
+each reply appended as the model wrote it, exactly as a client would grow a completions prompt.
+`template_for(tokenizer, style)` picks one by name (TEMPLATE_STYLES).
+
 Only the stdlib is imported here: a byte tokenizer needs no Hugging Face package.
 """
 from __future__ import annotations
@@ -120,3 +125,48 @@ class ChatTemplate:
             if closed or body:
                 messages.append({"role": names[mark[1]], "content": body})
         return messages
+
+
+class TextTemplate:
+    """Messages -> one running text, for a model that is not chat-trained (under ChatTemplate it sees
+    role markers it never learned, and answers nothing useful):
+
+        [user "A", assistant " b", user "C"]  ->  "A b C"
+
+    A user or system message is joined to the text before it by one space (none at the start); an
+    assistant message is appended as is (it continues the text the model was given). There is no
+    generation prompt and no turn marker, so nothing but the model's own stop ids or the caller's
+    `stop` / `max_tokens` ends a reply. Rendering a conversation, then appending the reply and the
+    next message, gives a prompt whose text starts with the previous one: a server's KV state of the
+    earlier turns is reused as for a completions client that grows its prompt.
+    """
+
+    uses_special_tokens = False
+    stop_strings: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids: set[int] = tokenizer.stop_ids()
+
+    @staticmethod
+    def text(messages: list[dict]) -> str:
+        parts: list[str] = []
+        for role, content in ChatTemplate._check(messages):
+            parts.append(content if role == "assistant" or not parts else " " + content)
+        return "".join(parts)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the running text (add_generation_prompt changes nothing: there is no prompt)."""
+        return self.tokenizer.encode(self.text(messages))
+
+
+# "model": the tokenizer's chat template (ChatTemplate); "text": one running text (TextTemplate)
+TEMPLATE_STYLES = ("model", "text")
+
+
+def template_for(tokenizer: Tokenizer, style: str = "model") -> ChatTemplate | TextTemplate:
+    if style == "model":
+        return ChatTemplate(tokenizer)
+    if style == "text":
+        return TextTemplate(tokenizer)
+    raise ValueError(f"chat template style {style!r} is not one of {', '.join(TEMPLATE_STYLES)}")

@@ -142,8 +142,10 @@ def build_api(engine: EngineClient, args: ServeArgs, store: ConversationStore, m
     @app.get("/v1/models")
     async def models(request: Request):
         api.auth(request)
+        info = await api.engine_info()  # the memory policy and chat template: what the chat page explains
         return {"object": "list", "data": [{"id": args.model_name, "object": "model", "created": api.created,
-                                            "owned_by": "ctxmem", "memory": await api.memory()}]}
+                                            "owned_by": "ctxmem", "memory": info.get("memory"),
+                                            "chat_template": info.get("chat_template")}]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
@@ -281,14 +283,18 @@ class _API:
                 raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
         return P.parse_json_body(bytes(body)) if body or not allow_empty else {}
 
-    async def memory(self) -> dict | None:
-        """The engine's memory policy {policy, window, sinks, chunk} (the chat page's memory bar); None
-        while no engine answers."""
+    async def engine_info(self) -> dict:
+        """What an engine replica says of itself (Engine.info); {} while no engine answers."""
         try:
             info = await asyncio.wait_for(self.engine.info(), timeout=5)
         except Exception:  # noqa: BLE001 - /v1/models still answers
-            return None
-        return info.get("memory") if isinstance(info, dict) else None
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    async def memory(self) -> dict | None:
+        """The engine's memory policy {policy, window, sinks, chunk} (the chat page's memory bar); None
+        while no engine answers."""
+        return (await self.engine_info()).get("memory")
 
     # -- generation --
     async def admit(self, who: Principal, payload: dict[str, Any]) -> None:

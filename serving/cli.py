@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="retrieve: evicted tokens kept per conversation at most (a multiple of 16)")
     p.add_argument("--every", type=int, default=None,
                    help="retrieve: choose what to put back every this many tokens (1 = before each token)")
+    p.add_argument("--chat-template", choices=["model", "text"], default="model",
+                   help="how chat messages become tokens: 'model' = the tokenizer's chat template; 'text' = the "
+                        "conversation as one running text (each message joined by a space, replies appended) "
+                        "for a model that was never chat-trained, e.g. bench/models/recall-small")
     p.add_argument("--model-name", default=None, help="model id clients send (default: from --model)")
     p.add_argument("--api-key", action="append", default=None,
                    help="an admin bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
@@ -75,7 +79,8 @@ def serve_args(args: argparse.Namespace):
         "api_keys_file": args.api_keys_file,
         "max_tokens_limit": args.max_tokens_limit,
         "engine": {"model": args.model, "tracking_uri": _tracking_uri(args), "provider": args.provider, "intra_op_threads": args.intra_op_threads,
-                   "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse},
+                   "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse,
+                   "chat_template": args.chat_template},
         "engine_deployment": DeploymentOptions(num_replicas=args.replicas, max_ongoing_requests=256,
                                                ray_actor_options=actor).model_dump(),
     }

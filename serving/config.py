@@ -77,6 +77,9 @@ class EngineConfig(_Strict):
     kv_cache_sessions: int = Field(default=1024, ge=0)
     max_prompt_tokens: int = Field(default=131072, ge=1)  # a longer prompt (after the chat template) is a 400
     memory: MemoryOverrides | None = None  # None: the model's saved policy, upgraded from 'full' to sink
+    # how chat messages become tokens: "model" = the tokenizer's chat template; "text" = one running text
+    # (user messages joined by a space, replies appended) for a model that was never chat-trained
+    chat_template: Literal["model", "text"] = "model"
     reload_nonce: int = 0  # bump (YAML user_config) to make replicas re-resolve a registry alias
 
 

@@ -30,9 +30,10 @@ SINK = {"policy": "sink", "window": MEMORY["window"], "sinks": MEMORY["sinks"]}
 
 
 def serve_command(model: Path = RECALL_MODEL) -> str:
-    """The `ctxmem serve` command that serves what this segment serves in process."""
+    """The `ctxmem serve` command that serves what this segment serves in process (as text, so that
+its chat page can hold the same conversation: README, "The chat page")."""
     flags = " ".join(f"--{k} {v}" for k, v in MEMORY.items())
-    return f"ctxmem serve --model {model} {flags}"
+    return f"ctxmem serve --model {model} --chat-template text {flags}"  # text: the chat page works too
 
 
 def conversation(seed: int = SEED, turns: int = TURNS) -> tuple[list[str], Any]:

@@ -41,8 +41,9 @@ class Engine:
         """Tokenize and validate against the current model; APIError (4xx) for what the model cannot do."""
         model = self.model
         memory = self._memory(model, request.get("memory"))
-        config = self._generation(model, request)
-        prompt_ids = self._prompt(model, request)
+        template = model.template(self.config.chat_template)
+        config = self._generation(model, template, request)
+        prompt_ids = self._prompt(model, template, request)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise bad_request(
                 f"the prompt is {len(prompt_ids)} tokens, over this server's max_prompt_tokens of "
@@ -75,12 +76,12 @@ class Engine:
             raise bad_request(message, param=param) from None
 
     @staticmethod
-    def _generation(model: LoadedModel, request: dict[str, Any]) -> GenerationConfig:
+    def _generation(model: LoadedModel, template, request: dict[str, Any]) -> GenerationConfig:
         """The request's sampling settings over the model's saved defaults; a chat also stops where the
         template ends an assistant turn."""
         overrides = dict(request.get("generation") or {})
-        if request.get("kind") == "chat" and model.template.stop_strings:
-            overrides["stop"] = list(overrides.get("stop") or []) + list(model.template.stop_strings)
+        if request.get("kind") == "chat" and template.stop_strings:
+            overrides["stop"] = list(overrides.get("stop") or []) + list(template.stop_strings)
         try:
             return model.generator.defaults.with_overrides(**overrides)
         except GenerationConfigError as err:
@@ -88,12 +89,12 @@ class Engine:
             raise bad_request(str(err), param=first if first in overrides else None) from None
 
     @staticmethod
-    def _prompt(model: LoadedModel, request: dict[str, Any]) -> list[int]:
+    def _prompt(model: LoadedModel, template, request: dict[str, Any]) -> list[int]:
         from ctxmem.tokenizer import TokenizerError
 
         try:
             if request.get("kind") == "chat":
-                return model.template.render(request["messages"], add_generation_prompt=True)
+                return template.render(request["messages"], add_generation_prompt=True)
             return model.generator.encode(request["prompt"])
         except TokenizerError as err:
             raise bad_request(str(err), param="messages" if request.get("kind") == "chat" else "prompt") from None
@@ -154,6 +155,7 @@ class Engine:
         b = m.generator.backend
         return {"spec": m.spec, "path": str(m.path), "kind": m.kind, "provider": m.provider, "version": m.version,
                 "max_seq_len": b.max_seq_len, "vocab_size": b.vocab_size, "memory": m.memory.to_dict(),
+                "chat_template": self.config.chat_template,
                 "max_batch_size": self.config.max_batch_size, "kv_reuse": self.config.kv_reuse,
                 "stream_interval_ms": self.config.stream_interval_ms,
                 "scheduler": self.scheduler.state(), "scheduler_restarts": self.scheduler.restarts}

@@ -31,13 +31,15 @@ class LoadedModel:
     memory: MemoryConfig  # the server's default policy for this model, resolved
     version: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
-    @property
-    def template(self):
-        from ctxmem.chat_template import ChatTemplate
+    def template(self, style: str = "model"):
+        """How a chat becomes tokens: "model" = the tokenizer's chat template, "text" = one running text
+        (`ctxmem.chat_template`; EngineConfig.chat_template)."""
+        from ctxmem.chat_template import template_for
 
-        if not hasattr(self, "_template"):
-            self._template = ChatTemplate(self.generator.tokenizer)
-        return self._template
+        made = self.__dict__.setdefault("_templates", {})
+        if style not in made:
+            made[style] = template_for(self.generator.tokenizer, style)
+        return made[style]
 
 
 def model_directory(config: EngineConfig) -> Path:

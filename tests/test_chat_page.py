@@ -3,8 +3,9 @@ API app (FastAPI over an in-process engine on the tiny export, sink memory with 
 window of 60) served by uvicorn on 127.0.0.1. Requests to any other origin are refused, so the page
 is shown to work offline. One server and one browser for the module.
 
-Set CTXMEM_CHAT_SCREENSHOT=path.png to keep the screenshot elsewhere than the test's tmp folder (the
-README's picture is made that way)."""
+Set CTXMEM_CHAT_SCREENSHOT=path.png (CTXMEM_CHAT_RECALL_SCREENSHOT for the recall test's) to keep a
+screenshot elsewhere than the test's tmp folder (the README's pictures are made that way). The recall
+test serves bench/models/recall-small as text under retrieve instead of the tiny export."""
 from __future__ import annotations
 
 import asyncio
@@ -384,5 +385,68 @@ def test_the_memory_bar_shows_what_retrieve_put_back(retrieve_server, browser, t
     page.reload()
     page.locator("figure.memory").nth(len(bars) - 1).wait_for()
     assert page.locator("figure.memory").evaluate_all(BARS) == before  # the numbers and the lists come back
+    assert page.errors == [] and ctx.elsewhere == []
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def recall_server():
+    """bench/models/recall-small (recall-trained, not chat-trained) from its checkpoint, served as text
+    (`--chat-template text`) under retrieve: the `ctxmem demo` memory segment's settings."""
+    from ctxmem.serving.demo_memory import MEMORY, RECALL_MODEL
+
+    args = ServeArgs(model=str(RECALL_MODEL), model_name="recall-small",
+                     engine={"model": str(RECALL_MODEL), "memory": MEMORY, "chat_template": "text"}).resolve()
+    engine = Engine(args.engine)
+    srv = Server(build_api(LocalEngineClient(engine), args, MemoryStore()), free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+    engine.close()
+
+
+@pytest.mark.slow
+def test_a_fact_typed_in_turn_1_is_recalled_at_turn_20_on_the_page(recall_server, browser, tmp_path):
+    """Issue 14 in the browser: a fact typed in turn 1 is answered at turn 20, hundreds of tokens and
+    several windows later, and the last bar counts what was evicted and lists what was put back -
+    the fact among it. Greedy replies of the recall-trained model (a short filler reply per turn, as
+    the demo's segment); the same conversation under sink forgets it (tests/test_serving_retrieve.py)."""
+    from ctxmem.serving.demo_memory import MEMORY, conversation
+
+    texts, fact = conversation(seed=0, turns=20)
+    url = recall_server.url
+    ctx = offline_context(browser, url)
+    page = open_page(ctx, url + "/")
+    page.locator("#chat-template").filter(has_text="not chat-trained").wait_for()
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens").fill("3")
+    bars = []
+    for i, text in enumerate(texts):
+        if i == len(texts) - 1:
+            page.get_by_label("Max tokens").fill(str(len(fact.answer)))  # bytes = tokens
+        bars.append(send(page, text))
+    reply = page.locator("#messages .msg.assistant .text").last.text_content()
+    assert reply == fact.answer, (reply, fact.answer)
+    last = bars[-1]
+    window = MEMORY["sinks"] + MEMORY["window"]
+    assert int(last["prompt"]) > 8 * window and int(last["evicted"]) > 7 * window, last
+    assert 0 < int(last["recalled"]) <= 2 * MEMORY["budget"], last
+    assert int(last["cached"]) > int(last["prompt"]) - 48, last  # the running text reuses the KV state of the turns before
+    # the run that holds the fact's value is listed under the last bar, with its text
+    bar = page.locator("figure.memory").last
+    put_back = bar.locator("ul.recalled q").all_text_contents()
+    assert any(fact.answer.strip() in text for text in put_back), put_back
+    assert f"{last['evicted']} evicted so far ({last['recalled']} put back for this reply)" in bar.inner_text()
+    assert page.locator("figure.memory[data-past=true]").count() == 1  # the first turn past the window is marked
+    sid = page.url.split("#session=")[1]
+    stored = httpx.get(f"{url}/v1/sessions/{sid}").json()
+    assert stored["turns"] == len(texts) and stored["messages"][-1]["content"] == fact.answer
+    # the question and its answer with the bar (the README's picture: CTXMEM_CHAT_RECALL_SCREENSHOT=path.png)
+    shot = Path(os.environ.get("CTXMEM_CHAT_RECALL_SCREENSHOT") or tmp_path / "recalled-at-turn-20.png")
+    question, answer = (page.locator("#messages .msg").nth(i).bounding_box() for i in (-2, -1))
+    column = page.locator("#messages").bounding_box()
+    page.screenshot(path=str(shot), clip={"x": column["x"], "y": question["y"] - 8, "width": column["width"],
+                                          "height": answer["y"] + answer["height"] - question["y"] + 16})
+    assert shot.stat().st_size > 5_000
     assert page.errors == [] and ctx.elsewhere == []
     ctx.close()

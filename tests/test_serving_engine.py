@@ -161,7 +161,7 @@ def test_an_edited_history_rewinds_the_cached_state_to_the_common_prefix(engine)
                      {"role": "user", "content": "next"}]
     _, end, _ = run(engine, {"kind": "chat", "messages": edited, "session_id": "conv-edit",
                              "generation": {"max_new_tokens": 6, "temperature": 0.0}})
-    prefix = engine.model.template.render(base, add_generation_prompt=True)
+    prefix = engine.model.template().render(base, add_generation_prompt=True)
     assert end.cache == "hit"
     assert end.usage.cached_tokens >= len(prefix)
 

@@ -211,6 +211,12 @@ def test_the_serve_command_line_sets_the_retrieve_policy():
     assert (memory.policy, memory.window, memory.budget, memory.store, memory.every, memory.sinks) == \
         ("retrieve", 64, 32, 512, 4, None)
     assert serve_args(parser.parse_args(["serve", "--model", "m"])).engine.memory is None
+    # a text model's conversation as one running text (the chat page on recall-small)
+    assert serve_args(args).engine.chat_template == "model"
+    assert serve_args(parser.parse_args(["serve", "--model", "m", "--chat-template", "text"])).engine.chat_template == \
+        "text"
+    with pytest.raises(ValueError, match="chat_template"):
+        EngineConfig(model="m", chat_template="chat")
     assert MemoryConfig(policy="retrieve", window=64, budget=32, store=512).resolve(256).capacity == 100
 
 

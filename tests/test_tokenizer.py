@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxmem.chat_template import ChatTemplate
+from ctxmem.chat_template import ChatTemplate, TextTemplate, template_for
 from ctxmem.stream_decode import StreamDecoder
 from ctxmem.tokenizer import SPECIAL_TOKENS, BPETokenizer, ByteTokenizer, TokenizerError, load_tokenizer
 
@@ -172,6 +172,26 @@ def test_chat_template_parse_inverts_render_for_non_ascii_conversations(bpe):
         assert chat.uses_special_tokens and chat.stop_strings == ()
         for prompt in (True, False):
             assert chat.parse(chat.render(CONVERSATION, add_generation_prompt=prompt)) == CONVERSATION
+
+
+def test_text_template_is_the_running_text_a_completions_client_grows():
+    """A model that was never chat-trained sees the conversation as one text: user messages joined by a
+    space, replies appended as written - the prompt `serving/demo_memory.py` grows by hand - so each
+    turn's prompt starts with the previous turn's prompt and reply (the server's KV state is reused)."""
+    tok = ByteTokenizer()
+    text = template_for(tok, "text")
+    assert isinstance(text, TextTemplate) and text.stop_strings == () and text.stop_ids == tok.stop_ids()
+    turns = [{"role": "user", "content": "The key is 42."}, {"role": "assistant", "content": " Yes"},
+             {"role": "user", "content": "Q: the key? A:"}]
+    assert text.render(turns) == tok.encode("The key is 42. Yes Q: the key? A:")
+    assert text.render(turns, add_generation_prompt=False) == text.render(turns)  # there is no prompt to add
+    grown = turns + [{"role": "assistant", "content": " 42"}, {"role": "user", "content": "More."}]
+    assert text.render(grown)[:len(text.render(turns)) + 3] == text.render(turns) + tok.encode(" 42")
+    assert isinstance(template_for(tok), ChatTemplate)
+    with pytest.raises(ValueError, match="'chat' is not one of model, text"):
+        template_for(tok, "chat")
+    with pytest.raises(TokenizerError, match="role 'tool'"):
+        text.render([{"role": "tool", "content": "x"}])
 
 
 def test_chat_template_keeps_a_user_typed_end_marker_inside_the_message(bpe):

@@ -1,7 +1,7 @@
 // ctxmem chat page: a plain client of this server's OpenAI-compatible API. No framework, no build
 // step, nothing from another origin. Every path is relative, so the page also works behind a prefix.
 //
-//   GET  v1/models                      the model's name and its memory policy (sinks, window)
+//   GET  v1/models                      the model's name, its memory policy (sinks, window) and chat template
 //   POST v1/sessions                    a new conversation; the server generates its id
 //   GET  v1/sessions                    this key's conversations (the list on the side)
 //   GET  v1/sessions/{id}               one conversation's messages (resume after a reload)
@@ -15,6 +15,7 @@
     key: localStorage.getItem(KEY_STORE) || "",
     model: null,      // the served model's id (GET v1/models)
     memory: null,     // {policy, window, sinks[, budget, store]}: the server's memory policy, when it says
+    template: null,   // "model" (the tokenizer's chat template) or "text" (the conversation as one running text)
     session: null,    // the open conversation's id (also in the URL: #session=ID)
     turns: 0,         // the turns the server has kept of it, as last seen
     pastMarked: false, // whether a turn of this conversation is already marked as past the window
@@ -372,6 +373,7 @@
       const model = (models.data || [])[0] || {};
       state.model = model.id || null;
       state.memory = model.memory || null;
+      state.template = model.chat_template || null;
     } catch (err) {
       $("status").replaceChildren(errorBox(err, err instanceof NetworkError ? start : null));
       if (err instanceof ApiError && err.status === 401) $("api-key").focus();
@@ -387,6 +389,12 @@
         `relevant of the last ${m.store} evicted (kept per conversation).`
       : m.policy === "recompute" ? `Memory: the ${m.window} most recent tokens, recomputed when the window is full.`
       : `Memory: the whole context (${m.window} tokens); nothing is evicted.`;
+    // a model that was never chat-trained is served as text (`ctxmem serve --chat-template text`): say so,
+    // since what it answers reads as a continuation, not as a reply
+    $("chat-template").hidden = state.template !== "text";
+    $("chat-template").textContent = state.template !== "text" ? "" :
+      "This model is not chat-trained: the conversation is one running text. Each message is added to it " +
+      "after a space and the model continues it; a question it can answer is one phrased as the text it learned.";
     status("");
     await refreshList();
     const wanted = new URLSearchParams(location.hash.slice(1)).get("session");
