@@ -52,6 +52,7 @@ LONGEST_FIRST = [
     "test_training_copy.py",  # 35 s
     "test_serving_replicas.py",  # 30 s: a Ray cluster with two engine replicas
     "test_serving_retrieve.py",  # 30 s
+    "test_chat_page.py",  # 30 s: chromium, recall-small's 20 turns
 ]
 
 
