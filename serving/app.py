@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from .config import ServeArgs
+from .config import ServeArgs, exposure_refusal
 
 
 def build_app(args: ServeArgs) -> Application:
@@ -27,6 +27,9 @@ def build_app_with_router(args: ServeArgs, session_affinity: bool) -> Applicatio
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(dict(args or {}))
     args = args.resolve()
+    refusal = exposure_refusal(serve_http_host(), bool(args.tenants), args.allow_unauthenticated)
+    if refusal:  # `serve run` YAML: http_options.host 0.0.0.0 and no keys stops here, as `ctxmem serve` does
+        raise ValueError(f"ctxmem: {refusal}")
     # args.engine is the engine's base config; its user_config starts empty ({} still makes Serve call
     # `reconfigure`, which loads the model) and is where YAML puts live overrides. The ingress gets
     # only what it reads.
@@ -36,6 +39,24 @@ def build_app_with_router(args: ServeArgs, session_affinity: bool) -> Applicatio
     engine = EngineDeployment.options(user_config={}, **options).bind(args.engine.model_dump())
     ingress_args = args.model_dump(exclude={"engine", "engine_deployment", "ingress_deployment"})
     return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, ingress_args)
+
+
+def serve_http_host() -> str:
+    """The host Serve's HTTP proxies bind: the running controller's (`serve run` YAML `http_options`,
+    `ctxmem serve --host`), else the one Serve will start with (its default, loopback unless
+    $RAY_SERVE_DEFAULT_HTTP_HOST says otherwise) - `serve run IMPORT_PATH` builds before starting Serve."""
+    import ray
+    from ray.serve.config import HTTPOptions
+    from ray.serve.context import _get_global_client
+
+    client = None
+    if ray.is_initialized():  # (asking without Ray would start one here)
+        try:
+            client = _get_global_client(raise_if_no_controller_running=False)
+        except Exception:  # noqa: BLE001 - no Serve yet: it starts later with its defaults
+            client = None
+    host = client.http_config.host if client is not None else None
+    return host or HTTPOptions().host
 
 
 def app_args(**overrides: Any) -> ServeArgs:

@@ -13,6 +13,7 @@ Nothing here imports Ray, so the engine and the HTTP layer are testable without 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -200,6 +201,9 @@ class ServeArgs(_Strict):
     max_tokens_limit: int = Field(default=4096, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     session_store: str = DEFAULT_STORE  # sqlite:///PATH | redis://HOST:PORT/DB | memory://
+    # serve a non-loopback HTTP host without any API key (anyone who reaches it is admin): build_app
+    # refuses that unless this is set, as `ctxmem serve` does without --allow-unauthenticated
+    allow_unauthenticated: bool = False
     engine: EngineConfig | None = None
     engine_deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         max_ongoing_requests=256, ray_actor_options={"num_cpus": 1}))
@@ -244,6 +248,26 @@ class ServeArgs(_Strict):
         return self.model_copy(update={"api_keys": [], "api_key_hashes": hashes, "api_keys_file": None,
                                        "tenants": sorted(tenants.values(), key=lambda t: t.name),
                                        "model_name": self.model_name or default_model_name(self.engine.model)})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_refusal(host: str, has_keys: bool, allow_unauthenticated: bool) -> str | None:
+    """Why a server on `host` must not start (an open server only on loopback, unless the operator
+    says otherwise), or None."""
+    if has_keys or allow_unauthenticated or is_loopback(host):
+        return None
+    return (f"refusing to serve {host} without API keys - anyone who reaches it could use the model and every "
+            "admin route. Give keys (args.api_keys_file, args.api_keys or $CTXMEM_API_KEYS; ctxmem serve "
+            "--api-keys-file / --api-key), bind a loopback host, or set args.allow_unauthenticated: true "
+            "(ctxmem serve --allow-unauthenticated) if this is really meant to be open.")
 
 
 def hash_key(key: str) -> str:

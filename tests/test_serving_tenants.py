@@ -257,3 +257,25 @@ def test_ctxmem_serve_refuses_an_open_non_loopback_host(keys_file):
     args = parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0", "--api-keys-file", str(keys_file)])
     config = serve_args(args).resolve()
     assert {t.name for t in config.tenants} == set(KEYS) and config.api_keys_file is None
+
+
+def test_serve_run_yaml_refuses_an_open_non_loopback_host(monkeypatch):
+    """`serve run infra/serve.yaml` builds through build_app, which refuses Serve's HTTP host when it is
+    not loopback and no key is configured (unless args.allow_unauthenticated), as `ctxmem serve` does.
+    The host lookup is replaced here: binding all interfaces in the suite is what the rule is against."""
+    from ctxmem.serving import app as serving_app
+    from ctxmem.serving.config import exposure_refusal
+
+    monkeypatch.delenv("CTXMEM_API_KEYS", raising=False)
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert exposure_refusal(host, has_keys=False, allow_unauthenticated=False) is None
+    assert "allow_unauthenticated" in exposure_refusal("0.0.0.0", has_keys=False, allow_unauthenticated=False)
+    assert exposure_refusal("10.1.2.3", has_keys=True, allow_unauthenticated=False) is None
+    assert isinstance(serving_app.serve_http_host(), str)  # the real lookup answers with or without Ray
+
+    monkeypatch.setattr(serving_app, "serve_http_host", lambda: "0.0.0.0")
+    with pytest.raises(ValueError, match="refusing to serve 0.0.0.0 without API keys"):
+        serving_app.build_app({"model": "some/export"})
+    for allowed in ({"allow_unauthenticated": True}, {"api_keys": ["a-key"]}):
+        app = serving_app.build_app({"model": "some/export", **allowed})
+        assert app is not None
