@@ -6,7 +6,6 @@ The same application runs from YAML with `serve run infra/serve.yaml`.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 
@@ -77,7 +76,7 @@ def serve_args(args: argparse.Namespace):
     data = {
         "model": args.model, "model_name": args.model_name, "api_keys": args.api_key or [],
         "api_keys_file": args.api_keys_file,
-        "max_tokens_limit": args.max_tokens_limit,
+        "max_tokens_limit": args.max_tokens_limit, "allow_unauthenticated": args.allow_unauthenticated,
         "engine": {"model": args.model, "tracking_uri": _tracking_uri(args), "provider": args.provider, "intra_op_threads": args.intra_op_threads,
                    "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse,
                    "chat_template": args.chat_template},
@@ -100,21 +99,14 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
     return default_tracking_uri(args.tracking_uri)  # absolute: replicas may not share this cwd
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> None:
-    """An open server only on loopback, unless the operator says otherwise."""
-    if not has_keys and not allow_unauthenticated and not is_loopback(host):
-        raise SystemExit(f"ctxmem serve: refusing to serve {host} without API keys - anyone who reaches it could "
-                         "use the model and every admin route. Pass --api-keys-file (or --api-key), or "
-                         "--allow-unauthenticated if this is really meant to be open.")
+    """An open server only on loopback, unless the operator says otherwise (the rule `serve run`'s
+    builder applies too: serving.config.exposure_refusal)."""
+    from .config import exposure_refusal
+
+    refusal = exposure_refusal(host, has_keys, allow_unauthenticated)
+    if refusal:
+        raise SystemExit(f"ctxmem serve: {refusal}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

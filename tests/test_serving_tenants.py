@@ -257,6 +257,9 @@ def test_ctxmem_serve_refuses_an_open_non_loopback_host(keys_file):
     args = parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0", "--api-keys-file", str(keys_file)])
     config = serve_args(args).resolve()
     assert {t.name for t in config.tenants} == set(KEYS) and config.api_keys_file is None
+    # the flag reaches the builder, which applies the same rule under `serve run` too
+    open_args = parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0", "--allow-unauthenticated"])
+    assert serve_args(open_args).allow_unauthenticated and not serve_args(args).allow_unauthenticated
 
 
 def test_serve_run_yaml_refuses_an_open_non_loopback_host(monkeypatch):
