@@ -9,8 +9,9 @@ load          concurrency 1, 4, 16, 32 with continuous batching on (max_batch_si
               (and by process: client, proxy, ingress, engine, Ray).
               Targets (issue 11): 16 streams >= 5x one stream's tokens/s; <= 0.15 ms CPU/token (tiny).
 cost          where the CPU per token comes from, at 16 streams: 1-token requests (what a request costs
-              whatever its length), --max-tokens requests with a message a second and with the default
-              adaptive stream interval: CPU ms per request by process, text messages per request.
+              whatever its length), --max-tokens requests with a message a second, with the default
+              adaptive stream interval and with the earlier rule's 160 ms (10 ms per stream): CPU ms per
+              request by process, text messages per request.
 engine        the engine's own batched decode at batch 16, no HTTP, in this process: tokens/s, against
               the load phase's HTTP tokens/s at 16 streams (target: HTTP >= 0.8x).
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
@@ -568,8 +569,12 @@ def main(argv=None) -> int:
                       "than at 1")
 
         if "cost" in args.phases:
+            # the 10 ms-per-stream row is the adaptive rule before ADAPTIVE_MS_PER_SEQ became 20 (what it gave at
+            # 16 streams), run here beside the default for an A/B in one run
             cases = [("1 token", 1, None), (f"{args.max_tokens} tokens, a message a second", args.max_tokens, 1000.0),
-                     (f"{args.max_tokens} tokens, adaptive interval (default)", args.max_tokens, None)]
+                     (f"{args.max_tokens} tokens, adaptive interval (default)", args.max_tokens, None),
+                     (f"{args.max_tokens} tokens, 160 ms interval (10 ms per stream, the earlier rule)", args.max_tokens,
+                      160.0)]
             costs = []
             for label, tokens, interval in cases:
                 deploy(max_batch_size=32, stream_interval_ms=interval)
@@ -586,13 +591,16 @@ def main(argv=None) -> int:
                 total = sum(per.values())
                 print(f"| {label} | {r['requests']} | {r['texts']:.1f} | " + " | ".join(f"{per[k]:.2f}" for k in ROLES)
                       + f" | {total:.2f} | {total / tokens:.3f} |")
-            (_, _, one, fixed), (_, n_tok, few, sparse), (_, _, many, paced) = costs
+            (_, _, one, fixed), (_, n_tok, few, sparse), (_, _, many, paced), (_, _, old, before) = costs
             fixed_ms, sparse_ms, paced_ms = sum(fixed.values()), sum(sparse.values()), sum(paced.values())
             extra = many["texts"] - few["texts"]
             print(f"\nA request costs {fixed_ms:.1f} ms of CPU whatever its length; each further token "
                   f"{(sparse_ms - fixed_ms) / max(n_tok - 1, 1):.3f} ms (a message a second), each further message "
                   + (f"{(paced_ms - sparse_ms) / extra:.2f} ms" if extra > 0.5 else "- (too few to tell)")
                   + f" ({extra:.1f} more per request with the adaptive interval)")
+            print(f"Adaptive interval (default) against 10 ms per stream: {paced_ms / n_tok:.3f} against "
+                  f"{sum(before.values()) / n_tok:.3f} ms CPU/token ({many['texts']:.1f} against {old['texts']:.1f} "
+                  f"messages a request), {paced_ms / max(sum(before.values()), 1e-9):.2f}x")
 
         if "engine" in args.phases:
             decode, decode_cpu = engine_decode(model_dir, 16, args.engine_steps)

@@ -69,8 +69,8 @@ class EngineConfig(_Strict):
     prefill_token_budget: int = Field(default=512, ge=1)
     # Each streamed message costs ~1-2 ms of Python in every hop (engine -> ingress -> proxy; measured),
     # so under load a stream's tokens are sent together, at most every stream_interval_ms. None =
-    # adaptive: 10 ms per running sequence, at most 250 ms (~100 messages/s per replica, ~0.25 core of
-    # Serve overhead here); 0 = every step.
+    # adaptive: 20 ms per running sequence, at most 500 ms (~50 messages/s per replica, ~0.1 core of
+    # Serve overhead here; serving/scheduler.py ADAPTIVE_MS_PER_SEQ); 0 = every step.
     # The first token is never held back.
     stream_interval_ms: float | None = Field(default=None, ge=0)
     kv_reuse: bool = True  # keep recent conversations' KV state (off: every turn re-prefills)
