@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
@@ -21,8 +22,8 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from ctxmem.config import ConfigError, ModelConfig
 from ctxmem.memory import MemoryConfig, MemoryConfigError, NumpyCacheOps
 
-from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, POSITIONS, REEXPORT, SINK_KEYS, SINK_POSITIONS,
-                       ExportContract, past_names, query_names, rotation_span)
+from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, LOGITS, POSITIONS, REEXPORT, SINK_KEYS, SINK_POSITIONS,
+                       ExportContract, past_names, present_names, query_names, rotation_span)
 from .errors import (ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError,
                      UnsafeFilePathError)
 from .providers import choose_provider, is_auto, ort_name
@@ -276,22 +277,119 @@ def check_names(session, contract: ExportContract, where: str) -> None:
 class FrameCache(list):
     """A contract v3 cache: per layer (k, v) numpy arrays (B, Hkv, S, D), keys rotated, and each
     row's frame offset ``frame`` (B,) int64: an ordinary key of stream index n is stored rotated at
-    n - frame[row], a sink key at n. Iterates as the (k, v) list every other cache is."""
+    n - frame[row], a sink key at n. Iterates as the (k, v) list every other cache is.
 
-    def __init__(self, layers, frame: np.ndarray):
+    ``buffer``: the KVBuffer whose first S slots the (k, v) arrays are views of (a cache that decode
+    steps wrote in place), or None (arrays of their own: a prefill's present, a take/select/concat)."""
+
+    def __init__(self, layers, frame: np.ndarray, buffer: "KVBuffer | None" = None):
         super().__init__(layers)
         self.frame = frame
+        self.buffer = buffer
+
+
+class KVBuffer:
+    """Preallocated cache storage for decode steps on the GroupQueryAttention branch: per layer (k, v)
+    numpy arrays (B, Hkv, C, D), C >= the slots in use, and an OrtValue over each (the same memory).
+    A decode step binds a layer's past and present to the same OrtValue, so the op writes the one new
+    slot in place (its past_present_share_buffer mode) instead of allocating a present of P+1 slots,
+    zeroing it and copying the P cached ones into it, every step.
+
+    ``filled``: how many slots have been written. Only the cache that ends at ``filled`` appends in
+    place. An older cache over the same buffer (a shorter snapshot the caller kept: serving's reused
+    states, a rewind) reads only slots below its own length, which an append never writes; a step
+    that continues from such a snapshot copies it into a new buffer first. So no cache a caller holds
+    ever changes under it."""
+
+    GROW = 64  # free slots a new buffer leaves: one copy of the cache per 64 decode steps at most
+
+    def __init__(self, layers, capacity: int, idx: np.ndarray | None = None):
+        """A buffer of ``capacity`` slots holding ``layers``' slots, or only those at ``idx`` (K,)
+        (the same for every row: a compaction, FrameCacheOps.take) - gathered straight into it."""
+        import onnxruntime as ort
+
+        B, Hkv, S, D = layers[0][0].shape
+        S = S if idx is None else len(idx)
+        # one allocation for every layer's keys and values: measured 5x faster than one per array
+        # (fresh pages either way; eight separate ~1 MB arrays cost ~2 ms at batch 8)
+        self.slab = np.empty((2 * len(layers), B, Hkv, capacity, D), layers[0][0].dtype)
+        for buf, a in zip(self.slab, (a for kv in layers for a in kv)):
+            if idx is None:
+                buf[:, :, :S] = a  # the slots beyond S are written by the op before any read
+            else:
+                np.take(a, idx, axis=2, out=buf[:, :, :S])
+        self.keys = self.slab[0::2]  # (L, B, Hkv, C, D), a view
+        self.values = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in self.slab]  # key_0, value_0, key_1, ...
+        self.batch, self.capacity, self.filled = B, capacity, S
+
+    @classmethod
+    def for_append(cls, past: FrameCache) -> "KVBuffer":
+        """The buffer the next decode step of ``past`` writes into: past's own when past ends at its
+        high-water mark and a slot is free, else a new one holding past's slots (a copy)."""
+        S = past[0][0].shape[2]
+        own = past.buffer
+        if own is not None and own.filled == S and S < own.capacity and own.batch == len(past.frame):
+            return own
+        return cls(past, S + 1 + cls.GROW)
+
+    def rotate_keys(self, rows: np.ndarray, cols: np.ndarray, turn: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Every layer's key at slots (rows[n], cols[n]) rotated further, in place, by the angles of
+        ``turn`` = (cos, sin), each (N, D) float32 laid out for the half-split rotary layout ([c, c],
+        [-s, s]: KeyTurns). Returns the keys as they were, (N, L, Hkv, D), for put_keys."""
+        saved = self.keys[:, rows, :, cols]  # (N, L, Hkv, D): the advanced axes come first
+        cos, sin = turn[0][:, None, None], turn[1][:, None, None]  # (N, 1, 1, D)
+        half = saved.shape[-1] // 2
+        swapped = np.concatenate((saved[..., half:], saved[..., :half]), axis=-1)  # (x2, x1)
+        self.keys[:, rows, :, cols] = saved * cos + swapped * sin  # (x1 c - x2 s, x2 c + x1 s)
+        return saved
+
+    def put_keys(self, rows: np.ndarray, cols: np.ndarray, saved: np.ndarray) -> None:
+        """Undo rotate_keys: the saved keys (N, L, Hkv, D) back in their slots, bit for bit."""
+        self.keys[:, rows, :, cols] = saved
+
+    def views(self, frame: np.ndarray) -> FrameCache:
+        """The first ``filled`` slots as the FrameCache the memory holds (views: no copy)."""
+        kv = iter(self.slab[:, :, :, :self.filled])
+        return FrameCache(list(zip(kv, kv)), frame, self)
+
+
+class KeyTurns:
+    """cos and sin of rotations by delta positions, (N, D) float32 rows laid out for KVBuffer.rotate_keys
+    ([cos, cos], [-sin, sin]; angles in float64), read from a table of 1,024 consecutive deltas that is
+    computed afresh only when a delta leaves it: a row's delta grows by one per decode step."""
+
+    SPAN = 1024
+
+    def __init__(self, head_dim: int, theta: float):
+        self.inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (D/2,)
+        self.low, self.cos, self.sin = 0, np.zeros((0, head_dim), np.float32), np.zeros((0, head_dim), np.float32)
+
+    def __call__(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = delta - self.low
+        if at.min() < 0 or at.max() >= len(self.cos):
+            self.low = int(delta.min())
+            angles = np.arange(self.low, self.low + max(self.SPAN, int(delta.max()) - self.low + 1),
+                               dtype=np.float64)[:, None] * self.inv_freq  # (SPAN, D/2)
+            c, s = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+            self.cos, self.sin = np.concatenate((c, c), axis=1), np.concatenate((-s, s), axis=1)
+            at = delta - self.low
+        return self.cos[at], self.sin[at]
 
 
 class FrameCacheOps:
     """NumpyCacheOps that carry each row's frame offset along with its slots. ``rotary``: (head_dim,
     theta) of a model whose keys the graph rotates; None for learned positions (keys never rotated)."""
 
-    def __init__(self, rotary: tuple[int, float] | None = None):
+    def __init__(self, rotary: tuple[int, float] | None = None, buffered: bool = False):
         self._np = NumpyCacheOps()
         self.rotary = rotary
+        self.buffered = buffered  # the backend decodes in place (KVBuffer): compactions land in one
 
     def take(self, past, idx):
+        if self.buffered and len(idx) and (idx == idx[:1]).all():
+            # every row keeps the same slots (the sink policy's compaction): gathered straight into
+            # the buffer the next decode steps write into, one copy instead of two
+            return KVBuffer(past, idx.shape[1] + KVBuffer.GROW, idx[0]).views(past.frame)
         return FrameCache(self._np.take(past, idx), past.frame)
 
     def select(self, past, rows):
@@ -336,6 +434,41 @@ def rotate(x: np.ndarray, positions: np.ndarray, head_dim: int, theta: float) ->
     return np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1).astype(x.dtype)
 
 
+def _ort_value(array: np.ndarray):
+    """An OrtValue over ``array``'s memory (no copy): what a binding writes an output into."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _sink_shift(feed: dict, sink_slots: np.ndarray | None):
+    """For a decode feed (one new token per row, positions >= 0): None when it cannot take the decode
+    branch, else the sink-scored cached slots to rotate for it - (rows, cols, delta) with delta the
+    row's position minus its sink position, only for rows where the two differ (a `sink` row far past
+    its window) - or () when no row differs. A row whose new token is itself sink-scored while the
+    two differ cannot (its key would be cached at the wrong position); the layout never gives one."""
+    delta = feed[POSITIONS][:, 0] - feed[SINK_POSITIONS][:, 0]  # (B,)
+    apart = delta != 0
+    if not apart.any():
+        return ()
+    if sink_slots is None or sink_slots[apart, -1].any():
+        return None
+    rows, cols = np.nonzero(sink_slots[:, :-1] & apart[:, None])  # cached slots only: (N,), (N,)
+    return rows, cols, delta[rows]
+
+
+def has_decode_branch_node(model_path: str | Path) -> bool:
+    """Whether the graph in ``model_path`` has the fused graph's decode branch (graph_builder's If
+    named decode_or_general); reads the graph without its weights."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - create_session has already loaded it; be conservative
+        return False
+    return any(node.op_type == "If" and node.name == "decode_or_general" for node in graph.node)
+
+
 class OrtBackend:
     """Runs the exported graph for ctxmem.memory.ContextMemory: numpy in, numpy out, numpy cache.
 
@@ -375,6 +508,15 @@ class OrtBackend:
         self.ops = FrameCacheOps(rotary) if self.rotated else NumpyCacheOps()
         self.span = rotation_span(self.max_seq_len)
         self.name = f"onnxruntime-{self.provider.replace('ExecutionProvider', '').lower()}-{self.config.variant}"
+        # decode steps in place (KVBuffer): a graph with the GroupQueryAttention branch, on CPU (the
+        # buffers are host memory; on CUDA a binding of them would copy to the device and back)
+        self.in_place = (self.rotated and self.provider == "CPUExecutionProvider"
+                         and has_decode_branch_node(self.export_dir / self.config.files.get("model", MODEL_FILE)))
+        if self.rotated:
+            self.ops.buffered = self.in_place
+        self._present_names = present_names(self.contract.n_layers)
+        self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
+        self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
 
     def run(self, ids: np.ndarray, layout, past) -> list[np.ndarray]:
         """One graph call; logits and the cache in contract order (logits, present_key_0,
@@ -401,14 +543,18 @@ class OrtBackend:
                     (layout.sink_slots[:, -T:] & (frame != 0)[:, None]).any():
                 raise ValueError("a sink token arrived in a row whose key frame has moved; sinks are a stream's "
                                  "first tokens (ctxmem.layout)")
+            if self.in_place and T == 1 and past and past[0][0].shape[2] and feed[POSITIONS].min() >= 0:
+                shift = _sink_shift(feed, layout.sink_slots)
+                if shift is not None:
+                    return self._decode_in_place(feed, past, frame, extra, shift)
         else:
             layout = layout.with_sinks()  # the graph always takes the sink inputs
             feed.update({POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
                          KEY_POSITIONS: np.ascontiguousarray(layout.key_positions, dtype=np.int64),
                          SINK_POSITIONS: np.ascontiguousarray(layout.sink_positions, dtype=np.int64),
                          SINK_KEYS: np.ascontiguousarray(layout.sink_keys, dtype=bool)})
-        if past:
-            arrays = [a for kv in past for a in kv]
+        if past:  # views of a KVBuffer are not contiguous: ONNX Runtime takes contiguous arrays
+            arrays = [np.ascontiguousarray(a) for kv in past for a in kv]
         else:
             empty = np.zeros((B, self.contract.n_kv_heads, 0, self.contract.head_dim), self._cache_dtype)
             arrays = [empty] * len(self._past_names)
@@ -417,6 +563,51 @@ class OrtBackend:
         n = len(self._fetch)
         present = list(zip(outs[1:n:2], outs[2:n:2]))  # (B, Hkv, P+T, D) per layer
         return outs, (FrameCache(present, frame) if self.rotated else present)
+
+    def _decode_in_place(self, feed: dict, past: FrameCache, frame: np.ndarray, extra: tuple[str, ...],
+                         shift: tuple) -> tuple[list[np.ndarray], FrameCache]:
+        """A decode step (one new token per row) on the GroupQueryAttention branch, with each layer's
+        past and present bound to one KVBuffer: the op writes slot P of every row in place. Same
+        outputs as session.run (logits (B, 1, V), the presents as views of P+1 slots, the extras).
+
+        ``shift`` (_sink_shift): the sink-scored slots (rows, cols) of rows whose sink query differs
+        from their ordinary one, and by how much (delta = position - sink position). Those keys are
+        rotated by delta for the call (from the rotation they are cached at), so the one query at
+        ``positions`` scores them at the distance the sink query would: one scoring, the decode
+        branch, instead of the general path's two; they are put back bit for bit after the call, so
+        the cache the caller sees keeps the contract's meaning (sink keys at their own positions)."""
+        buffer = KVBuffer.for_append(past)
+        if shift:
+            rows, cols, delta = shift
+            saved = buffer.rotate_keys(rows, cols, self._turns(delta))
+            feed = {**feed, SINK_POSITIONS: feed[POSITIONS]}  # one query scores every slot now
+        bindings = getattr(self._local, "bindings", None)
+        if bindings is None:
+            bindings = self._local.bindings = {}
+        if extra not in bindings:  # one binding per set of outputs: each binds exactly what it fetches
+            bindings[extra] = [self.session.io_binding(), None]
+        binding, bound = bindings[extra]
+        if bound is not buffer:  # past and present stay bound across the steps of one buffer
+            for name, value in zip(self._past_names, buffer.values):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(self._present_names, buffer.values):
+                binding.bind_ortvalue_output(name, value)
+            bindings[extra][1] = buffer
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        B = len(frame)
+        outs = [np.empty((B, 1, self.vocab_size), np.float32)]  # new arrays: a caller may keep its logits
+        outs += [np.empty((B, 1, self.n_heads * self.head_dim), self._cache_dtype) for _ in extra]  # query_<i>
+        for name, array in zip((LOGITS, *extra), outs):
+            binding.bind_ortvalue_output(name, _ort_value(array))
+        try:
+            self.session.run_with_iobinding(binding)
+        finally:
+            if shift:
+                buffer.put_keys(rows, cols, saved)
+        buffer.filled += 1
+        present = buffer.views(frame)
+        return [outs[0], *(a for kv in present for a in kv), *outs[1:]], present
 
     def key_positions(self, layout, frame: np.ndarray) -> np.ndarray:
         """(B, S) the rotation position of each slot's cached key (v3, v4): a sink at its stream index

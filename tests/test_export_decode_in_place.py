@@ -1,0 +1,124 @@
+"""Decode steps in place (export/runtime.py: KVBuffer): past and present bound to one preallocated
+buffer that GroupQueryAttention appends to, and a `sink` row far past its window brought onto the
+decode branch by rotating its few sink keys for the call. Compared with the same export run the
+plain way (session.run over the general path wherever the graph would score sinks apart)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def branch_export(tmp_path_factory):
+    """A tiny model whose head_dim (16) gets the decode branch (tiny's own 24 does not), exported
+    without verification (tests/test_export_graphs.py verifies this shape of model)."""
+    import torch
+
+    from ctxmem.checkpoint import save_checkpoint
+    from ctxmem.config import preset
+    from ctxmem.export.onnx_export import export_onnx
+    from ctxmem.model import Transformer
+    from ctxmem.tokenizer import ByteTokenizer
+
+    torch.manual_seed(3)
+    tmp = tmp_path_factory.mktemp("in_place")
+    tok = ByteTokenizer()
+    save_checkpoint(tmp / "ckpt", Transformer(preset("tiny", vocab_size=tok.vocab_size, n_heads=6, n_kv_heads=2)), tok)
+    return export_onnx(tmp / "ckpt", tmp / "export", verify=False)
+
+
+def _backends(export):
+    """(in place, plain): two backends over one export; the plain one runs session.run every step."""
+    from ctxmem.export.runtime import OrtBackend
+
+    fast, plain = OrtBackend(export, provider="cpu"), OrtBackend(export, provider="cpu")
+    plain.in_place = plain.ops.buffered = False
+    assert fast.in_place, "the export has the decode branch, on CPU: decode steps run in place"
+    return fast, plain
+
+
+def _feed_all(backend, memory_config, prompts, steps, seed=0):
+    """Prompts, then `steps` greedy tokens fed one at a time: every step's logits (B, V), and how many
+    calls ran in place and how many of those rotated sink keys."""
+    from ctxmem.memory import ContextMemory
+
+    calls = [0, 0]
+    inner = backend._decode_in_place
+
+    def counted(feed, past, frame, extra, shift):
+        calls[0] += 1
+        calls[1] += bool(shift)
+        return inner(feed, past, frame, extra, shift)
+    backend._decode_in_place = counted
+    memory = ContextMemory(backend, memory_config)
+    state = memory.start(len(prompts))
+    logits = [memory.feed(state, prompts)]
+    for _ in range(steps):
+        logits.append(memory.feed(state, np.argmax(logits[-1], axis=-1)[:, None]))
+    return np.stack(logits), calls, memory, state
+
+
+def test_full_policy_decode_in_place_gives_the_plain_logits_bit_for_bit(branch_export):
+    """Under `full` the in-place step runs the same op on the same numbers (the op appends to the
+    buffer instead of to a new present): logits equal exactly, two rows of different lengths."""
+    from ctxmem.memory import MemoryConfig
+
+    fast, plain = _backends(branch_export)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
+    got, in_place, _, state = _feed_all(fast, MemoryConfig("full"), prompts, 80)
+    want, plain_calls, _, plain_state = _feed_all(plain, MemoryConfig("full"), prompts, 80)
+    assert in_place == [80, 0] and plain_calls == [0, 0]  # every decode step in place; 80 > GROW: a new buffer
+    np.testing.assert_array_equal(got, want)
+    for (k, v), (pk, pv) in zip(state.past, plain_state.past):  # the cache the memory holds, too
+        np.testing.assert_array_equal(k, pk)
+        np.testing.assert_array_equal(v, pv)
+
+
+def test_sink_far_past_the_window_runs_the_decode_branch_and_keeps_the_general_paths_logits(branch_export):
+    """Far past the window a sink row's sink query differs from its ordinary one: the plain run
+    scores the sinks apart on the general path, the in-place run rotates the sink keys by the
+    difference for the call. Same scores up to fp32 rounding of one rotation (measured 3.6e-7 on
+    logits up to 1.5; tolerance 1e-5); 300 steps move each row's key frame (the rotation table
+    spans 2 * 128) and compact the cache many times."""
+    from ctxmem.memory import MemoryConfig
+
+    fast, plain = _backends(branch_export)
+    memory = MemoryConfig("sink", window=20, sinks=4)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42]]
+    got, in_place, _, state = _feed_all(fast, memory, prompts, 300)
+    want, _, _, plain_state = _feed_all(plain, memory, prompts, 300)
+    assert in_place[0] == 300 and in_place[1] > 250  # past the window (~20 steps in), every step rotates
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert (np.argmax(got, -1) == np.argmax(want, -1)).all()
+    # the sink keys the caller sees were put back bit for bit: the cache keeps the contract's meaning
+    for (k, _), (pk, _) in zip(state.past, plain_state.past):
+        np.testing.assert_allclose(k, pk, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(k[:, :, :4], pk[:, :, :4])
+
+
+def test_a_kept_snapshot_never_changes_and_continuing_it_copies(branch_export):
+    """A caller that keeps an older cache (serving's reused states) and steps from it twice: the
+    first continuation appends in place, the second finds the buffer already written past the
+    snapshot and copies it; the snapshot's slots never change and both continuations agree."""
+    from ctxmem.memory import ContextMemory, MemoryConfig
+
+    fast, _ = _backends(branch_export)
+    memory = ContextMemory(fast, MemoryConfig("full"))
+    state = memory.start(1)
+    memory.feed(state, [[5, 6, 7, 8]])
+    memory.feed(state, np.array([[9]]))  # the first decode step: the cache moves into a buffer
+    kept = state.past
+    kept_copy = [(k.copy(), v.copy()) for k, v in kept]
+    runs = []
+    for _ in range(2):
+        branch = ContextMemory(fast, MemoryConfig("full"))
+        again = branch.start(1)
+        again.past, again.mask, again.tokens = kept, state.mask.copy(), state.tokens.copy()
+        again.seen, again.evicted = state.seen.copy(), state.evicted.copy()
+        runs.append(np.stack([branch.feed(again, np.array([[t]])) for t in (11, 12, 13)]))
+        assert again.past.buffer is not None
+    assert runs[0].shape == runs[1].shape
+    np.testing.assert_array_equal(runs[0], runs[1])
+    for (k, v), (ck, cv) in zip(kept, kept_copy):
+        np.testing.assert_array_equal(k, ck)
+        np.testing.assert_array_equal(v, cv)
