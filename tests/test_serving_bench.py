@@ -51,6 +51,7 @@ def test_the_quick_readme_benchmark_runs_every_phase_and_prints_every_table(comm
         assert table in done.stdout, f"{table!r} missing:\n{done.stdout}"
     assert "| on | 1 |" in done.stdout and "| off | 1 |" in done.stdout  # batching on and off, concurrency 1
     assert "| 1 token | " in done.stdout and "A request costs " in done.stdout  # the cost phase's rows and summary
+    assert "Adaptive interval (default) against 10 ms per stream: " in done.stdout  # its pacing A/B in one run
     assert "| session affinity |" in done.stdout and "| power of two choices |" in done.stdout
     assert "requests, 0 5xx or connection errors" in done.stdout  # the soak (a short load test) failed nothing
     rows = [line.split("|") for line in done.stdout.splitlines()
