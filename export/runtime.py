@@ -581,25 +581,9 @@ class OrtBackend:
             rows, cols, delta = shift
             saved = buffer.rotate_keys(rows, cols, self._turns(delta))
             feed = {**feed, SINK_POSITIONS: feed[POSITIONS]}  # one query scores every slot now
-        bindings = getattr(self._local, "bindings", None)
-        if bindings is None:
-            bindings = self._local.bindings = {}
-        if extra not in bindings:  # one binding per set of outputs: each binds exactly what it fetches
-            bindings[extra] = [self.session.io_binding(), None]
-        binding, bound = bindings[extra]
-        if bound is not buffer:  # past and present stay bound across the steps of one buffer
-            for name, value in zip(self._past_names, buffer.values):
-                binding.bind_ortvalue_input(name, value)
-            for name, value in zip(self._present_names, buffer.values):
-                binding.bind_ortvalue_output(name, value)
-            bindings[extra][1] = buffer
+        binding, outs = self._binding(buffer, extra)
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
-        B = len(frame)
-        outs = [np.empty((B, 1, self.vocab_size), np.float32)]  # new arrays: a caller may keep its logits
-        outs += [np.empty((B, 1, self.n_heads * self.head_dim), self._cache_dtype) for _ in extra]  # query_<i>
-        for name, array in zip((LOGITS, *extra), outs):
-            binding.bind_ortvalue_output(name, _ort_value(array))
         try:
             self.session.run_with_iobinding(binding)
         finally:
@@ -607,7 +591,29 @@ class OrtBackend:
                 buffer.put_keys(rows, cols, saved)
         buffer.filled += 1
         present = buffer.views(frame)
+        outs = [o.copy() for o in outs]  # the bound arrays are written again next step; a caller may keep these
         return [outs[0], *(a for kv in present for a in kv), *outs[1:]], present
+
+    def _binding(self, buffer: KVBuffer, extra: tuple[str, ...]):
+        """This thread's IOBinding for calls fetching ``extra`` besides logits and the cache, with
+        every past and present bound to ``buffer`` and logits (B, 1, V) and the extras (B, 1, H*D)
+        bound to arrays of its own; (binding, those arrays). Rebound only when the buffer changes."""
+        bindings = getattr(self._local, "bindings", None)
+        if bindings is None:
+            bindings = self._local.bindings = {}
+        entry = bindings.get(extra)
+        if entry is None or entry[1] is not buffer:
+            binding = entry[0] if entry is not None else self.session.io_binding()
+            for name, value in zip(self._past_names, buffer.values):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(self._present_names, buffer.values):
+                binding.bind_ortvalue_output(name, value)
+            outs = [np.empty((buffer.batch, 1, self.vocab_size), np.float32)]
+            outs += [np.empty((buffer.batch, 1, self.n_heads * self.head_dim), self._cache_dtype) for _ in extra]
+            for name, array in zip((LOGITS, *extra), outs):
+                binding.bind_ortvalue_output(name, _ort_value(array))
+            entry = bindings[extra] = (binding, buffer, outs)
+        return entry[0], entry[2]
 
     def key_positions(self, layout, frame: np.ndarray) -> np.ndarray:
         """(B, S) the rotation position of each slot's cached key (v3, v4): a sink at its stream index
