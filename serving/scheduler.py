@@ -71,9 +71,10 @@ MIN_CHUNK = 32  # smaller prefill chunks cost more per token than they save in l
 EMA = 0.2  # weight of the newest sample in the step-time and prefill-rate averages
 # Adaptive stream pacing: a message costs ~2 ms of CPU across engine, ingress, proxy and client
 # whatever it carries (bench_serving.py cost phase), so a replica sends about 1000 / ADAPTIVE_MS_PER_SEQ
-# messages a second whatever the number of streams: ~50/s, ~0.1 core. 20 ms (not 10) measured 0.28 against
-# 0.31-0.38 ms CPU/token at 16 streams of 128 tokens on the tiny export (2.0-2.8 against 3.7-4.3 messages
-# a request); a stream still gets its first text at once, then tokens every 20 ms alone, ~320 ms at 16.
+# messages a second whatever the number of streams: ~50/s, ~0.1 core. 20 ms (not 10) measured 0.285 against
+# 0.316 ms CPU/token (medians of six runs each, alternately in one Ray session) at 16 streams of 128 tokens on
+# the tiny export (2.0-2.8 against 3.7-4.3 messages a request); a stream still gets its first text at once,
+# then tokens every 20 ms alone, ~320 ms apart at 16 streams.
 ADAPTIVE_MS_PER_SEQ = 20.0
 ADAPTIVE_MAX_MS = 500.0
 
