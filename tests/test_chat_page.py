@@ -437,6 +437,9 @@ def test_a_fact_typed_in_turn_1_is_recalled_at_turn_20_on_the_page(recall_server
     put_back = bar.locator("ul.recalled q").all_text_contents()
     assert any(fact.answer.strip() in text for text in put_back), put_back
     assert f"{last['evicted']} evicted so far ({last['recalled']} put back for this reply)" in bar.inner_text()
+    # memory is full: sinks + window as configured, and the reply's last token (sampled, not yet fed) beside them
+    assert (last["sinks"], last["window"], last["pending"]) == (str(MEMORY["sinks"]), str(MEMORY["window"]), "1")
+    assert f"memory: 4 sink + 64 window tokens (holds 68) + the reply's last token, not yet attended" in bar.inner_text()
     assert page.locator("figure.memory[data-past=true]").count() == 1  # the first turn past the window is marked
     sid = page.url.split("#session=")[1]
     stored = httpx.get(f"{url}/v1/sessions/{sid}").json()

@@ -138,12 +138,15 @@
     const recalled = Math.min(usage.recalled_tokens || 0, evicted);
     const held = Math.max(0, total - evicted);
     const sinks = hasSinks(state.memory) ? Math.min(state.memory.sinks, held) : 0;
-    const window = held - sinks;
     const cap = capacity(state.memory);
+    // the reply's last token is sampled but not yet fed to the model (the next token would feed it
+    // and evict one more): once memory is full it is the one token beyond what memory holds
+    const pending = cap !== null ? Math.max(0, held - cap) : 0;
+    const window = held - sinks - pending;
 
     const fig = document.createElement("figure");
     fig.className = "memory";
-    Object.assign(fig.dataset, {sinks, window, cached, evicted, prompt, total});
+    Object.assign(fig.dataset, {sinks, window, pending, cached, evicted, prompt, total});
     if (retrieve) fig.dataset.recalled = recalled;
     const bar = document.createElement("div");
     bar.className = "bar";
@@ -151,7 +154,7 @@
     bar.append(segment("sink", sinks, total, "sink tokens (always kept)"),
                segment("recalled", recalled, total, "evicted tokens put back for this reply"),
                segment("evicted", evicted - recalled, total, "evicted tokens"),
-               segment("window", window, total, "window tokens (most recent)"));
+               segment("window", window + pending, total, "window tokens (most recent)"));
     const turn = document.createElement("div");
     turn.className = "bar thin";
     turn.append(segment("cached", cached, total, "prompt tokens from the cached KV state"),
@@ -160,6 +163,7 @@
     const legend = document.createElement("figcaption");
     legend.className = "legend";
     legend.textContent = `memory: ${sinks} sink + ${window} window tokens` + (cap ? ` (holds ${cap})` : "") +
+      (pending ? ` + the reply's last token, not yet attended` : "") +
       ` · ${evicted} evicted so far` + (retrieve ? ` (${recalled} put back for this reply)` : "") +
       ` · ${cached} of ${prompt} prompt tokens from the cached KV state · ${completion} generated`;
     bar.setAttribute("aria-label", legend.textContent);
