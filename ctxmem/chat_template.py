@@ -157,7 +157,10 @@ class TextTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the running text (add_generation_prompt changes nothing: there is no prompt)."""
-        return self.tokenizer.encode(self.text(messages))
+        text = self.text(messages)
+        if not text:  # nothing for the model to continue (a chat template would still give role tokens)
+            raise TokenizerError("the conversation is empty text; send a message with some content")
+        return self.tokenizer.encode(text)
 
 
 # "model": the tokenizer's chat template (ChatTemplate); "text": one running text (TextTemplate)

@@ -5,10 +5,11 @@ The model is bench/models/recall-small (recall-trained; the demo's own CPU-train
 nothing), exported to ONNX by the demo (`ctxmem export --policy retrieve ...`, contract v4: the graph
 gives the queries retrieve scores with) and served by ONNX Runtime; its checkpoint directory works too (PyTorch, about
 twice the CPU). It is not chat-trained - under the chat template it answers nothing even inside its window -
-so the conversation is raw text through `/v1/completions`: each turn's prompt is the conversation so
-far (replies included) plus the new text, in one `X-Session-Id` so the engine reuses its KV state and
-its store. It is served in this process: the same engine and API app as
-`ctxmem serve --model EXPORT --policy retrieve ...`, on uvicorn instead of Ray Serve
+so it is served as text (`--chat-template text`: the messages are one running text, each user message
+joined by a space, each reply appended) and asked through `/v1/chat/completions` with the whole history,
+in one `X-Session-Id` so the engine reuses its KV state and its store. It is served in this process: the
+same engine and API app as `ctxmem serve --model EXPORT --chat-template text --policy retrieve ...`, on
+uvicorn instead of Ray Serve
 (a second Ray application would cost more than the segment itself). One conversation runs under the
 server's `retrieve`, the other asks for `sink` with the same sinks and window (the request knobs the
 API takes), so the only difference is the store.
@@ -94,7 +95,8 @@ def run_memory_demo(say: Callable[[str], None], model: Path = RECALL_MODEL, turn
         logging.getLogger(name).setLevel(logging.WARNING)
     print(f"  served in this process, as `{serve_command(model)}` serves it (uvicorn instead of Ray Serve)",
           file=sys.stderr, flush=True)
-    args = ServeArgs(model=str(model), model_name=NAME, engine={"model": str(model), "memory": MEMORY}).resolve()
+    args = ServeArgs(model=str(model), model_name=NAME,
+                     engine={"model": str(model), "memory": MEMORY, "chat_template": "text"}).resolve()
     engine = Engine(args.engine)
     texts, fact = conversation(seed, turns)
     try:
@@ -108,20 +110,21 @@ def run_memory_demo(say: Callable[[str], None], model: Path = RECALL_MODEL, turn
 
 def _converse(client, texts: list[str]) -> list[dict[str, Any]]:
     """Both conversations, turn by turn: per turn and policy the reply and its usage."""
-    history = {"retrieve": "", "sink": ""}
+    history: dict[str, list[dict[str, str]]] = {"retrieve": [], "sink": []}
     rows = []
     print("\n  turn  prompt tokens | retrieve: evicted  put back | sink: evicted", file=sys.stderr)
     for turn, text in enumerate(texts, 1):
         last = turn == len(texts)
         row: dict[str, Any] = {"turn": turn, "user": text}
         for policy in ("retrieve", "sink"):
-            prompt = (history[policy] + " " if history[policy] else "") + text
-            reply = client.completions.create(
-                model=NAME, prompt=prompt, max_tokens=6 if last else 3, temperature=0, stop=["."] if last else None,
-                extra_headers={"X-Session-Id": f"demo-memory-{policy}"},
+            history[policy].append({"role": "user", "content": text})
+            reply = client.chat.completions.create(
+                model=NAME, messages=history[policy], max_tokens=6 if last else 3, temperature=0,
+                stop=["."] if last else None, extra_headers={"X-Session-Id": f"demo-memory-{policy}"},
                 extra_body=SINK if policy == "sink" else None)
-            history[policy] = prompt + reply.choices[0].text
-            row[policy] = {"reply": reply.choices[0].text, "usage": reply.usage.model_dump()}
+            answer = reply.choices[0].message.content
+            history[policy].append({"role": "assistant", "content": answer})
+            row[policy] = {"reply": answer, "usage": reply.usage.model_dump()}
         r, s = row["retrieve"]["usage"], row["sink"]["usage"]
         print(f"  {turn:4d}  {r['prompt_tokens']:13d} | {r['evicted_tokens']:17d}  {r.get('recalled_tokens', 0):8d}"
               f" | {s['evicted_tokens']:13d}", file=sys.stderr, flush=True)

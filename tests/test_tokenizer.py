@@ -192,6 +192,8 @@ def test_text_template_is_the_running_text_a_completions_client_grows():
         template_for(tok, "chat")
     with pytest.raises(TokenizerError, match="role 'tool'"):
         text.render([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="empty text"):  # the server answers 400 (param messages)
+        text.render([{"role": "user", "content": ""}])
 
 
 def test_chat_template_keeps_a_user_typed_end_marker_inside_the_message(bpe):
