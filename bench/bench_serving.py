@@ -14,6 +14,9 @@ cost          where the CPU per token comes from, at 16 streams: 1-token request
               request by process, text messages per request.
 engine        the engine's own batched decode at batch 16, no HTTP, in this process: tokens/s, against
               the load phase's HTTP tokens/s at 16 streams (target: HTTP >= 0.8x).
+inproc        the same API app over an Engine in one process on uvicorn, no Ray (a child process), with the
+              load phase's requests at --levels: tokens/s and CPU ms per token of that server and of this
+              client - the stack without Ray Serve's proxy and ingress -> engine hop, against `load`.
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
               off: per-turn latency and prefilled tokens (target: turn 40 within 1.5x of turn 5).
 sessions      --session-replicas engine replicas, --conversations conversations x --session-turns turns
@@ -40,6 +43,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -423,8 +427,68 @@ def engine_decode(model_dir: Path, batch: int, steps: int) -> tuple[float, float
     return batch * steps / wall, 1000 * cpu / (batch * steps)
 
 
+def inproc_server(model_dir: Path, port: int) -> None:
+    """`--inproc-server PORT`: the API app (serving/api.py) over an Engine in this process on uvicorn,
+    127.0.0.1, no Ray - what a Serve replica runs, without Serve's proxy and the ingress -> engine hop.
+    Blocks until terminated."""
+    import uvicorn
+
+    from ctxmem.serving.api import LocalEngineClient, build_api
+    from ctxmem.serving.config import EngineConfig, ServeArgs
+    from ctxmem.serving.engine import Engine
+    from ctxmem.serving.store import MemoryStore
+
+    args = ServeArgs.model_validate({"model": str(model_dir), "model_name": "bench", "max_tokens_limit": 4096,
+                                     "session_store": "memory://"}).resolve()
+    engine = Engine(EngineConfig(model=str(model_dir), max_batch_size=32))
+    uvicorn.run(build_api(LocalEngineClient(engine), args, MemoryStore()), host="127.0.0.1", port=port,
+                log_level="warning", access_log=False)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) one process has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def inproc(model_dir: Path, levels: list[int], rounds: int, max_tokens: int, seconds: float, name: str) -> list[dict]:
+    """`load`'s measurement against inproc_server in a child process: per level, tokens/s and CPU ms per
+    generated token of the server process and of this client."""
+    import httpx
+
+    from ctxmem.net import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--inproc-server", str(port),
+                               "--model", str(model_dir)])
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                raise RuntimeError(f"the in-process server exited with {server.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
+        rows = []
+        for c in levels:
+            server0, client0 = process_cpu(server.pid), time.process_time()
+            r = asyncio.run(load(url, c, max(8, rounds * c), max_tokens, seconds, name))
+            tokens = max(r["tok_s"] * r.pop("wall"), 1)
+            r["server_ms"] = 1000 * (process_cpu(server.pid) - server0) / tokens
+            r["client_ms"] = 1000 * (time.process_time() - client0) / tokens
+            rows.append(r)
+        return rows
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 # ---- the run -------------------------------------------------------------------------------------
-PHASES = ("load", "cost", "engine", "conversation", "sessions", "long-prompt", "soak")
+PHASES = ("load", "cost", "engine", "inproc", "conversation", "sessions", "long-prompt", "soak")
 QUICK = {"levels": "1", "rounds": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
          "conversations": 4, "session_turns": 3, "session_replicas": 2, "long_prompt": 2000, "long_streams": 2,
          "long_stream_tokens": 8, "long_baseline_seconds": 2, "soak_clients": 8, "soak_seconds": 3, "engine_steps": 5}
@@ -441,7 +505,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128, help="load: tokens per request (exactly this)")
     parser.add_argument("--rounds", type=int, default=3, help="load: requests per level = max(8, rounds * concurrency)")
     parser.add_argument("--seconds", type=float, default=60, help="load: time bound per level")
-    parser.add_argument("--levels", default="1,4,16,32", help="load: concurrency levels")
+    parser.add_argument("--levels", default="1,4,16,32", help="load and inproc: concurrency levels")
     parser.add_argument("--engine-steps", type=int, default=200, help="engine: decode steps at batch 16")
     parser.add_argument("--turns", type=int, default=40, help="conversation: turns")
     parser.add_argument("--turn-tokens", type=int, default=16, help="conversation and sessions: reply tokens per turn")
@@ -456,6 +520,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--soak-clients", type=int, default=64, help="soak: concurrent clients")
     parser.add_argument("--soak-seconds", type=float, default=60, help="soak: duration")
     parser.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs reserved for the engine replica(s)")
+    parser.add_argument("--inproc-server", type=int, default=None, help=argparse.SUPPRESS)  # the inproc phase's child
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -481,6 +546,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     model_dir = Path(args.model) if args.model else make_export(args.preset)
+    if args.inproc_server:
+        inproc_server(model_dir, args.inproc_server)
+        return 0
+    inproc_rows = []
+    if "inproc" in args.phases:  # before Ray starts: this process is then the client alone
+        inproc_rows = inproc(model_dir, [int(x) for x in args.levels.split(",")], args.rounds, args.max_tokens,
+                             args.seconds, "bench")
     import httpx
     import ray
     from ray import serve
@@ -619,6 +691,20 @@ def main(argv=None) -> int:
             print(f"\nThe engine with its scheduler, sampler and stream pacing (Engine.generate, 16 streams x "
                   f"{args.max_tokens} tokens at temperature 1, no Ray, this process): {paced:.0f} tokens/s, "
                   f"{paced_cpu:.3f} ms CPU/token")
+
+        if "inproc" in args.phases:
+            header(f"The same API and engine in one process, no Ray (uvicorn, completions, stream, {args.max_tokens} "
+                   "tokens/request)")
+            print("| concurrency | requests | errors | tokens/s | TTFT p50 ms | server CPU ms/token | client CPU ms/token "
+                  "| total | with Ray (load phase) |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for r in inproc_rows:
+                with_ray = cpu_on.get(r["concurrency"])
+                print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['tok_s']:.0f} | {1000 * r['ttft_p50']:.1f} "
+                      f"| {r['server_ms']:.3f} | {r['client_ms']:.3f} | {r['server_ms'] + r['client_ms']:.3f} | "
+                      + (f"{with_ray:.3f} |" if with_ray else "- |"))
+            print("\nWhat Ray Serve's hops cost per token is the difference: the proxy, the ingress replica's Serve "
+                  "machinery, the handle call and the engine replica's.")
 
         if "conversation" in args.phases:
             convs = {}

@@ -13,7 +13,8 @@ import pytest
 
 from helpers_serving import REPO
 
-TABLES = ["## Load (completions", "## Where the CPU goes (16 streams", "## The engine's own batched decode", "## One 3-turn conversation",
+TABLES = ["## Load (completions", "## Where the CPU goes (16 streams", "## The engine's own batched decode",
+          "## The same API and engine in one process, no Ray", "## One 3-turn conversation",
           "## Sessions across 2 engine replicas", "-token prompt arrives while 2 streams decode", "## Soak: 8 clients"]
 
 
