@@ -286,6 +286,7 @@ class FrameCache(list):
         super().__init__(layers)
         self.frame = frame
         self.buffer = buffer
+        self.room: int | None = None  # new tokens any row may still take before its frame must move (None: unknown)
 
 
 class KVBuffer:
@@ -528,12 +529,21 @@ class OrtBackend:
         asked for (query_<i>, v4); the cache to feed back: FrameCache for v3/v4, per-layer (k, v) for
         v2). ids (B, T) int64; layout: ctxmem.layout.AttentionLayout over the P+T slots; past None/[]
         (P = 0) or the cache a previous step returned."""
+        logits, extras, present, outs = self._call(ids, layout, past, extra)
+        if outs is None:
+            outs = [logits, *(a for kv in present for a in kv), *extras]
+        return outs, present
+
+    def _call(self, ids: np.ndarray, layout, past, extra: tuple[str, ...]):
+        """step's work: (logits (B, T, V), the extra outputs, the cache to feed back, and the whole
+        output list when session.run made one - else None: forward never needs it)."""
         B, T = ids.shape
         feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ALLOWED: np.ascontiguousarray(layout.allowed)}
         if self.rotated:
             frame = past.frame if past else np.zeros(B, np.int64)
+            room = None
             if past and self.uses_rope:
-                past, frame = self._keep_in_span(layout, past, frame, T)
+                past, frame, room = self._keep_in_span(layout, past, frame, T)
             feed[POSITIONS] = (layout.stream[:, -T:] - frame[:, None]).astype(np.int64)
             sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
             feed[SINK_POSITIONS] = np.ascontiguousarray(sink_q, dtype=np.int64)
@@ -544,9 +554,14 @@ class OrtBackend:
                 raise ValueError("a sink token arrived in a row whose key frame has moved; sinks are a stream's "
                                  "first tokens (ctxmem.layout)")
             if self.in_place and T == 1 and past and past[0][0].shape[2] and feed[POSITIONS].min() >= 0:
-                shift = _sink_shift(feed, layout.sink_slots)
+                if layout.sink_slots is None:  # no slot is scored apart: one query is exact for every row
+                    feed[SINK_POSITIONS], shift = feed[POSITIONS], ()
+                else:
+                    shift = _sink_shift(feed, layout.sink_slots)
                 if shift is not None:
-                    return self._decode_in_place(feed, past, frame, extra, shift)
+                    logits, extras, present = self._decode_in_place(feed, past, frame, extra, shift)
+                    present.room = room
+                    return logits, extras, present, None
         else:
             layout = layout.with_sinks()  # the graph always takes the sink inputs
             feed.update({POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
@@ -562,13 +577,16 @@ class OrtBackend:
         outs = self.session.run([*self._fetch, *extra] if extra else self._fetch, feed)
         n = len(self._fetch)
         present = list(zip(outs[1:n:2], outs[2:n:2]))  # (B, Hkv, P+T, D) per layer
-        return outs, (FrameCache(present, frame) if self.rotated else present)
+        if self.rotated:
+            present = FrameCache(present, frame)
+            present.room = room
+        return outs[0], outs[n:], present, outs
 
     def _decode_in_place(self, feed: dict, past: FrameCache, frame: np.ndarray, extra: tuple[str, ...],
-                         shift: tuple) -> tuple[list[np.ndarray], FrameCache]:
+                         shift: tuple) -> tuple[np.ndarray, list[np.ndarray], FrameCache]:
         """A decode step (one new token per row) on the GroupQueryAttention branch, with each layer's
-        past and present bound to one KVBuffer: the op writes slot P of every row in place. Same
-        outputs as session.run (logits (B, 1, V), the presents as views of P+1 slots, the extras).
+        past and present bound to one KVBuffer: the op writes slot P of every row in place. What
+        session.run gives: logits (B, 1, V), the extras, the presents (views of P+1 slots).
 
         ``shift`` (_sink_shift): the sink-scored slots (rows, cols) of rows whose sink query differs
         from their ordinary one, and by how much (delta = position - sink position). Those keys are
@@ -580,7 +598,7 @@ class OrtBackend:
         if shift:
             rows, cols, delta = shift
             saved = buffer.rotate_keys(rows, cols, self._turns(delta))
-            feed = {**feed, SINK_POSITIONS: feed[POSITIONS]}  # one query scores every slot now
+            feed[SINK_POSITIONS] = feed[POSITIONS]  # one query scores every slot now
         binding, outs = self._binding(buffer, extra)
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
@@ -592,7 +610,7 @@ class OrtBackend:
         buffer.filled += 1
         present = buffer.views(frame)
         outs = [o.copy() for o in outs]  # the bound arrays are written again next step; a caller may keep these
-        return [outs[0], *(a for kv in present for a in kv), *outs[1:]], present
+        return outs[0], outs[1:], present
 
     def _binding(self, buffer: KVBuffer, extra: tuple[str, ...]):
         """This thread's IOBinding for calls fetching ``extra`` besides logits and the cache, with
@@ -622,18 +640,25 @@ class OrtBackend:
         sink = layout.sink_slots if layout.sink_slots is not None else np.zeros(layout.stream.shape, bool)
         return np.where(sink, layout.key_positions, layout.stream - frame[:, None])
 
-    def _keep_in_span(self, layout, past: FrameCache, frame: np.ndarray, T: int) -> tuple[FrameCache, np.ndarray]:
+    def _keep_in_span(self, layout, past: FrameCache, frame: np.ndarray,
+                      T: int) -> tuple[FrameCache, np.ndarray, int]:
         """Rows whose new positions would reach past the rotation table get a new frame offset (the
         newest token at max_seq_len - 1, inside the v2 range) and their cached ordinary keys rotated
         back by the offset's change; sink keys do not move, nor the retrieve policy's put-back keys
         (both flagged in layout.sink_slots, both rotated at fixed positions, not in the frame). Exact up
         to one rotation's rounding, once per key: the offset moves every max_seq_len tokens at most,
-        longer than a key stays cached."""
+        longer than a key stays cached.
+
+        Returns the cache, the frame and the room left: how many more positions every row may advance
+        before one would reach the table's end. A row's newest position grows by at most T per call,
+        so while the cache's room covers T nothing is computed (the room moves with the cache)."""
         low, high = self.span
+        if past.room is not None and past.room >= T:
+            return past, frame, past.room - T
         newest = layout.stream[:, -T:].max(axis=1)  # (B,)
         move = newest - frame >= high
         if not move.any():
-            return past, frame
+            return past, frame, int(high - 1 - (newest - frame).max())
         frame = frame.copy()
         frame[move] = newest[move] - (self.max_seq_len - 1)
         shift = frame - past.frame  # (B,) how far the frame moved; keys go back by as much
@@ -649,12 +674,11 @@ class OrtBackend:
         if (layout.stream[:, -T:] - frame[:, None]).min() < low:
             raise ValueError(f"{T} new tokens span more rotation positions than the graph's table holds "
                              f"({low}..{high}); feed them in smaller pieces")
-        return FrameCache(layers, frame), frame
+        return FrameCache(layers, frame), frame, int(high - 1 - (newest - frame).max())
 
     def forward(self, ids, layout, past, last_only=True):
-        outs, present = self.step(ids, layout, past)
-        logits = outs[0][:, -1] if last_only else outs[0]
-        return np.asarray(logits, dtype=np.float32), present
+        logits, _, present, _ = self._call(ids, layout, past, ())
+        return (logits[:, -1] if last_only else logits), present  # float32 (the contract's logits)
 
     def forward_with_queries(self, ids, layout, past, last_only, layer: int):
         """forward, plus layer ``layer``'s queries of the new tokens before rotation, q (B, H, T, D)
@@ -662,11 +686,10 @@ class OrtBackend:
         if not self.gives_queries:
             raise MemoryConfigError(f"{self.export_dir} is an export of contract v{self.contract.version}, whose "
                                     f"graph does not give its queries (the retrieve policy needs them): {REEXPORT}")
-        outs, present = self.step(ids, layout, past, (query_names(self.n_layers)[layer],))
-        logits = outs[0][:, -1] if last_only else outs[0]
+        logits, extras, present, _ = self._call(ids, layout, past, (query_names(self.n_layers)[layer],))
         B, T = ids.shape
-        q = outs[-1].reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, T, H*D) -> (B, H, T, D)
-        return np.asarray(logits, dtype=np.float32), present, q.astype(np.float32)
+        q = extras[0].reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, T, H*D) -> (B, H, T, D)
+        return (logits[:, -1] if last_only else logits), present, q.astype(np.float32)
 
 
 def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
