@@ -17,6 +17,8 @@ engine        the engine's own batched decode at batch 16, no HTTP, in this proc
 inproc        the same API app over an Engine in one process on uvicorn, no Ray (a child process), with the
               load phase's requests at --levels: tokens/s and CPU ms per token of that server and of this
               client - the stack without Ray Serve's proxy and ingress -> engine hop, against `load`.
+colocated     `load`'s requests at --levels with the engine inside the HTTP replica (ServeArgs.colocate_engine:
+              one Serve deployment, no ingress -> engine hop): tokens/s, CPU ms per token by process.
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
               off: per-turn latency and prefilled tokens (target: turn 40 within 1.5x of turn 5).
 sessions      --session-replicas engine replicas, --conversations conversations x --session-turns turns
@@ -97,7 +99,8 @@ def _role(pid: int) -> str:
         return "proxy"
     if cmdline.startswith("ray::ServeReplica:"):  # ray::ServeReplica:<app>:<deployment>[.<method> while in one]
         deployment = re.match(r"[\w-]*", cmdline.split(":", 4)[-1]).group()
-        return {"Ingress": "ingress", "Engine": "engine"}.get(deployment, "ray")
+        # Server: the HTTP replica with the engine inside (colocate_engine), counted as the ingress
+        return {"Ingress": "ingress", "Engine": "engine", "Server": "ingress"}.get(deployment, "ray")
     return "ray"
 
 
@@ -488,7 +491,7 @@ def inproc(model_dir: Path, levels: list[int], rounds: int, max_tokens: int, sec
 
 
 # ---- the run -------------------------------------------------------------------------------------
-PHASES = ("load", "cost", "engine", "inproc", "conversation", "sessions", "long-prompt", "soak")
+PHASES = ("load", "cost", "engine", "inproc", "colocated", "conversation", "sessions", "long-prompt", "soak")
 QUICK = {"levels": "1", "rounds": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
          "conversations": 4, "session_turns": 3, "session_replicas": 2, "long_prompt": 2000, "long_streams": 2,
          "long_stream_tokens": 8, "long_baseline_seconds": 2, "soak_clients": 8, "soak_seconds": 3, "engine_steps": 5}
@@ -569,10 +572,10 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     name = "bench"
 
-    def deploy(replicas: int = 1, affinity: bool = True, **engine) -> dict:
+    def deploy(replicas: int = 1, affinity: bool = True, colocate: bool = False, **engine) -> dict:
         config = ServeArgs.model_validate({
             "model": str(model_dir), "model_name": name, "session_store": f"sqlite:///{tmp}/sessions.sqlite",
-            "max_tokens_limit": 4096,
+            "max_tokens_limit": 4096, "colocate_engine": colocate,
             "engine": {"model": str(model_dir), "max_batch_size": 32, **engine},
             "engine_deployment": {"num_replicas": replicas, "max_ongoing_requests": 256,
                                   "ray_actor_options": {"num_cpus": args.engine_cpus / replicas}},
@@ -705,6 +708,33 @@ def main(argv=None) -> int:
                       + (f"{with_ray:.3f} |" if with_ray else "- |"))
             print("\nWhat Ray Serve's hops cost per token is the difference: the proxy, the ingress replica's Serve "
                   "machinery, the handle call and the engine replica's.")
+
+        if "colocated" in args.phases:
+            levels = [int(x) for x in args.levels.split(",")]
+            deploy(colocate=True, max_batch_size=32)
+            asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
+            rows = []
+            for c in levels:
+                cpu0 = session_cpu_by_pid()
+                r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
+                tokens = max(r["tok_s"] * r.pop("wall"), 1)
+                used = cpu_by_role(cpu0, session_cpu_by_pid())
+                rows.append({**r, "roles": {k: 1000 * used[k] / tokens for k in ROLES}})
+            header(f"The engine inside the HTTP replica (colocate_engine: one Serve deployment; completions, stream, "
+                   f"{args.max_tokens} tokens/request; 1-min load average {os.getloadavg()[0]:.1f})")
+            print("| concurrency | requests | errors | tokens/s | TTFT p50 ms | ITL p50 ms | client | proxy "
+                  "| replica (HTTP + engine) | ray | CPU ms/token | split deployments (load phase) |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                roles, split = r["roles"], cpu_on.get(r["concurrency"])
+                print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['tok_s']:.0f} | "
+                      f"{1000 * r['ttft_p50']:.1f} | {1000 * r['itl_p50']:.2f} | {roles['client']:.3f} | "
+                      f"{roles['proxy']:.3f} | {roles['ingress'] + roles['engine']:.3f} | {roles['ray']:.3f} | "
+                      f"{sum(roles.values()):.3f} | " + (f"{split:.3f} |" if split else "- |"))
+            colo = {r["concurrency"]: r["tok_s"] for r in rows}
+            if 1 in colo and 16 in colo:
+                print(f"\n16 streams vs 1 stream, colocated: {colo[16] / colo[1]:.1f}x aggregate tokens/s"
+                      + (f"; 16 streams colocated / split: {colo[16] / on[16]:.2f}x tokens/s" if 16 in on else ""))
 
         if "conversation" in args.phases:
             convs = {}

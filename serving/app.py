@@ -33,11 +33,20 @@ def build_app_with_router(args: ServeArgs, session_affinity: bool) -> Applicatio
     # args.engine is the engine's base config; its user_config starts empty ({} still makes Serve call
     # `reconfigure`, which loads the model) and is where YAML puts live overrides. The ingress gets
     # only what it reads.
+    ingress_args = args.model_dump(exclude={"engine", "engine_deployment", "ingress_deployment"})
+    if args.colocate_engine:
+        from .deployments import ServerDeployment
+
+        # one replica type: the HTTP side's options (replicas, queue), the engine's resources (CPUs, GPUs)
+        options = {**args.ingress_deployment.as_options(), "user_config": {}}
+        engine_actor = args.engine_deployment.as_options().get("ray_actor_options")
+        if engine_actor:
+            options["ray_actor_options"] = engine_actor
+        return ServerDeployment.options(**options).bind(args.engine.model_dump(), ingress_args)
     options = args.engine_deployment.as_options()
     if not session_affinity:
         options["request_router_config"] = RequestRouterConfig()  # power of two choices
     engine = EngineDeployment.options(user_config={}, **options).bind(args.engine.model_dump())
-    ingress_args = args.model_dump(exclude={"engine", "engine_deployment", "ingress_deployment"})
     return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, ingress_args)
 
 

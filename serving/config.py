@@ -204,6 +204,10 @@ class ServeArgs(_Strict):
     # serve a non-loopback HTTP host without any API key (anyone who reaches it is admin): build_app
     # refuses that unless this is set, as `ctxmem serve` does without --allow-unauthenticated
     allow_unauthenticated: bool = False
+    # the engine inside the HTTP replica (one deployment, "Server", with ingress_deployment's options and
+    # engine_deployment's resources): one Ray hop less per request and per streamed message; each replica
+    # its own engine and KV cache, no session routing across replicas (serving/deployments.py)
+    colocate_engine: bool = False
     engine: EngineConfig | None = None
     engine_deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         max_ongoing_requests=256, ray_actor_options={"num_cpus": 1}))

@@ -29,10 +29,30 @@ log = logging.getLogger("ctxmem.serving")
 _GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
+class _ReplicaEngine:
+    """The engine half of a replica (EngineDeployment, ServerDeployment): `base` (the builder's
+    EngineConfig) with the deployment's `user_config` merged on top; `reconfigure` loads the model in a
+    thread, or applies live knobs to the running engine."""
+
+    engine = None
+
+    async def _configure(self, base: dict[str, Any], user_config: dict[str, Any] | None, replica: str) -> None:
+        from .engine import Engine
+
+        config = EngineConfig.model_validate({**base, **(user_config or {})})
+        if self.engine is None:  # Serve calls this before the replica takes traffic
+            self.engine = await asyncio.to_thread(Engine, config)
+            log.info("engine replica %s ready: %s", replica, self.engine.info())
+        elif config != self.engine.config:
+            # loading a new model runs off the event loop: this replica keeps serving meanwhile
+            info = await asyncio.to_thread(self.engine.reconfigure, config)
+            log.info("engine replica %s reconfigured: %s", replica, info)
+
+
 # Serve's router runs in the caller (the ingress): it sends each conversation to the replica holding
 # its KV state (serving/router.py); YAML `request_router_config` under the Engine overrides it.
 @serve.deployment(name="Engine", request_router_config=RequestRouterConfig(request_router_class=ROUTER_PATH))
-class EngineDeployment:
+class EngineDeployment(_ReplicaEngine):
     """One model replica. `base` is the builder's EngineConfig (args.engine); the deployment's
     `user_config` (YAML `deployments: - name: Engine, user_config: {...}`) is merged on top. Changing
     only user_config is a lightweight Serve update: `reconfigure` runs on the live replicas (a new
@@ -46,16 +66,7 @@ class EngineDeployment:
         self.actor_name = ctx.replica_id.to_full_id_str() if ctx else None  # for ray.get_actor(..., namespace="serve")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from .engine import Engine
-
-        config = EngineConfig.model_validate({**self._base, **(user_config or {})})
-        if self.engine is None:  # Serve calls this before the replica takes traffic
-            self.engine = await asyncio.to_thread(Engine, config)
-            log.info("engine replica %s ready: %s", self.replica, self.engine.info())
-        elif config != self.engine.config:
-            # loading a new model runs off the event loop: this replica keeps serving meanwhile
-            info = await asyncio.to_thread(self.engine.reconfigure, config)
-            log.info("engine replica %s reconfigured: %s", self.replica, info)
+        await self._configure(self._base, user_config, self.replica)
 
     def _engine(self):
         if self.engine is None:
@@ -149,3 +160,98 @@ class IngressDeployment:
         except Exception as err:  # noqa: BLE001 - fall back to this replica's view
             log.warning("ingress broadcast failed (%s); /metrics shows this replica only", err)
             return [self.metrics.snapshot()]
+
+
+@serve.deployment(name="Server")
+@serve.ingress()
+class ServerDeployment(_ReplicaEngine):
+    """The HTTP front and the engine in one replica (`ServeArgs.colocate_engine`): the API calls the
+    engine in its own process, so a request and each streamed message skip the ingress -> engine Ray
+    hop (bench_serving.py `colocated` phase: ~0.22 against ~0.29 ms CPU per token on the tiny export at
+    16 streams). Each replica has its own engine and KV cache, and Serve's proxy balances HTTP requests
+    over replicas without knowing conversations: with several replicas a conversation's turns land
+    anywhere (KV reuse about 1 time in N) - for one replica per node, not for the session router's
+    multi-replica case. `user_config` is EngineConfig, as on the Engine deployment."""
+
+    def __init__(self, base: dict[str, Any], args: dict[str, Any]):
+        from .store import open_store
+
+        self._base = dict(base)
+        self.args = ServeArgs.model_validate(args)
+        self.metrics = Registry()
+        self.store = open_store(self.args.session_store, self.args.session_ttl_s)
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id if ctx else "local"
+        self.client = _ColocatedEngineClient(self)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await self._configure(self._base, user_config, self.replica)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.client, self.args, self.store, self.metrics, self._broadcast_snapshots)
+
+    def metrics_snapshot(self) -> list[Metric]:
+        return self.metrics.snapshot()
+
+    def engine_metrics_snapshot(self) -> list[Metric]:
+        return self._running().metrics.snapshot()
+
+    async def engine_reload(self) -> dict[str, Any]:
+        info = await asyncio.to_thread(self._running().reload)
+        return {**info, "replica": self.replica}
+
+    def check_health(self) -> None:
+        engine = self._running()
+        if not engine.healthy():
+            raise RuntimeError(f"engine scheduler stopped: {engine.scheduler.error!r}")
+
+    def _running(self):
+        if self.engine is None:
+            raise RuntimeError("the Server deployment was built without user_config, so it never loaded a "
+                               "model: build it with ctxmem.serving.app:build_app")
+        return self.engine
+
+    async def _broadcast(self, method: str, timeout_s: float) -> list:
+        """`method` on every replica of this deployment (this one included)."""
+        ctx = serve.get_replica_context()
+        handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        return await handle.broadcast(method).results_async(timeout_s=timeout_s, return_exceptions=True)
+
+    async def _broadcast_snapshots(self) -> list[list[Metric]]:
+        """Every replica's HTTP-side metrics, so one scrape sees the whole application."""
+        try:
+            snaps = [r for r in await self._broadcast("metrics_snapshot", 5) if isinstance(r, list)]
+            return snaps or [self.metrics.snapshot()]
+        except Exception as err:  # noqa: BLE001 - fall back to this replica's view
+            log.warning("server broadcast failed (%s); /metrics shows this replica only", err)
+            return [self.metrics.snapshot()]
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+class _ColocatedEngineClient:
+    """EngineClient (serving/api.py) of a ServerDeployment: generation and info from the engine in this
+    replica; metrics and reload from every replica's engine (one snapshot list per engine, as the
+    split deployment's client gives)."""
+
+    def __init__(self, owner: ServerDeployment):
+        self._owner = owner
+
+    def stream(self, request: dict[str, Any]) -> AsyncIterator[list[Event]]:
+        return self._owner._running().generate(request)
+
+    async def info(self) -> dict[str, Any]:
+        info = self._owner._running().info()
+        if info["scheduler"] == "stopped":
+            raise EngineUnavailable("engine scheduler is not running")
+        return {**info, "replica": self._owner.replica}
+
+    async def snapshots(self) -> list[list[Metric]]:
+        return [r for r in await self._owner._broadcast("engine_metrics_snapshot", 10) if isinstance(r, list)]
+
+    async def reload(self) -> list[dict]:
+        results = await self._owner._broadcast("engine_reload", 600)
+        return [r if isinstance(r, dict) else {"error": str(r)[:300]} for r in results]
