@@ -314,11 +314,16 @@ class KVBuffer:
         # one allocation for every layer's keys and values: measured 5x faster than one per array
         # (fresh pages either way; eight separate ~1 MB arrays cost ~2 ms at batch 8)
         self.slab = np.empty((2 * len(layers), B, Hkv, capacity, D), layers[0][0].dtype)
+        # the kept slots as runs of consecutive slots (a compaction keeps the sinks and the window:
+        # two runs), each copied as a slice - np.take into the buffer measured 2x slower; the slots
+        # beyond S are written by the op before any read
+        runs = [(0, 0, S)] if idx is None else _runs(idx)
         for buf, a in zip(self.slab, (a for kv in layers for a in kv)):
-            if idx is None:
-                buf[:, :, :S] = a  # the slots beyond S are written by the op before any read
-            else:
-                np.take(a, idx, axis=2, out=buf[:, :, :S])
+            if len(runs) > 8:  # scattered slots (a merge's left padding): one gather
+                np.take(a, idx, axis=2, out=buf[:, :, :S], mode="clip")
+                continue
+            for to, start, stop in runs:
+                buf[:, :, to:to + stop - start] = a[:, :, start:stop]
         self.keys = self.slab[0::2]  # (L, B, Hkv, C, D), a view
         self.values = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in self.slab]  # key_0, value_0, key_1, ...
         self.batch, self.capacity, self.filled = B, capacity, S
@@ -354,6 +359,14 @@ class KVBuffer:
         return FrameCache(list(zip(kv, kv)), frame, self)
 
 
+def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
+    """idx (K,) increasing slot indices as runs of consecutive ones: (position in idx, first, end)."""
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1  # where a run starts, after the first
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(idx)]))
+    return [(int(a), int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
 class KeyTurns:
     """cos and sin of rotations by delta positions, (N, D) float32 rows laid out for KVBuffer.rotate_keys
     ([cos, cos], [-sin, sin]; angles in float64), read from a table of 1,024 consecutive deltas that is
@@ -387,7 +400,7 @@ class FrameCacheOps:
         self.buffered = buffered  # the backend decodes in place (KVBuffer): compactions land in one
 
     def take(self, past, idx):
-        if self.buffered and len(idx) and (idx == idx[:1]).all():
+        if self.buffered and len(idx) and idx.shape[1] and (idx == idx[:1]).all():
             # every row keeps the same slots (the sink policy's compaction): gathered straight into
             # the buffer the next decode steps write into, one copy instead of two
             return KVBuffer(past, idx.shape[1] + KVBuffer.GROW, idx[0]).views(past.frame)
