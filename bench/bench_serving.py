@@ -18,7 +18,8 @@ inproc        the same API app over an Engine in one process on uvicorn, no Ray 
               load phase's requests at --levels: tokens/s and CPU ms per token of that server and of this
               client - the stack without Ray Serve's proxy and ingress -> engine hop, against `load`.
 colocated     `load`'s requests at --levels with the engine inside the HTTP replica (ServeArgs.colocate_engine:
-              one Serve deployment, no ingress -> engine hop): tokens/s, CPU ms per token by process.
+              one Serve deployment, no ingress -> engine hop) and with the split deployments, alternately
+              (--colocated-cycles): tokens/s, CPU ms per token by process, medians.
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
               off: per-turn latency and prefilled tokens (target: turn 40 within 1.5x of turn 5).
 sessions      --session-replicas engine replicas, --conversations conversations x --session-turns turns
@@ -492,7 +493,7 @@ def inproc(model_dir: Path, levels: list[int], rounds: int, max_tokens: int, sec
 
 # ---- the run -------------------------------------------------------------------------------------
 PHASES = ("load", "cost", "engine", "inproc", "colocated", "conversation", "sessions", "long-prompt", "soak")
-QUICK = {"levels": "1", "rounds": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
+QUICK = {"levels": "1", "rounds": 1, "colocated_cycles": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
          "conversations": 4, "session_turns": 3, "session_replicas": 2, "long_prompt": 2000, "long_streams": 2,
          "long_stream_tokens": 8, "long_baseline_seconds": 2, "soak_clients": 8, "soak_seconds": 3, "engine_steps": 5}
 
@@ -523,6 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--soak-clients", type=int, default=64, help="soak: concurrent clients")
     parser.add_argument("--soak-seconds", type=float, default=60, help="soak: duration")
     parser.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs reserved for the engine replica(s)")
+    parser.add_argument("--colocated-cycles", type=int, default=2,
+                        help="colocated: split and colocated deployments measured alternately this many times")
     parser.add_argument("--inproc-server", type=int, default=None, help=argparse.SUPPRESS)  # the inproc phase's child
     args = parser.parse_args(argv)
     if args.quick:
@@ -710,31 +713,47 @@ def main(argv=None) -> int:
                   "machinery, the handle call and the engine replica's.")
 
         if "colocated" in args.phases:
+            # split (Ingress + Engine) and colocated deployments alternately, --colocated-cycles times: an A/B in
+            # one run, each variant measured under the same stretch of the machine's load
             levels = [int(x) for x in args.levels.split(",")]
-            deploy(colocate=True, max_batch_size=32)
-            asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
-            rows = []
+            results: dict[tuple[str, int], list[dict]] = {}
+            for _ in range(args.colocated_cycles):
+                for variant in ("split", "colocated"):
+                    deploy(colocate=variant == "colocated", max_batch_size=32)
+                    asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
+                    for c in levels:
+                        cpu0 = session_cpu_by_pid()
+                        r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
+                        tokens = max(r["tok_s"] * r.pop("wall"), 1)
+                        used = cpu_by_role(cpu0, session_cpu_by_pid())
+                        results.setdefault((variant, c), []).append({**r, "roles": {k: 1000 * used[k] / tokens
+                                                                                    for k in ROLES}})
+            header(f"The engine inside the HTTP replica (colocate_engine: one Serve deployment) against the split "
+                   f"deployments, alternately, {args.colocated_cycles} cycles (completions, stream, {args.max_tokens} "
+                   f"tokens/request; 1-min load average {os.getloadavg()[0]:.1f})")
+            print("| deployments | concurrency | run | tokens/s | TTFT p50 ms | client | proxy | HTTP replica "
+                  "| engine replica | ray | CPU ms/token |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for (variant, c), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "split")):
+                for i, r in enumerate(runs):
+                    roles = r["roles"]
+                    print(f"| {variant} | {c} | {i + 1} | {r['tok_s']:.0f} | {1000 * r['ttft_p50']:.1f} | "
+                          f"{roles['client']:.3f} | {roles['proxy']:.3f} | {roles['ingress']:.3f} | "
+                          f"{roles['engine']:.3f} | {roles['ray']:.3f} | {sum(roles.values()):.3f} |")
+
+            def median(variant, c, key):
+                runs = results.get((variant, c), [])
+                return statistics.median(sum(r["roles"].values()) if key == "cpu" else r[key] for r in runs)
+
             for c in levels:
-                cpu0 = session_cpu_by_pid()
-                r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
-                tokens = max(r["tok_s"] * r.pop("wall"), 1)
-                used = cpu_by_role(cpu0, session_cpu_by_pid())
-                rows.append({**r, "roles": {k: 1000 * used[k] / tokens for k in ROLES}})
-            header(f"The engine inside the HTTP replica (colocate_engine: one Serve deployment; completions, stream, "
-                   f"{args.max_tokens} tokens/request; 1-min load average {os.getloadavg()[0]:.1f})")
-            print("| concurrency | requests | errors | tokens/s | TTFT p50 ms | ITL p50 ms | client | proxy "
-                  "| replica (HTTP + engine) | ray | CPU ms/token | split deployments (load phase) |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                roles, split = r["roles"], cpu_on.get(r["concurrency"])
-                print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['tok_s']:.0f} | "
-                      f"{1000 * r['ttft_p50']:.1f} | {1000 * r['itl_p50']:.2f} | {roles['client']:.3f} | "
-                      f"{roles['proxy']:.3f} | {roles['ingress'] + roles['engine']:.3f} | {roles['ray']:.3f} | "
-                      f"{sum(roles.values()):.3f} | " + (f"{split:.3f} |" if split else "- |"))
-            colo = {r["concurrency"]: r["tok_s"] for r in rows}
-            if 1 in colo and 16 in colo:
-                print(f"\n16 streams vs 1 stream, colocated: {colo[16] / colo[1]:.1f}x aggregate tokens/s"
-                      + (f"; 16 streams colocated / split: {colo[16] / on[16]:.2f}x tokens/s" if 16 in on else ""))
+                print(f"\n{c} stream(s), medians: colocated {median('colocated', c, 'cpu'):.3f} against split "
+                      f"{median('split', c, 'cpu'):.3f} ms CPU/token "
+                      f"({median('colocated', c, 'cpu') / median('split', c, 'cpu'):.2f}x); tokens/s "
+                      f"{median('colocated', c, 'tok_s'):.0f} against {median('split', c, 'tok_s'):.0f}", end="")
+            if 1 in levels and 16 in levels:
+                print(f"\n16 streams vs 1 stream: colocated {median('colocated', 16, 'tok_s') / median('colocated', 1, 'tok_s'):.1f}x, "
+                      f"split {median('split', 16, 'tok_s') / median('split', 1, 'tok_s'):.1f}x", end="")
+            print()
 
         if "conversation" in args.phases:
             convs = {}

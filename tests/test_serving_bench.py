@@ -14,7 +14,8 @@ import pytest
 from helpers_serving import REPO
 
 TABLES = ["## Load (completions", "## Where the CPU goes (16 streams", "## The engine's own batched decode",
-          "## The same API and engine in one process, no Ray", "## One 3-turn conversation",
+          "## The same API and engine in one process, no Ray", "## The engine inside the HTTP replica",
+          "## One 3-turn conversation",
           "## Sessions across 2 engine replicas", "-token prompt arrives while 2 streams decode", "## Soak: 8 clients"]
 
 
