@@ -291,7 +291,8 @@ class FrameCache(list):
 
 class KVBuffer:
     """Preallocated cache storage for decode steps on the GroupQueryAttention branch: per layer (k, v)
-    numpy arrays (B, Hkv, C, D), C >= the slots in use, and an OrtValue over each (the same memory).
+    numpy arrays (B, Hkv, C, D) - slices of one slab (2L, B, Hkv, C, D) -, C >= the slots in use, and
+    an OrtValue over each (the same memory).
     A decode step binds a layer's past and present to the same OrtValue, so the op writes the one new
     slot in place (its past_present_share_buffer mode) instead of allocating a present of P+1 slots,
     zeroing it and copying the P cached ones into it, every step.
@@ -360,7 +361,7 @@ class KVBuffer:
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
-    """idx (K,) increasing slot indices as runs of consecutive ones: (position in idx, first, end)."""
+    """idx (K,) slot indices as runs of consecutive ones: (position in idx, first slot, end slot)."""
     cuts = np.flatnonzero(np.diff(idx) != 1) + 1  # where a run starts, after the first
     starts = np.concatenate(([0], cuts))
     ends = np.concatenate((cuts, [len(idx)]))
@@ -376,18 +377,20 @@ class KeyTurns:
 
     def __init__(self, head_dim: int, theta: float):
         self.inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (D/2,)
-        self.low, self.cos, self.sin = 0, np.zeros((0, head_dim), np.float32), np.zeros((0, head_dim), np.float32)
+        empty = np.zeros((0, head_dim), np.float32)
+        self.table = (0, empty, empty)  # (first delta, cos, sin): replaced whole, so threads never mix two
 
     def __call__(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        at = delta - self.low
-        if at.min() < 0 or at.max() >= len(self.cos):
-            self.low = int(delta.min())
-            angles = np.arange(self.low, self.low + max(self.SPAN, int(delta.max()) - self.low + 1),
+        low, cos, sin = self.table
+        at = delta - low
+        if at.min() < 0 or at.max() >= len(cos):
+            low = int(delta.min())
+            angles = np.arange(low, low + max(self.SPAN, int(delta.max()) - low + 1),
                                dtype=np.float64)[:, None] * self.inv_freq  # (SPAN, D/2)
             c, s = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-            self.cos, self.sin = np.concatenate((c, c), axis=1), np.concatenate((-s, s), axis=1)
-            at = delta - self.low
-        return self.cos[at], self.sin[at]
+            cos, sin = np.concatenate((c, c), axis=1), np.concatenate((-s, s), axis=1)
+            self.table, at = (low, cos, sin), delta - low
+        return cos[at], sin[at]
 
 
 class FrameCacheOps:
