@@ -301,7 +301,9 @@ class KVBuffer:
     place. An older cache over the same buffer (a shorter snapshot the caller kept: serving's reused
     states, a rewind) reads only slots below its own length, which an append never writes; a step
     that continues from such a snapshot copies it into a new buffer first. So no cache a caller holds
-    ever changes under it."""
+    ever changes under it. Two decode steps over caches of one buffer must not run at the same time
+    (the check and the append are not atomic, and sink keys are turned in place for a call): a
+    serving replica runs one batch loop; separate streams have separate buffers."""
 
     GROW = 64  # free slots a new buffer leaves: one copy of the cache per 64 decode steps at most
 
