@@ -260,6 +260,8 @@ def test_ctxmem_serve_refuses_an_open_non_loopback_host(keys_file):
     # the flag reaches the builder, which applies the same rule under `serve run` too
     open_args = parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0", "--allow-unauthenticated"])
     assert serve_args(open_args).allow_unauthenticated and not serve_args(args).allow_unauthenticated
+    assert not serve_args(args).colocate_engine  # one replica type only when asked for
+    assert serve_args(parser.parse_args(["serve", "--model", "m", "--colocate-engine"])).colocate_engine
 
 
 def test_serve_run_yaml_refuses_an_open_non_loopback_host(monkeypatch):
