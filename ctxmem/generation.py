@@ -90,10 +90,19 @@ class SequenceDecoder:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def greedy(self) -> bool:
+        """Greedy without repetition penalty: the Sampler's pick is the argmax of the raw logits
+        whenever that value is finite, so a batch may take it for all such rows at once (Generator)."""
+        return self.config.temperature == 0 and self.config.repetition_penalty == 1.0
+
     def step(self, logits: np.ndarray) -> Delta:
         """logits (V,) after the last fed token -> the next token and its final text."""
         history = self.prompt_ids + self.token_ids if self.config.repetition_penalty != 1.0 else None
-        token = self.sampler(logits, history)
+        return self.accept(self.sampler(logits, history))
+
+    def accept(self, token: int) -> Delta:
+        """The token the sampler picked (step, or a batched greedy pick) -> its final text."""
         if token in self.stop_ids:
             text, _ = self.stops.push(self.detok.flush())
             text += self.stops.flush()
@@ -171,12 +180,21 @@ class Generator:
         if all(d.finished for d in decoders):
             return
         logits = memory.feed(state, prompt_ids)
+        greedy = [d.greedy for d in decoders]
+        rows = np.arange(len(decoders))
         while True:
             deltas, next_ids, valid = [], np.zeros((state.batch, 1), np.int64), np.zeros((state.batch, 1), bool)
+            picks = None
+            if any(greedy):
+                # one argmax over (B, V) for the greedy rows; a row whose pick is not finite (NaN, +-inf)
+                # goes through its Sampler, whose guarded path decides exactly as it would alone
+                best = logits.argmax(axis=1)  # (B,) the first maximum, or the first NaN: np.argmax's rule
+                picks = np.where(np.isfinite(logits[rows, best]), best, -1).tolist()
             for d in decoders:
                 if d.finished:
                     continue
-                delta = d.step(logits[d.row])
+                pick = picks[d.row] if picks is not None and greedy[d.row] else -1
+                delta = d.accept(pick) if pick >= 0 else d.step(logits[d.row])
                 deltas.append(delta)
                 if not d.finished:
                     next_ids[d.row, 0], valid[d.row, 0] = delta.token_id, True

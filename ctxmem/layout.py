@@ -102,6 +102,36 @@ def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: i
     return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid, stream_pos, is_sink)
 
 
+def build_decode_layout(stream_pos: np.ndarray, valid: np.ndarray, sinks: int = 0,
+                        window: int | None = None) -> AttentionLayout:
+    """build_layout(stream_pos, valid, 1, sinks, window) - one new token per row, no put-back slots -
+    with (B, S) operations only: the decode step's layout, built every token, so it skips what one
+    query makes trivial (its own-slot diagonal, the put-back terms, the (B, T) maxima). Same arrays
+    bit for bit as build_layout (tests/test_memory_decode.py checks every field)."""
+    B, S = valid.shape
+    q = stream_pos[:, -1:]  # (B, 1) the new token's stream index
+    q_valid = valid[:, -1:]  # (B, 1)
+    allowed = valid & (stream_pos <= q)  # (B, S)
+    if window is not None:
+        allowed &= (stream_pos < sinks) | (stream_pos > q - window)
+    allowed[:, -1] = True  # its own slot, so a padding query never has an all-masked row
+    allowed = allowed[:, None, :]  # (B, 1, S)
+    if window is None:
+        key_positions = np.where(valid, stream_pos, 0).astype(np.int64)
+        key_positions[:, -1] = q[:, 0]  # a padding token's own slot sits at its query's position (valid: the same)
+        return AttentionLayout(q.astype(np.int64), key_positions, allowed, valid=valid, stream=stream_pos)
+    top = sinks + window - 1  # the rank of a token whose visible set is full (no put-back slots)
+    base = np.maximum(np.where(q_valid, q, -1) - top, 0)  # (B, 1)
+    is_sink = valid & (stream_pos < sinks)  # (B, S)
+    positions = (q - base).astype(np.int64)  # (B, 1)
+    key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64)
+    key_positions[:, -1:] = np.where(q_valid, key_positions[:, -1:], positions)
+    sink_positions = np.minimum(q, top).astype(np.int64)  # (B, 1)
+    if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
+        return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
+    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid, stream_pos, is_sink)
+
+
 def _own_key_positions(key_positions: np.ndarray, positions: np.ndarray, q_valid: np.ndarray) -> np.ndarray:
     """(B, S) int64 key positions where a padding token's own slot - the one slot its query reads -
     sits at its query's position, as a backend that rotates each new key with its query (contract v3)

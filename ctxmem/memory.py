@@ -35,7 +35,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .layout import AttentionLayout, build_layout
+from .layout import AttentionLayout, build_decode_layout, build_layout
 from .retrieval import RetrievalSettings, StreamStore
 
 POLICIES = ("full", "sink", "recompute", "retrieve")
@@ -374,8 +374,10 @@ class ContextMemory:
             part_ids, part_valid = ids[:, start:start + self.piece], valid[:, start:start + self.piece]
             self._make_room(state, part_valid)
             step_logits = self._forward(state, part_ids, part_valid, last_only=not all_logits)
-            if cfg.policy == "sink":
-                self._evict(state, cfg.window)  # what the last token's window no longer holds
+            if cfg.policy == "sink" and part_ids.shape[1] > 1:
+                # what the last token's window no longer holds; after one token per row there is none:
+                # _make_room left each row at most sinks + window - 1 tokens, and one more fits the window
+                self._evict(state, cfg.window)
             if all_logits:
                 every.append(step_logits)
                 continue
@@ -563,7 +565,10 @@ class ContextMemory:
         pinned = None if state.pinned is None else np.concatenate(
             (state.pinned, np.full(valid.shape, -1, np.int64)), axis=1)
         stream = self._stream_positions(mask, seen, pinned)
-        if cfg.policy in ("sink", "retrieve"):
+        if ids.shape[1] == 1 and cfg.policy in ("full", "sink"):
+            # a decode step (one token per row, nothing put back): the same layout from (B, S) operations
+            layout = build_decode_layout(stream, mask, cfg.sinks, cfg.window if cfg.policy != "full" else None)
+        elif cfg.policy in ("sink", "retrieve"):
             ranks = None
             if pinned is not None and (pinned >= 0).any():  # put-back slots sit at sinks, sinks + 1, ...
                 pin = pinned >= 0

@@ -1,0 +1,140 @@
+"""The decode fast paths give what the general paths give, bit for bit.
+
+* ctxmem.layout.build_decode_layout (one new token per row, (B, S) operations) against
+  build_layout with n_new=1: every field equal, on random streams with padding slots and rows.
+* ContextMemory's decode step (that layout, and under `sink` no second eviction pass after one
+  token) against the same memory with the general layout and both eviction passes: identical logits
+  and states, token by token across sink compactions, on a left-padded batch whose rows stop early.
+* Generator's batched greedy pick against each row's Sampler: identical tokens, and a row whose
+  logits hold NaN/inf still takes the Sampler's guarded path.
+
+Exact equality, no tolerance: the fast paths compute the same integers and call the backend with
+the same arrays, so nothing may differ in any bit.
+"""
+import numpy as np
+import pytest
+import torch
+
+import ctxmem.memory as memory_module
+from ctxmem.backend import TorchBackend
+from ctxmem.config import preset
+from ctxmem.generation import Generator
+from ctxmem.layout import build_decode_layout, build_layout
+from ctxmem.memory import ContextMemory, MemoryConfig
+from ctxmem.model import Transformer
+from ctxmem.sampling import GenerationConfig, Sampler
+from ctxmem.tokenizer import ByteTokenizer
+
+FIELDS = ("positions", "key_positions", "allowed", "sink_positions", "sink_keys", "valid", "stream", "sink_slots")
+
+
+def _same_layout(a, b):
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("band", [None, (0, 5), (4, 6), (2, 30)])
+def test_decode_layout_equals_the_general_layout(seed, band):
+    rng = np.random.default_rng(seed)
+    B, S = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+    valid = rng.random((B, S)) < 0.7
+    valid[rng.random(B) < 0.3, -1] = False  # padding rows: their new column is not a token
+    # stream indices as the memory gives them: increasing over valid slots, with gaps (evicted middles)
+    stream = np.cumsum(rng.integers(0, 3, (B, S)), axis=1).astype(np.int64)
+    sinks, window = band if band is not None else (0, None)
+    _same_layout(build_decode_layout(stream, valid, sinks, window), build_layout(stream, valid, 1, sinks, window))
+
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.manual_seed(0)
+    return TorchBackend(Transformer(preset("tiny", vocab_size=VOCAB, max_seq_len=64)).eval(), "cpu")
+
+
+def _general():
+    """The general path: build_layout for a decode step too, and the second eviction pass always."""
+    def layout(stream, valid, sinks=0, window=None):
+        return build_layout(stream, valid, 1, sinks, window)
+    return layout
+
+
+@pytest.mark.parametrize("policy", ["full", "sink"])
+def test_decode_step_matches_the_general_path(backend, policy, monkeypatch):
+    config = MemoryConfig(policy, window=10, sinks=3) if policy == "sink" else MemoryConfig("full")
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (5, 1, 9)]
+    steps = 40 if policy == "sink" else 30  # sink: 4x the window, several compactions (slack 8)
+
+    def run(fast: bool):
+        mem = ContextMemory(backend, config, slack=8 if policy == "sink" else None)
+        if not fast:  # the general layout, and the post-forward eviction pass on every piece
+            monkeypatch.setattr(memory_module, "build_decode_layout", _general())
+            if policy == "sink":
+                mem._forward = _forward_then_evict(mem, mem._evict)
+        state = mem.start(3)
+        out = [mem.feed(state, prompts)]
+        for t in range(steps):
+            ids = rng_ids[t][:, None]
+            valid = np.array([[True], [t < steps // 2], [t % 3 != 1]])  # row 1 stops; row 2 skips steps
+            out.append(mem.feed(state, ids, valid))
+        monkeypatch.undo()
+        return np.stack(out), state
+
+    rng_ids = np.random.default_rng(1).integers(0, VOCAB, (steps, 3))
+    fast, fast_state = run(True)
+    slow, slow_state = run(False)
+    assert fast.dtype == np.float32 and np.array_equal(fast, slow)
+    for name in ("mask", "tokens", "evicted", "seen"):
+        assert np.array_equal(getattr(fast_state, name), getattr(slow_state, name)), name
+    if policy == "sink":
+        assert fast_state.evicted.max() > 0 and fast_state.slots <= config.window + 3 + 8  # evicted, compacted
+
+
+def _forward_then_evict(mem, evict):
+    """mem._forward followed by the eviction pass the decode step leaves out (a no-op there: checked)."""
+    forward = ContextMemory._forward.__get__(mem)
+
+    def wrapped(state, ids, valid, last_only=True, queries=False):
+        out = forward(state, ids, valid, last_only, queries)
+        if ids.shape[1] == 1:
+            before = state.mask.copy()
+            evict(state, mem.config.window)
+            assert np.array_equal(before, state.mask)  # the pass finds nothing after one token per row
+        return out
+    return wrapped
+
+
+class _Fixed:
+    """A backend stand-in that returns given logits rows (the loop's sampler path is what is tested)."""
+
+    max_seq_len, vocab_size, uses_rope, sink_token_id = 64, 8, True, None
+    ops = memory_module.NumpyCacheOps()
+
+    def __init__(self, logits):
+        self.logits, self.calls = logits, 0
+
+    def forward(self, ids, layout, past, last_only=True):
+        out = self.logits[min(self.calls, len(self.logits) - 1)][:ids.shape[0]]
+        self.calls += 1
+        cache = np.zeros((ids.shape[0], 1, layout.key_positions.shape[1], 2), np.float32)
+        return out.astype(np.float32), [(cache, cache)]
+
+
+def test_batched_greedy_pick_equals_each_rows_sampler():
+    nan, inf = np.nan, np.inf
+    steps = np.array([
+        [[0, 5, 5, 1, 0, 0, 0, 0], [1, nan, 3, 0, 0, 0, 0, 0], [-inf] * 7 + [2], [0, inf, 9, 0, 0, 0, 0, 0]],
+        [[3, 2, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 7], [4, 4, 4, 4, 4, 4, 4, 4], [-1, -2, -3, -4, 0, 0, 0, 0]],
+    ])  # (steps, B, V): ties, a NaN, -inf, +inf
+    config = GenerationConfig(max_new_tokens=2, temperature=0.0, stop_token_ids=[])
+    got = Generator(_Fixed(steps), ByteTokenizer(), MemoryConfig("full")).generate([[1], [2], [3], [4]], config)
+    want = [[Sampler(config)(steps[t, r].astype(np.float32)) for t in range(2)] for r in range(4)]
+    assert [c.token_ids for c in got] == want
+    assert want[1][0] == 2 and want[3][0] == 2  # the guarded path: NaN and +inf rows pick the finite maximum
