@@ -181,11 +181,12 @@ class Generator:
             return
         logits = memory.feed(state, prompt_ids)
         greedy = [d.greedy for d in decoders]
+        batched = sum(greedy) > 1  # one row: its Sampler's own argmax costs the same (measured 3.5 vs 4.7 us)
         rows = np.arange(len(decoders))
         while True:
             deltas, next_ids, valid = [], np.zeros((state.batch, 1), np.int64), np.zeros((state.batch, 1), bool)
             picks = None
-            if any(greedy):
+            if batched:
                 # one argmax over (B, V) for the greedy rows; a row whose pick is not finite (NaN, +-inf)
                 # goes through its Sampler, whose guarded path decides exactly as it would alone
                 best = logits.argmax(axis=1)  # (B,) the first maximum, or the first NaN: np.argmax's rule

@@ -342,8 +342,10 @@ class ContextMemory:
             ids, valid = left_pad(rows)
         if ids.shape[1] == 0:
             raise ValueError("nothing to feed: every row is empty")
+        if not self.prefix or state.seen.all():  # no row starts its stream now (one check while decoding)
+            return self._feed(state, ids, valid, all_logits)
         starts = (state.seen == 0) & valid.any(axis=1)
-        if not self.prefix or not starts.any():
+        if not starts.any():
             return self._feed(state, ids, valid, all_logits)
         # a model sees its stream prefix (ModelConfig.stream_prefix: the sink token, BOS) first in every
         # stream, as in training: rows starting now get it prepended; the prefix's own logits are dropped
@@ -604,8 +606,9 @@ class ContextMemory:
         keep = first_and_last_mask(in_place, cfg.sinks, recent)
         if self.retrieval is not None:  # retrieve: what leaves goes to the stores first
             self._store_evicted(state, in_place & ~keep)
-        state.evicted = state.evicted + lengths - keep.sum(axis=1)
-        state.mask = keep | (state.mask & ~in_place)  # put-back slots stay
+        state.evicted = state.evicted + lengths - np.minimum(lengths, cfg.sinks + recent)  # what keep drops
+        # put-back slots stay; without any (sink) every valid slot is in place and keep is the new mask
+        state.mask = keep if state.pinned is None else keep | (state.mask & ~in_place)
         if state.slots > cfg.capacity + self.slack:
             compacted = self._take(state, *packed_slots(state.mask))
             state.past, state.mask, state.tokens, state.pinned = (compacted.past, compacted.mask, compacted.tokens,
