@@ -117,16 +117,16 @@ def build_decode_layout(stream_pos: np.ndarray, valid: np.ndarray, sinks: int = 
     allowed[:, -1] = True  # its own slot, so a padding query never has an all-masked row
     allowed = allowed[:, None, :]  # (B, 1, S)
     if window is None:
-        key_positions = np.where(valid, stream_pos, 0).astype(np.int64)
+        key_positions = np.where(valid, stream_pos, 0).astype(np.int64, copy=False)  # a new array: written below
         key_positions[:, -1] = q[:, 0]  # a padding token's own slot sits at its query's position (valid: the same)
         return AttentionLayout(q.astype(np.int64), key_positions, allowed, valid=valid, stream=stream_pos)
     top = sinks + window - 1  # the rank of a token whose visible set is full (no put-back slots)
     base = np.maximum(np.where(q_valid, q, -1) - top, 0)  # (B, 1)
     is_sink = valid & (stream_pos < sinks)  # (B, S)
-    positions = (q - base).astype(np.int64)  # (B, 1)
-    key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64)
+    positions = (q - base).astype(np.int64, copy=False)  # (B, 1)
+    key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64, copy=False)
     key_positions[:, -1:] = np.where(q_valid, key_positions[:, -1:], positions)
-    sink_positions = np.minimum(q, top).astype(np.int64)  # (B, 1)
+    sink_positions = np.minimum(q, top).astype(np.int64, copy=False)  # (B, 1)
     if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
         return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
     return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid, stream_pos, is_sink)

@@ -359,8 +359,10 @@ class ContextMemory:
         """feed() after the input is (B, T) ids with their valid mask."""
         cfg = self.config
         if cfg.policy == "full":
-            need = state.lengths() + valid.sum(axis=1)
-            if need.max() > cfg.capacity:
+            # a row needs at most the slots held plus the columns fed: only a cache that close to the
+            # capacity counts (a decode step inside the context skips the per-row sums)
+            need = state.lengths() + valid.sum(axis=1) if state.slots + ids.shape[1] > cfg.capacity else None
+            if need is not None and need.max() > cfg.capacity:
                 raise ContextOverflowError(
                     f"{int(need.max())} tokens do not fit the model's context of {cfg.capacity} under the 'full' "
                     "policy; shorten the input, lower max_new_tokens, or choose policy 'sink' (attention sinks + "
@@ -563,7 +565,7 @@ class ContextMemory:
         (retrieve) the logits and the retrieval layer's queries of the new tokens (B, H, T, D)."""
         cfg = self.config
         mask = np.concatenate((state.mask, valid), axis=1)
-        seen = state.seen + valid.sum(axis=1)
+        seen = state.seen + (valid[:, 0] if valid.shape[1] == 1 else valid.sum(axis=1))  # (B,) int64
         pinned = None if state.pinned is None else np.concatenate(
             (state.pinned, np.full(valid.shape, -1, np.int64)), axis=1)
         stream = self._stream_positions(mask, seen, pinned)
