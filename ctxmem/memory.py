@@ -208,6 +208,11 @@ class MemoryState:
     # such slot), and each row's store (ctxmem.retrieval.StreamStore)
     pinned: np.ndarray | None = None
     stores: list[StreamStore] | None = None
+    # full, sink: what the last forward knew of `mask` - (that mask, each slot's stream position (B, S) as
+    # ContextMemory._stream_positions gives it on the valid slots, each row's valid slots (B,)) - so a
+    # decode step appends one column instead of a cumsum over (B, S). Used only while `mask` is that same
+    # array: every change of the mask makes a new array (the memory never writes one in place).
+    carry: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, batch: int) -> "MemoryState":
@@ -568,7 +573,18 @@ class ContextMemory:
         seen = state.seen + (valid[:, 0] if valid.shape[1] == 1 else valid.sum(axis=1))  # (B,) int64
         pinned = None if state.pinned is None else np.concatenate(
             (state.pinned, np.full(valid.shape, -1, np.int64)), axis=1)
-        stream = self._stream_positions(mask, seen, pinned)
+        carry = state.carry if ids.shape[1] == 1 and cfg.policy in ("full", "sink") else None
+        if carry is not None and carry[0] is state.mask:
+            # a slot's stream position moves with neither an append nor an eviction (rank and dropped
+            # change together), so only the new column is computed: _stream_positions' formula on it
+            count = carry[2] + valid[:, 0]  # (B,) valid slots with the new one
+            last = np.maximum(count - 1, 0)  # (B,) its rank (cumsum - 1, at least 0)
+            if cfg.policy == "sink":
+                last = np.where(last < cfg.sinks, last, last + seen - count)
+            stream = np.concatenate((carry[1], last[:, None]), axis=1)
+        else:
+            stream = self._stream_positions(mask, seen, pinned)
+            count = None
         if ids.shape[1] == 1 and cfg.policy in ("full", "sink"):
             # a decode step (one token per row, nothing put back): the same layout from (B, S) operations
             layout = build_decode_layout(stream, mask, cfg.sinks, cfg.window if cfg.policy != "full" else None)
@@ -589,6 +605,8 @@ class ContextMemory:
         state.mask = mask
         state.pinned = pinned
         state.tokens = np.concatenate((state.tokens, ids), axis=1)
+        if cfg.policy in ("full", "sink"):
+            state.carry = (mask, stream, mask.sum(axis=1) if count is None else count)
         state.seen = seen
         return (logits, q) if queries else logits
 
@@ -610,11 +628,15 @@ class ContextMemory:
             self._store_evicted(state, in_place & ~keep)
         state.evicted = state.evicted + lengths - np.minimum(lengths, cfg.sinks + recent)  # what keep drops
         # put-back slots stay; without any (sink) every valid slot is in place and keep is the new mask
+        carry = state.carry if state.carry is not None and state.carry[0] is state.mask else None
         state.mask = keep if state.pinned is None else keep | (state.mask & ~in_place)
+        # the kept slots keep their stream positions; each row now holds what keep holds
+        state.carry = None if carry is None else (state.mask, carry[1], np.minimum(lengths, cfg.sinks + recent))
         if state.slots > cfg.capacity + self.slack:
             compacted = self._take(state, *packed_slots(state.mask))
             state.past, state.mask, state.tokens, state.pinned = (compacted.past, compacted.mask, compacted.tokens,
                                                                   compacted.pinned)
+            state.carry = None  # new slots: the next forward computes their positions afresh
 
     def _make_room(self, state: MemoryState, incoming: np.ndarray) -> None:
         """Before feeding ``incoming`` (B, T) valid columns."""

@@ -28,10 +28,14 @@ from ctxmem.tokenizer import ByteTokenizer
 FIELDS = ("positions", "key_positions", "allowed", "sink_positions", "sink_keys", "valid", "stream", "sink_slots")
 
 
-def _same_layout(a, b):
+def _same_layout(a, b, stream_on=None):
+    """Every field equal; ``stream_on`` (B, S): compare ``stream`` on those slots only (a carried
+    position of an evicted, masked slot is never read: every other field gates it by ``valid``)."""
     for name in FIELDS:
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
+        if name == "stream" and stream_on is not None:
+            x, y = x[stream_on], y[stream_on]
         if x is not None:
             assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
 
@@ -73,11 +77,10 @@ def test_decode_step_matches_the_general_path(backend, policy, monkeypatch):
     steps = 40 if policy == "sink" else 30  # sink: 4x the window, several compactions (slack 8)
 
     def run(fast: bool):
-        mem = ContextMemory(backend, config, slack=8 if policy == "sink" else None)
-        if not fast:  # the general layout, and the post-forward eviction pass on every piece
+        mem = ContextMemory(_Recording(backend, layouts[fast]), config, slack=8 if policy == "sink" else None)
+        if not fast:  # the general layout and stream positions, and the post-forward eviction pass always
             monkeypatch.setattr(memory_module, "build_decode_layout", _general())
-            if policy == "sink":
-                mem._forward = _forward_then_evict(mem, mem._evict)
+            mem._forward = _forward_then_evict(mem, mem._evict, policy == "sink")
         state = mem.start(3)
         out = [mem.feed(state, prompts)]
         for t in range(steps):
@@ -88,22 +91,41 @@ def test_decode_step_matches_the_general_path(backend, policy, monkeypatch):
         return np.stack(out), state
 
     rng_ids = np.random.default_rng(1).integers(0, VOCAB, (steps, 3))
+    layouts = {True: [], False: []}
     fast, fast_state = run(True)
     slow, slow_state = run(False)
     assert fast.dtype == np.float32 and np.array_equal(fast, slow)
+    assert len(layouts[True]) == len(layouts[False]) == steps + 1
+    for a, b in zip(layouts[True], layouts[False]):  # every array the backend saw
+        _same_layout(a, b, stream_on=a.valid)
     for name in ("mask", "tokens", "evicted", "seen"):
         assert np.array_equal(getattr(fast_state, name), getattr(slow_state, name)), name
     if policy == "sink":
         assert fast_state.evicted.max() > 0 and fast_state.slots <= config.window + 3 + 8  # evicted, compacted
 
 
-def _forward_then_evict(mem, evict):
-    """mem._forward followed by the eviction pass the decode step leaves out (a no-op there: checked)."""
+class _Recording:
+    """A backend that keeps every layout it is called with."""
+
+    def __init__(self, backend, into):
+        self.backend, self.into = backend, into
+        self.max_seq_len, self.vocab_size, self.uses_rope, self.ops = (backend.max_seq_len, backend.vocab_size,
+                                                                      backend.uses_rope, backend.ops)
+
+    def forward(self, ids, layout, past, last_only=True):
+        self.into.append(layout)
+        return self.backend.forward(ids, layout, past, last_only=last_only)
+
+
+def _forward_then_evict(mem, evict, sink):
+    """mem._forward with no carried stream positions (the cumsum every step), followed under sink by the
+    eviction pass the decode step leaves out (a no-op there: checked)."""
     forward = ContextMemory._forward.__get__(mem)
 
     def wrapped(state, ids, valid, last_only=True, queries=False):
+        state.carry = None
         out = forward(state, ids, valid, last_only, queries)
-        if ids.shape[1] == 1:
+        if sink and ids.shape[1] == 1:
             before = state.mask.copy()
             evict(state, mem.config.window)
             assert np.array_equal(before, state.mask)  # the pass finds nothing after one token per row
