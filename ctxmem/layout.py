@@ -113,7 +113,8 @@ def build_decode_layout(stream_pos: np.ndarray, valid: np.ndarray, sinks: int = 
     q_valid = valid[:, -1:]  # (B, 1)
     allowed = valid & (stream_pos <= q)  # (B, S)
     if window is not None:
-        allowed &= (stream_pos < sinks) | (stream_pos > q - window)
+        sink_cols = stream_pos < sinks  # (B, S)
+        allowed &= sink_cols | (stream_pos > q - window)
     allowed[:, -1] = True  # its own slot, so a padding query never has an all-masked row
     allowed = allowed[:, None, :]  # (B, 1, S)
     if window is None:
@@ -122,14 +123,13 @@ def build_decode_layout(stream_pos: np.ndarray, valid: np.ndarray, sinks: int = 
         return AttentionLayout(q.astype(np.int64), key_positions, allowed, valid=valid, stream=stream_pos)
     top = sinks + window - 1  # the rank of a token whose visible set is full (no put-back slots)
     base = np.maximum(np.where(q_valid, q, -1) - top, 0)  # (B, 1)
-    is_sink = valid & (stream_pos < sinks)  # (B, S)
+    is_sink = valid & sink_cols  # (B, S)
     positions = (q - base).astype(np.int64, copy=False)  # (B, 1)
     key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64, copy=False)
     key_positions[:, -1:] = np.where(q_valid, key_positions[:, -1:], positions)
-    sink_positions = np.minimum(q, top).astype(np.int64, copy=False)  # (B, 1)
-    if not is_sink.any() or np.array_equal(sink_positions[q_valid], positions[q_valid]):
-        return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
-    return AttentionLayout(positions, key_positions, allowed, sink_positions, is_sink, valid, stream_pos, is_sink)
+    # a valid row's one query is at q - max(q - top, 0) = min(q, top): its sink position, always - so
+    # build_layout's comparison of the two is always equal here and the layout leaves sink_positions out
+    return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
 
 
 def _own_key_positions(key_positions: np.ndarray, positions: np.ndarray, q_valid: np.ndarray) -> np.ndarray:

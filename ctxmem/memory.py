@@ -620,18 +620,19 @@ class ContextMemory:
         if state.past is None:
             return
         in_place = state.in_place()
-        lengths = in_place.sum(axis=1)
+        carry = state.carry if state.carry is not None and state.carry[0] is state.mask else None
+        lengths = in_place.sum(axis=1) if carry is None else carry[2]  # (B,) valid slots in place
         if lengths.max() <= cfg.sinks + recent:
             return
         keep = first_and_last_mask(in_place, cfg.sinks, recent)
         if self.retrieval is not None:  # retrieve: what leaves goes to the stores first
             self._store_evicted(state, in_place & ~keep)
-        state.evicted = state.evicted + lengths - np.minimum(lengths, cfg.sinks + recent)  # what keep drops
+        kept = np.minimum(lengths, cfg.sinks + recent)  # (B,) what keep holds per row
+        state.evicted = state.evicted + (lengths - kept)
         # put-back slots stay; without any (sink) every valid slot is in place and keep is the new mask
-        carry = state.carry if state.carry is not None and state.carry[0] is state.mask else None
         state.mask = keep if state.pinned is None else keep | (state.mask & ~in_place)
-        # the kept slots keep their stream positions; each row now holds what keep holds
-        state.carry = None if carry is None else (state.mask, carry[1], np.minimum(lengths, cfg.sinks + recent))
+        # the kept slots keep their stream positions
+        state.carry = None if carry is None else (state.mask, carry[1], kept)
         if state.slots > cfg.capacity + self.slack:
             compacted = self._take(state, *packed_slots(state.mask))
             state.past, state.mask, state.tokens, state.pinned = (compacted.past, compacted.mask, compacted.tokens,
