@@ -26,7 +26,8 @@ Runtime paths run this same code. Shapes: B rows, S slots, T new tokens, K kept 
 
 Invariant of a ``sink`` row: its valid slots are its first ``sinks`` stream tokens followed by a
 contiguous run of its most recent tokens, so each slot's stream index follows from the mask and the
-count of tokens ever fed (``_stream_positions``) and no position array has to be carried around.
+count of tokens ever fed (``_stream_positions``); a decode step appends the new slot's to those of
+the previous step (``MemoryState.carry``) instead of recomputing them all.
 """
 from __future__ import annotations
 
@@ -339,8 +340,9 @@ class ContextMemory:
         fed column, float32 (B, T, V) (padding columns hold meaningless values). Evicts first when
         the policy says so."""
         if isinstance(rows, np.ndarray):
-            ids = rows.astype(np.int64)
-            valid = np.ones_like(ids, dtype=bool) if valid is None else valid.astype(bool)
+            # no copies when the types are right already: the memory only reads what it is fed
+            ids = np.asarray(rows, dtype=np.int64)
+            valid = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
         else:
             if len(rows) != state.batch:
                 raise ValueError(f"fed {len(rows)} rows to a state of {state.batch}")
@@ -390,9 +392,8 @@ class ContextMemory:
             if all_logits:
                 every.append(step_logits)
                 continue
-            # a row whose piece is all padding keeps the logits it had
-            has = part_valid.any(axis=1)
-            logits = step_logits if logits is None else np.where(has[:, None], step_logits, logits)
+            # a row whose piece is all padding keeps the logits it had (the first piece: nothing to keep)
+            logits = step_logits if logits is None else np.where(part_valid.any(axis=1)[:, None], step_logits, logits)
         return np.concatenate(every, axis=1) if all_logits else logits
 
     def _feed_retrieve(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, all_logits: bool) -> np.ndarray:

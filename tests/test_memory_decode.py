@@ -2,9 +2,10 @@
 
 * ctxmem.layout.build_decode_layout (one new token per row, (B, S) operations) against
   build_layout with n_new=1: every field equal, on random streams with padding slots and rows.
-* ContextMemory's decode step (that layout, and under `sink` no second eviction pass after one
-  token) against the same memory with the general layout and both eviction passes: identical logits
-  and states, token by token across sink compactions, on a left-padded batch whose rows stop early.
+* ContextMemory's decode step (that layout, stream positions carried from the previous step, and
+  under `sink` no second eviction pass after one token) against the same memory with the general
+  layout, positions by cumsum and both eviction passes: identical logits, states and layouts, token
+  by token across sink compactions, on a left-padded batch whose rows stop early.
 * Generator's batched greedy pick against each row's Sampler: identical tokens, and a row whose
   logits hold NaN/inf still takes the Sampler's guarded path.
 
