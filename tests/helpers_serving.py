@@ -1,8 +1,12 @@
-"""Shared pieces of the serving tests: the malformed-request battery, waiting, the YAML patcher."""
+"""Shared pieces of the serving tests: the malformed-request battery, waiting, the YAML patcher, an
+application on a local Ray Serve."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,6 +15,34 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@contextmanager
+def app_on_local_ray(export: Path, prefix: str, **args: Any) -> Iterator[str]:
+    """`build_app` of ServeArgs(`args`) over `export` (model name "tiny", a SQLite store in a temporary
+    folder) on a local Ray of 4 logical CPUs with Serve on 127.0.0.1; yields the app's URL, then
+    shuts Serve and Ray down."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from ctxmem.net import free_port
+    from ctxmem.serving.app import build_app
+    from ctxmem.serving.config import ServeArgs
+
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, _temp_dir=f"{tmp}/ray",
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = ServeArgs.model_validate({"model": str(export), "model_name": "tiny",
+                                       "session_store": f"sqlite:///{tmp}/sessions.sqlite", **args})
+    try:
+        serve.run(build_app(config), name="ctxmem", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def wait_healthy(url: str, timeout: float = 120.0, proc=None, headers: dict[str, str] | None = None) -> dict:

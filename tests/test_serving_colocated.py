@@ -5,38 +5,20 @@ the engines."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import httpx
 import pytest
+
+from helpers_serving import app_on_local_ray
 
 pytestmark = pytest.mark.slow  # a Ray cluster with two Server replicas (~1 min)
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_export):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray import serve
-
-    from ctxmem.net import free_port
-    from ctxmem.serving.app import build_app
-    from ctxmem.serving.config import ServeArgs
-
-    tmp = tempfile.mkdtemp(prefix="ctxcoloc-", dir="/tmp")
-    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, _temp_dir=f"{tmp}/ray",
-             log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs.model_validate({
-        "model": str(tiny_export), "model_name": "tiny", "session_store": f"sqlite:///{tmp}/sessions.sqlite",
-        "colocate_engine": True, "ingress_deployment": {"num_replicas": 2},
-        "engine_deployment": {"ray_actor_options": {"num_cpus": 0.25}}})
-    serve.run(build_app(args), name="ctxmem", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with app_on_local_ray(tiny_export, "ctxcoloc-", colocate_engine=True, ingress_deployment={"num_replicas": 2},
+                          engine_deployment={"ray_actor_options": {"num_cpus": 0.25}}) as url:
+        yield url
 
 
 def deployments() -> set[str]:

@@ -4,38 +4,20 @@ next turn is served by the other replica from the conversation store - no turn i
 conversation sticks to its new replica."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import httpx
 import pytest
+
+from helpers_serving import app_on_local_ray
 
 pytestmark = pytest.mark.slow  # a Ray cluster with two engine replicas (~1 min)
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_export):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray import serve
-
-    from ctxmem.net import free_port
-    from ctxmem.serving.app import build_app
-    from ctxmem.serving.config import ServeArgs
-
-    tmp = tempfile.mkdtemp(prefix="ctxreplicas-", dir="/tmp")
-    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, _temp_dir=f"{tmp}/ray",
-             log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs.model_validate({
-        "model": str(tiny_export), "model_name": "tiny", "session_store": f"sqlite:///{tmp}/sessions.sqlite",
-        "engine_deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.25}}})
-    serve.run(build_app(args), name="ctxmem", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with app_on_local_ray(tiny_export, "ctxreplicas-",
+                          engine_deployment={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
+                          ingress_deployment={"ray_actor_options": {"num_cpus": 0.25}}) as url:
+        yield url
 
 
 def engine_actors() -> dict[str, str]:
