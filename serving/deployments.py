@@ -35,6 +35,18 @@ class _ReplicaEngine:
     thread, or applies live knobs to the running engine."""
 
     engine = None
+    KIND = "Engine"  # the deployment's name, for the error below
+
+    def _engine(self):
+        if self.engine is None:
+            raise RuntimeError(f"the {self.KIND} deployment was built without user_config, so it never loaded a "
+                               "model: build it with ctxmem.serving.app:build_app")
+        return self.engine
+
+    def check_health(self) -> None:
+        engine = self._engine()
+        if not engine.healthy():
+            raise RuntimeError(f"engine scheduler stopped: {engine.scheduler.error!r}")
 
     async def _configure(self, base: dict[str, Any], user_config: dict[str, Any] | None, replica: str) -> None:
         from .engine import Engine
@@ -68,12 +80,6 @@ class EngineDeployment(_ReplicaEngine):
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self._configure(self._base, user_config, self.replica)
 
-    def _engine(self):
-        if self.engine is None:
-            raise RuntimeError("the Engine deployment was built without user_config, so it never loaded a "
-                               "model: build it with ctxmem.serving.app:build_app")
-        return self.engine
-
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[Event]]:
         async for chunk in self._engine().generate(request):
             yield chunk
@@ -87,11 +93,6 @@ class EngineDeployment(_ReplicaEngine):
     async def reload(self) -> dict[str, Any]:
         info = await asyncio.to_thread(self._engine().reload)
         return {**info, "replica": self.replica}
-
-    def check_health(self) -> None:
-        engine = self._engine()
-        if not engine.healthy():
-            raise RuntimeError(f"engine scheduler stopped: {engine.scheduler.error!r}")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -174,6 +175,8 @@ class ServerDeployment(_ReplicaEngine):
     anywhere (KV reuse about 1 time in N) - for one replica per node, not for the session router's
     multi-replica case. `user_config` is EngineConfig, as on the Engine deployment."""
 
+    KIND = "Server"
+
     def __init__(self, base: dict[str, Any], args: dict[str, Any]):
         from .store import open_store
 
@@ -195,22 +198,11 @@ class ServerDeployment(_ReplicaEngine):
         return self.metrics.snapshot()
 
     def engine_metrics_snapshot(self) -> list[Metric]:
-        return self._running().metrics.snapshot()
+        return self._engine().metrics.snapshot()
 
     async def engine_reload(self) -> dict[str, Any]:
-        info = await asyncio.to_thread(self._running().reload)
+        info = await asyncio.to_thread(self._engine().reload)
         return {**info, "replica": self.replica}
-
-    def check_health(self) -> None:
-        engine = self._running()
-        if not engine.healthy():
-            raise RuntimeError(f"engine scheduler stopped: {engine.scheduler.error!r}")
-
-    def _running(self):
-        if self.engine is None:
-            raise RuntimeError("the Server deployment was built without user_config, so it never loaded a "
-                               "model: build it with ctxmem.serving.app:build_app")
-        return self.engine
 
     async def _broadcast(self, method: str, timeout_s: float) -> list:
         """`method` on every replica of this deployment (this one included)."""
@@ -242,10 +234,10 @@ class _ColocatedEngineClient:
         self._owner = owner
 
     def stream(self, request: dict[str, Any]) -> AsyncIterator[list[Event]]:
-        return self._owner._running().generate(request)
+        return self._owner._engine().generate(request)
 
     async def info(self) -> dict[str, Any]:
-        info = self._owner._running().info()
+        info = self._owner._engine().info()
         if info["scheduler"] == "stopped":
             raise EngineUnavailable("engine scheduler is not running")
         return {**info, "replica": self._owner.replica}
