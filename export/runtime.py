@@ -6,6 +6,7 @@ template, cache layout and where the model came from are all written there by `c
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -232,12 +233,7 @@ def create_session(model_path: str | Path, provider: str | None = None, intra_op
 
     model_path = Path(model_path)
     wanted = ort_name(choose_provider(provider))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads  # one thread per replica by default: replicas scale out
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
+    options = _session_options(intra_op_threads)
     providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
     if not model_path.is_file():
         raise ExportModelError(f"{model_path} does not exist; {_RERUN.format(dir=model_path.parent)}")
@@ -257,6 +253,64 @@ def create_session(model_path: str | Path, provider: str | None = None, intra_op
     log.info("ONNX Runtime %s on %s (intra-op threads: %d) for %s", ort.__version__, running, intra_op_threads,
              model_path)
     return session
+
+
+def _session_options(intra_op_threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads  # one thread per replica by default: replicas scale out
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def decode_branch_model(model_path: str | Path):
+    """The decode branch of ``model_path``'s graph (the If decode_or_general's then branch) as an
+    onnx.ModelProto of its own: the branch's nodes, its outputs under the graph's output names, the
+    graph inputs it reads (input_ids, positions, allowed, the pasts: no sink inputs) and the
+    initializers it uses, still pointing at the export's weights file (external data, not loaded).
+    None when the graph has no decode branch."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    branch = next((n for n in graph.node if n.op_type == "If" and n.name == "decode_or_general"), None)
+    if branch is None:
+        return None
+    then = next(a.g for a in branch.attribute if a.name == "then_branch")
+    rename = {out.name: name for out, name in zip(then.output, branch.output)}
+    nodes = []
+    for node in then.node:
+        node = copy.deepcopy(node)
+        node.output[:] = [rename.get(o, o) for o in node.output]
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        nodes.append(node)
+    used = {i for node in nodes for i in node.input}
+    inputs = [i for i in graph.input if i.name in used]
+    inits = [t for t in graph.initializer if t.name in used]
+    new = helper.make_graph(nodes, graph.name + "_decode", inputs, list(graph.output), initializer=inits)
+    out = helper.make_model(new, opset_imports=list(proto.opset_import), producer_name=proto.producer_name)
+    out.ir_version = proto.ir_version
+    return out
+
+
+def create_decode_session(model_path: str | Path, intra_op_threads: int = 1):
+    """A CPU InferenceSession over decode_branch_model(model_path), reading the weights from the
+    export's folder; None when the graph has no decode branch."""
+    import onnxruntime as ort
+
+    model = decode_branch_model(model_path)
+    if model is None:
+        return None
+    options = _session_options(intra_op_threads)
+    # the derived graph comes as bytes; its initializers name the weights file relative to this folder
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(model_path).resolve().parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def check_names(session, contract: ExportContract, where: str) -> None:
@@ -460,17 +514,18 @@ def _ort_value(array: np.ndarray):
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
-def _sink_shift(feed: dict, sink_slots: np.ndarray | None):
-    """For a decode feed (one new token per row, positions >= 0): None when it cannot take the decode
-    branch, else the sink-scored cached slots to rotate for it - (rows, cols, delta) with delta the
-    row's position minus its sink position, only for rows where the two differ (a `sink` row far past
-    its window) - or () when no row differs. A row whose new token is itself sink-scored while the
-    two differ cannot (its key would be cached at the wrong position); the layout never gives one."""
-    delta = feed[POSITIONS][:, 0] - feed[SINK_POSITIONS][:, 0]  # (B,)
+def _sink_shift(positions: np.ndarray, sink_positions: np.ndarray, sink_slots: np.ndarray):
+    """For a decode step (one new token per row: positions, sink_positions (B, 1), positions >= 0;
+    sink_slots (B, P+1)): None when it cannot take the decode branch, else the sink-scored cached
+    slots to rotate for it - (rows, cols, delta) with delta the row's position minus its sink
+    position, only for rows where the two differ (a `sink` row far past its window) - or () when no
+    row differs. A row whose new token is itself sink-scored while the two differ cannot (its key
+    would be cached at the wrong position); the layout never gives one."""
+    delta = positions[:, 0] - sink_positions[:, 0]  # (B,)
     apart = delta != 0
     if not apart.any():
         return ()
-    if sink_slots is None or sink_slots[apart, -1].any():
+    if sink_slots[apart, -1].any():
         return None
     rows, cols = np.nonzero(sink_slots[:, :-1] & apart[:, None])  # cached slots only: (N,), (N,)
     return rows, cols, delta[rows]
@@ -500,7 +555,7 @@ class OrtBackend:
     (forward_with_queries), which the retrieve policy needs (``gives_queries``)."""
 
     def __init__(self, export_dir: str | Path, provider: str | None = None, intra_op_threads: int = 1,
-                 config: RuntimeConfig | None = None):
+                 config: RuntimeConfig | None = None, decode_session: bool = False):
         self.export_dir = Path(export_dir)
         self.config = config or RuntimeConfig.load(self.export_dir)
         self.contract = self.config.export_contract
@@ -533,6 +588,14 @@ class OrtBackend:
                          and has_decode_branch_node(self.export_dir / self.config.files.get("model", MODEL_FILE)))
         if self.rotated:
             self.ops.buffered = self.in_place
+        # decode_session: decode steps in place run the decode branch as a session of its own (derived
+        # from the graph at load) instead of the graph's If - no condition, no If per step (4-10% of a
+        # batch-1 step measured), for a second session's memory (the weights are read again and
+        # prepacked again: about twice the graph's resident memory)
+        self._decode_session = None
+        if decode_session and self.in_place:
+            self._decode_session = create_decode_session(self.export_dir / self.config.files.get("model", MODEL_FILE),
+                                                         intra_op_threads)
         self._present_names = present_names(self.contract.n_layers)
         self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
         self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
@@ -556,36 +619,38 @@ class OrtBackend:
         """step's work: (logits (B, T, V), the extra outputs, the cache to feed back, and the whole
         output list when session.run made one - else None: forward never needs it)."""
         B, T = ids.shape
-        feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ALLOWED: np.ascontiguousarray(layout.allowed)}
         if self.rotated:
             frame = past.frame if past else np.zeros(B, np.int64)
             room = None
             if past and self.uses_rope:
                 past, frame, room = self._keep_in_span(layout, past, frame, T)
-            feed[POSITIONS] = (layout.stream[:, -T:] - frame[:, None]).astype(np.int64)
-            sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
-            feed[SINK_POSITIONS] = np.ascontiguousarray(sink_q, dtype=np.int64)
-            feed[SINK_KEYS] = (np.ascontiguousarray(layout.sink_slots) if layout.sink_slots is not None
-                               else np.zeros(layout.allowed.shape[::2], bool))
-            if self.uses_rope and layout.sink_slots is not None and frame.any() and \
-                    (layout.sink_slots[:, -T:] & (frame != 0)[:, None]).any():
+            positions = (layout.stream[:, -T:] - frame[:, None]).astype(np.int64, copy=False)  # (B, T), a new array
+            sink_slots = layout.sink_slots
+            if self.uses_rope and sink_slots is not None and frame.any() and \
+                    (sink_slots[:, -T:] & (frame != 0)[:, None]).any():
                 raise ValueError("a sink token arrived in a row whose key frame has moved; sinks are a stream's "
                                  "first tokens (ctxmem.layout)")
-            if self.in_place and T == 1 and past and past[0][0].shape[2] and feed[POSITIONS].min() >= 0:
-                if layout.sink_slots is None:  # no slot is scored apart: one query is exact for every row
-                    feed[SINK_POSITIONS], shift = feed[POSITIONS], ()
-                else:
-                    shift = _sink_shift(feed, layout.sink_slots)
+            sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
+            if self.in_place and T == 1 and past and past[0][0].shape[2] and positions.min() >= 0:
+                # no slot scored apart: one query is exact for every row
+                shift = () if sink_slots is None else _sink_shift(positions, sink_q, sink_slots)
                 if shift is not None:
-                    logits, extras, present = self._decode_in_place(feed, past, frame, extra, shift)
+                    logits, extras, present = self._decode_in_place(ids, layout.allowed, sink_slots, positions,
+                                                                    past, frame, extra, shift)
                     present.room = room
                     return logits, extras, present, None
+            feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+                    ALLOWED: np.ascontiguousarray(layout.allowed), POSITIONS: positions,
+                    SINK_POSITIONS: np.ascontiguousarray(sink_q, dtype=np.int64),
+                    SINK_KEYS: (np.ascontiguousarray(sink_slots) if sink_slots is not None
+                                else np.zeros(layout.allowed.shape[::2], bool))}
         else:
             layout = layout.with_sinks()  # the graph always takes the sink inputs
-            feed.update({POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
-                         KEY_POSITIONS: np.ascontiguousarray(layout.key_positions, dtype=np.int64),
-                         SINK_POSITIONS: np.ascontiguousarray(layout.sink_positions, dtype=np.int64),
-                         SINK_KEYS: np.ascontiguousarray(layout.sink_keys, dtype=bool)})
+            feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ALLOWED: np.ascontiguousarray(layout.allowed),
+                    POSITIONS: np.ascontiguousarray(layout.positions, dtype=np.int64),
+                    KEY_POSITIONS: np.ascontiguousarray(layout.key_positions, dtype=np.int64),
+                    SINK_POSITIONS: np.ascontiguousarray(layout.sink_positions, dtype=np.int64),
+                    SINK_KEYS: np.ascontiguousarray(layout.sink_keys, dtype=bool)}
         if past:  # views of a KVBuffer are not contiguous: ONNX Runtime takes contiguous arrays
             arrays = [np.ascontiguousarray(a) for kv in past for a in kv]
         else:
@@ -600,46 +665,60 @@ class OrtBackend:
             present.room = room
         return outs[0], outs[n:], present, outs
 
-    def _decode_in_place(self, feed: dict, past: FrameCache, frame: np.ndarray, extra: tuple[str, ...],
+    def _decode_in_place(self, ids: np.ndarray, allowed: np.ndarray, sink_slots: np.ndarray | None,
+                         positions: np.ndarray, past: FrameCache, frame: np.ndarray, extra: tuple[str, ...],
                          shift: tuple) -> tuple[np.ndarray, list[np.ndarray], FrameCache]:
         """A decode step (one new token per row) on the GroupQueryAttention branch, with each layer's
-        past and present bound to one KVBuffer: the op writes slot P of every row in place. What
-        session.run gives: logits (B, 1, V), the extras, the presents (views of P+1 slots).
+        past and present bound to one KVBuffer: the op writes slot P of every row in place. ids and
+        positions (B, 1) int64, allowed (B, 1, P+1), sink_slots (B, P+1) bool or None (no slot scored
+        apart). What session.run gives: logits (B, 1, V), the extras, the presents (views of P+1 slots).
 
-        ``shift`` (_sink_shift): the sink-scored slots (rows, cols) of rows whose sink query differs
-        from their ordinary one, and by how much (delta = position - sink position). Those keys are
-        rotated by delta for the call (from the rotation they are cached at), so the one query at
-        ``positions`` scores them at the distance the sink query would: one scoring, the decode
-        branch, instead of the general path's two; they are put back bit for bit after the call, so
-        the cache the caller sees keeps the contract's meaning (sink keys at their own positions)."""
+        Every row's query goes in at ``positions``, also as its sink query: ``shift`` (_sink_shift)
+        is the sink-scored slots (rows, cols) of rows whose sink query differs from their ordinary
+        one, and by how much (delta = position - sink position). Those keys are rotated by delta for
+        the call (from the rotation they are cached at), so the one query scores them at the distance
+        the sink query would: one scoring, the decode branch, instead of the general path's two; they
+        are put back bit for bit after the call, so the cache the caller sees keeps the contract's
+        meaning (sink keys at their own positions)."""
         buffer = KVBuffer.for_append(past)
         if shift:
             rows, cols, delta = shift
             saved = buffer.rotate_keys(rows, cols, self._turns(delta))
-            feed[SINK_POSITIONS] = feed[POSITIONS]  # one query scores every slot now
-        binding, outs = self._binding(buffer, extra)
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, value)
+        binding, outs, step_ids, step_positions = self._binding(buffer, extra)
+        # ids and positions (B, 1) go through arrays bound once per binding (their OrtValues share the
+        # arrays' memory): written here, not bound again; allowed and sink_keys grow by a slot per step
+        step_ids[...] = ids
+        step_positions[...] = positions
+        binding.bind_cpu_input(ALLOWED, np.ascontiguousarray(allowed))
+        session = self._decode_session
+        if session is None:  # the graph's If reads the sink inputs for its condition
+            session = self.session
+            binding.bind_cpu_input(SINK_KEYS, np.ascontiguousarray(sink_slots) if sink_slots is not None
+                                   else np.zeros((buffer.batch, allowed.shape[2]), bool))
         try:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         finally:
             if shift:
                 buffer.put_keys(rows, cols, saved)
         buffer.filled += 1
         present = buffer.views(frame)
-        outs = [o.copy() for o in outs]  # the bound arrays are written again next step; a caller may keep these
-        return outs[0], outs[1:], present
+        if extra:  # the bound arrays are written again next step; a caller may keep these
+            return outs[0].copy(), [o.copy() for o in outs[1:]], present
+        return outs[0].copy(), [], present
 
     def _binding(self, buffer: KVBuffer, extra: tuple[str, ...]):
         """This thread's IOBinding for calls fetching ``extra`` besides logits and the cache, with
-        every past and present bound to ``buffer`` and logits (B, 1, V) and the extras (B, 1, H*D)
-        bound to arrays of its own; (binding, those arrays). Rebound only when the buffer changes."""
+        every past and present bound to ``buffer``, logits (B, 1, V) and the extras (B, 1, H*D) bound
+        to arrays of its own, and input_ids, positions and sink_positions to two (B, 1) int64 arrays
+        of its own (the decode step's sink query is its ordinary one); (binding, the output arrays,
+        the ids array, the positions array). Rebound only when the buffer changes."""
         bindings = getattr(self._local, "bindings", None)
         if bindings is None:
             bindings = self._local.bindings = {}
         entry = bindings.get(extra)
         if entry is None or entry[1] is not buffer:
-            binding = entry[0] if entry is not None else self.session.io_binding()
+            session = self._decode_session or self.session
+            binding = entry[0] if entry is not None else session.io_binding()
             for name, value in zip(self._past_names, buffer.values):
                 binding.bind_ortvalue_input(name, value)
             for name, value in zip(self._present_names, buffer.values):
@@ -648,8 +727,17 @@ class OrtBackend:
             outs += [np.empty((buffer.batch, 1, self.n_heads * self.head_dim), self._cache_dtype) for _ in extra]
             for name, array in zip((LOGITS, *extra), outs):
                 binding.bind_ortvalue_output(name, _ort_value(array))
-            entry = bindings[extra] = (binding, buffer, outs)
-        return entry[0], entry[2]
+            same = entry is not None and entry[3].shape[0] == buffer.batch
+            step_ids, step_positions = (entry[3], entry[4]) if same else (
+                np.zeros((buffer.batch, 1), np.int64), np.zeros((buffer.batch, 1), np.int64))
+            if not same:  # the OrtValues read the arrays' memory; the entry keeps the arrays alive
+                binding.bind_ortvalue_input(INPUT_IDS, _ort_value(step_ids))
+                positions = _ort_value(step_positions)
+                binding.bind_ortvalue_input(POSITIONS, positions)
+                if session is self.session:  # the decode branch alone has no sink inputs
+                    binding.bind_ortvalue_input(SINK_POSITIONS, positions)
+            entry = bindings[extra] = (binding, buffer, outs, step_ids, step_positions)
+        return entry[0], entry[2], entry[3], entry[4]
 
     def key_positions(self, layout, frame: np.ndarray) -> np.ndarray:
         """(B, S) the rotation position of each slot's cached key (v3, v4): a sink at its stream index
@@ -711,7 +799,7 @@ class OrtBackend:
 
 
 def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
-                        intra_op_threads: int = 1):
+                        intra_op_threads: int = 1, decode_session: bool = False):
     """A ctxmem Generator over ONNX Runtime on a local export directory: the core's sampler, memory
     policies and loop. The memory policy and generation defaults come from the runtime config unless
     given. For `models:/...` and `runs:/...` specs use ctxmem.export.resolve.open_onnx_generator."""
@@ -724,7 +812,8 @@ def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = No
                              "resolve it first (ctxmem.export.resolve.open_onnx_generator does both)")
     export_dir = Path(export_dir)
     config = RuntimeConfig.load(export_dir)
-    backend = OrtBackend(export_dir, provider=provider, intra_op_threads=intra_op_threads, config=config)
+    backend = OrtBackend(export_dir, provider=provider, intra_op_threads=intra_op_threads, config=config,
+                         decode_session=decode_session)
     tokenizer = load_tokenizer(config.file_path(export_dir, "tokenizer"))
     mem = memory or config.memory_config
     return Generator(backend, tokenizer, mem, GenerationConfig(**config.generation))

@@ -45,10 +45,10 @@ def _feed_all(backend, memory_config, prompts, steps, seed=0):
     calls = [0, 0]
     inner = backend._decode_in_place
 
-    def counted(feed, past, frame, extra, shift):
+    def counted(*args):
         calls[0] += 1
-        calls[1] += bool(shift)
-        return inner(feed, past, frame, extra, shift)
+        calls[1] += bool(args[-1])  # shift: the sink keys rotated for the call, or ()
+        return inner(*args)
     backend._decode_in_place = counted
     memory = ContextMemory(backend, memory_config)
     state = memory.start(len(prompts))
@@ -151,3 +151,89 @@ def test_a_sink_cache_kept_past_the_window_never_changes(branch_export):
     for (k, v), (ck, cv) in zip(kept_past, kept_copy):
         np.testing.assert_array_equal(k, ck)
         np.testing.assert_array_equal(v, cv)
+
+
+def test_an_ort_value_over_a_numpy_array_reads_what_is_written_into_it_later():
+    """The decode step binds input_ids and positions once per binding, as OrtValues over (B, 1)
+    arrays, and writes each step's values into those arrays: ONNX Runtime must read the array's
+    memory, not a copy taken when the OrtValue was made."""
+    import onnxruntime as ort
+
+    array = np.zeros((2, 1), np.int64)
+    value = ort.OrtValue.ortvalue_from_numpy(array)
+    array[...] = [[7], [-3]]
+    np.testing.assert_array_equal(value.numpy(), [[7], [-3]])
+    assert value.data_ptr() == array.ctypes.data
+
+
+def _fresh_bindings(backend):
+    """backend whose every decode step makes its IOBinding anew and binds that step's ids and
+    positions as copies (bind_cpu_input), not through the arrays the backend writes them into."""
+    inner_step, inner_binding = backend._decode_in_place, backend._binding
+    fed = {}
+
+    def step(ids, allowed, sink_slots, positions, *rest):
+        fed["ids"], fed["positions"] = ids.copy(), positions.copy()
+        return inner_step(ids, allowed, sink_slots, positions, *rest)
+
+    def fresh(buffer, extra):
+        backend._local.bindings = {}
+        binding, outs, ids, positions = inner_binding(buffer, extra)
+        binding.bind_cpu_input("input_ids", fed["ids"])
+        binding.bind_cpu_input("positions", fed["positions"])
+        binding.bind_cpu_input("sink_positions", fed["positions"].copy())
+        return binding, outs, np.empty_like(ids), np.empty_like(positions)  # the step's writes land elsewhere
+    backend._decode_in_place, backend._binding = step, fresh
+    return backend
+
+
+@pytest.mark.parametrize("memory", [("full", None, 0), ("sink", 20, 4)], ids=["full", "sink"])
+def test_the_reused_binding_gives_a_fresh_bindings_logits_bit_for_bit(branch_export, memory):
+    """One IOBinding per buffer, its ids/positions arrays written each step, against a binding made
+    anew every step with the step's ids and positions bound as copies: the same logits and cache bit for bit over 90 steps - past a buffer's growth
+    (GROW = 64 free slots) and, under `sink`, past the window (sink keys rotated for each call) and
+    across compactions (new buffers)."""
+    from ctxmem.export.runtime import OrtBackend
+    from ctxmem.memory import MemoryConfig
+
+    policy, window, sinks = memory
+    config = MemoryConfig(policy) if window is None else MemoryConfig(policy, window=window, sinks=sinks)
+    reused = OrtBackend(branch_export, provider="cpu")
+    fresh = _fresh_bindings(OrtBackend(branch_export, provider="cpu"))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
+    got, calls, _, state = _feed_all(reused, config, prompts, 90)
+    want, fresh_calls, _, fresh_state = _feed_all(fresh, config, prompts, 90)
+    assert calls[0] == fresh_calls[0] == 90
+    if policy == "sink":
+        assert calls[1] > 50  # far past the window: the sink keys were rotated for most calls
+    np.testing.assert_array_equal(got, want)
+    for (k, v), (fk, fv) in zip(state.past, fresh_state.past):
+        np.testing.assert_array_equal(k, fk)
+        np.testing.assert_array_equal(v, fv)
+
+
+@pytest.mark.parametrize("memory", [("full", None, 0), ("sink", 20, 4)], ids=["full", "sink"])
+def test_the_decode_session_gives_the_if_graphs_logits_bit_for_bit(branch_export, memory):
+    """decode_session=True runs decode steps on the decode branch as a session of its own: the same
+    nodes on the same numbers as the If's branch, so the same logits and cache bit for bit (a
+    padded batch, past a buffer's growth; under `sink` past the window and across compactions). Off
+    by default; the derived graph reads no sink input."""
+    from ctxmem.export.runtime import MODEL_FILE, OrtBackend, decode_branch_model
+    from ctxmem.memory import MemoryConfig
+
+    policy, window, sinks = memory
+    config = MemoryConfig(policy) if window is None else MemoryConfig(policy, window=window, sinks=sinks)
+    assert OrtBackend(branch_export, provider="cpu")._decode_session is None
+    split = OrtBackend(branch_export, provider="cpu", decode_session=True)
+    assert split._decode_session is not None
+    names = {i.name for i in split._decode_session.get_inputs()}
+    assert "sink_keys" not in names and "sink_positions" not in names and "allowed" in names
+    assert not any(n.op_type == "If" for n in decode_branch_model(branch_export / MODEL_FILE).graph.node)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
+    got, calls, _, state = _feed_all(split, config, prompts, 90)
+    want, if_calls, _, if_state = _feed_all(OrtBackend(branch_export, provider="cpu"), config, prompts, 90)
+    assert calls == if_calls and calls[0] == 90
+    np.testing.assert_array_equal(got, want)
+    for (k, v), (ik, iv) in zip(state.past, if_state.past):
+        np.testing.assert_array_equal(k, ik)
+        np.testing.assert_array_equal(v, iv)
