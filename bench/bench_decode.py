@@ -200,10 +200,14 @@ def run(args) -> tuple[list[dict], list[dict]]:
     from ctxmem.sampling import GenerationConfig
 
     full = MemoryConfig("full")
-    onnx = lambda key: load_onnx_generator(paths[key], memory=full, provider="cpu", intra_op_threads=args.threads)  # noqa: E731
+    onnx = lambda key, split=False: load_onnx_generator(paths[key], memory=full, provider="cpu",  # noqa: E731
+                                                        intra_op_threads=args.threads, decode_session=split)
     config = GenerationConfig(max_new_tokens=args.tokens, temperature=0.0, stop_token_ids=[])
-    engines = {"ctxmem ORT fp32": onnx("fp32"), "ctxmem ORT fp32 traced": onnx("traced"),
-               "ctxmem ORT int8": onnx("int8"), "ctxmem ORT int4": onnx("int4")}
+    # "decode session": the opt-in OrtBackend(decode_session=True), decode steps on the decode branch
+    # as a session of its own (no If; a second session's memory)
+    engines = {"ctxmem ORT fp32": onnx("fp32"), "ctxmem ORT fp32 decode session": onnx("fp32", True),
+               "ctxmem ORT fp32 traced": onnx("traced"), "ctxmem ORT int8": onnx("int8"),
+               "ctxmem ORT int8 decode session": onnx("int8", True), "ctxmem ORT int4": onnx("int4")}
     calls = {name: (lambda g: lambda prompts: _timed(lambda: [c.token_ids for c in g.generate(prompts, config)]))(gen)
              for name, gen in engines.items()}
     if not args.no_eager:
@@ -276,10 +280,10 @@ def _timed(fn):
 
 # ---- report ---------------------------------------------------------------------------------------
 def table(rows: list[dict], sink_rows: list[dict], args) -> str:
-    head = f"{'engine':<28} {'batch':>5} {'tokens/s':>10} {'x ctxmem fp32':>14} {'greedy = HF':>12}"
+    head = f"{'engine':<32} {'batch':>5} {'tokens/s':>10} {'x ctxmem fp32':>14} {'greedy = HF':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['engine']:<28} {r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['x_ctxmem_fp32']:>14.2f} "
+        lines.append(f"{r['engine']:<32} {r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['x_ctxmem_fp32']:>14.2f} "
                      f"{r['greedy_rows_equal']:>8}/{r['rows']:<3}")
     lines.append("")
     for r in sink_rows:
@@ -308,6 +312,10 @@ def targets(rows: list[dict], sink_rows: list[dict]) -> list[str]:
         ratio("ctxmem ORT fp32", "onnxruntime-genai fp32", batch, 1.0, "ctxmem fp32 vs genai fp32")
         ratio("ctxmem ORT int8", "onnxruntime-genai int8", batch, 1.0, "ctxmem int8 vs genai int8")
         ratio("ctxmem ORT int4", "onnxruntime-genai int4", batch, 1.0, "ctxmem int4 vs genai int4 (reported)")
+        ratio("ctxmem ORT fp32 decode session", "onnxruntime-genai fp32", batch, 1.0,
+              "ctxmem fp32 decode session (opt-in) vs genai fp32")
+        ratio("ctxmem ORT int8 decode session", "onnxruntime-genai int8", batch, 1.0,
+              "ctxmem int8 decode session (opt-in) vs genai int8")
     if 1 in batches and 8 in batches:
         x = tps[("ctxmem ORT fp32", 8)] / tps[("ctxmem ORT fp32", 1)]
         out.append(f"ctxmem fp32 batch 8 vs batch 1: {'met' if x >= 6 else 'NOT met'} ({x:.2f}x, target >= 6x)")
