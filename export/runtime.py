@@ -594,8 +594,16 @@ class OrtBackend:
         # prepacked again: about twice the graph's resident memory)
         self._decode_session = None
         if decode_session and self.in_place:
-            self._decode_session = create_decode_session(self.export_dir / self.config.files.get("model", MODEL_FILE),
-                                                         intra_op_threads)
+            model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
+            try:
+                self._decode_session = create_decode_session(model_path, intra_op_threads)
+            except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidArgument/... types
+                raise ExportModelError(f"the decode session asked for (decode_session=True) cannot be made from "
+                                       f"{model_path} ({type(err).__name__}: {str(err).strip()[:400]}); load "
+                                       "without it, or re-export") from None
+        elif decode_session:
+            log.info("decode_session=True has no effect here: decode steps run in place only on CPU and with a "
+                     "graph that has the decode branch (%s on %s)", self.export_dir, self.provider)
         self._present_names = present_names(self.contract.n_layers)
         self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
         self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
