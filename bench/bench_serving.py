@@ -20,6 +20,10 @@ inproc        the same API app over an Engine in one process on uvicorn, no Ray 
 colocated     `load`'s requests at --levels with the engine inside the HTTP replica (ServeArgs.colocate_engine:
               one Serve deployment, no ingress -> engine hop) and with the split deployments, alternately
               (--colocated-cycles): tokens/s, CPU ms per token by process, medians.
+direct        Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 for the whole run: the ingress
+              replica serves HTTP itself on a port of its own, Serve's proxy on the head node still runs):
+              `load`'s requests at --levels through the proxy and straight to the replica's port, colocated
+              and split, alternately (--colocated-cycles): tokens/s, CPU ms per token by process, medians.
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
               off: per-turn latency and prefilled tokens (target: turn 40 within 1.5x of turn 5).
 sessions      --session-replicas engine replicas, --conversations conversations x --session-turns turns
@@ -492,7 +496,29 @@ def inproc(model_dir: Path, levels: list[int], rounds: int, max_tokens: int, sec
 
 
 # ---- the run -------------------------------------------------------------------------------------
-PHASES = ("load", "cost", "engine", "inproc", "colocated", "conversation", "sessions", "long-prompt", "soak")
+# direct phase: Serve's direct ingress without HAProxy; a replica's port is allocated from 30000-31000
+# by the controller; replicas stop at once rather than after the 30 s an external load balancer needs
+# to notice, and a freed port is reusable at once (redeploys between variants)
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+                      "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+def direct_url(app_name: str) -> str:
+    """The ingress replica's own HTTP address under direct ingress (one replica: the first target)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    for _ in range(600):
+        for group in ray.get(controller.get_target_groups.remote(app_name)):
+            if str(group.protocol).endswith("HTTP") and group.app_name == app_name and group.targets:
+                target = group.targets[0]
+                return f"http://{target.ip}:{target.port}"
+        time.sleep(0.1)
+    raise RuntimeError(f"no direct-ingress target for {app_name}")
+
+
+PHASES = ("load", "cost", "engine", "inproc", "colocated", "direct", "conversation", "sessions", "long-prompt", "soak")
 QUICK = {"levels": "1", "rounds": 1, "colocated_cycles": 1, "seconds": 10, "max_tokens": 4, "turns": 3, "turn_tokens": 2,
          "conversations": 4, "session_turns": 3, "session_replicas": 2, "long_prompt": 2000, "long_streams": 2,
          "long_stream_tokens": 8, "long_baseline_seconds": 2, "soak_clients": 8, "soak_seconds": 3, "engine_steps": 5}
@@ -568,6 +594,11 @@ def main(argv=None) -> int:
     from ctxmem.serving.config import ServeArgs
 
     tmp = Path(tempfile.mkdtemp(prefix="ctxbench-", dir="/tmp"))
+    if "direct" in args.phases:
+        # Serve reads these once per process (controller, proxy, replicas), which inherit this driver's
+        # environment through the local cluster it starts: direct ingress is on for the whole run, so
+        # the direct phase measures the proxied paths in the same cluster as its baseline
+        os.environ.update(DIRECT_INGRESS_ENV)
     ray.init(num_cpus=max(os.cpu_count(), 4), object_store_memory=400 * 2**20, include_dashboard=False,
              _temp_dir=str(tmp / "ray"), log_to_driver=False)
     port = free_port()
@@ -575,13 +606,16 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     name = "bench"
 
-    def deploy(replicas: int = 1, affinity: bool = True, colocate: bool = False, **engine) -> dict:
+    def deploy(replicas: int = 1, affinity: bool = True, colocate: bool = False, env: dict | None = None,
+               **engine) -> dict:
+        # env: the engine replicas' environment (with colocate, the one replica's)
+        engine_actor = {"num_cpus": args.engine_cpus / replicas, **({"runtime_env": {"env_vars": env}} if env else {})}
         config = ServeArgs.model_validate({
             "model": str(model_dir), "model_name": name, "session_store": f"sqlite:///{tmp}/sessions.sqlite",
             "max_tokens_limit": 4096, "colocate_engine": colocate,
             "engine": {"model": str(model_dir), "max_batch_size": 32, **engine},
             "engine_deployment": {"num_replicas": replicas, "max_ongoing_requests": 256,
-                                  "ray_actor_options": {"num_cpus": args.engine_cpus / replicas}},
+                                  "ray_actor_options": engine_actor},
             "ingress_deployment": {"max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.25}}})
         serve.run(build_app_with_router(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
         for _ in range(600):  # the in-place reconfigure is visible on the next health call
@@ -758,6 +792,57 @@ def main(argv=None) -> int:
             if 1 in levels and 16 in levels:
                 print(f"\n16 streams vs 1 stream: colocated {median('colocated', 16, 'tok_s') / median('colocated', 1, 'tok_s'):.1f}x, "
                       f"split {median('split', 16, 'tok_s') / median('split', 1, 'tok_s'):.1f}x", end="")
+            print()
+
+        if "direct" in args.phases:
+            # through Serve's proxy and straight to the ingress replica's own port, with the engine inside the
+            # HTTP replica and split, alternately, --colocated-cycles times (an A/B in one run, one cluster)
+            levels = [int(x) for x in args.levels.split(",")]
+            # "one loop": Serve runs the replica's user code on the loop its HTTP server runs on
+            # (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) instead of handing every ASGI message between two
+            variants = ("split", "colocated", "colocated direct", "colocated direct one loop", "split direct")
+            one_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+            results = {}
+            for _ in range(args.colocated_cycles):
+                for variant in variants:
+                    deploy(colocate=variant.startswith("colocated"), max_batch_size=32,
+                           env=one_loop if variant.endswith("one loop") else None)
+                    target = direct_url("ctxmem") if "direct" in variant else url
+                    asyncio.run(load(target, 2, 4, 8, 30, name))  # warm-up
+                    for c in levels:
+                        cpu0 = session_cpu_by_pid()
+                        r = asyncio.run(load(target, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
+                        tokens = max(r["tok_s"] * r.pop("wall"), 1)
+                        used = cpu_by_role(cpu0, session_cpu_by_pid())
+                        results.setdefault((variant, c), []).append({**r, "roles": {k: 1000 * used[k] / tokens
+                                                                                    for k in ROLES}})
+            header(f"Direct ingress (the HTTP replica serves its own port) against Serve's proxy, colocated and split, "
+                   f"alternately, {args.colocated_cycles} cycles (completions, stream, {args.max_tokens} tokens/request; "
+                   f"1-min load average {os.getloadavg()[0]:.1f})")
+            print("| set-up | concurrency | run | requests | errors | tokens/s | TTFT p50 ms | client | proxy "
+                  "| HTTP replica | engine replica | ray | CPU ms/token |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for (variant, c), runs in sorted(results.items(), key=lambda kv: (kv[0][1], variants.index(kv[0][0]))):
+                for i, r in enumerate(runs):
+                    roles = r["roles"]
+                    print(f"| {variant} | {c} | {i + 1} | {r['requests']} | {r['errors']} | {r['tok_s']:.0f} | "
+                          f"{1000 * r['ttft_p50']:.1f} | {roles['client']:.3f} | {roles['proxy']:.3f} | "
+                          f"{roles['ingress']:.3f} | {roles['engine']:.3f} | {roles['ray']:.3f} | "
+                          f"{sum(roles.values()):.3f} |")
+
+            def dmedian(variant, c, key):
+                return statistics.median(sum(r["roles"].values()) if key == "cpu" else r[key]
+                                         for r in results[(variant, c)])
+
+            for c in levels:
+                print(f"\n{c} stream(s), medians, CPU ms/token (tokens/s): " + ", ".join(
+                    f"{v} {dmedian(v, c, 'cpu'):.3f} ({dmedian(v, c, 'tok_s'):.0f})" for v in variants), end="")
+            if 1 in levels and 16 in levels:
+                print("\n16 streams vs 1 stream: " + ", ".join(
+                    f"{v} {dmedian(v, 16, 'tok_s') / dmedian(v, 1, 'tok_s'):.1f}x" for v in variants), end="")
+            if decode and 16 in levels:
+                print(f"\nHTTP at 16 streams / the engine's own batch-16 decode ({decode:.0f} tokens/s): " + ", ".join(
+                    f"{v} {dmedian(v, 16, 'tok_s') / decode:.2f}x" for v in variants), end="")
             print()
 
         if "conversation" in args.phases:

@@ -42,12 +42,29 @@ def build_app_with_router(args: ServeArgs, session_affinity: bool) -> Applicatio
         engine_actor = args.engine_deployment.as_options().get("ray_actor_options")
         if engine_actor:
             options["ray_actor_options"] = engine_actor
-        return ServerDeployment.options(**options).bind(args.engine.model_dump(), ingress_args)
+        return ServerDeployment.options(**http_options(options, args)).bind(args.engine.model_dump(), ingress_args)
     options = args.engine_deployment.as_options()
     if not session_affinity:
         options["request_router_config"] = RequestRouterConfig()  # power of two choices
     engine = EngineDeployment.options(user_config={}, **options).bind(args.engine.model_dump())
-    return IngressDeployment.options(**args.ingress_deployment.as_options()).bind(engine, ingress_args)
+    return IngressDeployment.options(**http_options(args.ingress_deployment.as_options(), args)).bind(
+        engine, ingress_args)
+
+
+# Serve reads it once per process at import: a replica started with it set serves HTTP on its own port
+DIRECT_INGRESS_SWITCH = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+
+
+def http_options(options: dict[str, Any], args: ServeArgs) -> dict[str, Any]:
+    """The HTTP deployment's options; with args.direct_ingress, Serve's direct-ingress switch added to its
+    replicas' environment (runtime_env env_vars, over any the options already carry)."""
+    if not args.direct_ingress:
+        return options
+    actor = dict(options.get("ray_actor_options") or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), DIRECT_INGRESS_SWITCH: "1"}
+    actor["runtime_env"] = runtime_env
+    return {**options, "ray_actor_options": actor}
 
 
 def serve_http_host() -> str:

@@ -52,6 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the engine inside the HTTP replica (one deployment): less Ray CPU per request and "
                         "per streamed message (~0.75x per token measured); each replica keeps its own KV cache and "
                         "a conversation is not routed back to it, so use it with one replica per machine")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="the HTTP replica itself listens on --port (Ray Serve's direct ingress): a request skips "
+                        "Serve's HTTP proxy actor and the replica's fetching of its messages from it. Serve's proxy "
+                        "still runs, on --proxy-port. Only with a Ray cluster this command starts (Serve reads the "
+                        "switch when Ray starts), not with --address; one port per HTTP replica (with "
+                        "--colocate-engine and --replicas N: PORT..PORT+N-1). Streams, keys, /health, /metrics "
+                        "work as through the proxy. Ray marks the feature experimental")
+    p.add_argument("--proxy-port", type=int, default=None,
+                   help="with --direct-ingress: the port of Serve's own HTTP proxy (default: a free port)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: from --model)")
     p.add_argument("--api-key", action="append", default=None,
                    help="an admin bearer token (repeatable); also $CTXMEM_API_KEYS (comma-separated)")
@@ -81,7 +90,7 @@ def serve_args(args: argparse.Namespace):
         "model": args.model, "model_name": args.model_name, "api_keys": args.api_key or [],
         "api_keys_file": args.api_keys_file,
         "max_tokens_limit": args.max_tokens_limit, "allow_unauthenticated": args.allow_unauthenticated,
-        "colocate_engine": args.colocate_engine,
+        "colocate_engine": args.colocate_engine, "direct_ingress": args.direct_ingress,
         "engine": {"model": args.model, "tracking_uri": _tracking_uri(args), "provider": args.provider, "intra_op_threads": args.intra_op_threads,
                    "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse,
                    "chat_template": args.chat_template},
@@ -102,6 +111,18 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
     from ctxmem.paths import default_tracking_uri
 
     return default_tracking_uri(args.tracking_uri)  # absolute: replicas may not share this cwd
+
+
+def direct_ingress_env(port: int, http_replicas: int) -> dict[str, str]:
+    """The environment a local Ray cluster starts with for Serve's direct ingress: HTTP replicas take
+    PORT..PORT+N-1 (Serve's allocator hands out [min, max)); with no external load balancer in front, a
+    stopped replica's port is free again at once and a replica stops without Serve's 30 s drain
+    (set either variable yourself to keep Serve's default)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + http_replicas),
+            "RAY_SERVE_PORT_QUARANTINE_S": os.environ.get("RAY_SERVE_PORT_QUARANTINE_S", "0"),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+                os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")}
 
 
 def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> None:
@@ -130,14 +151,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import build_app
 
     address = args.address or os.environ.get("RAY_ADDRESS")
+    proxy_port = args.port
+    if args.direct_ingress:
+        if address:
+            raise SystemExit("ctxmem serve: --direct-ingress needs the Ray cluster this command starts (Serve reads "
+                             "the switch when Ray starts); for a cluster of your own start it with "
+                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and set args.direct_ingress in `serve run` YAML")
+        os.environ.update(direct_ingress_env(args.port, args.replicas if args.colocate_engine else 1))
+        from ctxmem.net import free_port
+
+        proxy_port = args.proxy_port or free_port()
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, object_store_memory=args.object_store_mb * 2**20)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": proxy_port})
     app = build_app(config)
-    log.info("serving %s as %r on http://%s:%d%s/v1 (%d engine replica(s))", args.model,
-             resolved.model_name, args.host, args.port, args.route_prefix.rstrip("/"), args.replicas)
+    log.info("serving %s as %r on http://%s:%d%s/v1 (%d engine replica(s)%s)", args.model,
+             resolved.model_name, args.host, args.port, args.route_prefix.rstrip("/"), args.replicas,
+             f"; direct ingress, Serve's proxy on port {proxy_port}" if args.direct_ingress else "")
     try:
         serve.run(app, name=args.app_name, route_prefix=args.route_prefix, blocking=True)
     except KeyboardInterrupt:

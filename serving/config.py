@@ -208,6 +208,13 @@ class ServeArgs(_Strict):
     # engine_deployment's resources): one Ray hop less per request and per streamed message; each replica
     # its own engine and KV cache, no session routing across replicas (serving/deployments.py)
     colocate_engine: bool = False
+    # Ray Serve's direct ingress for the HTTP deployment (Ingress, or Server with colocate_engine): each
+    # of its replicas serves HTTP itself on a port of its own, so a request skips Serve's HTTP proxy actor
+    # and the replica's fetching of ASGI messages from it. The builder puts Serve's switch into those
+    # replicas' environment; the ports (30000-31000 unless RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT say
+    # otherwise), port reuse and draining follow the environment Ray's Serve controller started with.
+    # Serve's proxy still runs on http_options' port and still routes (serving/README.md)
+    direct_ingress: bool = False
     engine: EngineConfig | None = None
     engine_deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         max_ongoing_requests=256, ray_actor_options={"num_cpus": 1}))
