@@ -212,17 +212,20 @@ def test_the_reused_binding_gives_a_fresh_bindings_logits_bit_for_bit(branch_exp
         np.testing.assert_array_equal(v, fv)
 
 
-@pytest.mark.parametrize("memory", [("full", None, 0), ("sink", 20, 4)], ids=["full", "sink"])
+@pytest.mark.parametrize("memory", [("full", None, 0), ("sink", 20, 4), ("retrieve", 12, 2)],
+                         ids=["full", "sink", "retrieve"])
 def test_the_decode_session_gives_the_if_graphs_logits_bit_for_bit(branch_export, memory):
     """decode_session=True runs decode steps on the decode branch as a session of its own: the same
     nodes on the same numbers as the If's branch, so the same logits and cache bit for bit (a
     padded batch, past a buffer's growth; under `sink` past the window and across compactions). Off
-    by default; the derived graph reads no sink input."""
+    by default; the derived graph reads no sink input. Under `retrieve` the decode steps also fetch a
+    layer's queries (an extra output) and score put-back keys apart."""
     from ctxmem.export.runtime import MODEL_FILE, OrtBackend, decode_branch_model
     from ctxmem.memory import MemoryConfig
 
     policy, window, sinks = memory
-    config = MemoryConfig(policy) if window is None else MemoryConfig(policy, window=window, sinks=sinks)
+    extra = dict(budget=8, block=4, queries=3, store=32, layer=1, every=1) if policy == "retrieve" else {}
+    config = MemoryConfig(policy) if window is None else MemoryConfig(policy, window=window, sinks=sinks, **extra)
     assert OrtBackend(branch_export, provider="cpu")._decode_session is None
     split = OrtBackend(branch_export, provider="cpu", decode_session=True)
     assert split._decode_session is not None
@@ -232,7 +235,7 @@ def test_the_decode_session_gives_the_if_graphs_logits_bit_for_bit(branch_export
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
     got, calls, _, state = _feed_all(split, config, prompts, 90)
     want, if_calls, _, if_state = _feed_all(OrtBackend(branch_export, provider="cpu"), config, prompts, 90)
-    assert calls == if_calls and calls[0] == 90
+    assert calls == if_calls and calls[0] >= 80  # (retrieve: a step that puts blocks back may not run in place)
     np.testing.assert_array_equal(got, want)
     for (k, v), (ik, iv) in zip(state.past, if_state.past):
         np.testing.assert_array_equal(k, ik)
