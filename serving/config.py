@@ -211,7 +211,7 @@ class ServeArgs(_Strict):
     # Ray Serve's direct ingress for the HTTP deployment (Ingress, or Server with colocate_engine): each
     # of its replicas serves HTTP itself on a port of its own, so a request skips Serve's HTTP proxy actor
     # and the replica's fetching of ASGI messages from it. The builder puts Serve's switch into those
-    # replicas' environment; the ports (30000-31000 unless RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT say
+    # replicas' environment, with their user code on the HTTP server's event loop; the ports (30000-31000 unless RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT say
     # otherwise), port reuse and draining follow the environment Ray's Serve controller started with.
     # Serve's proxy still runs on http_options' port and still routes (serving/README.md)
     direct_ingress: bool = False

@@ -1,6 +1,6 @@
 """Ray Serve's direct ingress (ServeArgs.direct_ingress, `ctxmem serve --direct-ingress`) over real HTTP:
 the HTTP replica answers on a port of its own - streamed and plain completions equal to each other,
-keys enforced, /health and /metrics - while Serve's proxy still answers on its port; and the CLI puts
+keys enforced, /health, /metrics and /admin/reload - while Serve's proxy still answers on its port; and the CLI puts
 the replica on --port and Serve's proxy elsewhere."""
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_the_replica_answers_on_its_own_port_as_through_the_proxy(urls):
     assert answers["direct"] == answers["proxy"]
 
 
-def test_keys_health_and_metrics_hold_on_the_replicas_port(urls):
+def test_keys_health_metrics_and_reload_hold_on_the_replicas_port(urls):
     _, direct = urls
     with httpx.Client(base_url=direct, timeout=120) as http:
         assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 401
@@ -128,6 +128,7 @@ def test_keys_health_and_metrics_hold_on_the_replicas_port(urls):
         health = http.get("/health", headers=AUTH)
         metrics = http.get("/metrics", headers=AUTH)
         unknown = http.get("/v1/nothing-here", headers=AUTH)
+        reload = http.post("/admin/reload", headers=AUTH)
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert health.json()["engine"]["scheduler"] == "running"
     assert metrics.status_code == 200 and "ctxmem_engine_replicas 1.0" in metrics.text
@@ -135,3 +136,4 @@ def test_keys_health_and_metrics_hold_on_the_replicas_port(urls):
                   if line.startswith("ctxmem_completion_tokens_total ")]
     assert completion and completion[0] >= 3, completion
     assert unknown.status_code == 404
+    assert reload.status_code == 200 and [r.get("error") for r in reload.json()["replicas"]] == [None], reload.text
