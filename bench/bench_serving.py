@@ -23,7 +23,9 @@ colocated     `load`'s requests at --levels with the engine inside the HTTP repl
 direct        Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 for the whole run: the ingress
               replica serves HTTP itself on a port of its own, Serve's proxy on the head node still runs):
               `load`'s requests at --levels through the proxy and straight to the replica's port, colocated
-              and split, alternately (--colocated-cycles): tokens/s, CPU ms per token by process, medians.
+              and split, and colocated direct with the replica's user code on its HTTP server's event loop
+              (what ServeArgs.direct_ingress deploys), alternately (--colocated-cycles): tokens/s, CPU ms
+              per token by process, medians.
 conversation  one long conversation (--turns) through the chat API with a session id, KV reuse on and
               off: per-turn latency and prefilled tokens (target: turn 40 within 1.5x of turn 5).
 sessions      --session-replicas engine replicas, --conversations conversations x --session-turns turns
