@@ -513,9 +513,10 @@ def python_outside_the_graph(args) -> list[str]:
     class NullBackend:
         ops = NumpyCacheOps()
         max_seq_len, vocab_size, uses_rope, sink_token_id = LLAMA["max_position_embeddings"], LLAMA["vocab_size"], True, None
+        reads_key_positions = False  # as OrtBackend on a v3/v4 graph: decode layouts come without them
 
         def forward(self, ids, layout, past, last_only=True):
-            cache = np.zeros((ids.shape[0], heads, layout.key_positions.shape[1], dim), np.float32)
+            cache = np.zeros((ids.shape[0], heads, layout.allowed.shape[2], dim), np.float32)
             return np.zeros((ids.shape[0], self.vocab_size), np.float32), [(cache, cache)] * LLAMA["num_hidden_layers"]
 
     lines = []

@@ -33,7 +33,9 @@ class AttentionLayout:
     """What a backend needs besides the ids and the cache; numpy, built per forward."""
 
     positions: np.ndarray  # (B, T) int64: query rotation positions (against ordinary keys)
-    key_positions: np.ndarray  # (B, S) int64: key rotation positions
+    # (B, S) int64: key rotation positions; None in a decode layout built for a backend that stores
+    # keys already rotated and so never reads them (build_decode_layout's key_positions=False)
+    key_positions: np.ndarray | None
     allowed: np.ndarray  # (B, T, S) bool: new token i may read slot j
     sink_positions: np.ndarray | None = None  # (B, T) int64: query rotation positions against sink keys
     sink_keys: np.ndarray | None = None  # (B, S) bool: the slots scored with sink_positions
@@ -58,7 +60,7 @@ class AttentionLayout:
         if self.sink_positions is not None:
             return self
         return AttentionLayout(self.positions, self.key_positions, self.allowed, self.positions,
-                               np.zeros(self.key_positions.shape, dtype=bool), self.valid, self.stream, self.sink_slots)
+                               np.zeros(self.allowed.shape[::2], dtype=bool), self.valid, self.stream, self.sink_slots)
 
 
 def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: int = 0,
@@ -103,11 +105,13 @@ def build_layout(stream_pos: np.ndarray, valid: np.ndarray, n_new: int, sinks: i
 
 
 def build_decode_layout(stream_pos: np.ndarray, valid: np.ndarray, sinks: int = 0,
-                        window: int | None = None) -> AttentionLayout:
+                        window: int | None = None, key_positions: bool = True) -> AttentionLayout:
     """build_layout(stream_pos, valid, 1, sinks, window) - one new token per row, no put-back slots -
     with (B, S) operations only: the decode step's layout, built every token, so it skips what one
     query makes trivial (its own-slot diagonal, the put-back terms, the (B, T) maxima). Same arrays
-    bit for bit as build_layout (tests/test_memory_decode.py checks every field)."""
+    bit for bit as build_layout (tests/test_memory_decode.py checks every field). key_positions
+    False leaves the (B, S) key positions out (None): a backend that caches keys already rotated
+    (``reads_key_positions`` False) never reads them, and they are two (B, S) passes a token."""
     B, S = valid.shape
     q = stream_pos[:, -1:]  # (B, 1) the new token's stream index
     q_valid = valid[:, -1:]  # (B, 1)
@@ -118,18 +122,22 @@ def build_decode_layout(stream_pos: np.ndarray, valid: np.ndarray, sinks: int = 
     allowed[:, -1] = True  # its own slot, so a padding query never has an all-masked row
     allowed = allowed[:, None, :]  # (B, 1, S)
     if window is None:
-        key_positions = np.where(valid, stream_pos, 0).astype(np.int64, copy=False)  # a new array: written below
-        key_positions[:, -1] = q[:, 0]  # a padding token's own slot sits at its query's position (valid: the same)
-        return AttentionLayout(q.astype(np.int64), key_positions, allowed, valid=valid, stream=stream_pos)
+        keys = None
+        if key_positions:
+            keys = np.where(valid, stream_pos, 0).astype(np.int64, copy=False)  # a new array: written below
+            keys[:, -1] = q[:, 0]  # a padding token's own slot sits at its query's position (valid: the same)
+        return AttentionLayout(q.astype(np.int64), keys, allowed, valid=valid, stream=stream_pos)
     top = sinks + window - 1  # the rank of a token whose visible set is full (no put-back slots)
     base = np.maximum(np.where(q_valid, q, -1) - top, 0)  # (B, 1)
     is_sink = valid & sink_cols  # (B, S)
     positions = (q - base).astype(np.int64, copy=False)  # (B, 1)
-    key_positions = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64, copy=False)
-    key_positions[:, -1:] = np.where(q_valid, key_positions[:, -1:], positions)
+    keys = None
+    if key_positions:
+        keys = np.where(valid, np.where(is_sink, stream_pos, stream_pos - base), 0).astype(np.int64, copy=False)
+        keys[:, -1:] = np.where(q_valid, keys[:, -1:], positions)
     # a valid row's one query is at q - max(q - top, 0) = min(q, top): its sink position, always - so
     # build_layout's comparison of the two is always equal here and the layout leaves sink_positions out
-    return AttentionLayout(positions, key_positions, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
+    return AttentionLayout(positions, keys, allowed, valid=valid, stream=stream_pos, sink_slots=is_sink)
 
 
 def _own_key_positions(key_positions: np.ndarray, positions: np.ndarray, q_valid: np.ndarray) -> np.ndarray:

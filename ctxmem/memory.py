@@ -306,6 +306,9 @@ class ContextMemory:
         self.retrieval = self._retrieval_settings(backend) if self.config.policy == "retrieve" else None
         self.sink_token: int | None = getattr(backend, "sink_token_id", None)
         self.prefix: tuple[int, ...] = stream_prefix(backend)
+        # a backend that caches keys already rotated declares it never reads the layout's key
+        # positions (reads_key_positions False): decode steps then skip building them (B, S)
+        self.key_positions: bool = getattr(backend, "reads_key_positions", True)
         # masked (evicted) slots the sink cache may carry before it is compacted
         self.slack = slack if slack is not None else max(8, self.config.capacity // 16)
         # prefill piece: any size gives the same result under `sink` (exact banding); it bounds the
@@ -588,7 +591,9 @@ class ContextMemory:
             count = None
         if ids.shape[1] == 1 and cfg.policy in ("full", "sink"):
             # a decode step (one token per row, nothing put back): the same layout from (B, S) operations
-            layout = build_decode_layout(stream, mask, cfg.sinks, cfg.window if cfg.policy != "full" else None)
+            band = cfg.window if cfg.policy != "full" else None
+            layout = (build_decode_layout(stream, mask, cfg.sinks, band) if self.key_positions
+                      else build_decode_layout(stream, mask, cfg.sinks, band, key_positions=False))
         elif cfg.policy in ("sink", "retrieve"):
             ranks = None
             if pinned is not None and (pinned >= 0).any():  # put-back slots sit at sinks, sinks + 1, ...

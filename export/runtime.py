@@ -577,6 +577,9 @@ class OrtBackend:
         self._past_names = past_names(self.contract.n_layers)  # per call this is the hot path: no rebuilding
         self._cache_dtype = np.dtype(self.contract.cache_dtype)
         self.rotated = self.contract.keys_rotated
+        # contract v3/v4 graphs take no key positions (the cache holds keys already rotated; the frame
+        # comes from layout.stream): ContextMemory's decode steps leave them out of the layout
+        self.reads_key_positions = not self.rotated
         self.gives_queries = self.contract.gives_queries  # the retrieve policy runs only where this holds
         rotary = (self.head_dim, self.rope_theta) if self.uses_rope else None
         self.ops = FrameCacheOps(rotary) if self.rotated else NumpyCacheOps()

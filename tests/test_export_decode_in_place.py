@@ -240,3 +240,48 @@ def test_the_decode_session_gives_the_if_graphs_logits_bit_for_bit(branch_export
     for (k, v), (ik, iv) in zip(state.past, if_state.past):
         np.testing.assert_array_equal(k, ik)
         np.testing.assert_array_equal(v, iv)
+
+
+@pytest.mark.parametrize("memory", [("full", None, 0), ("sink", 20, 4)], ids=["full", "sink"])
+def test_decode_layouts_leave_out_the_key_positions_a_rotated_graph_never_reads(branch_export, memory):
+    """A v3/v4 graph caches keys already rotated and takes no key positions, so OrtBackend says it
+    never reads them (reads_key_positions False) and ContextMemory's decode steps build layouts
+    without them: every other layout field equal to the layouts built with them, step by step, and
+    the same logits and cache bit for bit (a padded batch; under `sink` past the window and across
+    compactions). Prefill layouts keep them."""
+    from ctxmem.export.runtime import OrtBackend
+    from ctxmem.memory import MemoryConfig
+
+    policy, window, sinks = memory
+    config = MemoryConfig(policy) if window is None else MemoryConfig(policy, window=window, sinks=sinks)
+    skip = OrtBackend(branch_export, provider="cpu")
+    build = OrtBackend(branch_export, provider="cpu")
+    assert skip.reads_key_positions is False
+    build.reads_key_positions = True  # as a backend that reads them (a v2 graph, PyTorch)
+
+    def recorded(backend):
+        layouts, inner = [], backend.forward
+
+        def forward(ids, layout, past, last_only=True):
+            layouts.append(layout)
+            return inner(ids, layout, past, last_only=last_only)
+        backend.forward = forward
+        return layouts
+    seen_skip, seen_build = recorded(skip), recorded(build)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
+    got, calls, _, state = _feed_all(skip, config, prompts, 90)
+    want, build_calls, _, build_state = _feed_all(build, config, prompts, 90)
+    assert calls == build_calls and calls[0] == 90 and len(seen_skip) == len(seen_build) == 91
+    assert seen_skip[0].key_positions is not None  # prefill
+    assert all(layout.key_positions is None for layout in seen_skip[1:])
+    assert all(layout.key_positions is not None for layout in seen_build)
+    for a, b in zip(seen_skip, seen_build):
+        for f in ("positions", "allowed", "sink_positions", "sink_keys", "valid", "stream", "sink_slots"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None) == (y is None), f
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(got, want)
+    for (k, v), (bk, bv) in zip(state.past, build_state.past):
+        np.testing.assert_array_equal(k, bk)
+        np.testing.assert_array_equal(v, bv)
