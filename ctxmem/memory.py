@@ -591,9 +591,8 @@ class ContextMemory:
             count = None
         if ids.shape[1] == 1 and cfg.policy in ("full", "sink"):
             # a decode step (one token per row, nothing put back): the same layout from (B, S) operations
-            band = cfg.window if cfg.policy != "full" else None
-            layout = (build_decode_layout(stream, mask, cfg.sinks, band) if self.key_positions
-                      else build_decode_layout(stream, mask, cfg.sinks, band, key_positions=False))
+            layout = build_decode_layout(stream, mask, cfg.sinks, cfg.window if cfg.policy != "full" else None,
+                                         key_positions=self.key_positions)
         elif cfg.policy in ("sink", "retrieve"):
             ranks = None
             if pinned is not None and (pinned >= 0).any():  # put-back slots sit at sinks, sinks + 1, ...

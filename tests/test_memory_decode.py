@@ -65,7 +65,9 @@ def backend():
 
 def _general():
     """The general path: build_layout for a decode step too, and the second eviction pass always."""
-    def layout(stream, valid, sinks=0, window=None):
+    def layout(stream, valid, sinks=0, window=None, key_positions=True):
+        # build_layout always gives the key positions: this backend (TorchBackend) reads them
+        assert key_positions
         return build_layout(stream, valid, 1, sinks, window)
     return layout
 
