@@ -10,6 +10,10 @@ from pathlib import Path
 
 log = logging.getLogger("ctxmem.generate")
 
+
+class GenerateArgumentError(ValueError):
+    """Options of `ctxmem generate` that do not go together (shown as one line, no traceback)."""
+
 # Where each --backend comes from; imported only when chosen, so the core never loads onnxruntime.
 BACKENDS = {"torch": ("ctxmem.generation", "load_generator"),
             "onnx": ("ctxmem.export.resolve", "open_onnx_generator")}  # dirs, runs:/, models:/
@@ -49,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--store", type=int, default=None,
                    help="evicted tokens kept per stream, oldest blocks dropped first (retrieve; default 2048)")
     g.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda)")
+    g.add_argument("--decode-session", action="store_true",
+                   help="--backend onnx on CPU: decode steps on a second ONNX Runtime session holding only the "
+                        "graph's one-token branch (5-11%% faster per token measured, the same tokens; about "
+                        "1.5x the resident memory: the weights are loaded and packed twice)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe presets, a checkpoint or an export, and the installed stack",
@@ -77,7 +85,20 @@ def _build_generator(args):
 
     module, name = BACKENDS[args.backend]
     loader = getattr(importlib.import_module(module), name)
-    generator = loader(args.model)
+    if args.backend == "torch":
+        if args.decode_session:
+            raise GenerateArgumentError("--decode-session is an ONNX Runtime option: use it with --backend onnx")
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GenerateArgumentError(f"--device {args.device}: torch sees no CUDA device here "
+                                        "(torch.cuda.is_available() is False); use --device cpu")
+        generator = loader(args.model, device=args.device)
+    else:
+        if args.device != "cpu":
+            raise GenerateArgumentError(f"--device {args.device} is for --backend torch; --backend onnx takes CUDA where this "
+                           "onnxruntime has it (onnxruntime-gpu)")
+        generator = loader(args.model, decode_session=args.decode_session)
     backend = generator.backend
     # fails now, naming the setting, on a bad combination
     generator.memory_config = generator.memory_config.with_overrides(

@@ -79,11 +79,11 @@ def resolve_model(spec: str | Path, tracking_uri: str | None = None, *, cache_di
 
 
 def open_onnx_generator(spec: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
-                        intra_op_threads: int = 1, tracking_uri: str | None = None):
+                        intra_op_threads: int = 1, tracking_uri: str | None = None, decode_session: bool = False):
     """runtime.load_onnx_generator for any --model SPEC: a local export, or a runs:/ / models:/ URI
     whose download holds one."""
     return load_onnx_generator(resolve_model(spec, tracking_uri), memory=memory, provider=provider,
-                               intra_op_threads=intra_op_threads)
+                               intra_op_threads=intra_op_threads, decode_session=decode_session)
 
 
 def _parse_models_uri(text: str) -> tuple[str, str | None, str | None]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ctxmem.cli import build_parser, main
 
@@ -82,3 +83,41 @@ def test_info_lists_presets_and_describes_a_checkpoint(tiny_checkpoint, capsys):
     assert main(["info", "--model", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
     assert '"kind": "checkpoint"' in out and '"ByteTokenizer"' in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backend", "torch", "--decode-session"], "--decode-session is an ONNX Runtime option"),
+    (["--backend", "onnx", "--device", "cuda"], "--device cuda is for --backend torch"),
+])
+def test_options_of_the_other_backend_are_refused_naming_the_option(tiny_export, capsys, argv, message):
+    code = main(["generate", "--model", str(tiny_export), "--prompt", "x", *argv])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch has no CUDA")
+def test_the_device_reaches_the_torch_backend(tiny_checkpoint, capsys):
+    # --device used to be accepted and dropped: the model ran on the CPU whatever it said
+    code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--device cuda: torch sees no CUDA device here" in err
+
+
+def test_the_decode_session_generates_the_same_text(small_export, capsys, caplog):
+    # greedy, past a 4 + 28 sink window: the decode steps run on the second session, the text is the same
+    caplog.set_level(logging.INFO, logger="ctxmem")
+    argv = ["generate", "--model", str(small_export), "--backend", "onnx", "--prompt", "the cat " * 6,
+            "--max-new-tokens", "48", "--policy", "sink", "--sinks", "4", "--window", "28"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--decode-session"]) == 0
+    assert capsys.readouterr().out == plain and len(plain) > 1
+    assert "has no effect" not in caplog.text
+
+
+def test_the_decode_session_says_when_a_graph_has_no_decode_branch(tiny_export, capsys, caplog):
+    # the tiny preset's head size (24) takes no GroupQueryAttention branch: one session, and a log line
+    caplog.set_level(logging.INFO, logger="ctxmem")
+    assert main(["generate", "--model", str(tiny_export), "--backend", "onnx", "--prompt", "x",
+                 "--max-new-tokens", "2", "--decode-session"]) == 0
+    assert "decode_session=True has no effect here" in caplog.text
