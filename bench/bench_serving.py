@@ -803,6 +803,8 @@ def main(argv=None) -> int:
             # "one loop": Serve runs the replica's user code on the loop its HTTP server runs on
             # (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) instead of handing every ASGI message between two
             variants = ("split", "colocated", "colocated direct", "colocated direct one loop", "split direct")
+            if args.quick:  # a smoke run: what ServeArgs.direct_ingress deploys, answering on its own port
+                variants = ("colocated direct one loop",)
             one_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
             results = {}
             for _ in range(args.colocated_cycles):

@@ -15,6 +15,7 @@ from helpers_serving import REPO
 
 TABLES = ["## Load (completions", "## Where the CPU goes (16 streams", "## The engine's own batched decode",
           "## The same API and engine in one process, no Ray", "## The engine inside the HTTP replica",
+          "## Direct ingress (the HTTP replica serves its own port)",
           "## One 3-turn conversation",
           "## Sessions across 2 engine replicas", "-token prompt arrives while 2 streams decode", "## Soak: 8 clients"]
 
@@ -55,6 +56,8 @@ def test_the_quick_readme_benchmark_runs_every_phase_and_prints_every_table(comm
     assert "| 1 token | " in done.stdout and "A request costs " in done.stdout  # the cost phase's rows and summary
     assert "Adaptive interval (default) against 10 ms per stream: " in done.stdout  # its pacing A/B in one run
     assert "| session affinity |" in done.stdout and "| power of two choices |" in done.stdout
+    direct = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| colocated direct one loop | 1 |")]
+    assert direct and all(row[5].strip() == "0" for row in direct), direct  # answered on the replica's port, no error
     assert "requests, 0 5xx or connection errors" in done.stdout  # the soak (a short load test) failed nothing
     rows = [line.split("|") for line in done.stdout.splitlines()
             if line.startswith(("| session affinity |", "| power of two choices |"))]
