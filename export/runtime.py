@@ -611,6 +611,11 @@ class OrtBackend:
         self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
         self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
 
+    @property
+    def decode_session(self) -> bool:
+        """Whether decode steps run on the decode branch's session of their own (asked for and made)."""
+        return self._decode_session is not None
+
     def run(self, ids: np.ndarray, layout, past) -> list[np.ndarray]:
         """One graph call; logits and the cache in contract order (logits, present_key_0,
         present_value_0, ...; a v4 graph's query outputs are fetched by forward_with_queries only)."""

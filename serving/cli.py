@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="ONNX Runtime execution provider; auto = CUDA where present, else CPU")
     p.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads per replica (CPU: 1)")
+    p.add_argument("--decode-session", action="store_true",
+                   help="an export on CPU: decode steps on a second ONNX Runtime session holding only the graph's "
+                        "one-token branch (5-11%% faster per token measured, the same tokens) for about 1.5x the "
+                        "replica's model memory (the weights are loaded and packed twice)")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (1 = batching off)")
     p.add_argument("--no-kv-reuse", action="store_true", help="re-prefill every conversation turn")
     p.add_argument("--policy", choices=["full", "sink", "recompute", "retrieve"], default=None,
@@ -94,6 +98,7 @@ def serve_args(args: argparse.Namespace):
         "max_tokens_limit": args.max_tokens_limit, "allow_unauthenticated": args.allow_unauthenticated,
         "colocate_engine": args.colocate_engine, "direct_ingress": args.direct_ingress,
         "engine": {"model": args.model, "tracking_uri": _tracking_uri(args), "provider": args.provider, "intra_op_threads": args.intra_op_threads,
+                   "decode_session": args.decode_session,
                    "max_batch_size": args.max_batch_size, "kv_reuse": not args.no_kv_reuse,
                    "chat_template": args.chat_template},
         "engine_deployment": DeploymentOptions(num_replicas=args.replicas, max_ongoing_requests=256,

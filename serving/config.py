@@ -62,6 +62,10 @@ class EngineConfig(_Strict):
     tracking_uri: str | None = None  # MLflow store for models:/ and runs:/ specs; None = $MLFLOW_TRACKING_URI
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where ONNX Runtime has it, else CPU
     intra_op_threads: int | None = Field(default=None, ge=1)  # None: 1 on CPU (one replica per core slice)
+    # an export on CPU: decode steps on a second ONNX Runtime session holding only the graph's one-token
+    # branch (5-11% faster per token measured, the same tokens) for about 1.5x the resident memory (the
+    # weights loaded and packed twice); no effect on a checkpoint, on CUDA or on a graph without the branch
+    decode_session: bool = False
     max_batch_size: int = Field(default=32, ge=1)  # rows decoded together; 1 = batching off
     max_queued: int = Field(default=256, ge=1)  # waiting requests beyond this get 429
     # prompt tokens prefilled per scheduler step (chunked; while other sequences decode, also bounded

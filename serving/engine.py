@@ -131,10 +131,11 @@ class Engine:
         old = self.config
         self.config = config
         self.scheduler.set_config(config)
-        if (config.model, config.tracking_uri, config.reload_nonce, config.provider, config.memory,
-                config.intra_op_threads) != (old.model, old.tracking_uri, old.reload_nonce, old.provider, old.memory,
-                                             old.intra_op_threads):
-            return self.reload(force=config.model != old.model or config.memory != old.memory)
+        # how the model is loaded: a change reloads it even where the spec resolves to the same folder
+        loading = ("model", "provider", "memory", "intra_op_threads", "decode_session")
+        changed = {key for key in (*loading, "tracking_uri", "reload_nonce") if getattr(config, key) != getattr(old, key)}
+        if changed:  # tracking_uri / reload_nonce alone: re-resolve, and roll over if the alias moved
+            return self.reload(force=bool(changed & set(loading)))
         return self.info()
 
     def reload(self, force: bool = False) -> dict[str, Any]:
@@ -154,6 +155,7 @@ class Engine:
         m = self.model
         b = m.generator.backend
         return {"spec": m.spec, "path": str(m.path), "kind": m.kind, "provider": m.provider, "version": m.version,
+                "decode_session": getattr(b, "decode_session", False),
                 "max_seq_len": b.max_seq_len, "vocab_size": b.vocab_size, "memory": m.memory.to_dict(),
                 "chat_template": self.config.chat_template,
                 "max_batch_size": self.config.max_batch_size, "kv_reuse": self.config.kv_reuse,

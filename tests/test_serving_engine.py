@@ -368,6 +368,24 @@ def test_reconfigure_to_another_model_rolls_over_while_a_request_is_in_flight(ex
         eng.close()
 
 
+def test_a_loading_knob_changed_by_reconfigure_reloads_the_same_model(small_export):
+    # the spec resolves to the same folder, but how it is loaded changed: the replica loads it again
+    # (a changed intra_op_threads or provider used to be accepted and never applied)
+    eng = Engine(EngineConfig(model=str(small_export)))
+    try:
+        greedy = completion("the cat", 24)
+        before = run(eng, greedy)[0]
+        assert eng.info()["decode_session"] is False
+        info = eng.reconfigure(eng.config.model_copy(update={"decode_session": True}))
+        assert info["changed"] is True and info["decode_session"] is True
+        assert run(eng, greedy)[0] == before  # the decode session gives the same tokens
+        info = eng.reconfigure(eng.config.model_copy(update={"max_batch_size": 4}))  # a runtime knob only
+        assert "changed" not in info and info["decode_session"] is True
+        assert eng.reconfigure(eng.config.model_copy(update={"intra_op_threads": 2}))["changed"] is True
+    finally:
+        eng.close()
+
+
 def test_a_paced_stream_sends_its_first_text_at_once_and_the_rest_with_its_end(export_dir, engine, monkeypatch):
     """The scheduler paces a stream (stream_interval_ms): with an interval longer than the request, the
     first text goes out as soon as it is decoded and everything after it with the end - two messages;
