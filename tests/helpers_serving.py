@@ -45,6 +45,19 @@ def app_on_local_ray(export: Path, prefix: str, **args: Any) -> Iterator[str]:
         ray.shutdown()
 
 
+def sse_text(body: str) -> tuple[str, dict]:
+    """The text and the usage of a streamed completion."""
+    text, usage = [], None
+    for line in body.splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                text.append(chunk["choices"][0]["text"])
+            usage = chunk.get("usage") or usage
+    assert body.rstrip().endswith("data: [DONE]"), body[-200:]
+    return "".join(text), usage
+
+
 def wait_healthy(url: str, timeout: float = 120.0, proc=None, headers: dict[str, str] | None = None) -> dict:
     """/health once it answers 200 (with an admin key in `headers` it carries the engine's details)."""
     import httpx

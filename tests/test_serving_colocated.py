@@ -4,12 +4,11 @@ text in this process, /metrics summing both replicas' engines, /health and /admi
 the engines."""
 from __future__ import annotations
 
-import json
 
 import httpx
 import pytest
 
-from helpers_serving import app_on_local_ray
+from helpers_serving import app_on_local_ray, sse_text
 
 pytestmark = pytest.mark.slow  # a Ray cluster with two Server replicas (~1 min)
 
@@ -25,19 +24,6 @@ def deployments() -> set[str]:
     from ray import serve
 
     return set(serve.status().applications["ctxmem"].deployments)
-
-
-def sse_text(body: str) -> tuple[str, dict]:
-    """The text and the usage of a streamed completion."""
-    text, usage = [], None
-    for line in body.splitlines():
-        if line.startswith("data: {"):
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                text.append(chunk["choices"][0]["text"])
-            usage = chunk.get("usage") or usage
-    assert body.rstrip().endswith("data: [DONE]"), body[-200:]
-    return "".join(text), usage
 
 
 def test_one_deployment_answers_streamed_and_plain_as_the_engine_does(cluster, tiny_export):

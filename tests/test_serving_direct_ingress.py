@@ -4,7 +4,6 @@ keys enforced, /health, /metrics and /admin/reload - while Serve's proxy still a
 the replica on --port and Serve's proxy elsewhere."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,25 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers_serving import API_KEY, AUTH, app_on_local_ray, wait_healthy
+from helpers_serving import API_KEY, AUTH, app_on_local_ray, sse_text, wait_healthy
 
 pytestmark = pytest.mark.slow  # local Ray clusters (~1-2 min)
 
 # what a cluster needs for direct ingress: Serve reads these when its processes start
 DIRECT_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-
-
-def sse_text(body: str) -> tuple[str, dict]:
-    text, usage = [], None
-    for line in body.splitlines():
-        if line.startswith("data: {"):
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                text.append(chunk["choices"][0]["text"])
-            usage = chunk.get("usage") or usage
-    assert body.rstrip().endswith("data: [DONE]"), body[-200:]
-    return "".join(text), usage
 
 
 def test_the_cli_puts_the_replica_on_port_and_the_proxy_elsewhere(tiny_export, tmp_path):
