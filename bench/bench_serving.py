@@ -630,6 +630,25 @@ def main(argv=None) -> int:
     def header(title: str) -> None:
         print(f"\n## {title}\n")
 
+    def alternately(variants, levels: list[int], deploy_variant) -> dict[tuple[str, int], list[dict]]:
+        """An A/B in one run and one cluster: each variant deployed in turn (deploy_variant(variant) -> the
+        URL to load), --colocated-cycles times, `load`'s requests at each level; per (variant, level) the
+        runs, each with the CPU ms per token of every process role (so each variant is measured under the
+        same stretch of the machine's load as the others)."""
+        results: dict[tuple[str, int], list[dict]] = {}
+        for _ in range(args.colocated_cycles):
+            for variant in variants:
+                target = deploy_variant(variant)
+                asyncio.run(load(target, 2, 4, 8, 30, name))  # warm-up
+                for c in levels:
+                    cpu0 = session_cpu_by_pid()
+                    r = asyncio.run(load(target, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
+                    tokens = max(r["tok_s"] * r.pop("wall"), 1)
+                    used = cpu_by_role(cpu0, session_cpu_by_pid())
+                    results.setdefault((variant, c), []).append({**r, "roles": {k: 1000 * used[k] / tokens
+                                                                                for k in ROLES}})
+        return results
+
     try:
         t0 = time.perf_counter()
         info = deploy(max_batch_size=32)
@@ -753,18 +772,12 @@ def main(argv=None) -> int:
             # split (Ingress + Engine) and colocated deployments alternately, --colocated-cycles times: an A/B in
             # one run, each variant measured under the same stretch of the machine's load
             levels = [int(x) for x in args.levels.split(",")]
-            results: dict[tuple[str, int], list[dict]] = {}
-            for _ in range(args.colocated_cycles):
-                for variant in ("split", "colocated"):
-                    deploy(colocate=variant == "colocated", max_batch_size=32)
-                    asyncio.run(load(url, 2, 4, 8, 30, name))  # warm-up
-                    for c in levels:
-                        cpu0 = session_cpu_by_pid()
-                        r = asyncio.run(load(url, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
-                        tokens = max(r["tok_s"] * r.pop("wall"), 1)
-                        used = cpu_by_role(cpu0, session_cpu_by_pid())
-                        results.setdefault((variant, c), []).append({**r, "roles": {k: 1000 * used[k] / tokens
-                                                                                    for k in ROLES}})
+
+            def split_or_colocated(variant: str) -> str:
+                deploy(colocate=variant == "colocated", max_batch_size=32)
+                return url
+
+            results = alternately(("split", "colocated"), levels, split_or_colocated)
             header(f"The engine inside the HTTP replica (colocate_engine: one Serve deployment) against the split "
                    f"deployments, alternately, {args.colocated_cycles} cycles (completions, stream, {args.max_tokens} "
                    f"tokens/request; 1-min load average {os.getloadavg()[0]:.1f})")
@@ -806,20 +819,13 @@ def main(argv=None) -> int:
             if args.quick:  # a smoke run: what ServeArgs.direct_ingress deploys, answering on its own port
                 variants = ("colocated direct one loop",)
             one_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-            results = {}
-            for _ in range(args.colocated_cycles):
-                for variant in variants:
-                    deploy(colocate=variant.startswith("colocated"), max_batch_size=32,
-                           env=one_loop if variant.endswith("one loop") else None)
-                    target = direct_url("ctxmem") if "direct" in variant else url
-                    asyncio.run(load(target, 2, 4, 8, 30, name))  # warm-up
-                    for c in levels:
-                        cpu0 = session_cpu_by_pid()
-                        r = asyncio.run(load(target, c, max(8, args.rounds * c), args.max_tokens, args.seconds, name))
-                        tokens = max(r["tok_s"] * r.pop("wall"), 1)
-                        used = cpu_by_role(cpu0, session_cpu_by_pid())
-                        results.setdefault((variant, c), []).append({**r, "roles": {k: 1000 * used[k] / tokens
-                                                                                    for k in ROLES}})
+
+            def direct_or_proxied(variant: str) -> str:
+                deploy(colocate=variant.startswith("colocated"), max_batch_size=32,
+                       env=one_loop if variant.endswith("one loop") else None)
+                return direct_url("ctxmem") if "direct" in variant else url
+
+            results = alternately(variants, levels, direct_or_proxied)
             header(f"Direct ingress (the HTTP replica serves its own port) against Serve's proxy, colocated and split, "
                    f"alternately, {args.colocated_cycles} cycles (completions, stream, {args.max_tokens} tokens/request; "
                    f"1-min load average {os.getloadavg()[0]:.1f})")
