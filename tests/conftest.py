@@ -30,29 +30,34 @@ pytest_plugins = ["fixtures_models"]
 
 # Under `-n 2` (the README's test command, pytest-xdist) whole modules go to whichever worker is
 # free, so module fixtures (a Ray cluster, trained runs) are built once. They go out longest first,
-# in this order, so that one worker does not start a 3-minute module while the other has run out
-# of work. Measured with `pytest -n 2 --durations=60` on the shared 2-core machine (2026-11-30,
-# loaded: load average ~6), each module's slowest tests summed; unlisted modules follow in their
-# usual order. Only the order changes: every test still runs.
+# in this order, so that one worker does not start a 2-minute module while the other has run out
+# of work. Measured with `pytest -n 2 --durations=0` on the 2-core machine with nothing else running
+# (2026-12-01), each module's tests summed; unlisted modules (each under 7 s) follow in their usual
+# order. Only the order changes: every test still runs.
 LONGEST_FIRST = [
-    "test_training_readme.py",  # 275 s: the README's trainings, 2-rank DeepSpeed runs among them
-    "test_training_run.py",  # 250 s: ZeRO parity on 2 ranks, Ray Train
-    "test_readme.py",  # 225 s: `ctxmem demo`
-    "test_recall_model.py",  # 145 s
-    "test_bench_sinks.py",  # 140 s
-    "test_serving_bench.py",  # 120 s: bench_serving.py --quick (a Ray cluster of its own)
-    "test_serving_ray.py",  # 100 s: `serve run` on the shipped YAML
-    "test_mlflow_postgres.py",  # 85 s: an MLflow server on PostgreSQL, `ctxmem serve`
-    "test_training_launch.py",  # 60 s
-    "test_export_graphs.py",  # 60 s
-    "test_export_registry.py",  # 55 s: a real `mlflow server`
-    "test_export_bench_decode.py",  # 50 s
-    "test_export_onnx.py",  # 45 s
-    "test_export_readme.py",  # 45 s
-    "test_training_copy.py",  # 35 s
-    "test_serving_replicas.py",  # 30 s: a Ray cluster with two engine replicas
-    "test_serving_retrieve.py",  # 30 s
-    "test_chat_page.py",  # 30 s: chromium, recall-small's 20 turns
+    "test_serving_bench.py",  # 139 s: bench_serving.py --quick (a Ray cluster of its own, every phase)
+    "test_training_readme.py",  # 108 s: the README's trainings, 2-rank DeepSpeed runs among them
+    "test_training_run.py",  # 94 s: ZeRO parity on 2 ranks, Ray Train
+    "test_readme.py",  # 93 s: `ctxmem demo`
+    "test_serving_ray.py",  # 91 s: `serve run` on the shipped YAML, the README's `ctxmem serve` lines
+    "test_serving_direct_ingress.py",  # 37 s: `ctxmem serve --direct-ingress` and a local Ray Serve app
+    "test_mlflow_postgres.py",  # 34 s: an MLflow server on PostgreSQL, `ctxmem serve`
+    "test_training_launch.py",  # 31 s
+    "test_export_graphs.py",  # 27 s
+    "test_recall_model.py",  # 23 s
+    "test_serving_replicas.py",  # 22 s: a Ray cluster with two engine replicas
+    "test_export_bench_decode.py",  # 21 s
+    "test_serving_colocated.py",  # 18 s: a Ray cluster with two colocated replicas
+    "test_export_registry.py",  # 17 s: a real `mlflow server`
+    "test_chat_page.py",  # 17 s: chromium, recall-small's 20 turns
+    "test_bench_sinks.py",  # 15 s
+    "test_training_copy.py",  # 15 s
+    "test_export_readme.py",  # 13 s
+    "test_export_onnx.py",  # 12 s
+    "test_registry_memory_gate.py",  # 9 s
+    "test_registry_integrity.py",  # 7 s
+    "test_training_sinks.py",  # 7 s
+    "test_packaging.py",  # 7 s
 ]
 
 
