@@ -498,13 +498,6 @@ def inproc(model_dir: Path, levels: list[int], rounds: int, max_tokens: int, sec
 
 
 # ---- the run -------------------------------------------------------------------------------------
-# direct phase: Serve's direct ingress without HAProxy; a replica's port is allocated from 30000-31000
-# by the controller; replicas stop at once rather than after the 30 s an external load balancer needs
-# to notice, and a freed port is reusable at once (redeploys between variants)
-DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-                      "RAY_SERVE_PORT_QUARANTINE_S": "0"}
-
-
 def direct_url(app_name: str) -> str:
     """The ingress replica's own HTTP address under direct ingress (one replica: the first target)."""
     import ray
@@ -600,7 +593,10 @@ def main(argv=None) -> int:
         # Serve reads these once per process (controller, proxy, replicas), which inherit this driver's
         # environment through the local cluster it starts: direct ingress is on for the whole run, so
         # the direct phase measures the proxied paths in the same cluster as its baseline
-        os.environ.update(DIRECT_INGRESS_ENV)
+        # (a replica's port from Serve's default range; a stopped one frees its port at once: redeploys)
+        from ctxmem.serving.app import direct_ingress_cluster_env
+
+        os.environ.update(direct_ingress_cluster_env())
     ray.init(num_cpus=max(os.cpu_count(), 4), object_store_memory=400 * 2**20, include_dashboard=False,
              _temp_dir=str(tmp / "ray"), log_to_driver=False)
     port = free_port()

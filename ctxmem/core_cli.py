@@ -96,8 +96,8 @@ def _build_generator(args):
         generator = loader(args.model, device=args.device)
     else:
         if args.device != "cpu":
-            raise GenerateArgumentError(f"--device {args.device} is for --backend torch; --backend onnx takes CUDA where this "
-                           "onnxruntime has it (onnxruntime-gpu)")
+            raise GenerateArgumentError(f"--device {args.device} is for --backend torch; --backend onnx takes CUDA "
+                                        "where this onnxruntime has it (onnxruntime-gpu)")
         generator = loader(args.model, decode_session=args.decode_session)
     backend = generator.backend
     # fails now, naming the setting, on a bad combination

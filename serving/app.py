@@ -3,6 +3,7 @@
     serve run infra/serve.yaml                       # import_path: ctxmem.serving.app:build_app
     serve run ctxmem.serving.app:build_app model=/path/to/export
 """
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -56,6 +57,21 @@ def build_app_with_router(args: ServeArgs, session_affinity: bool) -> Applicatio
 # on a loop in a thread of its own, so an ASGI message is not handed between two loops (bench_serving.py
 # `direct` phase: 0.90x and 0.91x the CPU per token at 16 streams, colocated, in two runs)
 DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def direct_ingress_cluster_env(port: int | None = None, http_replicas: int = 1) -> dict[str, str]:
+    """The environment a local Ray cluster starts with for Serve's direct ingress (its controller, proxy
+    and replicas read it when they start): the switch; with `port`, HTTP replicas take
+    PORT..PORT+N-1 (Serve's allocator hands out [min, max); else its default 30000-31000); with no
+    external load balancer in front, a stopped replica's port is free again at once and a replica stops
+    after 1 s instead of Serve's 30 s drain - unless the environment already sets those two."""
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_PORT_QUARANTINE_S": os.environ.get("RAY_SERVE_PORT_QUARANTINE_S", "0"),
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")}
+    if port is not None:
+        env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+                   RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + http_replicas))
+    return env
 
 
 def http_options(options: dict[str, Any], args: ServeArgs) -> dict[str, Any]:

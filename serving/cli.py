@@ -120,18 +120,6 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
     return default_tracking_uri(args.tracking_uri)  # absolute: replicas may not share this cwd
 
 
-def direct_ingress_env(port: int, http_replicas: int) -> dict[str, str]:
-    """The environment a local Ray cluster starts with for Serve's direct ingress: HTTP replicas take
-    PORT..PORT+N-1 (Serve's allocator hands out [min, max)); with no external load balancer in front, a
-    stopped replica's port is free again at once and a replica stops without Serve's 30 s drain
-    (set either variable yourself to keep Serve's default)."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + http_replicas),
-            "RAY_SERVE_PORT_QUARANTINE_S": os.environ.get("RAY_SERVE_PORT_QUARANTINE_S", "0"),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
-                os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")}
-
-
 def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> None:
     """An open server only on loopback, unless the operator says otherwise (the rule `serve run`'s
     builder applies too: serving.config.exposure_refusal)."""
@@ -155,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from .app import build_app
+    from .app import build_app, direct_ingress_cluster_env
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     proxy_port = args.port
@@ -164,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit("ctxmem serve: --direct-ingress needs the Ray cluster this command starts (Serve reads "
                              "the switch when Ray starts); for a cluster of your own start it with "
                              "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and set args.direct_ingress in `serve run` YAML")
-        os.environ.update(direct_ingress_env(args.port, args.replicas if args.colocate_engine else 1))
+        os.environ.update(direct_ingress_cluster_env(args.port, args.replicas if args.colocate_engine else 1))
         from ctxmem.net import free_port
 
         proxy_port = args.proxy_port or free_port()

@@ -17,10 +17,6 @@ from helpers_serving import API_KEY, AUTH, app_on_local_ray, sse_text, wait_heal
 
 pytestmark = pytest.mark.slow  # local Ray clusters (~1-2 min)
 
-# what a cluster needs for direct ingress: Serve reads these when its processes start
-DIRECT_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
-              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-
 
 def test_the_cli_puts_the_replica_on_port_and_the_proxy_elsewhere(tiny_export, tmp_path):
     from ctxmem.net import free_port
@@ -64,8 +60,11 @@ def test_the_cli_refuses_direct_ingress_on_a_cluster_it_did_not_start(tiny_expor
 @pytest.fixture(scope="module")
 def urls(tiny_export):
     """(Serve's proxy, the HTTP replica's own address) of a colocated app with direct ingress and a key."""
-    saved = {k: os.environ.get(k) for k in DIRECT_ENV}
-    os.environ.update(DIRECT_ENV)  # before the fixture's ray.init: the local cluster inherits it
+    from ctxmem.serving.app import direct_ingress_cluster_env
+
+    cluster_env = direct_ingress_cluster_env()
+    saved = {k: os.environ.get(k) for k in cluster_env}
+    os.environ.update(cluster_env)  # before the fixture's ray.init: the local cluster inherits it
     try:
         with app_on_local_ray(tiny_export, "ctxdirect-", colocate_engine=True, direct_ingress=True,
                               api_keys=[API_KEY],
