@@ -629,7 +629,15 @@ class ContextMemory:
         lengths = in_place.sum(axis=1) if carry is None else carry[2]  # (B,) valid slots in place
         if lengths.max() <= cfg.sinks + recent:
             return
-        keep = first_and_last_mask(in_place, cfg.sinks, recent)
+        if carry is not None and state.pinned is None:
+            # sink, positions carried (a decode step): a row's in-place slots are its sinks (stream index
+            # < sinks) and one run of its newest tokens, whose last is at seen - 1, so its first `sinks`
+            # and last `recent` valid slots are those stream indices say - first_and_last_mask's answer
+            # without the (B, S) cumsum (tests/test_memory_decode.py compares the two)
+            stream = carry[1]  # (B, S), meaningful on valid slots
+            keep = in_place & ((stream < cfg.sinks) | (stream >= (state.seen - recent)[:, None]))
+        else:
+            keep = first_and_last_mask(in_place, cfg.sinks, recent)
         if self.retrieval is not None:  # retrieve: what leaves goes to the stores first
             self._store_evicted(state, in_place & ~keep)
         kept = np.minimum(lengths, cfg.sinks + recent)  # (B,) what keep holds per row

@@ -2,9 +2,10 @@
 
 * ctxmem.layout.build_decode_layout (one new token per row, (B, S) operations) against
   build_layout with n_new=1: every field equal, on random streams with padding slots and rows.
-* ContextMemory's decode step (that layout, stream positions carried from the previous step, and
-  under `sink` no second eviction pass after one token) against the same memory with the general
-  layout, positions by cumsum and both eviction passes: identical logits, states and layouts, token
+* ContextMemory's decode step (that layout, stream positions carried from the previous step, under
+  `sink` the evicted slots read off those positions and no second eviction pass after one token)
+  against the same memory with the general layout, positions and eviction ranks by cumsum and both
+  eviction passes: identical logits, states and layouts, token
   by token across sink compactions, on a left-padded batch whose rows stop early.
 * Generator's batched greedy pick against each row's Sampler: identical tokens, and a row whose
   logits hold NaN/inf still takes the Sampler's guarded path.
@@ -122,12 +123,14 @@ class _Recording:
 
 def _forward_then_evict(mem, evict, sink):
     """mem._forward with no carried stream positions (the cumsum every step), followed under sink by the
-    eviction pass the decode step leaves out (a no-op there: checked)."""
+    eviction pass the decode step leaves out (a no-op there: checked). Nothing carried survives the
+    call either, so the next step's eviction ranks slots by cumsum (first_and_last_mask) too."""
     forward = ContextMemory._forward.__get__(mem)
 
     def wrapped(state, ids, valid, last_only=True, queries=False):
         state.carry = None
         out = forward(state, ids, valid, last_only, queries)
+        state.carry = None
         if sink and ids.shape[1] == 1:
             before = state.mask.copy()
             evict(state, mem.config.window)
