@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import Sequence
 
 import numpy as np
 
@@ -102,16 +103,11 @@ class Sampler:
                 np.clip(logits, -_LOGIT_MAX, _LOGIT_MAX, out=logits)  # an extreme penalty saturates, not inf
             if cfg.temperature == 0:
                 return int(np.argmax(logits))
-            # shift before dividing: every value is <= 0 (0 at the max), so a tiny temperature sends the
-            # others to -inf (greedy in the limit) and never the max to +inf (inf - inf = NaN)
-            # (in place on this call's float64 copy: the same operations, no temporaries)
-            logits -= logits.max()
-            logits /= cfg.temperature
+            _scale(logits, cfg.temperature)
             if cfg.top_k and cfg.top_k < logits.shape[0]:
                 kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
                 logits[logits < kth] = -np.inf
-            probs = np.exp(logits, out=logits)  # the max is exp(0) = 1, so the sum is >= 1
-        probs /= probs.sum()
+            probs = _normalise(logits)
         if cfg.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             cumulative = np.cumsum(probs[order])
@@ -121,9 +117,93 @@ class Sampler:
             keep[order[:cut]] = True
             probs = np.where(keep, probs, 0.0)
             probs /= probs.sum()
-        # the draw numpy's Generator.choice(V, p=probs) makes, without its per-call checks of p (built
-        # here: finite, >= 0, summing to 1): the same cumulative sum, the same single uniform from this
-        # generator, the same search - so a seed gives the same token as before, at a fraction of the cost
-        cdf = np.cumsum(probs)  # (V,)
-        cdf /= cdf[-1]
-        return int(cdf.searchsorted(self.rng.random(), side="right"))
+        return int(_cdf(probs).searchsorted(self.rng.random(), side="right"))
+
+
+# The temperature draw, step by step, on the last axis: the Sampler runs it on one row (V,), `sample_rows`
+# on a batch (B, V) at once. Each step is elementwise or a reduction along a row, so a row gets the same
+# float64 values either way - the same token for the same uniform.
+def _scale(logits: np.ndarray, temperature) -> None:
+    """In place on a float64 copy: shift before dividing, so every value is <= 0 (0 at the max) and a
+    tiny temperature sends the others to -inf (greedy in the limit), never the max to +inf (inf - inf
+    = NaN). temperature: a number, or (B, 1) for a batch."""
+    logits -= logits.max(axis=-1, keepdims=True)
+    logits /= temperature
+
+
+def _normalise(logits: np.ndarray) -> np.ndarray:
+    """exp in place (the max is exp(0) = 1, so each row sums to >= 1), then each row over its sum."""
+    probs = np.exp(logits, out=logits)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def _cdf(probs: np.ndarray) -> np.ndarray:
+    """The draw numpy's Generator.choice(V, p=probs) makes, without its per-call checks of p (built here:
+    finite, >= 0, summing to 1): the same cumulative sum, searched (searchsorted, side="right") with the
+    same single uniform from the row's generator - so a seed gives the same token as choice, at a fraction
+    of the cost."""
+    cdf = np.cumsum(probs, axis=-1)
+    cdf /= cdf[..., -1:].copy()  # the totals (1,) or (D, 1); a view into cdf would make numpy buffer (3x slower)
+    return cdf
+
+
+def batchable(config: GenerationConfig) -> bool:
+    """`sample_rows` picks this row's token with the batch: greedy (top-k and top-p do not matter then), or
+    a plain temperature draw; not with a repetition penalty, top-k or top-p (per-row work a batch would
+    not share)."""
+    return config.repetition_penalty == 1.0 and (
+        config.temperature == 0 or (config.top_k == 0 and config.top_p == 1.0))
+
+
+def sample_rows(samplers: Sequence[Sampler | None], logits: np.ndarray) -> list[int]:
+    """logits (B, V) float32, row i for samplers[i] -> row i's token, the one samplers[i](logits[i])
+    would pick (the same draw from its generator), or -1 where the row must go through its own Sampler:
+    None (a row to skip), not `batchable`, or logits that are not all finite (the guarded path decides,
+    or raises for that row alone). A kind (greedy, temperature) with one row leaves it to its Sampler too
+    (alone, the Sampler costs the same), and so does a temperature draw over more than CHUNK_VALUES / 2
+    tokens. Measured at 16 rows of 260 tokens: 184 us against 496 for the rows' Samplers."""
+    picks = [-1] * len(samplers)
+    greedy, drawn = [], []
+    for i, s in enumerate(samplers):
+        if s is not None and batchable(s.config):
+            (greedy if s.config.temperature == 0 else drawn).append(i)
+    if len(greedy) > 1:
+        rows = np.asarray(greedy)
+        best = logits[rows].argmax(axis=1)  # (G,) the first maximum, or the first NaN: np.argmax's rule
+        # a finite pick means every value of the row is finite or -inf: the guarded path's answer too
+        ok = np.isfinite(logits[rows, best])
+        for i, token, good in zip(greedy, best.tolist(), ok.tolist()):
+            if good:
+                picks[i] = token
+    # rows in chunks of about CHUNK_VALUES logits: a chunk's float64 copy stays in the core's cache through
+    # the passes of the draw (all 16 rows of a 32000-token vocabulary at once ran 2.5x slower); a vocabulary
+    # too large for two rows a chunk gains nothing from the batch, and each row goes through its Sampler
+    n = CHUNK_VALUES // logits.shape[1]
+    if len(drawn) > 1 and n > 1:
+        for start in range(0, len(drawn), n):
+            _draw_rows([samplers[i] for i in drawn[start:start + n]], logits[np.asarray(drawn[start:start + n])],
+                       picks, drawn[start:start + n])
+    return picks
+
+
+CHUNK_VALUES = 32768  # float64: 256 KiB
+
+
+def _draw_rows(samplers: list[Sampler], logits: np.ndarray, picks: list[int], where: list[int]) -> None:
+    """The temperature draw for rows `logits` (D, V) float32 of `samplers` (plain: see `batchable`);
+    picks[where[r]] = row r's token, left at -1 for a row that is not all finite."""
+    x = logits.astype(np.float64)  # (D, V) a copy, scaled in place
+    finite = np.isfinite(x).all(axis=1)  # (D,)
+    if not finite.all():
+        samplers = [s for s, good in zip(samplers, finite.tolist()) if good]
+        where = [i for i, good in zip(where, finite.tolist()) if good]
+        x = x[finite]
+        if not samplers:
+            return
+    temperature = np.array([s.config.temperature for s in samplers], dtype=np.float64)[:, None]  # (D, 1)
+    with np.errstate(over="ignore", under="ignore"):
+        _scale(x, temperature)
+        cdf = _cdf(_normalise(x))  # (D, V)
+    for i, row, s in zip(where, cdf, samplers):  # row (V,): one uniform from the row's own generator
+        picks[i] = int(row.searchsorted(s.rng.random(), side="right"))

@@ -46,7 +46,7 @@ from typing import Callable
 
 import numpy as np
 
-from ctxmem.generation import SequenceDecoder
+from ctxmem.generation import SequenceDecoder, pick
 from ctxmem.memory import ContextMemory, MemoryConfig, MemoryConfigError, MemoryState
 from ctxmem.sampling import GenerationConfig
 
@@ -454,12 +454,14 @@ class Scheduler:
                     s.recall.note(_store(group.state, i))
         leaving: list[int] = []
         failed: list[int] = []
+        picks = pick([s.decoder for s in seqs], logits)  # the batch's tokens at once; -1: the row's own step
         for i, s in enumerate(seqs):
             try:  # one row's sampling or detokenising error fails that row only
                 s.history.append(s.next_token)
                 s.batch_sum += batch
                 s.steps += 1
-                delta = s.decoder.step(logits[i])
+                token = picks[i]
+                delta = s.decoder.accept(token) if token >= 0 else s.decoder.step(logits[i])
             except Exception as err:  # noqa: BLE001
                 self._fail_row(s, err)
                 failed.append(i)

@@ -286,17 +286,18 @@ def test_a_row_failing_mid_stream_gets_an_error_event_then_done_and_the_others_f
     """A fault injected into one request's rows (its logits turn NaN after 2 tokens) while others
     stream: its stream ends with an OpenAI error event and [DONE], its non-streamed twin gets a 500
     in OpenAI's shape, every other request of the batch gets its full answer."""
-    from ctxmem.generation import SequenceDecoder
+    from ctxmem.serving import scheduler
 
     poison_seed = 9999
-    step = SequenceDecoder.step
+    pick = scheduler.pick
 
-    def faulty_step(self, logits):
-        if self.config.seed == poison_seed and len(self.token_ids) >= 2:
-            logits = np.full_like(logits, np.nan)
-        return step(self, logits)
+    def faulty_pick(decoders, logits):  # logits (B, V), the step's own array: the row's NaN reach its sampler
+        for row, d in enumerate(decoders):
+            if d.config.seed == poison_seed and len(d.token_ids) >= 2:
+                logits[row] = np.nan
+        return pick(decoders, logits)
 
-    monkeypatch.setattr(SequenceDecoder, "step", faulty_step)
+    monkeypatch.setattr(scheduler, "pick", faulty_pick)
     app = build(engine)
     poison = dict(seed=poison_seed, max_tokens=40, ignore_eos=True)
     cases = [Case("poison-stream", "POST", COMP, encode(comp(stream=True, **poison)), JSON_H, 500),
