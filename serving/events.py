@@ -73,6 +73,29 @@ class Failed:
 
 
 Event = Union[Started, Delta, Finished, Failed]
+
+
+class Texts:
+    """Consecutive tokens of one stream gathered on the scheduler thread until their message goes out:
+    `delta()` is the one Delta `coalesce` would make of them (text joined, tokens summed, the largest
+    batch), built once per message instead of a Delta object per token. Never leaves the engine."""
+
+    __slots__ = ("pieces", "tokens", "batch")
+
+    def __init__(self, text: str, batch: int):
+        self.pieces, self.tokens, self.batch = [text], 1, batch
+
+    def add(self, text: str, batch: int) -> None:
+        self.pieces.append(text)
+        self.tokens += 1
+        if batch > self.batch:
+            self.batch = batch
+
+    def has_text(self) -> bool:
+        return any(self.pieces)
+
+    def delta(self) -> Delta:
+        return Delta("".join(self.pieces), self.tokens, self.batch)
 FINAL = (Finished, Failed)  # the last event of every stream is one of these
 
 

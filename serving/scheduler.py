@@ -25,8 +25,11 @@ itself down (`state()`, so `/health` says degraded) for a short backoff, and sta
 requests wait and are served by the new loop. Only a loop that keeps dying (`crash_looping`) makes the
 replica unhealthy, so that Ray Serve replaces it.
 
-Sampling, detokenisation and stop rules stay in `ctxmem.generation.SequenceDecoder`; eviction stays in
-`ctxmem.memory.ContextMemory`. Events (`events.py`) go out through `Job.emit`, batched per step. A
+Sampling, detokenisation and stop rules stay in `ctxmem.generation.SequenceDecoder` (a decode step's
+tokens are picked for the whole batch at once by `ctxmem.generation.pick`, each row's own Sampler only
+where the batch cannot decide it); eviction stays in `ctxmem.memory.ContextMemory`. Events (`events.py`) go
+out through `Job.emit`, batched per step; a stream's tokens gather in one `Texts` until its message goes
+out as one Delta. A
 stream read by an asyncio consumer (`AsyncSink`, what `Engine.generate` uses) is paced here, on this
 thread: its events are held until its stream interval has passed since its last message and go out
 together, so the consumer's event loop wakes once per message rather than once per decode step; the
@@ -52,7 +55,7 @@ from ctxmem.sampling import GenerationConfig
 
 from .config import EngineConfig
 from .errors import APIError, bad_request
-from .events import FINAL, Delta, Event, Finished, Started, Usage
+from .events import FINAL, Event, Finished, Started, Texts, Usage
 from .kv_reuse import CachedConversation, SessionCache, reuse, state_nbytes, store_nbytes
 from .loading import LoadedModel
 from .metrics import Registry
@@ -148,7 +151,7 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._groups: dict[tuple, Group] = {}
-        self._out: dict[int, tuple[Job, list[Event]]] = {}
+        self._out: dict[int, tuple[Job, list]] = {}  # id(job) -> its pending events (Event or Texts)
         self._stop = False
         self._running = 0
         self._admitting: list[Job] = []  # taken from the queue, not yet in a group (for the supervisor)
@@ -408,7 +411,7 @@ class Scheduler:
                 self._finish(seq, memory, state)
                 return
             delta = decoder.step(logits[0])
-            self._emit(job, Delta(delta.text, 1, 1))
+            self._text(job, delta.text, 1)
             if decoder.finished:
                 self._finish(seq, memory, state)
                 return
@@ -466,7 +469,7 @@ class Scheduler:
                 self._fail_row(s, err)
                 failed.append(i)
                 continue
-            self._emit(s.job, Delta(delta.text, 1, batch))
+            self._text(s.job, delta.text, batch)
             if s.decoder.finished:
                 leaving.append(i)
             else:
@@ -516,6 +519,16 @@ class Scheduler:
         else:
             slot[1].append(event)
 
+    def _text(self, job: Job, text: str, batch: int) -> None:
+        """A token's text: added to the stream's pending Texts (one Delta when its message goes out)."""
+        slot = self._out.get(id(job))
+        if slot is None:
+            self._out[id(job)] = (job, [Texts(text, batch)])
+        elif type(slot[1][-1]) is Texts:
+            slot[1][-1].add(text, batch)
+        else:
+            slot[1].append(Texts(text, batch))
+
     def stream_interval(self) -> float:
         """Seconds between two messages of one paced stream (EngineConfig.stream_interval_ms; adaptive
         by default: ADAPTIVE_MS_PER_SEQ per running sequence, at most ADAPTIVE_MAX_MS)."""
@@ -531,18 +544,18 @@ class Scheduler:
             if job.cancelled and not final:
                 continue
             if isinstance(job.emit, AsyncSink):  # one wake-up per event loop per step, not one per request
-                text = any(isinstance(ev, Delta) and ev.text for ev in events)
+                text = job.texted or any(type(ev) is Texts and ev.has_text() for ev in events)
                 if not final and (job.texted or not text):  # the first text goes at once, the end too
                     if job.sent is None:
                         job.sent = now  # the clock starts with the stream's first events
                     if now - job.sent < interval:
                         self._out[key] = (job, events)  # held: they go out with a later step's, as one message
                         continue
-                job.sent, job.texted = now, job.texted or text
-                by_loop.setdefault(job.emit.loop, []).append((job, events))
+                job.sent, job.texted = now, text
+                by_loop.setdefault(job.emit.loop, []).append((job, _events(events)))
                 continue
             try:
-                job.emit(events)
+                job.emit(_events(events))
             except Exception:  # noqa: BLE001 - a consumer that went away
                 job.cancelled = True
         for loop, deliveries in by_loop.items():
@@ -571,6 +584,11 @@ class Scheduler:
             self._emit(job, err.to_event())
         self._flush()
         self._count_running()
+
+
+def _events(pending: list) -> list[Event]:
+    """What goes out: each run of Texts as its one Delta."""
+    return [ev.delta() if type(ev) is Texts else ev for ev in pending]
 
 
 def _store(state: MemoryState | None, row: int):
