@@ -411,10 +411,12 @@ def profile(args) -> str:
 def graph_only(paths, args) -> list[str]:
     """One decode step of each graph alone (40 cached tokens, the same input ids), interleaved, min
     of 15 rounds of 20 steps: ours against onnxruntime-genai's graph where the bench built it
-    (its GroupQueryAttention graph loads in this onnxruntime too)."""
+    (its GroupQueryAttention graph loads in this onnxruntime too); in place (past and present one
+    buffer), also our decode branch as a session of its own (decode_session=True: no If)."""
     import numpy as np
     import onnxruntime as ort
 
+    from ctxmem.export.runtime import create_decode_session
     from ctxmem.layout import build_layout
 
     past, layers = 40, LLAMA["num_hidden_layers"]
@@ -428,6 +430,9 @@ def graph_only(paths, args) -> list[str]:
             options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = args.threads, 1, 3
             sessions[name] = ort.InferenceSession(str(folder / "model.onnx"), options,
                                                   providers=["CPUExecutionProvider"])
+    # the decode branch as a session of its own (OrtBackend's decode_session=True): no If, no condition
+    for key in ("fp32", "int8"):
+        sessions[f"ctxmem {key} decode session"] = create_decode_session(paths[key] / "model.onnx", args.threads)
     lines = []
     for batch in args.batches:
         feeds = {}
@@ -445,13 +450,18 @@ def graph_only(paths, args) -> list[str]:
                         "sink_positions": layout.sink_positions, "sink_keys": layout.sink_keys}
                 feed.update({f"past_{kind}_{i}": cache for i in range(layers) for kind in ("key", "value")})
             feeds[name] = _declared(sessions[name], feed)
-        calls = {name: (lambda s, f: lambda: s.run(None, f))(session, feeds[name]) for name, session in sessions.items()}
+        calls = {name: (lambda s, f: lambda: s.run(None, f))(session, feeds[name]) for name, session in sessions.items()
+                 if "decode session" not in name}
         # in place, as OrtBackend and genai's runtime decode: past and present bound to one buffer of
-        # more slots than the cache holds, which GroupQueryAttention appends to (no present copied)
-        for name, names in (("ctxmem fp32", ("past_{kind}_{i}", "present_{kind}_{i}")),
-                            ("genai fp32", ("past_key_values.{i}.{kind}", "present.{i}.{kind}"))):
+        # more slots than the cache holds, which GroupQueryAttention appends to (no present copied);
+        # the decode sessions run only so
+        ours, theirs = ("past_{kind}_{i}", "present_{kind}_{i}"), ("past_key_values.{i}.{kind}", "present.{i}.{kind}")
+        for name in ("ctxmem fp32", "ctxmem fp32 decode session", "genai fp32",
+                     "ctxmem int8", "ctxmem int8 decode session", "genai int8"):
             if name in sessions:
-                calls[f"{name} in place"] = _bound_in_place(sessions[name], feeds[name], *names, past + 64)
+                names = theirs if name.startswith("genai") else ours
+                label = name if "decode session" in name else f"{name} in place"
+                calls[label] = _bound_in_place(sessions[name], feeds[name], *names, past + 64)
         best = {name: float("inf") for name in calls}
         for _ in range(15):
             for name, call in calls.items():
