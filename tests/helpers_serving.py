@@ -189,3 +189,21 @@ def check_error_shape(status: int, data: Any, expected: int, name: str) -> None:
     assert set(err) == {"message", "type", "param", "code"}, f"{name}: error keys {sorted(err)}"
     assert isinstance(err["message"], str) and err["message"], name
 
+
+def poison_rows_after(monkeypatch, seed: int, tokens: int) -> None:
+    """Fault injection: the scheduler's decode steps turn the logits of every row whose request seed is
+    ``seed`` to NaN once it has ``tokens`` tokens (the step's own (B, V) array, before the batch's pick),
+    so the real sampler has nothing to pick from for that row alone."""
+    import numpy as np
+
+    from ctxmem.serving import scheduler
+
+    pick = scheduler.pick
+
+    def faulty_pick(decoders, logits):
+        for row, d in enumerate(decoders):
+            if d.config.seed == seed and len(d.token_ids) >= tokens:
+                logits[row] = np.nan
+        return pick(decoders, logits)
+
+    monkeypatch.setattr(scheduler, "pick", faulty_pick)

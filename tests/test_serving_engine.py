@@ -19,6 +19,7 @@ from ctxmem.serving.engine import Engine
 from ctxmem.serving.events import Delta, Event, Failed, Finished
 from ctxmem.serving.kv_reuse import CachedConversation, SessionCache, common_prefix, reuse, rewind
 from ctxmem.serving.loading import load_served_model
+from helpers_serving import poison_rows_after
 
 
 @pytest.fixture(scope="module")
@@ -441,17 +442,7 @@ def test_a_row_whose_logits_go_non_finite_fails_alone_while_the_batch_goes_on(en
     """A fault injected into one row (its logits turn NaN after 3 tokens, so the real sampler has
     nothing to pick from) fails that request with a 500 event; the request sharing its decode steps
     streams on and equals its solo decoding."""
-    from ctxmem.serving import scheduler
-
-    pick = scheduler.pick
-
-    def faulty_pick(decoders, logits):  # logits (B, V), the step's own array: the row's NaN reach its sampler
-        for row, d in enumerate(decoders):
-            if d.config.seed == POISON_SEED and len(d.token_ids) >= 3:
-                logits[row] = np.nan
-        return pick(decoders, logits)
-
-    monkeypatch.setattr(scheduler, "pick", faulty_pick)
+    poison_rows_after(monkeypatch, POISON_SEED, 3)
     # the healthy request is long enough to be still decoding when the poisoned one joins: its tokens
     # reach this consumer in paced messages (the stream interval), not one per decode step
     ref = reference.generate(["the healthy one"], GenerationConfig(max_new_tokens=HEALTHY_TOKENS, temperature=0),

@@ -22,7 +22,7 @@ from ctxmem.serving.engine import Engine
 from ctxmem.serving.metrics import render
 from ctxmem.serving.protocol import MAX_STOP, MAX_STOP_CHARS, SEED_MAX, TOP_K_MAX
 from ctxmem.serving.store import MemoryStore
-from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests
+from helpers_serving import API_KEY, AUTH, check_error_shape, malformed_requests, poison_rows_after
 
 NAME = "tiny"
 LIMIT = 256  # max_tokens_limit of this server
@@ -286,18 +286,8 @@ def test_a_row_failing_mid_stream_gets_an_error_event_then_done_and_the_others_f
     """A fault injected into one request's rows (its logits turn NaN after 2 tokens) while others
     stream: its stream ends with an OpenAI error event and [DONE], its non-streamed twin gets a 500
     in OpenAI's shape, every other request of the batch gets its full answer."""
-    from ctxmem.serving import scheduler
-
     poison_seed = 9999
-    pick = scheduler.pick
-
-    def faulty_pick(decoders, logits):  # logits (B, V), the step's own array: the row's NaN reach its sampler
-        for row, d in enumerate(decoders):
-            if d.config.seed == poison_seed and len(d.token_ids) >= 2:
-                logits[row] = np.nan
-        return pick(decoders, logits)
-
-    monkeypatch.setattr(scheduler, "pick", faulty_pick)
+    poison_rows_after(monkeypatch, poison_seed, 2)
     app = build(engine)
     poison = dict(seed=poison_seed, max_tokens=40, ignore_eos=True)
     cases = [Case("poison-stream", "POST", COMP, encode(comp(stream=True, **poison)), JSON_H, 500),
