@@ -96,6 +96,8 @@ class Texts:
 
     def delta(self) -> Delta:
         return Delta("".join(self.pieces), self.tokens, self.batch)
+
+
 FINAL = (Finished, Failed)  # the last event of every stream is one of these
 
 

@@ -512,7 +512,7 @@ class Scheduler:
             self.cache.put(job.session_id, CachedConversation(job.model.version, job.memory, seq.history, state,
                                                               state_nbytes(state), store_nbytes(state)))
 
-    def _emit(self, job: Job, event: Event) -> None:
+    def _emit(self, job: Job, event: Event | Texts) -> None:
         slot = self._out.get(id(job))
         if slot is None:
             self._out[id(job)] = (job, [event])
@@ -522,12 +522,10 @@ class Scheduler:
     def _text(self, job: Job, text: str, batch: int) -> None:
         """A token's text: added to the stream's pending Texts (one Delta when its message goes out)."""
         slot = self._out.get(id(job))
-        if slot is None:
-            self._out[id(job)] = (job, [Texts(text, batch)])
-        elif type(slot[1][-1]) is Texts:
+        if slot is not None and type(slot[1][-1]) is Texts:
             slot[1][-1].add(text, batch)
         else:
-            slot[1].append(Texts(text, batch))
+            self._emit(job, Texts(text, batch))
 
     def stream_interval(self) -> float:
         """Seconds between two messages of one paced stream (EngineConfig.stream_interval_ms; adaptive
