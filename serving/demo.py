@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from ctxmem.net import free_port
+from ctxmem.proc import default_sigint
 
 REPO_INFRA = Path(__file__).resolve().parents[1] / "infra"
 MODEL_NAME = "ctxmem-demo"
@@ -168,7 +169,8 @@ def cmd_demo(args) -> int:
                "--session-store", f"sqlite:///{work / 'sessions.db'}"]
         print("  $ ctxmem " + " ".join(shlex.quote(a) for a in cmd[3:]), file=sys.stderr)
         # its own session: Ctrl-C in this terminal reaches the demo, which then stops the server itself
-        server = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # with a SIGINT it must not ignore (default_sigint: a demo started with `&` would pass it on ignored)
+        server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=default_sigint)
         try:
             _wait_healthy(url, server)
             report["chat"] = _chat(url)

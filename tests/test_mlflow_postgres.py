@@ -23,6 +23,8 @@ from helpers_export import MlflowServer
 from helpers_serving import wait_healthy
 from helpers_training import train_inprocess, write_text_corpus
 
+from ctxmem.proc import default_sigint
+
 ADMIN_URL = os.environ.get("CTXMEM_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 NAME = "ctxmem-pg"
 
@@ -102,7 +104,8 @@ def test_train_register_promote_and_serve_through_an_mlflow_server_on_postgresql
         serving = subprocess.Popen(
             [sys.executable, "-m", "ctxmem", "serve", "--model", f"models:/{NAME}@champion", "--host", "127.0.0.1",
              "--port", str(port), "--engine-cpus", "0.5", "--session-store", "memory://"],
-            stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=default_sigint)  # stopped with SIGINT below
         wait_healthy(url, timeout=240, proc=serving)
         reply = httpx.post(url + "/v1/completions", timeout=120,
                            json={"model": NAME, "prompt": "Line 3:", "max_tokens": 4, "temperature": 0})

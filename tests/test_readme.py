@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ctxmem.proc import default_sigint
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 VENV = Path(sys.executable).parent.parent  # the environment running the tests is the README's .venv
@@ -168,7 +170,7 @@ def test_the_demo_runs_as_written(tmp_path, tiny_checkpoint, mlflow_store_templa
         # SIGINT as a terminal has it: a runner started in the background (`cmd &`) passes it on ignored
         demo_proc = subprocess.Popen(["bash", "-c", demo + " --keep-serving"], cwd=folder, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                     preexec_fn=default_sigint)
     try:
         url = _wait_for_chat_page(demo_proc, log, timeout=900)
         page = httpx.get(url, timeout=30)

@@ -15,6 +15,8 @@ import pytest
 
 from helpers_serving import API_KEY, AUTH, app_on_local_ray, sse_text, wait_healthy
 
+from ctxmem.proc import default_sigint
+
 pytestmark = pytest.mark.slow  # local Ray clusters (~1-2 min)
 
 
@@ -27,7 +29,8 @@ def test_the_cli_puts_the_replica_on_port_and_the_proxy_elsewhere(tiny_export, t
             "--api-key", API_KEY, "--session-store", f"sqlite:///{tmp_path}/sessions.sqlite", "--object-store-mb", "200"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CTXMEM_API_KEYS")}
     log = open(tmp_path / "cli.log", "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**env, "RAY_AUTH_MODE": "token"})
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**env, "RAY_AUTH_MODE": "token"},
+                            preexec_fn=default_sigint)  # stopped with SIGINT below
     try:
         health = wait_healthy(f"http://127.0.0.1:{port}", timeout=240, proc=proc, headers=AUTH)
         assert health["engine"]["kind"] == "onnx"

@@ -32,6 +32,7 @@ from helpers_serving import (API_KEY, AUTH, REPO, check_error_shape, malformed_r
                              wait_healthy)
 
 from ctxmem.net import free_port
+from ctxmem.proc import default_sigint
 
 pytestmark = pytest.mark.slow  # every test here runs against the module's Ray cluster
 NAME = "ctxmem"  # derived from models:/ctxmem@champion
@@ -90,7 +91,8 @@ def server(tiny_export, registry, tmp_path_factory):  # noqa: F811
     assert argv == ["serve", "run", "infra/serve.yaml"] and assignments == {"RAY_AUTH_MODE": "token"}, command
     serve_cli = Path(sys.executable).parent / "serve"
     proc = subprocess.Popen([str(serve_cli), "run", "-a", ctx.address_info["gcs_address"], str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **assignments})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **assignments},
+                            preexec_fn=default_sigint)  # stopped with SIGINT below
     url = f"http://127.0.0.1:{port}"
     try:
         health = wait_healthy(url, timeout=180, proc=proc, headers=AUTH)  # an admin key sees the engine
@@ -331,7 +333,7 @@ def test_the_readme_ctxmem_serve_commands_run_beside_the_yaml_application(server
     env = {**os.environ, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": server["registry"]["uri"]}
     env.pop("CTXMEM_API_KEYS", None)
     log = open(tmp_path / "cli.log", "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=default_sigint)
     try:
         url = f"{server['url']}/{app}"
         health = wait_healthy(url, timeout=180, proc=proc, headers={"Authorization": f"Bearer {key}"} if key else None)
