@@ -174,9 +174,10 @@ class Generator:
         if all(d.finished for d in decoders):
             return
         logits = memory.feed(state, prompt_ids)
+        ahead: list = []  # greedy picks the memory made ahead (feed_greedy), one (B,) column per step
         while True:
             deltas, next_ids, valid = [], np.zeros((state.batch, 1), np.int64), np.zeros((state.batch, 1), bool)
-            picks = pick(decoders, logits)
+            picks = ahead.pop(0) if ahead else pick(decoders, logits)
             for d in decoders:
                 if d.finished:
                     continue
@@ -188,6 +189,15 @@ class Generator:
                 yield deltas
             if not valid.any():
                 return
+            if ahead:  # already fed: the memory ran these steps
+                continue
+            steps = _greedy_steps(decoders) if valid.all() else 0
+            run = memory.feed_greedy(state, next_ids, steps) if steps > 1 else None
+            if run is not None:
+                # every row greedy: the next `steps` picks in one backend call (a row that stops on the way
+                # has the rest of the run in its cache; it is never fed again)
+                ahead = list(run.T)
+                continue
             logits = memory.feed(state, next_ids, valid)
 
 
@@ -196,6 +206,18 @@ def pick(decoders: Sequence[SequenceDecoder | None], logits: np.ndarray) -> list
     row i's token, exactly what decoders[i].step(logits[i]) would sample, or -1 where the row must go
     through its own step. Both loops (Generator and the serving scheduler) take their tokens from here."""
     return sample_rows([None if d is None or d.finished else d.sampler for d in decoders], logits)
+
+
+GREEDY_RUN = 32  # most decode steps one feed_greedy call runs: a stream's text comes in runs this long
+
+
+def _greedy_steps(decoders: Sequence[SequenceDecoder]) -> int:
+    """How many decode steps may run ahead in one call (ContextMemory.feed_greedy): 0 unless every row
+    picks by plain argmax (temperature 0, no repetition penalty - what the sampler's greedy path does
+    alone), else as many as the row with the fewest tokens left may take, at most GREEDY_RUN."""
+    if not all(d.config.temperature == 0 and d.config.repetition_penalty == 1.0 for d in decoders):
+        return 0
+    return min(GREEDY_RUN, min(d.config.max_new_tokens - len(d.token_ids) for d in decoders))
 
 
 def _with_seed(config: GenerationConfig, row: int) -> GenerationConfig:

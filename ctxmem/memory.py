@@ -568,10 +568,33 @@ class ContextMemory:
         stream = np.where(rank < self.config.sinks, rank, rank + dropped)
         return stream if pinned is None else np.where(pinned >= 0, pinned, stream)
 
-    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True,
-                 queries: bool = False):
-        """One backend call on new columns ids/valid (B, T). Returns the logits, or with ``queries``
-        (retrieve) the logits and the retrieval layer's queries of the new tokens (B, H, T, D)."""
+    def feed_greedy(self, state: MemoryState, ids: np.ndarray, steps: int) -> np.ndarray | None:
+        """Feed ids (B, 1) (every row valid), then ``steps`` - 1 greedy picks, in one backend call where
+        the backend runs greedy steps itself (``decode_greedy``: ONNX Runtime's greedy Loop). Returns
+        the picks (B, steps) int64 - pick i is numpy's argmax of the logits after the i-th token fed, the
+        last one not fed - or None, with the state untouched: feed step by step instead. Only under
+        `full` (nothing is evicted between the steps) and within the context."""
+        run = getattr(self.backend, "decode_greedy", None)
+        if run is None or self.config.policy != "full" or state.past is None or \
+                state.slots + steps > self.config.capacity or ids.shape[1] != 1:
+            return None
+        valid = np.ones(ids.shape, bool)
+        mask, seen, *_, layout = self._step_layout(state, ids, valid)
+        out = run(ids, layout, state.past, steps)
+        if out is None:
+            return None
+        picks, state.past = out[0], out[1]
+        ones = np.ones((state.batch, steps - 1), bool)
+        state.mask = np.concatenate((mask, ones), axis=1)
+        state.tokens = np.concatenate((state.tokens, ids, picks[:, :-1]), axis=1)
+        state.seen = seen + (steps - 1)
+        state.carry = None  # the next forward computes the positions afresh
+        return picks
+
+    def _step_layout(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray) -> tuple:
+        """What a forward of new columns ids/valid (B, T) attends with: (the mask with them (B, S+T),
+        seen after them (B,), pinned with them or None, each slot's stream position (B, S+T), the
+        valid slots per row when carried (B,) or None, the ctxmem.layout layout)."""
         cfg = self.config
         mask = np.concatenate((state.mask, valid), axis=1)
         seen = state.seen + (valid[:, 0] if valid.shape[1] == 1 else valid.sum(axis=1))  # (B,) int64
@@ -601,6 +624,14 @@ class ContextMemory:
             layout = build_layout(stream, mask, ids.shape[1], cfg.sinks, cfg.window, pinned=ranks)
         else:
             layout = build_layout(stream, mask, ids.shape[1])
+        return mask, seen, pinned, stream, count, layout
+
+    def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True,
+                 queries: bool = False):
+        """One backend call on new columns ids/valid (B, T). Returns the logits, or with ``queries``
+        (retrieve) the logits and the retrieval layer's queries of the new tokens (B, H, T, D)."""
+        cfg = self.config
+        mask, seen, pinned, stream, count, layout = self._step_layout(state, ids, valid)
         q = None
         if queries:
             logits, state.past, q = self.backend.forward_with_queries(ids, layout, state.past, last_only,

@@ -27,6 +27,7 @@ from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, LOGITS, POSITIONS, REE
                        ExportContract, past_names, present_names, query_names, rotation_span)
 from .errors import (ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError,
                      UnsafeFilePathError)
+from .greedy_loop import GreedyLoop, greedy_loop_model
 from .providers import choose_provider, is_auto, ort_name
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,18 @@ def create_decode_session(model_path: str | Path, intra_op_threads: int = 1):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def create_loop_session(model_path: str | Path, intra_op_threads: int = 1):
+    """A CPU InferenceSession over the greedy Loop (export/greedy_loop.py) of model_path's decode branch,
+    reading the weights from the export's folder."""
+    import onnxruntime as ort
+
+    options = _session_options(intra_op_threads)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(model_path).resolve().parent))
+    model = greedy_loop_model(decode_branch_model(model_path))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def check_names(session, contract: ExportContract, where: str) -> None:
     """Names first: the graph must take and give exactly what the contract declares."""
     got_in = [i.name for i in session.get_inputs()]
@@ -555,7 +568,7 @@ class OrtBackend:
     (forward_with_queries), which the retrieve policy needs (``gives_queries``)."""
 
     def __init__(self, export_dir: str | Path, provider: str | None = None, intra_op_threads: int = 1,
-                 config: RuntimeConfig | None = None, decode_session: bool = False):
+                 config: RuntimeConfig | None = None, decode_session: bool = False, greedy_loop: bool = False):
         self.export_dir = Path(export_dir)
         self.config = config or RuntimeConfig.load(self.export_dir)
         self.contract = self.config.export_contract
@@ -608,8 +621,41 @@ class OrtBackend:
             log.info("decode_session=True has no effect here: decode steps run in place only on CPU and with a "
                      "graph that has the decode branch (%s on %s)", self.export_dir, self.provider)
         self._present_names = present_names(self.contract.n_layers)
+        # greedy_loop: an all-greedy batch's next decode steps in one ONNX Loop call (decode_greedy,
+        # export/greedy_loop.py), where the decode branch runs (CPU, the branch present); its session is
+        # made on first use
+        self._greedy = None
+        if greedy_loop and self.in_place:
+            model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
+            self._greedy = GreedyLoop(lambda: create_loop_session(model_path, intra_op_threads), self._past_names,
+                                      self._present_names)
         self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
         self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
+
+    @property
+    def greedy_loop(self) -> bool:
+        """Whether decode_greedy runs (asked for and possible here)."""
+        return self._greedy is not None
+
+    def decode_greedy(self, ids: np.ndarray, layout, past, steps: int):
+        """``steps`` greedy decode steps in one call (ContextMemory.feed_greedy): ids (B, 1) the tokens
+        fed first, layout their decode step's, past the cache. Returns (picks (B, steps) int64 - step
+        i's argmax, fed to step i + 1 -, the cache after the last step, the logits (steps, B, V)), or
+        None where it does not run: no greedy Loop, not a plain decode step (sink keys scored apart,
+        a frame that would have to move), or a step with a NaN logit or a pick that is not finite (the
+        sampler's guarded path decides those)."""
+        if self._greedy is None or ids.shape[1] != 1 or not past or not past[0][0].shape[2] \
+                or layout.sink_slots is not None:
+            return None
+        frame = past.frame
+        positions = (layout.stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
+        if positions.min() < 0 or positions.max() + steps > self.span[1]:
+            return None
+        picks, layers, logits = self._greedy.run(ids, layout.allowed, positions, past, steps)
+        chosen = np.take_along_axis(logits, picks.T[:, :, None], axis=2)  # (steps, B, 1)
+        if not np.isfinite(chosen).all() or np.isnan(logits).any():  # ArgMax and numpy part ways on NaN
+            return None
+        return picks, FrameCache(layers, frame), logits
 
     @property
     def decode_session(self) -> bool:
@@ -815,7 +861,7 @@ class OrtBackend:
 
 
 def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = None, provider: str | None = None,
-                        intra_op_threads: int = 1, decode_session: bool = False):
+                        intra_op_threads: int = 1, decode_session: bool = False, greedy_loop: bool = True):
     """A ctxmem Generator over ONNX Runtime on a local export directory: the core's sampler, memory
     policies and loop. The memory policy and generation defaults come from the runtime config unless
     given. For `models:/...` and `runs:/...` specs use ctxmem.export.resolve.open_onnx_generator."""
@@ -829,7 +875,7 @@ def load_onnx_generator(export_dir: str | Path, memory: MemoryConfig | None = No
     export_dir = Path(export_dir)
     config = RuntimeConfig.load(export_dir)
     backend = OrtBackend(export_dir, provider=provider, intra_op_threads=intra_op_threads, config=config,
-                         decode_session=decode_session)
+                         decode_session=decode_session, greedy_loop=greedy_loop)
     tokenizer = load_tokenizer(config.file_path(export_dir, "tokenizer"))
     mem = memory or config.memory_config
     return Generator(backend, tokenizer, mem, GenerationConfig(**config.generation))

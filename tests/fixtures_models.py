@@ -78,6 +78,28 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def branch_export(tmp_path_factory) -> Path:
+    """A tiny model whose head_dim (16) gets the GroupQueryAttention decode branch (tiny's own 24 does
+    not), exported without verification (tests/test_export_graphs.py verifies this shape of model)."""
+    def build(folder: Path) -> Path:
+        import torch
+
+        from ctxmem.checkpoint import save_checkpoint
+        from ctxmem.config import preset
+        from ctxmem.export.onnx_export import export_onnx
+        from ctxmem.model import Transformer
+        from ctxmem.tokenizer import ByteTokenizer
+
+        torch.manual_seed(3)
+        tok = ByteTokenizer()
+        model = Transformer(preset("tiny", vocab_size=tok.vocab_size, n_heads=6, n_kv_heads=2))
+        save_checkpoint(folder / "ckpt", model, tok)
+        return export_onnx(folder / "ckpt", folder / "export", verify=False)
+
+    return built_once(tmp_path_factory, "branch_export", build)
+
+
+@pytest.fixture(scope="session")
 def small_export(small_checkpoint, tmp_path_factory) -> Path:
     def build(folder: Path) -> Path:
         from ctxmem.export.onnx_export import export_onnx

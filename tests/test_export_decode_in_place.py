@@ -8,25 +8,6 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def branch_export(tmp_path_factory):
-    """A tiny model whose head_dim (16) gets the decode branch (tiny's own 24 does not), exported
-    without verification (tests/test_export_graphs.py verifies this shape of model)."""
-    import torch
-
-    from ctxmem.checkpoint import save_checkpoint
-    from ctxmem.config import preset
-    from ctxmem.export.onnx_export import export_onnx
-    from ctxmem.model import Transformer
-    from ctxmem.tokenizer import ByteTokenizer
-
-    torch.manual_seed(3)
-    tmp = tmp_path_factory.mktemp("in_place")
-    tok = ByteTokenizer()
-    save_checkpoint(tmp / "ckpt", Transformer(preset("tiny", vocab_size=tok.vocab_size, n_heads=6, n_kv_heads=2)), tok)
-    return export_onnx(tmp / "ckpt", tmp / "export", verify=False)
-
-
 def _backends(export):
     """(in place, plain): two backends over one export; the plain one runs session.run every step."""
     from ctxmem.export.runtime import OrtBackend

@@ -1,0 +1,110 @@
+"""The greedy Loop (export/greedy_loop.py): an all-greedy batch's next decode steps in one ONNX
+Runtime call give what the step-by-step loop gives. No tolerance: the Loop's body is the decode
+branch's own nodes, so each step's logits are a plain decode step's bit for bit, and the picks are
+numpy's argmax of them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctxmem.memory import ContextMemory, MemoryConfig
+from ctxmem.sampling import GenerationConfig
+
+PROMPTS = [[5, 17, 42, 9, 88, 3, 61], [7, 7, 200], [120, 33, 4, 250, 19]]  # different lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def generators(small_export):
+    from ctxmem.export.runtime import load_onnx_generator
+
+    full = MemoryConfig("full")
+    looped = load_onnx_generator(small_export, memory=full, provider="cpu")
+    stepped = load_onnx_generator(small_export, memory=full, provider="cpu", greedy_loop=False)
+    assert looped.backend.greedy_loop and not stepped.backend.greedy_loop
+    return looped, stepped
+
+
+def spy(backend, monkeypatch) -> list:
+    """Record what each decode_greedy call returns."""
+    calls, real = [], backend.decode_greedy
+
+    def recorded(*args):
+        out = real(*args)
+        calls.append(out)
+        return out
+    monkeypatch.setattr(backend, "decode_greedy", recorded)
+    return calls
+
+
+def test_the_loop_gives_the_step_by_step_tokens_texts_and_reasons(generators, monkeypatch):
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    config = GenerationConfig(max_new_tokens=45, temperature=0.0, stop_token_ids=[])  # 45: runs of 32 + 13
+    expected = stepped.generate(PROMPTS, config)
+    got = looped.generate(PROMPTS, config)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == \
+        [(c.text, c.finish_reason, c.completion_tokens) for c in expected]
+    assert len(calls) == 2 and all(c is not None for c in calls)  # the Loop ran: 32 + 12 steps ahead
+    assert [c[0].shape[1] for c in calls] == [32, 12]
+
+
+def test_a_row_that_stops_on_the_way_stops_where_it_would_have(generators, monkeypatch):
+    looped, stepped = generators
+    free = stepped.generate(PROMPTS, GenerationConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[]))
+    # a row stops at a token it first makes inside the first run of 32 (`small` is trained a little: its
+    # rows do not just repeat a token), and no row stops at its first
+    # token (the Loop runs only while every row does)
+    row, stop = next((r, tok) for r, c in enumerate(free) for i, tok in enumerate(c.token_ids[1:30], 1)
+                     if tok not in c.token_ids[:i] and all(tok != other.token_ids[0] for other in free))
+    config = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[stop])
+    calls = spy(looped.backend, monkeypatch)
+    expected = stepped.generate(PROMPTS, config)
+    got = looped.generate(PROMPTS, config)
+    assert calls and expected[row].finish_reason == "stop" and expected[row].completion_tokens < 30
+    assert [(c.token_ids, c.text, c.finish_reason) for c in got] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in expected]
+
+
+def test_each_steps_logits_are_a_plain_decode_steps_bit_for_bit(generators, monkeypatch):
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    steps = 9
+    looped_memory, stepped_memory = ContextMemory(looped.backend, MemoryConfig("full")), \
+        ContextMemory(stepped.backend, MemoryConfig("full"))
+    a, b = looped_memory.start(len(PROMPTS)), stepped_memory.start(len(PROMPTS))
+    first = looped_memory.feed(a, PROMPTS)
+    np.testing.assert_array_equal(first, stepped_memory.feed(b, PROMPTS))
+    ids = first.argmax(axis=1)[:, None]
+    picks = looped_memory.feed_greedy(a, ids, steps)
+    assert picks is not None and picks.shape == (len(PROMPTS), steps)
+    loop_logits = calls[0][2]  # (steps, B, V)
+    fed = ids
+    for i in range(steps):
+        logits = stepped_memory.feed(b, fed)
+        assert np.array_equal(logits, loop_logits[i])  # bit for bit
+        assert np.array_equal(logits.argmax(axis=1), picks[:, i])
+        fed = picks[:, i:i + 1]
+    # the states agree too: the next step from either gives the same logits
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.seen, b.seen)
+    np.testing.assert_array_equal(looped_memory.feed(a, fed), stepped_memory.feed(b, fed))
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=0.7, seed=3), dict(temperature=0.0, repetition_penalty=1.3)])
+def test_sampled_or_penalised_rows_never_take_the_loop(generators, monkeypatch, setting):
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=[], **setting)
+    assert [c.token_ids for c in looped.generate(PROMPTS, config)] == \
+        [c.token_ids for c in stepped.generate(PROMPTS, config)]
+    assert calls == []
+
+
+def test_a_sliding_policy_never_takes_the_loop(generators, monkeypatch):
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    sink = MemoryConfig("sink", window=16, sinks=4)
+    config = GenerationConfig(max_new_tokens=30, temperature=0.0, stop_token_ids=[])
+    assert [c.token_ids for c in looped.generate(PROMPTS, config, memory=sink)] == \
+        [c.token_ids for c in stepped.generate(PROMPTS, config, memory=sink)]
+    assert calls == []
