@@ -39,20 +39,20 @@ def spy(backend, monkeypatch) -> list:
 def test_the_loop_gives_the_step_by_step_tokens_texts_and_reasons(generators, monkeypatch):
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
-    config = GenerationConfig(max_new_tokens=45, temperature=0.0, stop_token_ids=[])  # 45: runs of 32 + 13
+    config = GenerationConfig(max_new_tokens=80, temperature=0.0, stop_token_ids=[])  # the first pick, runs of 64 + 15
     expected = stepped.generate(PROMPTS, config)
     got = looped.generate(PROMPTS, config)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == \
         [(c.text, c.finish_reason, c.completion_tokens) for c in expected]
-    assert len(calls) == 2 and all(c is not None for c in calls)  # the Loop ran: 32 + 12 steps ahead
-    assert [c[0].shape[1] for c in calls] == [32, 12]
+    assert len(calls) == 2 and all(c is not None for c in calls)  # the Loop ran: 64 + 15 steps ahead
+    assert [c[0].shape[1] for c in calls] == [64, 15]
 
 
 def test_a_row_that_stops_on_the_way_stops_where_it_would_have(generators, monkeypatch):
     looped, stepped = generators
     free = stepped.generate(PROMPTS, GenerationConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[]))
-    # a row stops at a token it first makes inside the first run of 32 (`small` is trained a little: its
+    # a row stops at a token it first makes inside the first run (`small` is trained a little: its
     # rows do not just repeat a token), and no row stops at its first
     # token (the Loop runs only while every row does)
     row, stop = next((r, tok) for r, c in enumerate(free) for i, tok in enumerate(c.token_ids[1:30], 1)
