@@ -196,7 +196,7 @@ class Generator:
             if run is not None:
                 # every row greedy: the next `steps` picks in one backend call (a row that stops on the way
                 # has the rest of the run in its cache; it is never fed again)
-                ahead = list(run.T)
+                ahead = run.T.tolist()  # Python ints, as pick gives: token ids reach JSON
                 continue
             logits = memory.feed(state, next_ids, valid)
 

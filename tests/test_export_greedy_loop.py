@@ -43,6 +43,7 @@ def test_the_loop_gives_the_step_by_step_tokens_texts_and_reasons(generators, mo
     expected = stepped.generate(PROMPTS, config)
     got = looped.generate(PROMPTS, config)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert {type(i) for c in got for i in c.token_ids} == {int}  # JSON-ready, as the step-by-step loop's
     assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == \
         [(c.text, c.finish_reason, c.completion_tokens) for c in expected]
     assert len(calls) == 2 and all(c is not None for c in calls)  # the Loop ran: 64 + 15 steps ahead
