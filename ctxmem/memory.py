@@ -212,7 +212,8 @@ class MemoryState:
     # full, sink: what the last forward knew of `mask` - (that mask, each slot's stream position (B, S) as
     # ContextMemory._stream_positions gives it on the valid slots, each row's valid slots (B,)) - so a
     # decode step appends one column instead of a cumsum over (B, S). Used only while `mask` is that same
-    # array: every change of the mask makes a new array (the memory never writes one in place).
+    # array: every change of the mask makes a new array (the memory never writes one in place). select,
+    # merge and the compactions (_take) hand it on: rows and valid slots keep their positions.
     carry: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -526,8 +527,12 @@ class ContextMemory:
         past = self.backend.ops.select(state.past, r) if state.past is not None else None
         stores = None if state.stores is None else [None if state.stores[i] is None else state.stores[i].copy()
                                                     for i in r]
-        return MemoryState(past, state.mask[r], state.tokens[r], state.evicted[r], state.seen[r],
-                           None if state.pinned is None else state.pinned[r], stores)
+        out = MemoryState(past, state.mask[r], state.tokens[r], state.evicted[r], state.seen[r],
+                          None if state.pinned is None else state.pinned[r], stores)
+        carry = self._carried(state)
+        if carry is not None:  # a row's stream positions and count are its own: the next step appends to them
+            out.carry = (out.mask, carry[1][r], carry[2][r])
+        return out
 
     def merge(self, states: Sequence[MemoryState]) -> MemoryState:
         """One batch from several (continuous batching): shorter caches are left-padded with masked slots."""
@@ -540,10 +545,14 @@ class ContextMemory:
         stores = None
         if any(s.stores is not None for s in padded):
             stores = [x for s in padded for x in (s.stores if s.stores is not None else [None] * s.batch)]
-        return MemoryState(self.backend.ops.concat([s.past for s in padded]),
-                           np.concatenate([s.mask for s in padded]), np.concatenate([s.tokens for s in padded]),
-                           np.concatenate([s.evicted for s in padded]), np.concatenate([s.seen for s in padded]),
-                           pinned, stores)
+        out = MemoryState(self.backend.ops.concat([s.past for s in padded]),
+                          np.concatenate([s.mask for s in padded]), np.concatenate([s.tokens for s in padded]),
+                          np.concatenate([s.evicted for s in padded]), np.concatenate([s.seen for s in padded]),
+                          pinned, stores)
+        carries = [self._carried(s) for s in padded]
+        if all(c is not None for c in carries):  # each part's rows keep their positions (padding: masked slots)
+            out.carry = (out.mask, np.concatenate([c[1] for c in carries]), np.concatenate([c[2] for c in carries]))
+        return out
 
     def compact(self, state: MemoryState) -> MemoryState:
         """Drop slots that no row uses any more (padding left by finished rows or eviction)."""
@@ -600,8 +609,8 @@ class ContextMemory:
         seen = state.seen + (valid[:, 0] if valid.shape[1] == 1 else valid.sum(axis=1))  # (B,) int64
         pinned = None if state.pinned is None else np.concatenate(
             (state.pinned, np.full(valid.shape, -1, np.int64)), axis=1)
-        carry = state.carry if ids.shape[1] == 1 and cfg.policy in ("full", "sink") else None
-        if carry is not None and carry[0] is state.mask:
+        carry = self._carried(state) if ids.shape[1] == 1 and cfg.policy in ("full", "sink") else None
+        if carry is not None:
             # a slot's stream position moves with neither an append nor an eviction (rank and dropped
             # change together), so only the new column is computed: _stream_positions' formula on it
             count = carry[2] + valid[:, 0]  # (B,) valid slots with the new one
@@ -656,7 +665,7 @@ class ContextMemory:
         if state.past is None:
             return
         in_place = state.in_place()
-        carry = state.carry if state.carry is not None and state.carry[0] is state.mask else None
+        carry = self._carried(state)
         lengths = in_place.sum(axis=1) if carry is None else carry[2]  # (B,) valid slots in place
         if lengths.max() <= cfg.sinks + recent:
             return
@@ -679,9 +688,8 @@ class ContextMemory:
         state.carry = None if carry is None else (state.mask, carry[1], kept)
         if state.slots > cfg.capacity + self.slack:
             compacted = self._take(state, *packed_slots(state.mask))
-            state.past, state.mask, state.tokens, state.pinned = (compacted.past, compacted.mask, compacted.tokens,
-                                                                  compacted.pinned)
-            state.carry = None  # new slots: the next forward computes their positions afresh
+            state.past, state.mask, state.tokens, state.pinned, state.carry = (
+                compacted.past, compacted.mask, compacted.tokens, compacted.pinned, compacted.carry)
 
     def _make_room(self, state: MemoryState, incoming: np.ndarray) -> None:
         """Before feeding ``incoming`` (B, T) valid columns."""
@@ -747,10 +755,23 @@ class ContextMemory:
         return np.concatenate(outs, axis=0)
 
     def _take(self, state: MemoryState, idx: np.ndarray, kept: np.ndarray) -> MemoryState:
+        """The slots idx (B, K) of each row, kept (B, K) the new mask. Every caller keeps every valid
+        slot (a compaction, a left-padding), so a slot's carried stream position moves with it and each
+        row's count of valid slots stays: the next decode step appends to them instead of a (B, S) cumsum."""
         pinned = None if state.pinned is None else np.where(kept, np.take_along_axis(state.pinned, idx, axis=1), -1)
-        return MemoryState(self.backend.ops.take(state.past, idx), kept,
-                           np.take_along_axis(state.tokens, idx, axis=1), state.evicted.copy(), state.seen.copy(),
-                           pinned, state.stores)
+        out = MemoryState(self.backend.ops.take(state.past, idx), kept,
+                          np.take_along_axis(state.tokens, idx, axis=1), state.evicted.copy(), state.seen.copy(),
+                          pinned, state.stores)
+        carry = self._carried(state)
+        if carry is not None:
+            out.carry = (kept, np.take_along_axis(carry[1], idx, axis=1), carry[2])
+        return out
+
+    @staticmethod
+    def _carried(state: MemoryState) -> tuple | None:
+        """state.carry while it still describes state.mask (MemoryState.carry), else None."""
+        carry = state.carry
+        return carry if carry is not None and carry[0] is state.mask else None
 
     def _pad_to(self, state: MemoryState, width: int) -> MemoryState:
         extra = width - state.slots

@@ -108,6 +108,58 @@ def test_decode_step_matches_the_general_path(backend, policy, monkeypatch):
         assert fast_state.evicted.max() > 0 and fast_state.slots <= config.window + 3 + 8  # evicted, compacted
 
 
+@pytest.mark.parametrize("policy", ["full", "sink"])
+def test_positions_carried_through_select_merge_and_compact(backend, policy, monkeypatch):
+    """Continuous batching's moves - a row leaving (select + compact), a prefilled row joining (merge, the
+    shorter side left-padded), sink compactions - keep each row's carried stream positions, so the next
+    decode step appends one column: identical logits, states and layouts to the same moves with nothing
+    carried (positions by cumsum at every step)."""
+    config = MemoryConfig(policy, window=10, sinks=3) if policy == "sink" else MemoryConfig("full")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (6, 2, 9, 4)]
+    joiners = [rng.integers(0, VOCAB, n).tolist() for n in (3, 12)]
+    ids = np.random.default_rng(4).integers(0, VOCAB, (60, 4))
+
+    def run(fast: bool):
+        mem = ContextMemory(_Recording(backend, layouts[fast]), config, slack=8 if policy == "sink" else None)
+        if not fast:
+            monkeypatch.setattr(memory_module, "build_decode_layout", _general())
+            mem._forward = _forward_then_evict(mem, mem._evict, policy == "sink")
+        state = mem.start(4)
+        out, carried, t = [mem.feed(state, prompts)], [], 0
+
+        def steps(n):
+            nonlocal t
+            for _ in range(n):
+                out.append(mem.feed(state, ids[t, :state.batch, None]))
+                t += 1
+
+        steps(12)
+        for rows, joiner in (([0, 2, 3], joiners[0]), ([1, 2], joiners[1])):
+            state = mem.compact(mem.select(state, rows))  # rows leave
+            carried.append(state.carry is not None)
+            part = mem.start(1)
+            mem.feed(part, [joiner])
+            state = mem.merge([state, part])  # a prefilled row joins
+            carried.append(state.carry is not None)
+            steps(14)
+        monkeypatch.undo()
+        return out, state, carried
+
+    layouts = {True: [], False: []}
+    fast, fast_state, carried = run(True)
+    slow, slow_state, _ = run(False)
+    assert all(carried)  # the moves above kept the positions (the slow run recomputes them every step)
+    assert len(fast) == len(slow) and all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(fast, slow))
+    assert len(layouts[True]) == len(layouts[False])
+    for a, b in zip(layouts[True], layouts[False]):
+        _same_layout(a, b, stream_on=a.valid)
+    for name in ("mask", "tokens", "evicted", "seen"):
+        assert np.array_equal(getattr(fast_state, name), getattr(slow_state, name)), name
+    if policy == "sink":
+        assert fast_state.evicted.max() > 0
+
+
 class _Recording:
     """A backend that keeps every layout it is called with."""
 
