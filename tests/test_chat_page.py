@@ -70,6 +70,9 @@ class HeldStream(LocalEngineClient):
     async def stream(self, request):
         held = self.hold.is_set()
         self.hold.clear()
+        if held:  # seeded: unseeded, the random tiny model's reply at temperature 1 is now and then empty
+            # (a stop token first), and an empty reply has no text to hold (the page would wait forever)
+            request = {**request, "generation": {**(request.get("generation") or {}), "seed": 1}}
         async for chunk in self.engine.generate(request):
             first = next((i for i, ev in enumerate(chunk) if isinstance(ev, Delta) and ev.text), None) if held else None
             if first is None:
