@@ -1,7 +1,8 @@
 """Decode throughput, one run side by side, on the same Llama weights:
 
-    ctxmem ONNX Runtime (fused graph fp32 / int8 / int4, and the traced fp32 graph it replaced),
-    ctxmem torch eager, Hugging Face transformers eager generate, and the peers a user would pick
+    ctxmem ONNX Runtime (fused graph fp32 / int8 / int4 - greedy batches decode in the greedy Loop,
+    export/greedy_loop.py -, fp32 / int8 "step by step" without it and with the opt-in decode session,
+    and the traced fp32 graph the fused one replaced), ctxmem torch eager, Hugging Face transformers eager generate, and the peers a user would pick
     instead: onnxruntime-genai (its model builder, fp32 / int8 / int4) and optimum-onnx (fp32)
 
     .venv/bin/python bench/bench_decode.py [--tokens 64] [--prompt 16] [--batches 1 8] [--rounds 5]
@@ -21,7 +22,8 @@ Each engine generates --tokens tokens greedily after a --prompt-token prompt (ev
 length, no early stop) under the `full` memory policy; tokens/s = batch * tokens / wall time of the
 whole generate call (prefill included), the median of --rounds interleaved rounds after one warm-up.
 "greedy" = rows whose tokens equal transformers' (fp32 reference). Then the sink check: ctxmem ORT
-fp32 under sink(4 + --sink-window) for --sink-tokens tokens against `full` inside the window.
+fp32 under sink(4 + --sink-window) for --sink-tokens tokens against `full` inside the window (with
+the greedy Loop, which `sink` does not take, and step by step).
 --profile prints where a decode step's time goes (ONNX Runtime's per-op profiler; session.run
 against the Python around it). Targets: issue 10.
 """
