@@ -581,12 +581,28 @@ class ContextMemory:
         """Feed ids (B, 1) (every row valid), then ``steps`` - 1 greedy picks, in one backend call where
         the backend runs greedy steps itself (``decode_greedy``: ONNX Runtime's greedy Loop). Returns
         the picks (B, steps) int64 - pick i is numpy's argmax of the logits after the i-th token fed, the
-        last one not fed - or None, with the state untouched: feed step by step instead. Only under
-        `full` (nothing is evicted between the steps) and within the context."""
+        last one not fed - or None, with the state untouched: feed step by step instead. Only where no
+        step evicts: under `full` within the context, and under `sink` while nothing has left the window
+        and nothing will in these steps (fewer picks then: as many as the window still takes, see the
+        shape of the result). There a decode step scores every slot, sinks included, at its stream
+        position, as a `full` one does (build_decode_layout: base 0, every valid slot visible)."""
+        cfg = self.config
         run = getattr(self.backend, "decode_greedy", None)
-        if run is None or self.config.policy != "full" or state.past is None or \
-                state.slots + steps > self.config.capacity or ids.shape[1] != 1:
+        if run is None or cfg.policy not in ("full", "sink") or state.past is None or state.pinned is not None \
+                or ids.shape[1] != 1:
             return None
+        if cfg.policy == "full":
+            if state.slots + steps > cfg.capacity:
+                return None
+        else:
+            lengths = state.lengths()
+            if (state.seen != lengths).any():  # a row has evicted: its sink keys are scored apart
+                return None
+            # before a token goes in, a row keeps sinks + window - 1 (_make_room): the i-th of the steps finds
+            # lengths + i, so at most sinks + window - lengths steps evict nothing
+            steps = min(steps, cfg.sinks + cfg.window - int(lengths.max()))
+            if steps < 2:
+                return None
         valid = np.ones(ids.shape, bool)
         mask, seen, *_, layout = self._step_layout(state, ids, valid)
         out = run(ids, layout, state.past, steps)

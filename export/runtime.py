@@ -643,14 +643,20 @@ class OrtBackend:
         i's argmax, fed to step i + 1 -, the cache after the last step, the logits (steps, B, V)), or
         None where it does not run: no greedy Loop, not a plain decode step (sink keys scored apart,
         a frame that would have to move), or a step with a NaN logit or a pick that is not finite (the
-        sampler's guarded path decides those)."""
-        if self._greedy is None or ids.shape[1] != 1 or not past or not past[0][0].shape[2] \
-                or layout.sink_slots is not None:
+        sampler's guarded path decides those). The steps must not evict (the Loop shows every slot it
+        was given and each new one): ContextMemory.feed_greedy sees to that."""
+        if self._greedy is None or ids.shape[1] != 1 or not past or not past[0][0].shape[2]:
             return None
         frame = past.frame
         positions = (layout.stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
         if positions.min() < 0 or positions.max() + steps > self.span[1]:
             return None
+        if layout.sink_slots is not None:
+            # sinks scored like every other slot only while each row's sink query is its ordinary one (a
+            # `sink` row inside its window); the caller runs no more steps than keep it so (feed_greedy)
+            sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
+            if not np.array_equal(positions, sink_q):
+                return None
         picks, layers, logits = self._greedy.run(ids, layout.allowed, positions, past, steps)
         chosen = np.take_along_axis(logits, picks.T[:, :, None], axis=2)  # (steps, B, 1)
         if not np.isfinite(chosen).all() or np.isnan(logits).any():  # ArgMax and numpy part ways on NaN

@@ -67,26 +67,27 @@ def test_a_row_that_stops_on_the_way_stops_where_it_would_have(generators, monke
         [(c.token_ids, c.text, c.finish_reason) for c in expected]
 
 
-def test_each_steps_logits_are_a_plain_decode_steps_bit_for_bit(generators, monkeypatch):
+@pytest.mark.parametrize("memory, asked, runs", [(MemoryConfig("full"), 30, 30),
+                                                 # sink: the steps up to the window's end (4 + 16 - 7 held)
+                                                 (MemoryConfig("sink", window=16, sinks=4), 30, 13)])
+def test_each_steps_logits_are_a_plain_decode_steps_bit_for_bit(generators, monkeypatch, memory, asked, runs):
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
-    steps = 9
-    looped_memory, stepped_memory = ContextMemory(looped.backend, MemoryConfig("full")), \
-        ContextMemory(stepped.backend, MemoryConfig("full"))
+    looped_memory, stepped_memory = ContextMemory(looped.backend, memory), ContextMemory(stepped.backend, memory)
     a, b = looped_memory.start(len(PROMPTS)), stepped_memory.start(len(PROMPTS))
     first = looped_memory.feed(a, PROMPTS)
     np.testing.assert_array_equal(first, stepped_memory.feed(b, PROMPTS))
     ids = first.argmax(axis=1)[:, None]
-    picks = looped_memory.feed_greedy(a, ids, steps)
-    assert picks is not None and picks.shape == (len(PROMPTS), steps)
-    loop_logits = calls[0][2]  # (steps, B, V)
+    picks = looped_memory.feed_greedy(a, ids, asked)
+    assert picks is not None and picks.shape == (len(PROMPTS), runs)
+    loop_logits = calls[0][2]  # (runs, B, V)
     fed = ids
-    for i in range(steps):
+    for i in range(runs):
         logits = stepped_memory.feed(b, fed)
         assert np.array_equal(logits, loop_logits[i])  # bit for bit
         assert np.array_equal(logits.argmax(axis=1), picks[:, i])
         fed = picks[:, i:i + 1]
-    # the states agree too: the next step from either gives the same logits
+    # the states agree too: the next step from either gives the same logits (under sink, the first that evicts)
     assert np.array_equal(a.mask, b.mask) and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.seen, b.seen)
     np.testing.assert_array_equal(looped_memory.feed(a, fed), stepped_memory.feed(b, fed))
 
@@ -101,11 +102,29 @@ def test_sampled_or_penalised_rows_never_take_the_loop(generators, monkeypatch, 
     assert calls == []
 
 
-def test_a_sliding_policy_never_takes_the_loop(generators, monkeypatch):
+def test_sink_takes_the_loop_inside_its_window_only_and_gives_the_stepped_tokens_across_it(generators, monkeypatch):
+    """Under `sink`, before anything leaves the window, a decode step scores every slot at its stream
+    position as under `full`: the Loop runs as many steps as the window still takes, then the step-by-step
+    loop evicts and scores the sinks apart - the tokens the step-by-step loop gives all the way."""
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
     sink = MemoryConfig("sink", window=16, sinks=4)
+    config = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[])
+    got = looped.generate(PROMPTS, config, memory=sink)
+    expected = stepped.generate(PROMPTS, config, memory=sink)
+    assert [(c.token_ids, c.text, c.evicted) for c in got] == [(c.token_ids, c.text, c.evicted) for c in expected]
+    assert expected[0].evicted > 0  # the run went far past the window
+    # one run, up to the window's end: before it a row holds its prompt (the first pick goes in as the run's
+    # first step), and its i-th step finds prompt + i tokens, at most sinks + window - 1 with nothing evicted
+    assert [c[0].shape[1] for c in calls] == [4 + 16 - max(len(p) for p in PROMPTS)]
+    assert all(np.array_equal(c[0][r], got[r].token_ids[1:1 + c[0].shape[1]]) for c in calls for r in range(3))
+
+
+def test_recompute_never_takes_the_loop(generators, monkeypatch):
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    recompute = MemoryConfig("recompute", window=16)
     config = GenerationConfig(max_new_tokens=30, temperature=0.0, stop_token_ids=[])
-    assert [c.token_ids for c in looped.generate(PROMPTS, config, memory=sink)] == \
-        [c.token_ids for c in stepped.generate(PROMPTS, config, memory=sink)]
+    assert [c.token_ids for c in looped.generate(PROMPTS, config, memory=recompute)] == \
+        [c.token_ids for c in stepped.generate(PROMPTS, config, memory=recompute)]
     assert calls == []
