@@ -302,27 +302,24 @@ def decode_branch_model(model_path: str | Path):
 def create_decode_session(model_path: str | Path, intra_op_threads: int = 1):
     """A CPU InferenceSession over decode_branch_model(model_path), reading the weights from the
     export's folder; None when the graph has no decode branch."""
-    import onnxruntime as ort
-
     model = decode_branch_model(model_path)
-    if model is None:
-        return None
-    options = _session_options(intra_op_threads)
-    # the derived graph comes as bytes; its initializers name the weights file relative to this folder
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(Path(model_path).resolve().parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return None if model is None else _derived_session(model, model_path, intra_op_threads)
 
 
 def create_loop_session(model_path: str | Path, intra_op_threads: int = 1):
     """A CPU InferenceSession over the greedy Loop (export/greedy_loop.py) of model_path's decode branch,
     reading the weights from the export's folder."""
+    return _derived_session(greedy_loop_model(decode_branch_model(model_path)), model_path, intra_op_threads)
+
+
+def _derived_session(model, model_path: str | Path, intra_op_threads: int):
+    """A CPU InferenceSession over ``model``, a graph derived from model_path's (given as bytes: its
+    initializers name the weights file relative to the export's folder, which the session is told)."""
     import onnxruntime as ort
 
     options = _session_options(intra_op_threads)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(Path(model_path).resolve().parent))
-    model = greedy_loop_model(decode_branch_model(model_path))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -527,6 +524,12 @@ def _ort_value(array: np.ndarray):
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
+def _sink_queries(layout) -> np.ndarray:
+    """(B, T) where each new token's sink query goes: the layout's sink positions, its positions where
+    it gives none (no query scores the sinks apart)."""
+    return layout.positions if layout.sink_positions is None else layout.sink_positions
+
+
 def _sink_shift(positions: np.ndarray, sink_positions: np.ndarray, sink_slots: np.ndarray):
     """For a decode step (one new token per row: positions, sink_positions (B, 1), positions >= 0;
     sink_slots (B, P+1)): None when it cannot take the decode branch, else the sink-scored cached
@@ -651,12 +654,10 @@ class OrtBackend:
         positions = (layout.stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
         if positions.min() < 0 or positions.max() + steps > self.span[1]:
             return None
-        if layout.sink_slots is not None:
-            # sinks scored like every other slot only while each row's sink query is its ordinary one (a
-            # `sink` row inside its window); the caller runs no more steps than keep it so (feed_greedy)
-            sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
-            if not np.array_equal(positions, sink_q):
-                return None
+        # sinks are scored like every other slot only while no row scores them apart (_sink_shift gives
+        # nothing to turn: a `sink` row inside its window); the caller runs no more steps than keep it so
+        if layout.sink_slots is not None and _sink_shift(positions, _sink_queries(layout), layout.sink_slots) != ():
+            return None
         picks, layers, logits = self._greedy.run(ids, layout.allowed, positions, past, steps)
         chosen = np.take_along_axis(logits, picks.T[:, :, None], axis=2)  # (steps, B, 1)
         if not np.isfinite(chosen).all() or np.isnan(logits).any():  # ArgMax and numpy part ways on NaN
@@ -698,7 +699,7 @@ class OrtBackend:
                     (sink_slots[:, -T:] & (frame != 0)[:, None]).any():
                 raise ValueError("a sink token arrived in a row whose key frame has moved; sinks are a stream's "
                                  "first tokens (ctxmem.layout)")
-            sink_q = layout.positions if layout.sink_positions is None else layout.sink_positions
+            sink_q = _sink_queries(layout)
             if self.in_place and T == 1 and past and past[0][0].shape[2] and positions.min() >= 0:
                 # no slot scored apart: one query is exact for every row
                 shift = () if sink_slots is None else _sink_shift(positions, sink_q, sink_slots)
