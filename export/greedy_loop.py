@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .contract import ALLOWED, INPUT_IDS, LOGITS, POSITIONS
+
 STEPS = "greedy_steps"  # int64 scalar: decode steps the Loop runs
 LOGITS_AT = "logits_at_step"  # (K, B, 1, V): step i's logits
 PICKS_AT = "pick_at_step"  # (K, B, 1) int64: step i's argmax, fed to step i + 1
@@ -37,21 +39,23 @@ def greedy_loop_model(decode_model):
     inputs = [i.name for i in graph.input]
     pasts = [n for n in inputs if n.startswith("past_")]
     presents = [o.name for o in graph.output if o.name.startswith("present_")]
-    ids, positions, allowed = "input_ids", "positions", "allowed"
+    ids, positions, allowed = INPUT_IDS, POSITIONS, ALLOWED
     assert set(inputs) == {ids, positions, allowed, *pasts}, inputs
+    declared = {i.name: i for i in graph.input}
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}  # the cache's: float or half
 
     def const(name: str, values) -> Any:
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(
             name + "_value", TensorProto.INT64, [len(values)], values))
 
     body_nodes = list(graph.node) + [
-        helper.make_node("ArgMax", ["logits"], ["pick"], axis=2, keepdims=0),  # (B, 1, V) -> (B, 1)
+        helper.make_node("ArgMax", [LOGITS], ["pick"], axis=2, keepdims=0),  # (B, 1, V) -> (B, 1)
         const("one", [1]), const("last", [-1]), const("end", [2**62]), const("axis2", [2]),
         helper.make_node("Add", [positions, "one"], ["next_positions"]),
         helper.make_node("Slice", [allowed, "last", "end", "axis2"], ["newest_column"]),  # (B, 1, 1)
         helper.make_node("Concat", [allowed, "newest_column"], ["next_allowed"], axis=2),
         helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        helper.make_node("Identity", ["logits"], ["logits_out"]),
+        helper.make_node("Identity", [LOGITS], ["logits_out"]),
         helper.make_node("Identity", ["pick"], ["pick_out"]),
     ]
     any_shape = lambda name, elem: helper.make_tensor_value_info(name, elem, None)  # noqa: E731
@@ -60,12 +64,11 @@ def greedy_loop_model(decode_model):
         [helper.make_tensor_value_info("step", TensorProto.INT64, []),
          helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          any_shape(ids, TensorProto.INT64), any_shape(positions, TensorProto.INT64), any_shape(allowed, TensorProto.BOOL),
-         *(any_shape(p, TensorProto.FLOAT) for p in pasts)],
+         *(any_shape(p, elem[p]) for p in pasts)],
         [any_shape("cond_out", TensorProto.BOOL), any_shape("pick", TensorProto.INT64),
          any_shape("next_positions", TensorProto.INT64), any_shape("next_allowed", TensorProto.BOOL),
-         *(any_shape(p, TensorProto.FLOAT) for p in presents),
-         any_shape("logits_out", TensorProto.FLOAT), any_shape("pick_out", TensorProto.INT64)])
-    declared = {i.name: i for i in graph.input}
+         *(any_shape(p, elem[p]) for p in presents),
+         any_shape("logits_out", elem[LOGITS]), any_shape("pick_out", TensorProto.INT64)])
     loop = helper.make_node(
         "Loop", [STEPS, "keep_going", ids, positions, allowed, *pasts],
         ["last_pick", "last_positions", "last_allowed", *presents, LOGITS_AT, PICKS_AT], body=body, name="greedy_steps")
@@ -74,7 +77,7 @@ def greedy_loop_model(decode_model):
          loop],
         graph.name + "_greedy_loop",
         [helper.make_tensor_value_info(STEPS, TensorProto.INT64, []), *(declared[n] for n in inputs)],
-        [*(o for o in graph.output if o.name in presents), any_shape(LOGITS_AT, TensorProto.FLOAT),
+        [*(o for o in graph.output if o.name in presents), any_shape(LOGITS_AT, elem[LOGITS]),
          any_shape(PICKS_AT, TensorProto.INT64)],
         initializer=list(graph.initializer))
     model = helper.make_model(outer, opset_imports=list(decode_model.opset_import),
@@ -98,8 +101,8 @@ class GreedyLoop:
         last step per layer (k, v) (B, Hkv, P + steps, D), the logits (steps, B, V) float32)."""
         if self._session is None:
             self._session = self._make_session()
-        feed = {STEPS: np.array(steps, np.int64), "input_ids": np.ascontiguousarray(ids, np.int64),
-                "positions": np.ascontiguousarray(positions, np.int64), "allowed": np.ascontiguousarray(allowed)}
+        feed = {STEPS: np.array(steps, np.int64), INPUT_IDS: np.ascontiguousarray(ids, np.int64),
+                POSITIONS: np.ascontiguousarray(positions, np.int64), ALLOWED: np.ascontiguousarray(allowed)}
         feed.update(zip(self._past_names, (np.ascontiguousarray(a) for kv in past for a in kv)))
         outs = self._session.run([*self._present_names, LOGITS_AT, PICKS_AT], feed)
         n = len(self._present_names)
