@@ -1,7 +1,7 @@
 """Decode throughput, one run side by side, on the same Llama weights:
 
-    ctxmem ONNX Runtime (fused graph fp32 / int8 / int4 - greedy batches decode in the greedy Loop,
-    export/greedy_loop.py -, fp32 / int8 "step by step" without it and with the opt-in decode session,
+    ctxmem ONNX Runtime (fused graph fp32 / int8 / int4 - greedy batches decode in the backend's greedy
+    loop, OrtBackend.decode_greedy -, fp32 / int8 "step by step" without it and with the opt-in decode session,
     and the traced fp32 graph the fused one replaced), ctxmem torch eager, Hugging Face transformers eager generate, and the peers a user would pick
     instead: onnxruntime-genai (its model builder, fp32 / int8 / int4) and optimum-onnx (fp32)
 
@@ -23,7 +23,7 @@ length, no early stop) under the `full` memory policy; tokens/s = batch * tokens
 whole generate call (prefill included), the median of --rounds interleaved rounds after one warm-up.
 "greedy" = rows whose tokens equal transformers' (fp32 reference). Then the sink check: ctxmem ORT
 fp32 under sink(4 + --sink-window) for --sink-tokens tokens against `full` inside the window (with
-the greedy Loop, which `sink` does not take, and step by step).
+the greedy loop, which `sink` past its window does not take, and step by step).
 --profile prints where a decode step's time goes (ONNX Runtime's per-op profiler; session.run
 against the Python around it). Targets: issue 10.
 """
@@ -205,7 +205,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
     onnx = lambda key, split=False, loop=True: load_onnx_generator(  # noqa: E731
         paths[key], memory=full, provider="cpu", intra_op_threads=args.threads, decode_session=split, greedy_loop=loop)
     config = GenerationConfig(max_new_tokens=args.tokens, temperature=0.0, stop_token_ids=[])
-    # the default engine decodes greedy batches in the greedy Loop (export/greedy_loop.py); "step by step":
+    # the default engine decodes greedy batches in the backend's greedy loop (decode_greedy); "step by step":
     # without it, a Python loop step per token. "decode session": the opt-in OrtBackend(decode_session=True),
     # step-by-step decode steps on the decode branch as a session of its own (no If; a second session's memory)
     engines = {"ctxmem ORT fp32": onnx("fp32"), "ctxmem ORT fp32 step by step": onnx("fp32", loop=False),
@@ -326,7 +326,7 @@ def targets(rows: list[dict], sink_rows: list[dict]) -> list[str]:
         x = tps[("ctxmem ORT fp32", 8)] / tps[("ctxmem ORT fp32", 1)]
         out.append(f"ctxmem fp32 batch 8 vs batch 1: {'met' if x >= 6 else 'NOT met'} ({x:.2f}x, target >= 6x)")
     for batch in batches:
-        # the sink run (a window slides every step: no greedy Loop) against full with the Loop and step by step
+        # the sink run (a window slides every step: no greedy loop) against full with it and step by step
         sink, full, stepped = [r["tokens_per_s"] for r in sink_rows if r["batch"] == batch]
         out.append(f"sink far past the window vs full inside it, batch {batch}: "
                    f"{'met' if sink >= 0.9 * full else 'NOT met'} ({sink / full:.2f}x, target >= 0.90x; "

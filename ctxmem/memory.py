@@ -579,7 +579,7 @@ class ContextMemory:
 
     def feed_greedy(self, state: MemoryState, ids: np.ndarray, steps: int) -> np.ndarray | None:
         """Feed ids (B, 1) (every row valid), then ``steps`` - 1 greedy picks, in one backend call where
-        the backend runs greedy steps itself (``decode_greedy``: ONNX Runtime's greedy Loop). Returns
+        the backend runs greedy steps itself (``decode_greedy``: ONNX Runtime's in-place decode steps). Returns
         the picks (B, steps) int64 - pick i is numpy's argmax of the logits after the i-th token fed, the
         last one not fed - or None, with the state untouched: feed step by step instead. Only where no
         step evicts: under `full` within the context, and under `sink` while nothing has left the window

@@ -6,7 +6,6 @@ no cycle). Nothing heavy is imported here; each loads torch / onnx / onnxruntime
     errors.py       typed errors, printed by the CLI without a traceback
     contract.py     the graph's input/output names, dynamic axes, cache layout; export-only patches
     providers.py    choose_provider(): the one choice of ONNX Runtime execution provider (auto/cpu/cuda)
-    greedy_loop.py  an all-greedy batch's next decode steps in one ONNX Loop call (the decode branch + ArgMax)
     runtime.py      RuntimeConfig (runtime_config.json), OrtBackend, load_onnx_generator(export_dir)
     store.py        an MLflow client on a store URI; registered model / alias / version lookups
     model_cache.py  one verified, atomic download per version into the local cache (lock, temp, rename)

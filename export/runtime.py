@@ -27,7 +27,6 @@ from .contract import (ALLOWED, INPUT_IDS, KEY_POSITIONS, LOGITS, POSITIONS, REE
                        ExportContract, past_names, present_names, query_names, rotation_span)
 from .errors import (ExportModelError, ModelSpecError, OutputNameError, ProviderError, RuntimeConfigError,
                      UnsafeFilePathError)
-from .greedy_loop import GreedyLoop, greedy_loop_model
 from .providers import choose_provider, is_auto, ort_name
 
 log = logging.getLogger(__name__)
@@ -304,12 +303,6 @@ def create_decode_session(model_path: str | Path, intra_op_threads: int = 1):
     export's folder; None when the graph has no decode branch."""
     model = decode_branch_model(model_path)
     return None if model is None else _derived_session(model, model_path, intra_op_threads)
-
-
-def create_loop_session(model_path: str | Path, intra_op_threads: int = 1):
-    """A CPU InferenceSession over the greedy Loop (export/greedy_loop.py) of model_path's decode branch,
-    reading the weights from the export's folder."""
-    return _derived_session(greedy_loop_model(decode_branch_model(model_path)), model_path, intra_op_threads)
 
 
 def _derived_session(model, model_path: str | Path, intra_op_threads: int):
@@ -624,45 +617,69 @@ class OrtBackend:
             log.info("decode_session=True has no effect here: decode steps run in place only on CPU and with a "
                      "graph that has the decode branch (%s on %s)", self.export_dir, self.provider)
         self._present_names = present_names(self.contract.n_layers)
-        # greedy_loop: an all-greedy batch's next decode steps in one ONNX Loop call (decode_greedy,
-        # export/greedy_loop.py), where the decode branch runs (CPU, the branch present); its session is
-        # made on first use
-        self._greedy = None
-        if greedy_loop and self.in_place:
-            model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
-            self._greedy = GreedyLoop(lambda: create_loop_session(model_path, intra_op_threads), self._past_names,
-                                      self._present_names)
+        # greedy_loop: an all-greedy batch's next decode steps in one decode_greedy call, in place on the
+        # decode branch's own session, where decode steps run in place (CPU, the branch present); that
+        # session is the decode session's (decode_session=True) or made on the first call (a second copy
+        # of the weights in memory, as the decode session's)
+        self._greedy = bool(greedy_loop and self.in_place)
+        self._greedy_session = self._decode_session  # else made on the first decode_greedy call
+        model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
+        self._make_greedy_session = lambda: create_decode_session(model_path, intra_op_threads)
         self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
         self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
 
     @property
     def greedy_loop(self) -> bool:
         """Whether decode_greedy runs (asked for and possible here)."""
-        return self._greedy is not None
+        return self._greedy
 
     def decode_greedy(self, ids: np.ndarray, layout, past, steps: int):
         """``steps`` greedy decode steps in one call (ContextMemory.feed_greedy): ids (B, 1) the tokens
         fed first, layout their decode step's, past the cache. Returns (picks (B, steps) int64 - step
         i's argmax, fed to step i + 1 -, the cache after the last step, the logits (steps, B, V)), or
-        None where it does not run: no greedy Loop, not a plain decode step (sink keys scored apart,
-        a frame that would have to move), or a step with a NaN logit or a pick that is not finite (the
-        sampler's guarded path decides those). The steps must not evict (the Loop shows every slot it
-        was given and each new one): ContextMemory.feed_greedy sees to that."""
-        if self._greedy is None or ids.shape[1] != 1 or not past or not past[0][0].shape[2]:
+        None, with past as it was, where it does not run: not asked for, not a plain decode step (sink
+        keys scored apart, a frame that would have to move), or a step with a NaN logit or a pick that
+        is not finite (the sampler's guarded path decides those). The steps must not evict (each step
+        sees every slot it was given and each new one): ContextMemory.feed_greedy sees to that.
+
+        The steps are in-place decode steps (KVBuffer) on the decode branch as a session of its own
+        (no If: create_decode_session), with one binding for the run and nothing but the step's
+        inputs written between two runs: no ContextMemory bookkeeping, layout, sampler or detokenizer
+        per token. The same graph as a plain decode step's, so each step's logits are bit for bit
+        that step's (tests/test_export_greedy_loop.py)."""
+        if not self._greedy or ids.shape[1] != 1 or not past or not past[0][0].shape[2]:
             return None
         frame = past.frame
         positions = (layout.stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
         if positions.min() < 0 or positions.max() + steps > self.span[1]:
             return None
-        # sinks are scored like every other slot only while no row scores them apart (_sink_shift gives
-        # nothing to turn: a `sink` row inside its window); the caller runs no more steps than keep it so
         if layout.sink_slots is not None and _sink_shift(positions, _sink_queries(layout), layout.sink_slots) != ():
             return None
-        picks, layers, logits = self._greedy.run(ids, layout.allowed, positions, past, steps)
+        session = self._greedy_session
+        if session is None:
+            session = self._greedy_session = self._make_greedy_session()
+        B, held = ids.shape[0], layout.allowed.shape[2]  # held: P + 1, the slots the first step sees
+        # step i sees the first held + i slots: the slot each step writes is visible to the next query
+        allowed = np.concatenate((layout.allowed, np.repeat(layout.allowed[:, :, -1:], steps - 1, axis=2)), axis=2)
+        picks = np.empty((B, steps), np.int64)
+        logits = np.empty((steps, B, self.vocab_size), np.float32)
+        buffer = KVBuffer.for_append(past)
+        if buffer.capacity < buffer.filled + steps:  # room for every step: one binding for the run
+            buffer = KVBuffer(past, held - 1 + steps + KVBuffer.GROW)
+        binding, outs, step_ids, step_positions = self._binding(buffer, (), session)
+        step_ids[...] = ids
+        out = outs[0][:, 0]  # (B, V): the bound logits, written again by each step
+        for i in range(steps):
+            np.add(positions, i, out=step_positions)
+            binding.bind_cpu_input(ALLOWED, np.ascontiguousarray(allowed[:, :, :held + i]))
+            session.run_with_iobinding(binding)
+            logits[i] = out
+            picks[:, i] = step_ids[:, 0] = out.argmax(axis=1)
         chosen = np.take_along_axis(logits, picks.T[:, :, None], axis=2)  # (steps, B, 1)
-        if not np.isfinite(chosen).all() or np.isnan(logits).any():  # ArgMax and numpy part ways on NaN
-            return None
-        return picks, FrameCache(layers, frame), logits
+        if not np.isfinite(chosen).all() or np.isnan(logits).any():  # the sampler's guarded path decides those
+            return None  # past is as it was: its views end at the buffer's filled, moved only below
+        buffer.filled += steps
+        return picks, buffer.views(frame), logits
 
     @property
     def decode_session(self) -> bool:
@@ -775,7 +792,7 @@ class OrtBackend:
             return outs[0].copy(), [o.copy() for o in outs[1:]], present
         return outs[0].copy(), [], present
 
-    def _binding(self, buffer: KVBuffer, extra: tuple[str, ...]):
+    def _binding(self, buffer: KVBuffer, extra: tuple[str, ...], session=None):
         """This thread's IOBinding for calls fetching ``extra`` besides logits and the cache, with
         every past and present bound to ``buffer``, logits (B, 1, V) and the extras (B, 1, H*D) bound
         to arrays of its own, and input_ids, positions and sink_positions to two (B, 1) int64 arrays
@@ -784,9 +801,9 @@ class OrtBackend:
         bindings = getattr(self._local, "bindings", None)
         if bindings is None:
             bindings = self._local.bindings = {}
-        entry = bindings.get(extra)
+        session = session or self._decode_session or self.session
+        entry = bindings.get((id(session), extra))
         if entry is None or entry[1] is not buffer:
-            session = self._decode_session or self.session
             binding = entry[0] if entry is not None else session.io_binding()
             for name, value in zip(self._past_names, buffer.values):
                 binding.bind_ortvalue_input(name, value)
@@ -805,7 +822,7 @@ class OrtBackend:
                 binding.bind_ortvalue_input(POSITIONS, positions)
                 if session is self.session:  # the decode branch alone has no sink inputs
                     binding.bind_ortvalue_input(SINK_POSITIONS, positions)
-            entry = bindings[extra] = (binding, buffer, outs, step_ids, step_positions)
+            entry = bindings[(id(session), extra)] = (binding, buffer, outs, step_ids, step_positions)
         return entry[0], entry[2], entry[3], entry[4]
 
     def key_positions(self, layout, frame: np.ndarray) -> np.ndarray:

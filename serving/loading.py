@@ -69,8 +69,8 @@ def load_served_model(config: EngineConfig) -> LoadedModel:
         threads = config.intra_op_threads or 1  # one thread per CPU replica: scale out with replicas
         # the runtime chooses (auto: CUDA where this onnxruntime has it; cuda: an error where it does not
         # take); report what actually runs
-        # no greedy Loop (export/greedy_loop.py): the scheduler steps its batch itself (rows join and
-        # leave at every step), and the Loop's session would be another copy of the weights per replica
+        # no greedy loop (OrtBackend.decode_greedy): the scheduler steps its batch itself (rows join and
+        # leave at every step), and its decode session would be another copy of the weights per replica
         generator = load_onnx_generator(path, provider=config.provider, intra_op_threads=threads,
                                         decode_session=config.decode_session, greedy_loop=False)
         provider = "cuda" if generator.backend.provider.startswith("CUDA") else "cpu"

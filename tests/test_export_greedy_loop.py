@@ -1,7 +1,7 @@
-"""The greedy Loop (export/greedy_loop.py): an all-greedy batch's next decode steps in one ONNX
-Runtime call give what the step-by-step loop gives. No tolerance: the Loop's body is the decode
-branch's own nodes, so each step's logits are a plain decode step's bit for bit, and the picks are
-numpy's argmax of them."""
+"""The greedy loop (OrtBackend.decode_greedy): an all-greedy batch's next decode steps in one backend
+call give what the step-by-step loop gives. No tolerance: each step is a plain in-place decode step on
+the decode branch, so its logits are a plain decode step's bit for bit, and the picks are numpy's argmax
+of them."""
 from __future__ import annotations
 
 import numpy as np
@@ -128,3 +128,59 @@ def test_recompute_never_takes_the_loop(generators, monkeypatch):
     assert [c.token_ids for c in looped.generate(PROMPTS, config, memory=recompute)] == \
         [c.token_ids for c in stepped.generate(PROMPTS, config, memory=recompute)]
     assert calls == []
+
+
+def test_a_nan_on_the_way_hands_back_with_the_state_untouched(generators, monkeypatch):
+    """A step whose logits hold a NaN (where the sampler's guarded path must decide) ends the run with
+    None, and the state - its cache's buffer included, which the run wrote past its end - is as it was:
+    the step-by-step loop goes on from it exactly as from a state the run never touched."""
+    looped, stepped = generators
+    backend = looped.backend
+    full = MemoryConfig("full")
+    looped_memory, stepped_memory = ContextMemory(backend, full), ContextMemory(stepped.backend, full)
+    a, b = looped_memory.start(len(PROMPTS)), stepped_memory.start(len(PROMPTS))
+    ids = looped_memory.feed(a, PROMPTS).argmax(axis=1)[:, None]
+    stepped_memory.feed(b, PROMPTS)
+    for _ in range(3):  # a few plain steps first: the cache is a KVBuffer's views, the run appends to it
+        logits = looped_memory.feed(a, ids)
+        np.testing.assert_array_equal(logits, stepped_memory.feed(b, ids))
+        ids = logits.argmax(axis=1)[:, None]
+    buffer, filled = a.past.buffer, a.past.buffer.filled
+    before = [np.array(x) for kv in a.past for x in kv]
+    session = backend._greedy_session or backend._make_greedy_session()
+    backend._greedy_session = session
+    runs = []
+
+    class Poisoned:  # the decode session, with a NaN in one logit of the fifth step
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, binding):
+            session.run_with_iobinding(binding)
+            runs.append(1)
+            if len(runs) == 5:
+                backend._local.bindings[(id(self), ())][2][0][1, 0, 7] = np.nan
+
+    monkeypatch.setattr(backend, "_greedy_session", Poisoned())
+    assert looped_memory.feed_greedy(a, ids, 20) is None and len(runs) == 20
+    assert a.past.buffer is buffer and buffer.filled == filled
+    assert all(np.array_equal(x, y) for x, y in zip(before, (x for kv in a.past for x in kv)))
+    for _ in range(5):  # on step by step from the untouched state: the step-by-step loop's logits
+        logits = looped_memory.feed(a, ids)
+        np.testing.assert_array_equal(logits, stepped_memory.feed(b, ids))
+        ids = logits.argmax(axis=1)[:, None]
+
+
+def test_a_run_leaves_a_kept_snapshot_of_the_cache_as_it_was(generators):
+    """What a caller keeps of the cache (serving keeps states for reuse) does not change under it:
+    the run writes only slots past its end."""
+    looped, _ = generators
+    memory = ContextMemory(looped.backend, MemoryConfig("full"))
+    state = memory.start(len(PROMPTS))
+    ids = memory.feed(state, PROMPTS).argmax(axis=1)[:, None]
+    ids = memory.feed(state, ids).argmax(axis=1)[:, None]
+    kept = state.past
+    copies = [np.array(x) for kv in kept for x in kv]
+    assert memory.feed_greedy(state, ids, 30) is not None
+    assert state.past[0][0].shape[2] == kept[0][0].shape[2] + 30
+    assert all(np.array_equal(x, y) for x, y in zip(copies, (x for kv in kept for x in kv)))

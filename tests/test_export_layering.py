@@ -85,7 +85,7 @@ def test_the_onnx_runtime_engine_imports_nothing_above_it():
     below = reachable(graph, "runtime")
     above = {"resolve", "store", "registry", "evaluate", "verify", "onnx_export", "pyfunc", "pyfunc_model", "cli"}
     assert not below & above, f"runtime.py reaches {sorted(below & above)}"
-    assert below <= {"errors", "contract", "providers", "greedy_loop"}
+    assert below <= {"errors", "contract", "providers"}
 
 
 def test_the_engine_and_the_resolver_do_not_import_mlflow_at_module_level():
