@@ -176,8 +176,16 @@ class Generator:
         logits = memory.feed(state, prompt_ids)
         ahead: list = []  # greedy picks the memory made ahead (feed_greedy), one (B,) column per step
         while True:
+            if len(ahead) > 1:  # fed already (the memory ran these steps): each running row takes its pick
+                column = ahead.pop()
+                deltas = [d.accept(column[d.row]) for d in decoders if not d.finished]
+                if deltas:
+                    yield deltas
+                if all(d.finished for d in decoders):
+                    return
+                continue
             deltas, next_ids, valid = [], np.zeros((state.batch, 1), np.int64), np.zeros((state.batch, 1), bool)
-            picks = ahead.pop(0) if ahead else pick(decoders, logits)
+            picks = ahead.pop() if ahead else pick(decoders, logits)  # a run's last pick: not fed yet
             for d in decoders:
                 if d.finished:
                     continue
@@ -189,14 +197,12 @@ class Generator:
                 yield deltas
             if not valid.any():
                 return
-            if ahead:  # already fed: the memory ran these steps
-                continue
             steps = _greedy_steps(decoders) if valid.all() else 0
             run = memory.feed_greedy(state, next_ids, steps) if steps > 1 else None
             if run is not None:
                 # every row greedy: the next `steps` picks in one backend call (a row that stops on the way
                 # has the rest of the run in its cache; it is never fed again)
-                ahead = run.T.tolist()  # Python ints, as pick gives: token ids reach JSON
+                ahead = run.T.tolist()[::-1]  # Python ints, as pick gives (token ids reach JSON); popped from the end
                 continue
             logits = memory.feed(state, next_ids, valid)
 
