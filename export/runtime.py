@@ -653,6 +653,8 @@ class OrtBackend:
         positions = (layout.stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
         if positions.min() < 0 or positions.max() + steps > self.span[1]:
             return None
+        # sinks are scored like every other slot only while no row scores them apart (_sink_shift gives
+        # nothing to turn: a `sink` row inside its window); the caller runs no more steps than keep it so
         if layout.sink_slots is not None and _sink_shift(positions, _sink_queries(layout), layout.sink_slots) != ():
             return None
         session = self._greedy_session
@@ -793,15 +795,17 @@ class OrtBackend:
         return outs[0].copy(), [], present
 
     def _binding(self, buffer: KVBuffer, extra: tuple[str, ...], session=None):
-        """This thread's IOBinding for calls fetching ``extra`` besides logits and the cache, with
-        every past and present bound to ``buffer``, logits (B, 1, V) and the extras (B, 1, H*D) bound
-        to arrays of its own, and input_ids, positions and sink_positions to two (B, 1) int64 arrays
-        of its own (the decode step's sink query is its ordinary one); (binding, the output arrays,
-        the ids array, the positions array). Rebound only when the buffer changes."""
+        """This thread's IOBinding of ``session`` (by default the decode session, else the graph's) for
+        calls fetching ``extra`` besides logits and the cache, with every past and present bound to
+        ``buffer``, logits (B, 1, V) and the extras (B, 1, H*D) bound to arrays of its own, and
+        input_ids, positions and sink_positions to two (B, 1) int64 arrays of its own (the decode
+        step's sink query is its ordinary one); (binding, the output arrays, the ids array, the
+        positions array). One per session and ``extra``, rebound only when the buffer changes."""
         bindings = getattr(self._local, "bindings", None)
         if bindings is None:
             bindings = self._local.bindings = {}
-        session = session or self._decode_session or self.session
+        if session is None:
+            session = self._decode_session or self.session
         entry = bindings.get((id(session), extra))
         if entry is None or entry[1] is not buffer:
             binding = entry[0] if entry is not None else session.io_binding()
