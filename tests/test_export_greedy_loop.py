@@ -184,3 +184,18 @@ def test_a_run_leaves_a_kept_snapshot_of_the_cache_as_it_was(generators):
     assert memory.feed_greedy(state, ids, 30) is not None
     assert state.past[0][0].shape[2] == kept[0][0].shape[2] + 30
     assert all(np.array_equal(x, y) for x, y in zip(copies, (x for kv in kept for x in kv)))
+
+
+def test_with_the_decode_session_asked_for_the_run_shares_it_and_gives_the_stepped_tokens(small_export, generators):
+    """decode_session=True: plain decode steps and greedy runs use one session (one more copy of the
+    weights, not two) and one binding per thread; the tokens are the step-by-step loop's, under `full`
+    and under `sink` across its window's end."""
+    from ctxmem.export.runtime import load_onnx_generator
+
+    _, stepped = generators
+    both = load_onnx_generator(small_export, memory=MemoryConfig("full"), provider="cpu", decode_session=True)
+    assert both.backend.greedy_loop and both.backend._greedy_session is both.backend._decode_session is not None
+    config = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[])
+    for memory in (MemoryConfig("full"), MemoryConfig("sink", window=16, sinks=4)):
+        assert [c.token_ids for c in both.generate(PROMPTS, config, memory=memory)] == \
+            [c.token_ids for c in stepped.generate(PROMPTS, config, memory=memory)]
