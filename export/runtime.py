@@ -576,8 +576,8 @@ class OrtBackend:
         self.rope_theta, self.head_dim = cfg.rope_theta, cfg.head_dim
         self.sink_token_id = cfg.sink_token_id
         self.stream_prefix = cfg.stream_prefix  # [sink token] [BOS]: ContextMemory starts every stream with it
-        self.session = create_session(self.export_dir / self.config.files.get("model", MODEL_FILE), provider,
-                                      intra_op_threads)
+        model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
+        self.session = create_session(model_path, provider, intra_op_threads)
         check_names(self.session, self.contract, str(self.export_dir))
         self.provider = self.session.get_providers()[0]
         self.output_names = self.contract.output_names
@@ -597,7 +597,7 @@ class OrtBackend:
         # decode steps in place (KVBuffer): a graph with the GroupQueryAttention branch, on CPU (the
         # buffers are host memory; on CUDA a binding of them would copy to the device and back)
         self.in_place = (self.rotated and self.provider == "CPUExecutionProvider"
-                         and has_decode_branch_node(self.export_dir / self.config.files.get("model", MODEL_FILE)))
+                         and has_decode_branch_node(model_path))
         if self.rotated:
             self.ops.buffered = self.in_place
         # decode_session: decode steps in place run the decode branch as a session of its own (derived
@@ -606,7 +606,6 @@ class OrtBackend:
         # prepacked again: about twice the graph's resident memory)
         self._decode_session = None
         if decode_session and self.in_place:
-            model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
             try:
                 self._decode_session = create_decode_session(model_path, intra_op_threads)
             except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidArgument/... types
@@ -623,7 +622,6 @@ class OrtBackend:
         # of the weights in memory, as the decode session's)
         self._greedy = bool(greedy_loop and self.in_place)
         self._greedy_session = self._decode_session  # else made on the first decode_greedy call
-        model_path = self.export_dir / self.config.files.get("model", MODEL_FILE)
         self._make_greedy_session = lambda: create_decode_session(model_path, intra_op_threads)
         self._turns = KeyTurns(self.head_dim, self.rope_theta) if self.uses_rope else None
         self._local = threading.local()  # one IOBinding per thread: a binding is not shared between runs
