@@ -148,3 +148,43 @@ def _own_key_positions(key_positions: np.ndarray, positions: np.ndarray, q_valid
     out = key_positions.astype(np.int64)
     out[:, out.shape[1] - T:] = np.where(q_valid, out[:, out.shape[1] - T:], positions)
     return out
+
+
+def build_decode_run(stream_pos: np.ndarray, valid: np.ndarray, steps: int, sinks: int = 0,
+                     window: int | None = None) -> list[AttentionLayout]:
+    """The layouts of ``steps`` decode steps in a row (a greedy run: one new token per row per step,
+    every row a token each step), for a backend that never reads key positions (left out: None).
+    stream_pos, valid (B, S): the first step's slots, its new token last, as build_decode_layout takes
+    them; step i's new token sits i slots further, at stream index + i. Step i's layout is
+    build_decode_layout's for the slots held after i more steps, bit for bit, with ``valid`` the slots
+    a `sink` row still holds then: a slot that its band dropped since the first step is masked, which
+    is what the memory's eviction does between two steps (it never compacts inside a run: the caller
+    keeps runs short of that). Each layout's arrays (B, 1, S + i) are views of (steps, B, S + steps - 1)
+    arrays built at once, not a pass over the cache per step."""
+    B, S = valid.shape
+    q0 = stream_pos[:, -1:]  # (B, 1) the first new token's stream index
+    stream = np.concatenate((stream_pos, q0 + np.arange(1, steps)), axis=1)  # (B, W), W = S + steps - 1
+    held = np.concatenate((valid, np.ones((B, steps - 1), bool)), axis=1)  # (B, W)
+    q = q0[None] + np.arange(steps)[:, None, None]  # (steps, B, 1) each step's query
+    allowed = held[None] & (stream[None] <= q)  # (steps, B, W)
+    sink_slots = top = None
+    if window is not None:
+        sink_cols = stream < sinks  # (B, W)
+        allowed &= sink_cols[None] | (stream[None] > q - window)
+        sink_slots = held & sink_cols
+        top = sinks + window - 1  # the rank of a token whose visible set is full
+    own = np.arange(steps)
+    allowed[own, :, S - 1 + own] = True  # each step reads its own slot
+    out = []
+    for i in range(steps):
+        n = S + i
+        step_allowed = allowed[i, :, None, :n]  # (B, 1, n)
+        if window is None:
+            out.append(AttentionLayout(q[i].astype(np.int64), None, step_allowed, valid=held[:, :n],
+                                       stream=stream[:, :n]))
+            continue
+        # every row holds a token: build_decode_layout's query position q - max(q - top, 0)
+        positions = (q[i] - np.maximum(q[i] - top, 0)).astype(np.int64, copy=False)
+        out.append(AttentionLayout(positions, None, step_allowed, valid=allowed[i, :, :n], stream=stream[:, :n],
+                                   sink_slots=sink_slots[:, :n]))
+    return out

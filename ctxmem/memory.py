@@ -36,7 +36,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .layout import AttentionLayout, build_decode_layout, build_layout
+from .layout import AttentionLayout, build_decode_layout, build_decode_run, build_layout
 from .retrieval import RetrievalSettings, StreamStore
 
 POLICIES = ("full", "sink", "recompute", "retrieve")
@@ -578,48 +578,68 @@ class ContextMemory:
         return stream if pinned is None else np.where(pinned >= 0, pinned, stream)
 
     def feed_greedy(self, state: MemoryState, ids: np.ndarray, steps: int) -> np.ndarray | None:
-        """Feed ids (B, 1) (every row valid), then ``steps`` - 1 greedy picks, in one backend call where
-        the backend runs greedy steps itself (``decode_greedy``: ONNX Runtime's in-place decode steps). Returns
-        the picks (B, steps) int64 - pick i is numpy's argmax of the logits after the i-th token fed, the
-        last one not fed - or None, with the state untouched: feed step by step instead. Only where no
-        step evicts: under `full` within the context, and under `sink` while nothing has left the window
-        and nothing will in these steps (fewer picks then: as many as the window still takes, see the
-        shape of the result). There a decode step scores every slot, sinks included, at its stream
-        position, as a `full` one does (build_decode_layout: base 0, every valid slot visible)."""
+        """Feed ids (B, 1) (every row valid), then up to ``steps`` - 1 greedy picks, in one backend call
+        where the backend runs greedy steps itself (``decode_greedy``: ONNX Runtime's in-place decode
+        steps). Returns the picks (B, n) int64, n <= steps - pick i is numpy's argmax of the logits
+        after the i-th token fed, the last one not fed - or None: feed step by step instead (the state
+        is then as that feed leaves it before its forward, `sink`'s eviction done). Under `full` within
+        the context; under `sink` anywhere, its window sliding inside the run: each step's layout masks
+        what its band dropped (ctxmem.layout.build_decode_run), as the eviction between two steps does,
+        and the run stops before the cache would be compacted (fewer picks then: see the result's shape)."""
         cfg = self.config
         run = getattr(self.backend, "decode_greedy", None)
-        if run is None or cfg.policy not in ("full", "sink") or state.past is None or state.pinned is not None \
-                or ids.shape[1] != 1:
+        if run is None or self.key_positions or cfg.policy not in ("full", "sink") or state.past is None \
+                or state.pinned is not None or ids.shape[1] != 1:
             return None
         if cfg.policy == "full":
             if state.slots + steps > cfg.capacity:
                 return None
         else:
-            lengths = state.lengths()
-            if (state.seen != lengths).any():  # a row has evicted: its sink keys are scored apart
-                return None
-            # before a token goes in, a row keeps sinks + window - 1 (_make_room): the i-th of the steps finds
-            # lengths + i, so at most sinks + window - lengths steps evict nothing
-            steps = min(steps, cfg.sinks + cfg.window - int(lengths.max()))
-            if steps < 2:
-                return None
+            self._evict(state, cfg.window - 1)  # what the step-by-step feed does first
+            # step i (i >= 1) finds slots + i, and the eviction before it compacts past capacity + slack
+            steps = min(steps, cfg.capacity + self.slack - state.slots + 1)
+        if steps < 2:
+            return None
         valid = np.ones(ids.shape, bool)
-        mask, seen, *_, layout = self._step_layout(state, ids, valid)
-        out = run(ids, layout, state.past, steps)
+        mask, seen, _, stream, _ = self._step_stream(state, ids, valid)
+        layouts = build_decode_run(stream, mask, steps, cfg.sinks, cfg.window if cfg.policy == "sink" else None)
+        out = run(ids, layouts, state.past)
         if out is None:
             return None
         picks, state.past = out[0], out[1]
-        ones = np.ones((state.batch, steps - 1), bool)
-        state.mask = np.concatenate((mask, ones), axis=1)
+        n = picks.shape[1]  # the backend may run fewer steps than asked (the end of its rotation table)
+        last = layouts[n - 1]
+        state.mask = last.valid  # (B, S + n - 1): under `sink`, what the band dropped is masked
+        count = state.mask.sum(axis=1)  # (B,)
+        if cfg.policy == "sink":  # the first fed slot, the n - 1 after it, less what is held now
+            state.evicted = state.evicted + (mask.sum(axis=1) + n - 1 - count)
         state.tokens = np.concatenate((state.tokens, ids, picks[:, :-1]), axis=1)
-        state.seen = seen + (steps - 1)
-        state.carry = None  # the next forward computes the positions afresh
+        state.seen = seen + (n - 1)
+        state.carry = (state.mask, last.stream, count)  # the next decode step appends to these positions
         return picks
 
     def _step_layout(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray) -> tuple:
         """What a forward of new columns ids/valid (B, T) attends with: (the mask with them (B, S+T),
         seen after them (B,), pinned with them or None, each slot's stream position (B, S+T), the
         valid slots per row when carried (B,) or None, the ctxmem.layout layout)."""
+        cfg = self.config
+        mask, seen, pinned, stream, count = self._step_stream(state, ids, valid)
+        if ids.shape[1] == 1 and cfg.policy in ("full", "sink"):
+            # a decode step (one token per row, nothing put back): the same layout from (B, S) operations
+            layout = build_decode_layout(stream, mask, cfg.sinks, cfg.window if cfg.policy != "full" else None,
+                                         key_positions=self.key_positions)
+        elif cfg.policy in ("sink", "retrieve"):
+            ranks = None
+            if pinned is not None and (pinned >= 0).any():  # put-back slots sit at sinks, sinks + 1, ...
+                pin = pinned >= 0
+                ranks = np.where(pin, cfg.sinks + np.cumsum(pin, axis=1) - 1, -1)
+            layout = build_layout(stream, mask, ids.shape[1], cfg.sinks, cfg.window, pinned=ranks)
+        else:
+            layout = build_layout(stream, mask, ids.shape[1])
+        return mask, seen, pinned, stream, count, layout
+
+    def _step_stream(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray) -> tuple:
+        """_step_layout's first five: the mask, seen, pinned, stream positions and carried count."""
         cfg = self.config
         mask = np.concatenate((state.mask, valid), axis=1)
         seen = state.seen + (valid[:, 0] if valid.shape[1] == 1 else valid.sum(axis=1))  # (B,) int64
@@ -637,19 +657,7 @@ class ContextMemory:
         else:
             stream = self._stream_positions(mask, seen, pinned)
             count = None
-        if ids.shape[1] == 1 and cfg.policy in ("full", "sink"):
-            # a decode step (one token per row, nothing put back): the same layout from (B, S) operations
-            layout = build_decode_layout(stream, mask, cfg.sinks, cfg.window if cfg.policy != "full" else None,
-                                         key_positions=self.key_positions)
-        elif cfg.policy in ("sink", "retrieve"):
-            ranks = None
-            if pinned is not None and (pinned >= 0).any():  # put-back slots sit at sinks, sinks + 1, ...
-                pin = pinned >= 0
-                ranks = np.where(pin, cfg.sinks + np.cumsum(pin, axis=1) - 1, -1)
-            layout = build_layout(stream, mask, ids.shape[1], cfg.sinks, cfg.window, pinned=ranks)
-        else:
-            layout = build_layout(stream, mask, ids.shape[1])
-        return mask, seen, pinned, stream, count, layout
+        return mask, seen, pinned, stream, count
 
     def _forward(self, state: MemoryState, ids: np.ndarray, valid: np.ndarray, last_only: bool = True,
                  queries: bool = False):

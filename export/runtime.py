@@ -403,10 +403,7 @@ class KVBuffer:
         ``turn`` = (cos, sin), each (N, D) float32 laid out for the half-split rotary layout ([c, c],
         [-s, s]: KeyTurns). Returns the keys as they were, (N, L, Hkv, D), for put_keys."""
         saved = self.keys[:, rows, :, cols]  # (N, L, Hkv, D): the advanced axes come first
-        cos, sin = turn[0][:, None, None], turn[1][:, None, None]  # (N, 1, 1, D)
-        half = saved.shape[-1] // 2
-        swapped = np.concatenate((saved[..., half:], saved[..., :half]), axis=-1)  # (x2, x1)
-        self.keys[:, rows, :, cols] = saved * cos + swapped * sin  # (x1 c - x2 s, x2 c + x1 s)
+        self.keys[:, rows, :, cols] = turned(saved, turn)
         return saved
 
     def put_keys(self, rows: np.ndarray, cols: np.ndarray, saved: np.ndarray) -> None:
@@ -425,6 +422,16 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
     starts = np.concatenate(([0], cuts))
     ends = np.concatenate((cuts, [len(idx)]))
     return [(int(a), int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
+def turned(keys: np.ndarray, turn: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """keys (N, L, Hkv, D) rotated further by ``turn`` = (cos, sin), each (..., N, D) (KeyTurns):
+    (..., N, L, Hkv, D), one float32 product and sum per element whatever the leading axes, so a
+    greedy run's keys for all its steps at once are each step's alone bit for bit."""
+    cos, sin = turn[0][..., None, None, :], turn[1][..., None, None, :]  # (..., N, 1, 1, D)
+    half = keys.shape[-1] // 2
+    swapped = np.concatenate((keys[..., half:], keys[..., :half]), axis=-1)  # (x2, x1)
+    return keys * cos + swapped * sin  # (x1 c - x2 s, x2 c + x1 s)
 
 
 class KeyTurns:
@@ -540,6 +547,29 @@ def _sink_shift(positions: np.ndarray, sink_positions: np.ndarray, sink_slots: n
     return rows, cols, delta[rows]
 
 
+def _sink_run(positions: np.ndarray, layouts: list):
+    """A greedy run's sink keys (decode_greedy; layouts from ctxmem.layout.build_decode_run, with sink
+    slots): (steps, (rows, cols, delta)) - the steps that keep the first step's rows scored apart
+    (_sink_shift: a row whose sink query differs from its ordinary one), at most len(layouts), and those
+    rows' cached sink slots with each step's turn, delta (steps, N): the row's position minus its sink
+    position, as _sink_shift gives it step by step -, or (steps, None) where no key is to turn, or None
+    where a row apart would cache a sink token (the layout never gives one). positions (B, 1): the
+    first step's, one more each step."""
+    steps = len(layouts)
+    delta = positions[:, 0] + np.arange(steps)[:, None] - np.stack([_sink_queries(l)[:, 0] for l in layouts])  # (steps, B)
+    apart = delta != 0
+    changed = np.flatnonzero((apart != apart[0]).any(axis=1))
+    if len(changed):  # a row starts or stops being apart: the run ends before (the next one goes on)
+        steps = int(changed[0])
+    if not apart[0].any():
+        return steps, None
+    sink, held = layouts[steps - 1].sink_slots, layouts[0].sink_slots.shape[1] - 1  # held: the cached slots
+    if sink[apart[0], held:].any():
+        return None
+    rows, cols = np.nonzero(sink[:, :held] & apart[0][:, None])  # (N,), (N,)
+    return steps, ((rows, cols, delta[:steps, rows]) if len(rows) else None)
+
+
 def has_decode_branch_node(model_path: str | Path) -> bool:
     """Whether the graph in ``model_path`` has the fused graph's decode branch (graph_builder's If
     named decode_or_general); reads the graph without its weights."""
@@ -631,50 +661,67 @@ class OrtBackend:
         """Whether decode_greedy runs (asked for and possible here)."""
         return self._greedy
 
-    def decode_greedy(self, ids: np.ndarray, layout, past, steps: int):
-        """``steps`` greedy decode steps in one call (ContextMemory.feed_greedy): ids (B, 1) the tokens
-        fed first, layout their decode step's, past the cache. Returns (picks (B, steps) int64 - step
-        i's argmax, fed to step i + 1 -, the cache after the last step, the logits (steps, B, V)), or
-        None, with past as it was, where it does not run: not asked for, not a plain decode step (sink
-        keys scored apart, a frame that would have to move), or a step with a NaN logit or a pick that
-        is not finite (the sampler's guarded path decides those). The steps must not evict (each step
-        sees every slot it was given and each new one): ContextMemory.feed_greedy sees to that.
+    def decode_greedy(self, ids: np.ndarray, layouts: list, past):
+        """Greedy decode steps in one call (ContextMemory.feed_greedy): ids (B, 1) the tokens fed first,
+        ``layouts`` each step's layout (ctxmem.layout.build_decode_run), past the cache. Returns (picks
+        (B, n) int64 - step i's argmax, fed to step i + 1 -, the cache after the last step, the logits
+        (n, B, V)), n <= len(layouts) (fewer where the rotation table ends first), or None, with past as
+        it was, where it does not run: not asked for, fewer than two steps, a step that cannot take the
+        decode branch (_sink_shift), or a step with a NaN logit or a pick that is not finite (the
+        sampler's guarded path decides those). Steps must not compact the cache (each sees the slots it
+        was given and each new one, its layout masking those its band dropped): feed_greedy sees to it.
 
         The steps are in-place decode steps (KVBuffer) on the decode branch as a session of its own
         (no If: create_decode_session), with one binding for the run and nothing but the step's
         inputs written between two runs: no ContextMemory bookkeeping, layout, sampler or detokenizer
-        per token. The same graph as a plain decode step's, so each step's logits are bit for bit
-        that step's (tests/test_export_greedy_loop.py)."""
-        if not self._greedy or ids.shape[1] != 1 or not past or not past[0][0].shape[2]:
+        per token. A `sink` row past its window has its sink keys turned for each step from what they
+        are cached as (_decode_in_place's turn, KVBuffer.turn_keys) and put back after the run. The same
+        graph and inputs as a plain decode step's, so each step's logits are bit for bit that step's
+        (tests/test_export_greedy_loop.py)."""
+        if not self._greedy or ids.shape[1] != 1 or not past or not past[0][0].shape[2] or len(layouts) < 2:
             return None
         frame = past.frame
-        positions = (layout.stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
-        if positions.min() < 0 or positions.max() + steps > self.span[1]:
+        positions = (layouts[0].stream[:, -1:] - frame[:, None]).astype(np.int64, copy=False)  # (B, 1)
+        steps = min(len(layouts), self.span[1] - int(positions.max()))  # each step one position on
+        if positions.min() < 0 or steps < 2:
             return None
-        # sinks are scored like every other slot only while no row scores them apart (_sink_shift gives
-        # nothing to turn: a `sink` row inside its window); the caller runs no more steps than keep it so
-        if layout.sink_slots is not None and _sink_shift(positions, _sink_queries(layout), layout.sink_slots) != ():
-            return None
+        sink = None  # (rows, cols, delta (steps, N)): the sink keys every step turns (_sink_run)
+        if layouts[0].sink_slots is not None:
+            run = _sink_run(positions, layouts[:steps])
+            if run is None:
+                return None
+            steps, sink = run
+            if steps < 2:
+                return None
         session = self._greedy_session
         if session is None:
             session = self._greedy_session = self._make_greedy_session()
-        B, held = ids.shape[0], layout.allowed.shape[2]  # held: P + 1, the slots the first step sees
-        # step i sees the first held + i slots: the slot each step writes is visible to the next query
-        allowed = np.concatenate((layout.allowed, np.repeat(layout.allowed[:, :, -1:], steps - 1, axis=2)), axis=2)
+        B = ids.shape[0]
         picks = np.empty((B, steps), np.int64)
         logits = np.empty((steps, B, self.vocab_size), np.float32)
         buffer = KVBuffer.for_append(past)
         if buffer.capacity < buffer.filled + steps:  # room for every step: one binding for the run
-            buffer = KVBuffer(past, held - 1 + steps + KVBuffer.GROW)
+            buffer = KVBuffer(past, past[0][0].shape[2] + steps + KVBuffer.GROW)
         binding, outs, step_ids, step_positions = self._binding(buffer, (), session)
         step_ids[...] = ids
         out = outs[0][:, 0]  # (B, V): the bound logits, written again by each step
-        for i in range(steps):
-            np.add(positions, i, out=step_positions)
-            binding.bind_cpu_input(ALLOWED, np.ascontiguousarray(allowed[:, :, :held + i]))
-            session.run_with_iobinding(binding)
-            logits[i] = out
-            picks[:, i] = step_ids[:, 0] = out.argmax(axis=1)
+        if sink is not None:
+            rows, cols, delta = sink
+            saved = buffer.keys[:, rows, :, cols]  # (N, L, Hkv, D): as cached, put back after the run
+            cos, sin = self._turns(delta.ravel())  # (steps * N, D)
+            keys = turned(saved, (cos.reshape(*delta.shape, -1), sin.reshape(*delta.shape, -1)))  # (steps, N, L, Hkv, D)
+        try:
+            for i in range(steps):
+                if sink is not None:
+                    buffer.keys[:, rows, :, cols] = keys[i]
+                np.add(positions, i, out=step_positions)
+                binding.bind_cpu_input(ALLOWED, np.ascontiguousarray(layouts[i].allowed))
+                session.run_with_iobinding(binding)
+                logits[i] = out
+                picks[:, i] = step_ids[:, 0] = out.argmax(axis=1)
+        finally:
+            if sink is not None:
+                buffer.put_keys(rows, cols, saved)
         chosen = np.take_along_axis(logits, picks.T[:, :, None], axis=2)  # (steps, B, 1)
         if not np.isfinite(chosen).all() or np.isnan(logits).any():  # the sampler's guarded path decides those
             return None  # past is as it was: its views end at the buffer's filled, moved only below

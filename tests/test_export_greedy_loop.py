@@ -67,28 +67,37 @@ def test_a_row_that_stops_on_the_way_stops_where_it_would_have(generators, monke
         [(c.token_ids, c.text, c.finish_reason) for c in expected]
 
 
-@pytest.mark.parametrize("memory, asked, runs", [(MemoryConfig("full"), 30, 30),
-                                                 # sink: the steps up to the window's end (4 + 16 - 7 held)
-                                                 (MemoryConfig("sink", window=16, sinks=4), 30, 13)])
-def test_each_steps_logits_are_a_plain_decode_steps_bit_for_bit(generators, monkeypatch, memory, asked, runs):
+@pytest.mark.parametrize("memory", [MemoryConfig("full"), MemoryConfig("sink", window=16, sinks=4)])
+def test_each_steps_logits_are_a_plain_decode_steps_bit_for_bit(generators, monkeypatch, memory):
+    """Runs one after the other (under `sink` across the window's end and far past it: evicting, the sink
+    keys turned, a compaction between two runs), each step's logits against a plain decode step's."""
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
     looped_memory, stepped_memory = ContextMemory(looped.backend, memory), ContextMemory(stepped.backend, memory)
     a, b = looped_memory.start(len(PROMPTS)), stepped_memory.start(len(PROMPTS))
     first = looped_memory.feed(a, PROMPTS)
     np.testing.assert_array_equal(first, stepped_memory.feed(b, PROMPTS))
-    ids = first.argmax(axis=1)[:, None]
-    picks = looped_memory.feed_greedy(a, ids, asked)
-    assert picks is not None and picks.shape == (len(PROMPTS), runs)
-    loop_logits = calls[0][2]  # (runs, B, V)
-    fed = ids
-    for i in range(runs):
-        logits = stepped_memory.feed(b, fed)
-        assert np.array_equal(logits, loop_logits[i])  # bit for bit
-        assert np.array_equal(logits.argmax(axis=1), picks[:, i])
-        fed = picks[:, i:i + 1]
-    # the states agree too: the next step from either gives the same logits (under sink, the first that evicts)
-    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.seen, b.seen)
+    fed = first.argmax(axis=1)[:, None]
+    runs = []
+    while sum(runs) < 60:
+        picks = looped_memory.feed_greedy(a, fed, 30)
+        assert picks is not None and picks.shape[0] == len(PROMPTS)
+        runs.append(picks.shape[1])
+        loop_logits = calls[-1][2]  # (steps, B, V)
+        for i in range(picks.shape[1]):
+            logits = stepped_memory.feed(b, fed)
+            assert np.array_equal(logits, loop_logits[i])  # bit for bit
+            assert np.array_equal(logits.argmax(axis=1), picks[:, i])
+            fed = picks[:, i:i + 1]
+        # the states agree too (under sink: the slots held, the count evicted)
+        assert np.array_equal(a.mask, b.mask) and np.array_equal(a.tokens, b.tokens)
+        assert np.array_equal(a.seen, b.seen) and np.array_equal(a.evicted, b.evicted)
+    if memory.policy == "full":
+        assert runs == [30, 30]
+    else:
+        # the first run ends where the first row's window does (4 + 16 - 7 held), later ones where another
+        # row's does or where the cache would be compacted; the rows went far past the window
+        assert runs[0] == 13 and len(runs) > 3 and b.evicted.min() > 20
     np.testing.assert_array_equal(looped_memory.feed(a, fed), stepped_memory.feed(b, fed))
 
 
@@ -102,10 +111,11 @@ def test_sampled_or_penalised_rows_never_take_the_loop(generators, monkeypatch, 
     assert calls == []
 
 
-def test_sink_takes_the_loop_inside_its_window_only_and_gives_the_stepped_tokens_across_it(generators, monkeypatch):
-    """Under `sink`, before anything leaves the window, a decode step scores every slot at its stream
-    position as under `full`: the Loop runs as many steps as the window still takes, then the step-by-step
-    loop evicts and scores the sinks apart - the tokens the step-by-step loop gives all the way."""
+def test_sink_takes_the_loop_across_its_window_in_runs_between_compactions(generators, monkeypatch):
+    """Under `sink` the loop runs inside the window and past it: each step's layout masks what its band
+    dropped (the eviction between two steps) and a row past its window has its sink keys turned for each
+    step, as a plain decode step does; a run stops before the cache would be compacted, and the next one
+    starts after the compaction. The tokens, texts and eviction counts are the step-by-step loop's."""
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
     sink = MemoryConfig("sink", window=16, sinks=4)
@@ -114,10 +124,32 @@ def test_sink_takes_the_loop_inside_its_window_only_and_gives_the_stepped_tokens
     expected = stepped.generate(PROMPTS, config, memory=sink)
     assert [(c.token_ids, c.text, c.evicted) for c in got] == [(c.token_ids, c.text, c.evicted) for c in expected]
     assert expected[0].evicted > 0  # the run went far past the window
-    # one run, up to the window's end: before it a row holds its prompt (the first pick goes in as the run's
-    # first step), and its i-th step finds prompt + i tokens, at most sinks + window - 1 with nothing evicted
-    assert [c[0].shape[1] for c in calls] == [4 + 16 - max(len(p) for p in PROMPTS)]
-    assert all(np.array_equal(c[0][r], got[r].token_ids[1:1 + c[0].shape[1]]) for c in calls for r in range(3))
+    # the first pick, then runs. A run ends where a row's sink keys start being scored apart - its window's
+    # end: the rows' prompts (7, 3, 5 tokens, left-padded to 7 slots) reach it 13, 15 and 17 steps in ->
+    # 13, 2, 2 - or where the cache would be compacted: 24 slots held then, compacted past 4 + 16 + slack 8
+    # -> 5; after the compaction 19 slots (sinks + window - 1) -> 10; then the 7 tokens left
+    slack = ContextMemory(looped.backend, sink).slack
+    assert slack == 8 and [c[0].shape[1] for c in calls] == [13, 2, 2, 5, 10, 7]
+    assert all(np.array_equal(c[0][r], got[r].token_ids[1:1 + c[0].shape[1]]) for c in calls[:1] for r in range(3))
+
+
+def test_sink_far_past_its_window_and_across_frame_moves_gives_the_stepped_tokens(generators, monkeypatch):
+    """Hundreds of tokens past the window: the rows' key frames move (a run ends at the rotation table's
+    end, a plain step moves the frame, runs go on) and the tokens and eviction counts stay the step-by-step
+    loop's; nearly every token comes out of a run."""
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    sink = MemoryConfig("sink", window=16, sinks=4)
+    tokens = 2 * looped.backend.span[1]  # at least two frame moves
+    config = GenerationConfig(max_new_tokens=tokens, temperature=0.0, stop_token_ids=[])
+    got = looped.generate(PROMPTS, config, memory=sink)
+    expected = stepped.generate(PROMPTS, config, memory=sink)
+    assert [(c.token_ids, c.evicted) for c in got] == [(c.token_ids, c.evicted) for c in expected]
+    runs = [c[0].shape[1] for c in calls if c is not None]
+    # None where a row's next position is at the table's end: two plain steps, the second moving that row's
+    # frame (each row's moves once per max_seq_len tokens, rows apart from each other)
+    moves = len(PROMPTS) * (tokens // looped.backend.max_seq_len)
+    assert sum(c is None for c in calls) <= 2 * moves and sum(runs) > 0.9 * tokens
 
 
 def test_recompute_never_takes_the_loop(generators, monkeypatch):

@@ -2,6 +2,8 @@
 
 * ctxmem.layout.build_decode_layout (one new token per row, (B, S) operations) against
   build_layout with n_new=1: every field equal, on random streams with padding slots and rows.
+* ctxmem.layout.build_decode_run (a greedy run's layouts, built at once) against build_decode_layout
+  step by step on the slots held after each step's eviction: every field equal.
 * ContextMemory's decode step (that layout, stream positions carried from the previous step, under
   `sink` the evicted slots read off those positions and no second eviction pass after one token)
   against the same memory with the general layout, positions and eviction ranks by cumsum and both
@@ -21,7 +23,7 @@ import ctxmem.memory as memory_module
 from ctxmem.backend import TorchBackend
 from ctxmem.config import preset
 from ctxmem.generation import Generator
-from ctxmem.layout import build_decode_layout, build_layout
+from ctxmem.layout import build_decode_layout, build_decode_run, build_layout
 from ctxmem.memory import ContextMemory, MemoryConfig
 from ctxmem.model import Transformer
 from ctxmem.sampling import GenerationConfig, Sampler
@@ -53,6 +55,26 @@ def test_decode_layout_equals_the_general_layout(seed, band):
     stream = np.cumsum(rng.integers(0, 3, (B, S)), axis=1).astype(np.int64)
     sinks, window = band if band is not None else (0, None)
     _same_layout(build_decode_layout(stream, valid, sinks, window), build_layout(stream, valid, 1, sinks, window))
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("band", [None, (0, 5), (4, 6), (2, 30)])
+def test_a_runs_layouts_are_the_decode_layouts_step_by_step(seed, band):
+    rng = np.random.default_rng(100 + seed)
+    B, S, steps = int(rng.integers(1, 6)), int(rng.integers(1, 40)), int(rng.integers(2, 12))
+    valid = rng.random((B, S)) < 0.7
+    valid[:, -1] = True  # a run feeds every row
+    stream = np.cumsum(rng.integers(0, 3, (B, S)), axis=1).astype(np.int64)
+    stream[:, -1] = stream[:, -2] + 1 if S > 1 else 0  # the new token one past the row's last slot
+    sinks, window = band if band is not None else (0, None)
+    run = build_decode_run(stream, valid, steps, sinks, window)
+    assert len(run) == steps
+    for i, got in enumerate(run):
+        at = np.concatenate((stream, stream[:, -1:] + np.arange(1, i + 1)), axis=1)  # (B, S + i)
+        held = np.concatenate((valid, np.ones((B, i), bool)), axis=1)
+        if window is not None:  # what the eviction before step i leaves: the sinks and the band
+            held &= (at < sinks) | (at > at[:, -1:] - window)
+        _same_layout(got, build_decode_layout(at, held, sinks, window, key_positions=False))
 
 
 VOCAB = 300
