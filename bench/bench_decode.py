@@ -414,8 +414,60 @@ def profile(args) -> str:
                      f"({best[1] / best[0]:.0%}), Python around it {(best[0] - best[1]) * 1e3:.1f} ms "
                      f"({(best[0] - best[1]) / (args.tokens + 1) * 1e6:.0f} us/step)")
     lines += graph_only(paths, args)
+    lines += sink_against_full(paths, args)
     lines += python_outside_the_graph(args)
     return "\n".join(lines)
+
+
+def sink_against_full(paths, args) -> list[str]:
+    """The sink check's two greedy generates (sink far past the window, full inside it) split into the
+    graph's steps (run_with_iobinding on the greedy loop's session, timed around each call) and everything
+    else (prefill, memory, compactions, sampler, detokenizer), per generated token, CPU time, min of 3:
+    how much of the gap is the graph's attention over a full window against a half-full one on average."""
+    import numpy as np
+
+    from ctxmem.export.runtime import load_onnx_generator
+    from ctxmem.memory import MemoryConfig
+    from ctxmem.sampling import GenerationConfig
+
+    inside = args.sink_window + SINKS - args.prompt
+    lines = []
+    for batch in args.batches:
+        split = {}
+        for label, memory, n in ((f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens",
+                                  MemoryConfig("sink", window=args.sink_window, sinks=SINKS), args.sink_tokens),
+                                 (f"full, {inside} tokens", MemoryConfig("full"), inside)):
+            gen = load_onnx_generator(paths["fp32"], memory=memory, provider="cpu", intra_op_threads=args.threads)
+            config = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_token_ids=[])
+            prompts = np.random.default_rng(0).integers(0, 256, size=(batch, args.prompt)).tolist()
+            gen.generate(prompts, config)  # makes the greedy loop's session
+            session, spent = gen.backend._greedy_session, [0.0]
+            if session is None:  # no greedy run (too few tokens): nothing to split
+                return lines
+            run = session.run_with_iobinding
+
+            def timed(binding, run=run):
+                start = time.process_time()
+                try:
+                    return run(binding)
+                finally:
+                    spent[0] += time.process_time() - start
+            session.run_with_iobinding = timed
+            best = None
+            for _ in range(3):
+                spent[0] = 0.0
+                start = time.process_time()
+                gen.generate(prompts, config)
+                seconds = time.process_time() - start
+                if best is None or seconds < best[0]:
+                    best = (seconds / n, spent[0] / n)
+            split[label] = best
+            lines.append(f"greedy generate, {label}, batch {batch}: {best[0] * 1e6:.0f} us per token, the graph's steps "
+                         f"{best[1] * 1e6:.0f}, the rest {(best[0] - best[1]) * 1e6:.0f}")
+        (sink_all, sink_graph), (full_all, full_graph) = split.values()
+        lines.append(f"sink / full tokens/s, batch {batch}: {full_all / sink_all:.2f}x, the graph's steps alone "
+                     f"{full_graph / sink_graph:.2f}x")
+    return lines
 
 
 def graph_only(paths, args) -> list[str]:

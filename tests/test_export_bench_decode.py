@@ -39,3 +39,4 @@ def test_the_decode_benchmark_runs_at_a_small_size(tmp_path, monkeypatch, capsys
     profile = capsys.readouterr().out
     assert "fp32 graph, batch 1:" in profile and "traced graph, batch 1:" in profile and "session.run" in profile
     assert "graph only, batch 1: ctxmem fp32" in profile and "Python outside the graph, sink 4+8" in profile
+    assert "sink / full tokens/s, batch 1:" in profile and "greedy generate, sink 4+8, 24 tokens, batch 1:" in profile
