@@ -544,6 +544,8 @@ def _sink_shift(positions: np.ndarray, sink_positions: np.ndarray, sink_slots: n
     if sink_slots[apart, -1].any():
         return None
     rows, cols = np.nonzero(sink_slots[:, :-1] & apart[:, None])  # cached slots only: (N,), (N,)
+    if not len(rows):  # no sink slot cached in those rows (sinks=0: a window alone): nothing to turn
+        return ()
     return rows, cols, delta[rows]
 
 

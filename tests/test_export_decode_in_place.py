@@ -77,6 +77,23 @@ def test_sink_far_past_the_window_runs_the_decode_branch_and_keeps_the_general_p
         np.testing.assert_array_equal(k[:, :, :4], pk[:, :, :4])
 
 
+def test_a_window_without_sinks_decodes_in_place_far_past_it(branch_export):
+    """`sink` with sinks=0 (a sliding window alone): past the window its rows' queries are apart from
+    their ordinary positions but there is no sink key to turn. The in-place step used to fail there
+    (KeyTurns over no keys); it now runs the decode branch with nothing turned, giving the general
+    path's logits (1e-5: the two branches' fp32 summation order)."""
+    from ctxmem.memory import MemoryConfig
+
+    fast, plain = _backends(branch_export)
+    memory = MemoryConfig("sink", window=9, sinks=0)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [40, 41, 42]]
+    got, in_place, _, state = _feed_all(fast, memory, prompts, 60)
+    want, _, _, _ = _feed_all(plain, memory, prompts, 60)
+    assert in_place[0] == 60 and in_place[1] == 0 and state.evicted.min() > 40
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert (np.argmax(got, -1) == np.argmax(want, -1)).all()
+
+
 def test_a_kept_snapshot_never_changes_and_continuing_it_copies(branch_export):
     """A caller that keeps an older cache (serving's reused states) and steps from it twice: the
     first continuation appends in place, the second finds the buffer already written past the

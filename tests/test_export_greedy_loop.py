@@ -152,6 +152,18 @@ def test_sink_far_past_its_window_and_across_frame_moves_gives_the_stepped_token
     assert sum(c is None for c in calls) <= 2 * moves and sum(runs) > 0.9 * tokens
 
 
+def test_a_window_without_sinks_takes_the_loop_and_gives_the_stepped_tokens(generators, monkeypatch):
+    """sinks=0: past the window nothing is turned (no sink keys); the runs give the step-by-step tokens."""
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    window = MemoryConfig("sink", window=9, sinks=0)
+    config = GenerationConfig(max_new_tokens=60, temperature=0.0, stop_token_ids=[])
+    got = looped.generate(PROMPTS, config, memory=window)
+    expected = stepped.generate(PROMPTS, config, memory=window)
+    assert [(c.token_ids, c.evicted) for c in got] == [(c.token_ids, c.evicted) for c in expected]
+    assert expected[0].evicted > 40 and sum(c[0].shape[1] for c in calls if c is not None) > 40
+
+
 def test_recompute_never_takes_the_loop(generators, monkeypatch):
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
