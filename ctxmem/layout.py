@@ -159,32 +159,32 @@ def build_decode_run(stream_pos: np.ndarray, valid: np.ndarray, steps: int, sink
     build_decode_layout's for the slots held after i more steps, bit for bit, with ``valid`` the slots
     a `sink` row still holds then: a slot that its band dropped since the first step is masked, which
     is what the memory's eviction does between two steps (it never compacts inside a run: the caller
-    keeps runs short of that). Each layout's arrays (B, 1, S + i) are views of (steps, B, S + steps - 1)
-    arrays built at once, not a pass over the cache per step."""
+    keeps runs short of that). Each layout's arrays (B, 1, S + i) are views of arrays built at once
+    (without a band, of one (B, 1, S + steps - 1) array: step i reads the first S + i slots), not a pass
+    over the cache per step."""
     B, S = valid.shape
     q0 = stream_pos[:, -1:]  # (B, 1) the first new token's stream index
     stream = np.concatenate((stream_pos, q0 + np.arange(1, steps)), axis=1)  # (B, W), W = S + steps - 1
     held = np.concatenate((valid, np.ones((B, steps - 1), bool)), axis=1)  # (B, W)
-    q = q0[None] + np.arange(steps)[:, None, None]  # (steps, B, 1) each step's query
+    q = (q0[None] + np.arange(steps)[:, None, None]).astype(np.int64, copy=False)  # (steps, B, 1) each step's query
+    if window is None:
+        # no band: step i reads every slot held before it and its own - the first S + i columns of held
+        # (every held slot's stream index is below the query's), views of one (B, 1, W) array
+        reads = held[:, None, :]
+        return [AttentionLayout(q[i], None, reads[:, :, :S + i], valid=held[:, :S + i], stream=stream[:, :S + i])
+                for i in range(steps)]
     allowed = held[None] & (stream[None] <= q)  # (steps, B, W)
-    sink_slots = top = None
-    if window is not None:
-        sink_cols = stream < sinks  # (B, W)
-        allowed &= sink_cols[None] | (stream[None] > q - window)
-        sink_slots = held & sink_cols
-        top = sinks + window - 1  # the rank of a token whose visible set is full
+    sink_cols = stream < sinks  # (B, W)
+    allowed &= sink_cols[None] | (stream[None] > q - window)
+    sink_slots = held & sink_cols
+    top = sinks + window - 1  # the rank of a token whose visible set is full
     own = np.arange(steps)
     allowed[own, :, S - 1 + own] = True  # each step reads its own slot
     out = []
     for i in range(steps):
         n = S + i
-        step_allowed = allowed[i, :, None, :n]  # (B, 1, n)
-        if window is None:
-            out.append(AttentionLayout(q[i].astype(np.int64), None, step_allowed, valid=held[:, :n],
-                                       stream=stream[:, :n]))
-            continue
         # every row holds a token: build_decode_layout's query position q - max(q - top, 0)
-        positions = (q[i] - np.maximum(q[i] - top, 0)).astype(np.int64, copy=False)
-        out.append(AttentionLayout(positions, None, step_allowed, valid=allowed[i, :, :n], stream=stream[:, :n],
-                                   sink_slots=sink_slots[:, :n]))
+        positions = q[i] - np.maximum(q[i] - top, 0)
+        out.append(AttentionLayout(positions, None, allowed[i, :, None, :n], valid=allowed[i, :, :n],
+                                   stream=stream[:, :n], sink_slots=sink_slots[:, :n]))
     return out
