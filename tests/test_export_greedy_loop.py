@@ -36,6 +36,15 @@ def spy(backend, monkeypatch) -> list:
     return calls
 
 
+def generate_both(generators, monkeypatch, memory: MemoryConfig, tokens: int):
+    """(the looped generator's decode_greedy returns, its completions, the step-by-step generator's) for
+    PROMPTS, ``tokens`` greedy tokens under ``memory``."""
+    looped, stepped = generators
+    calls = spy(looped.backend, monkeypatch)
+    config = GenerationConfig(max_new_tokens=tokens, temperature=0.0, stop_token_ids=[])
+    return calls, looped.generate(PROMPTS, config, memory=memory), stepped.generate(PROMPTS, config, memory=memory)
+
+
 def test_the_loop_gives_the_step_by_step_tokens_texts_and_reasons(generators, monkeypatch):
     looped, stepped = generators
     calls = spy(looped.backend, monkeypatch)
@@ -116,19 +125,15 @@ def test_sink_takes_the_loop_across_its_window_in_runs_between_compactions(gener
     dropped (the eviction between two steps) and a row past its window has its sink keys turned for each
     step, as a plain decode step does; a run stops before the cache would be compacted, and the next one
     starts after the compaction. The tokens, texts and eviction counts are the step-by-step loop's."""
-    looped, stepped = generators
-    calls = spy(looped.backend, monkeypatch)
     sink = MemoryConfig("sink", window=16, sinks=4)
-    config = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[])
-    got = looped.generate(PROMPTS, config, memory=sink)
-    expected = stepped.generate(PROMPTS, config, memory=sink)
+    calls, got, expected = generate_both(generators, monkeypatch, sink, 40)
     assert [(c.token_ids, c.text, c.evicted) for c in got] == [(c.token_ids, c.text, c.evicted) for c in expected]
     assert expected[0].evicted > 0  # the run went far past the window
     # the first pick, then runs. A run ends where a row's sink keys start being scored apart - its window's
     # end: the rows' prompts (7, 3, 5 tokens, left-padded to 7 slots) reach it 13, 15 and 17 steps in ->
     # 13, 2, 2 - or where the cache would be compacted: 24 slots held then, compacted past 4 + 16 + slack 8
     # -> 5; after the compaction 19 slots (sinks + window - 1) -> 10; then the 7 tokens left
-    slack = ContextMemory(looped.backend, sink).slack
+    slack = ContextMemory(generators[0].backend, sink).slack
     assert slack == 8 and [c[0].shape[1] for c in calls] == [13, 2, 2, 5, 10, 7]
     assert all(np.array_equal(c[0][r], got[r].token_ids[1:1 + c[0].shape[1]]) for c in calls[:1] for r in range(3))
 
@@ -137,29 +142,20 @@ def test_sink_far_past_its_window_and_across_frame_moves_gives_the_stepped_token
     """Hundreds of tokens past the window: the rows' key frames move (a run ends at the rotation table's
     end, a plain step moves the frame, runs go on) and the tokens and eviction counts stay the step-by-step
     loop's; nearly every token comes out of a run."""
-    looped, stepped = generators
-    calls = spy(looped.backend, monkeypatch)
-    sink = MemoryConfig("sink", window=16, sinks=4)
-    tokens = 2 * looped.backend.span[1]  # at least two frame moves
-    config = GenerationConfig(max_new_tokens=tokens, temperature=0.0, stop_token_ids=[])
-    got = looped.generate(PROMPTS, config, memory=sink)
-    expected = stepped.generate(PROMPTS, config, memory=sink)
+    backend = generators[0].backend
+    tokens = 2 * backend.span[1]  # at least two frame moves
+    calls, got, expected = generate_both(generators, monkeypatch, MemoryConfig("sink", window=16, sinks=4), tokens)
     assert [(c.token_ids, c.evicted) for c in got] == [(c.token_ids, c.evicted) for c in expected]
     runs = [c[0].shape[1] for c in calls if c is not None]
     # None where a row's next position is at the table's end: two plain steps, the second moving that row's
     # frame (each row's moves once per max_seq_len tokens, rows apart from each other)
-    moves = len(PROMPTS) * (tokens // looped.backend.max_seq_len)
+    moves = len(PROMPTS) * (tokens // backend.max_seq_len)
     assert sum(c is None for c in calls) <= 2 * moves and sum(runs) > 0.9 * tokens
 
 
 def test_a_window_without_sinks_takes_the_loop_and_gives_the_stepped_tokens(generators, monkeypatch):
     """sinks=0: past the window nothing is turned (no sink keys); the runs give the step-by-step tokens."""
-    looped, stepped = generators
-    calls = spy(looped.backend, monkeypatch)
-    window = MemoryConfig("sink", window=9, sinks=0)
-    config = GenerationConfig(max_new_tokens=60, temperature=0.0, stop_token_ids=[])
-    got = looped.generate(PROMPTS, config, memory=window)
-    expected = stepped.generate(PROMPTS, config, memory=window)
+    calls, got, expected = generate_both(generators, monkeypatch, MemoryConfig("sink", window=9, sinks=0), 60)
     assert [(c.token_ids, c.evicted) for c in got] == [(c.token_ids, c.evicted) for c in expected]
     assert expected[0].evicted > 40 and sum(c[0].shape[1] for c in calls if c is not None) > 40
 
