@@ -591,16 +591,16 @@ class ContextMemory:
         if run is None or self.key_positions or cfg.policy not in ("full", "sink") or state.past is None \
                 or state.pinned is not None or ids.shape[1] != 1:
             return None
+        valid = np.ones(ids.shape, bool)
         if cfg.policy == "full":
             if state.slots + steps > cfg.capacity:
                 return None
         else:
-            self._evict(state, cfg.window - 1)  # what the step-by-step feed does first
+            self._make_room(state, valid)  # what the step-by-step feed does first
             # step i (i >= 1) finds slots + i, and the eviction before it compacts past capacity + slack
             steps = min(steps, cfg.capacity + self.slack - state.slots + 1)
         if steps < 2:
             return None
-        valid = np.ones(ids.shape, bool)
         mask, seen, _, stream, _ = self._step_stream(state, ids, valid)
         layouts = build_decode_run(stream, mask, steps, cfg.sinks, cfg.window if cfg.policy == "sink" else None)
         out = run(ids, layouts, state.past)

@@ -551,25 +551,27 @@ def _sink_shift(positions: np.ndarray, sink_positions: np.ndarray, sink_slots: n
 
 def _sink_run(positions: np.ndarray, layouts: list):
     """A greedy run's sink keys (decode_greedy; layouts from ctxmem.layout.build_decode_run, with sink
-    slots): (steps, (rows, cols, delta)) - the steps that keep the first step's rows scored apart
-    (_sink_shift: a row whose sink query differs from its ordinary one), at most len(layouts), and those
-    rows' cached sink slots with each step's turn, delta (steps, N): the row's position minus its sink
-    position, as _sink_shift gives it step by step -, or (steps, None) where no key is to turn, or None
-    where a row apart would cache a sink token (the layout never gives one). positions (B, 1): the
-    first step's, one more each step."""
+    slots): (steps, (rows, cols, delta)) - the steps that keep the first step's rows scored apart, at
+    most len(layouts), the first step's sink keys to turn (_sink_shift) and each step's turn of them,
+    delta (steps, N): the row's position minus its sink position, as _sink_shift gives it step by step -,
+    or (steps, None) where no key is to turn, or None where a row apart would cache a sink token (the
+    layout never gives one). positions (B, 1): the first step's, one more each step."""
+    first = _sink_shift(positions, _sink_queries(layouts[0]), layouts[0].sink_slots)
+    if first is None:
+        return None
     steps = len(layouts)
     delta = positions[:, 0] + np.arange(steps)[:, None] - np.stack([_sink_queries(l)[:, 0] for l in layouts])  # (steps, B)
     apart = delta != 0
     changed = np.flatnonzero((apart != apart[0]).any(axis=1))
     if len(changed):  # a row starts or stops being apart: the run ends before (the next one goes on)
         steps = int(changed[0])
-    if not apart[0].any():
-        return steps, None
-    sink, held = layouts[steps - 1].sink_slots, layouts[0].sink_slots.shape[1] - 1  # held: the cached slots
-    if sink[apart[0], held:].any():
+    held = layouts[0].sink_slots.shape[1] - 1  # the cached slots; the run's new ones follow
+    if layouts[steps - 1].sink_slots[apart[0], held:].any():
         return None
-    rows, cols = np.nonzero(sink[:, :held] & apart[0][:, None])  # (N,), (N,)
-    return steps, ((rows, cols, delta[:steps, rows]) if len(rows) else None)
+    if not first:
+        return steps, None
+    rows, cols, _ = first
+    return steps, (rows, cols, delta[:steps, rows])
 
 
 def has_decode_branch_node(model_path: str | Path) -> bool:
@@ -677,7 +679,7 @@ class OrtBackend:
         (no If: create_decode_session), with one binding for the run and nothing but the step's
         inputs written between two runs: no ContextMemory bookkeeping, layout, sampler or detokenizer
         per token. A `sink` row past its window has its sink keys turned for each step from what they
-        are cached as (_decode_in_place's turn, KVBuffer.turn_keys) and put back after the run. The same
+        are cached as (_decode_in_place's turn, all steps' at once: ``turned``) and put back after the run. The same
         graph and inputs as a plain decode step's, so each step's logits are bit for bit that step's
         (tests/test_export_greedy_loop.py)."""
         if not self._greedy or ids.shape[1] != 1 or not past or not past[0][0].shape[2] or len(layouts) < 2:
