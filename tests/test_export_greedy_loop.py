@@ -131,10 +131,10 @@ def test_sink_takes_the_loop_across_its_window_in_runs_between_compactions(gener
     assert expected[0].evicted > 0  # the run went far past the window
     # the first pick, then runs. A run ends where a row's sink keys start being scored apart - its window's
     # end: the rows' prompts (7, 3, 5 tokens, left-padded to 7 slots) reach it 13, 15 and 17 steps in ->
-    # 13, 2, 2 - or where the cache would be compacted: 24 slots held then, compacted past 4 + 16 + slack 8
-    # -> 5; after the compaction 19 slots (sinks + window - 1) -> 10; then the 7 tokens left
+    # 13, 2, 2 - or where the cache would be compacted: 24 slots held then, compacted past 4 + 16 + slack 10
+    # (half the capacity) -> 7; after the compaction 19 slots (sinks + window - 1) -> 12; then the 3 tokens left
     slack = ContextMemory(generators[0].backend, sink).slack
-    assert slack == 8 and [c[0].shape[1] for c in calls] == [13, 2, 2, 5, 10, 7]
+    assert slack == 10 and [c[0].shape[1] for c in calls] == [13, 2, 2, 7, 12, 3]
     assert all(np.array_equal(c[0][r], got[r].token_ids[1:1 + c[0].shape[1]]) for c in calls[:1] for r in range(3))
 
 

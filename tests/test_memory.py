@@ -46,6 +46,29 @@ def test_sink_cache_after_sliding_equals_a_fresh_forward_over_the_kept_tokens():
     np.testing.assert_allclose(logits[0], fresh, atol=ATOL)
 
 
+@pytest.mark.parametrize("window, sinks", [(4, 2), (12, 4), (40, 4)])
+def test_sink_cache_grows_to_capacity_plus_the_default_slack_then_compacts(window, sinks):
+    """The cache a long stream leaves is bounded: it carries masked (evicted) slots up to
+    default_slack(capacity) - half a small capacity, at least 8 - and is then compacted back to the
+    kept slots; the memory a conversation holds is at most capacity + slack + 1 slots."""
+    from ctxmem.memory import default_slack
+
+    _, backend = make(n_layers=1)
+    memory = ContextMemory(backend, MemoryConfig("sink", window=window, sinks=sinks))
+    capacity = window + sinks
+    slack = default_slack(capacity)
+    assert memory.slack == slack == max(8, capacity // 2)
+    state = memory.start(1)
+    memory.feed(state, [tokens(3)])
+    sizes = []
+    for t in tokens(3 * (capacity + slack)):
+        memory.feed(state, np.array([[t]]))
+        sizes.append(state.slots)
+    assert max(sizes) == capacity + slack + 1  # grows into the slack (+ the token fed after the check) ...
+    assert min(sizes[sizes.index(max(sizes)) + 1:]) <= capacity  # ... then is compacted back
+    assert state.lengths()[0] == capacity  # what stays visible is the sinks and the window
+
+
 def test_sink_cache_matches_a_naive_streamingllm_reference_on_a_deep_model():
     # Reference written independently: remember every token's pre-rotation K/V from the moment it
     # was processed, and at each step attend to sinks + the most recent tokens at positions given
