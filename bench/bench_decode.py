@@ -23,7 +23,8 @@ length, no early stop) under the `full` memory policy; tokens/s = batch * tokens
 whole generate call (prefill included), the median of --rounds interleaved rounds after one warm-up.
 "greedy" = rows whose tokens equal transformers' (fp32 reference). Then the sink check: ctxmem ORT
 fp32 under sink(4 + --sink-window) for --sink-tokens tokens against `full` inside the window, each
-with the greedy loop (the window slides inside its runs) and step by step.
+with the greedy loop (the window slides inside its runs) and step by step; a timed sample of `full`
+inside the window repeats its generate to about --sink-tokens tokens.
 --profile prints where a decode step's time goes (ONNX Runtime's per-op profiler; session.run
 against the Python around it). Targets: issue 10.
 """
@@ -234,11 +235,15 @@ def run(args) -> tuple[list[dict], list[dict]]:
     sink_gen, sink_stepped = (load_onnx_generator(paths["fp32"], memory=sink, provider="cpu",
                                                   intra_op_threads=args.threads, greedy_loop=loop) for loop in (True, False))
     inside = args.sink_window + SINKS - args.prompt  # `full` inside the window: prompt + these fill sinks + window
+    # each timed sample of `full` inside the window repeats its generate to about as many tokens as the sink
+    # run's (one 112-token call is ~50 ms at batch 1: one slow moment on a shared machine moved its median)
+    repeats = max(1, round(args.sink_tokens / inside))
     sink_calls = {
-        f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens": (sink_gen, args.sink_tokens),
-        f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens, step by step": (sink_stepped, args.sink_tokens),
-        f"full, {inside} tokens (inside the window)": (engines["ctxmem ORT fp32"], inside),
-        f"full, {inside} tokens (inside the window), step by step": (engines["ctxmem ORT fp32 step by step"], inside)}
+        f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens": (sink_gen, args.sink_tokens, 1),
+        f"sink {SINKS}+{args.sink_window}, {args.sink_tokens} tokens, step by step": (sink_stepped, args.sink_tokens, 1),
+        f"full, {inside} tokens (inside the window)": (engines["ctxmem ORT fp32"], inside, repeats),
+        f"full, {inside} tokens (inside the window), step by step": (engines["ctxmem ORT fp32 step by step"], inside,
+                                                                     repeats)}
 
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(0, 256, size=(b, args.prompt)).tolist() for b in args.batches}
@@ -250,11 +255,11 @@ def run(args) -> tuple[list[dict], list[dict]]:
                 if round_:
                     times.setdefault((name, batch), []).append(seconds)
                 tokens[(name, batch)] = out
-            for name, (gen, n) in sink_calls.items():
+            for name, (gen, n, reps) in sink_calls.items():
                 cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_token_ids=[])
-                seconds, _ = _timed(lambda: gen.generate(prompts[batch], cfg))
+                seconds, _ = _timed(lambda: [gen.generate(prompts[batch], cfg) for _ in range(reps)])
                 if round_:
-                    times.setdefault((name, batch), []).append(seconds * args.tokens / n)  # per --tokens tokens
+                    times.setdefault((name, batch), []).append(seconds * args.tokens / (n * reps))  # per --tokens tokens
         print(f"round {round_}/{args.rounds} done", file=sys.stderr, flush=True)
     for worker in peers.values():
         worker.close()
