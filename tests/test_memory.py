@@ -5,7 +5,7 @@ import torch
 
 from ctxmem.backend import TorchBackend
 from ctxmem.config import preset
-from ctxmem.memory import ContextMemory, ContextOverflowError, MemoryConfig, MemoryConfigError
+from ctxmem.memory import ContextMemory, ContextOverflowError, MemoryConfig, MemoryConfigError, default_slack
 from ctxmem.model import Transformer
 
 # fp32 throughout. Cached vs recomputed attention differ only in reduction order (shapes
@@ -51,8 +51,6 @@ def test_sink_cache_grows_to_capacity_plus_the_default_slack_then_compacts(windo
     """The cache a long stream leaves is bounded: it carries masked (evicted) slots up to
     default_slack(capacity) - half a small capacity, at least 8 - and is then compacted back to the
     kept slots; the memory a conversation holds is at most capacity + slack + 1 slots."""
-    from ctxmem.memory import default_slack
-
     _, backend = make(n_layers=1)
     memory = ContextMemory(backend, MemoryConfig("sink", window=window, sinks=sinks))
     capacity = window + sinks
