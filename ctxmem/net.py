@@ -12,3 +12,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at a Ray cluster ``address`` - "host:port" (its GCS) or "ray://host:port" (its
+    client server) - or None when something accepts a TCP connection there, or when the address is not
+    one to probe ("auto", "local": Ray looks for the cluster itself). Ray's own connect retries without
+    end where nothing listens, printing a warning every few seconds; this answers within ``timeout``."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"nothing answers at {address} ({err.strerror or err})"

@@ -157,6 +157,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         proxy_port = args.proxy_port or free_port()
     if address:
+        from ctxmem.net import unreachable
+
+        problem = unreachable(address)
+        if problem:
+            raise SystemExit(f"ctxmem serve: no Ray cluster: {problem}. Pass the address of a running cluster "
+                             "(`ray start --head` prints it), or drop --address and unset RAY_ADDRESS to let this "
+                             "command start a local one")
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, object_store_memory=args.object_store_mb * 2**20)

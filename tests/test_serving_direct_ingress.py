@@ -60,6 +60,17 @@ def test_the_cli_refuses_direct_ingress_on_a_cluster_it_did_not_start(tiny_expor
     assert done.returncode != 0 and "--direct-ingress needs the Ray cluster this command starts" in done.stderr
 
 
+def test_the_cli_says_when_no_ray_cluster_answers_at_address_instead_of_retrying_forever(tiny_export):
+    from ctxmem.net import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([str(Path(sys.executable).parent / "ctxmem"), "serve", "--model", str(tiny_export),
+                           "--address", address], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert f"no Ray cluster: nothing answers at {address}" in done.stderr and "ray start --head" in done.stderr
+
+
 @pytest.fixture(scope="module")
 def urls(tiny_export):
     """(Serve's proxy, the HTTP replica's own address) of a colocated app with direct ingress and a key."""

@@ -1,14 +1,20 @@
 """The typed training config, the DeepSpeed config built from it, and every file shipped in infra/."""
 from __future__ import annotations
 
+import os
 import shlex
+import socket
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from ctxmem.cli import build_parser
+from ctxmem.net import free_port, unreachable
 from ctxmem.training.cli import _hostfile_slots
 from ctxmem.training.config import TrainConfig
+from ctxmem.training.data import prepare
 from ctxmem.training.errors import TrainConfigError
 from ctxmem.training.zero import build_ds_config, zero_state_bytes
 from helpers_training import REPO
@@ -188,3 +194,27 @@ def test_the_hostfile_example_parses_into_ranks():
     cfg = TrainConfig.load(REPO / "infra" / "train-gpu-124m.yaml")
     assert cfg.accumulation(16) == 1  # the GPU config splits over the example's 16 ranks
 
+
+
+def test_a_ray_address_where_nothing_listens_is_a_clear_error_not_a_hang(tmp_path):
+    """Ray's own connect retries without end where no cluster listens (a warning every few seconds);
+    `ctxmem train --ray --ray-address` checks that something answers first and says what to do."""
+    data = tmp_path / "data"
+    prepare(["chatterbot"], data, progress=False)  # the config's data is checked first
+    address = f"127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "ctxmem", "train", "--config", str(REPO / "infra" / "train-ray-cpu.yaml"),
+                           "--ray", "--num-workers", "1", "--ray-address", address, f"data.path={data}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert done.returncode != 0
+    assert f"no Ray cluster: nothing answers at {address}" in done.stderr and "ray start --head" in done.stderr
+
+
+def test_only_host_port_addresses_are_probed_and_a_listener_counts_as_an_answer():
+    assert unreachable("auto") is None and unreachable("local") is None  # Ray finds those itself
+    port = free_port()
+    assert unreachable(f"ray://127.0.0.1:{port}").startswith(f"nothing answers at ray://127.0.0.1:{port} (")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert unreachable(f"127.0.0.1:{listener.getsockname()[1]}") is None

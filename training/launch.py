@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctxmem.net import free_port
+from ctxmem.net import free_port, unreachable
 
 from .config import TrainConfig
 from .errors import TrainingError
@@ -162,6 +162,11 @@ def run_ray(cfg: TrainConfig, resume: str | None, num_workers: int, use_gpu: boo
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
+            problem = unreachable(address)
+            if problem:
+                raise TrainingError(f"no Ray cluster: {problem}. Pass the address of a running cluster (`ray start "
+                                    "--head` prints it), or drop --ray-address and unset RAY_ADDRESS to train on a "
+                                    "local Ray")
             ray.init(address=address)
         else:
             ray.init(address="local", include_dashboard=False, configure_logging=False)
