@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", default="-", help="prompt text; '-' reads it from stdin")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
-    g.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
-                   help="torch: eager PyTorch on a checkpoint; onnx: ONNX Runtime on an export")
+    g.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                   help="torch: eager PyTorch on a checkpoint; onnx: ONNX Runtime on an export; auto: onnx for "
+                        "an export folder (it holds runtime_config.json) or a models:/ or runs:/ URI, else torch")
     g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0 = off)")
@@ -80,9 +81,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.set_defaults(func=cmd_export_hf)
 
 
+def chosen_backend(backend: str, model: str) -> str:
+    """`--backend auto`: what the model names - a registry URI or an export folder (its runtime config,
+    written by `ctxmem export`) runs on ONNX Runtime, anything else is a checkpoint for torch."""
+    if backend != "auto":
+        return backend
+    if model.startswith(("models:/", "runs:/")) or (Path(model) / "runtime_config.json").is_file():
+        return "onnx"
+    return "torch"
+
+
 def _build_generator(args):
     import importlib
 
+    args.backend = chosen_backend(args.backend, args.model)
     module, name = BACKENDS[args.backend]
     loader = getattr(importlib.import_module(module), name)
     if args.backend == "torch":

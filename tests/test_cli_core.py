@@ -121,3 +121,20 @@ def test_the_decode_session_says_when_a_graph_has_no_decode_branch(tiny_export, 
     assert main(["generate", "--model", str(tiny_export), "--backend", "onnx", "--prompt", "x",
                  "--max-new-tokens", "2", "--decode-session"]) == 0
     assert "decode_session=True has no effect here" in caplog.text
+
+
+def test_the_backend_follows_what_the_model_names(tiny_checkpoint, tiny_export, capsys, caplog):
+    # an export folder used to be read as a checkpoint (--backend torch was the default): "config.json does
+    # not exist"; now it runs on ONNX Runtime unless the backend is named
+    caplog.set_level(logging.INFO, logger="ctxmem")
+    argv = ["--prompt", "hello", "--max-new-tokens", "6"]
+    assert main(["generate", "--model", str(tiny_export), *argv]) == 0
+    assert "backend=onnx" in caplog.text
+    chosen = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny_export), "--backend", "onnx", *argv]) == 0
+    assert capsys.readouterr().out == chosen  # greedy: the same text as with the backend named
+    caplog.clear()
+    assert main(["generate", "--model", str(tiny_checkpoint), *argv]) == 0
+    assert "backend=torch" in caplog.text
+    assert main(["generate", "--model", str(tiny_export), "--backend", "torch", *argv]) == 1  # named: as asked
+    assert "a ctxmem checkpoint needs config.json" in capsys.readouterr().err
