@@ -613,6 +613,8 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     name = "bench"
 
+    running: list = []  # [(ServeArgs, affinity)] of the application deployed now
+
     def deploy(replicas: int = 1, affinity: bool = True, colocate: bool = False, env: dict | None = None,
                **engine) -> dict:
         # env: the engine replicas' environment (with colocate, the one replica's)
@@ -624,8 +626,12 @@ def main(argv=None) -> int:
             "engine_deployment": {"num_replicas": replicas, "max_ongoing_requests": 256,
                                   "ray_actor_options": engine_actor},
             "ingress_deployment": {"max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.25}}})
-        serve.run(build_app_with_router(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
-        for _ in range(600):  # the in-place reconfigure is visible on the next health call
+        # serve.run replaces every replica (Serve gives each imperative deploy a new version): ~5 s here,
+        # so the configuration already running is not deployed again
+        if running != [(config, affinity)]:
+            serve.run(build_app_with_router(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
+            running[:] = [(config, affinity)]
+        for _ in range(600):  # the engine's health reports what it was configured with
             info = httpx.get(url + "/health", timeout=30).json().get("engine", {})
             if all(info.get(k) == v for k, v in engine.items()):
                 return info
