@@ -1,7 +1,6 @@
 """One decode step's attention on ONNX Runtime CPU, alone, by cache length: what a longer cache costs.
 
     .venv/bin/python bench/bench_attention.py [--batch 8] [--slots 72 128 160] [--calls 200] [--rounds 5]
-    .venv/bin/python bench/bench_attention.py --in-situ .cache/bench/decode/onnx-fp32 [--batch 8]
 
 The decode branch of the fused graph attends with `GroupQueryAttention` in place (past and present one
 buffer, the new key and value written into it). Beside it, the same attention as plain ops - MatMul,
@@ -10,21 +9,17 @@ tensors fed whole (what a graph without the shared buffer would compute, less th
 would also pay). The bench's model's sizes: 8 query heads, 4 key/value heads, head size 32. One layer;
 CPU time per call, the best of --rounds rounds of --calls calls, 1 intra-op thread.
 
---in-situ EXPORT: the same question inside whole greedy generates on an export (bench_decode.py writes
-the one its rows use): ONNX Runtime's profiler (`SessionOptions.enable_profiling`) on the greedy loop's
-session, per op type and decode step, under sink 4+124 for 1,000 tokens and `full` for 112 tokens
-inside the window (both from a 16-token prompt), and `full` over the window's last 28 slots
-(--window and --sink-tokens change the sizes).
+Inside whole greedy generates, by op: `bench_decode.py --profile` (ONNX Runtime's profiler on the greedy
+loop's session under sink far past the window and `full` inside it).
 
 Why: under the sink policy far past its window the cache holds 128-192 slots, `full` inside the window
 16-128, and at batch 8 sink's graph steps are slower than full's (bench_decode.py --profile) while its
-matrix products are the same; this shows what the attention costs by cache length.
+matrix products are the same; this shows what the attention alone costs by cache length.
 """
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -102,49 +97,6 @@ def cpu_us(call, calls: int, rounds: int) -> float:
     return best
 
 
-def in_situ(export: str, batch: int, window: int = 124, sink_tokens: int = 1000, prompt: int = 16) -> None:
-    """Per-op kernel time of the greedy loop's decode steps, ONNX Runtime's profiler, three generates."""
-    import collections
-    import json
-
-    from ctxmem.export.runtime import _session_options, decode_branch_model, load_onnx_generator
-    from ctxmem.memory import MemoryConfig
-    from ctxmem.sampling import GenerationConfig
-
-    def profiled_session():
-        options = _session_options(1)
-        options.enable_profiling = True
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(Path(export).resolve()))
-        return ort.InferenceSession(decode_branch_model(Path(export) / "model.onnx").SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-
-    inside = window + 4 - prompt  # `full` from the prompt to the window's end; then over its last quarter
-    late = max(4, inside // 4)
-    cases = {f"sink 4+{window}, {sink_tokens} tokens": (MemoryConfig("sink", window=window, sinks=4), prompt, sink_tokens),
-             f"full, {inside} tokens": (MemoryConfig("full"), prompt, inside),
-             f"full, {prompt + inside - late}-token prompt + {late} tokens": (MemoryConfig("full"),
-                                                                          prompt + inside - late, late)}
-    print(f"decode steps of greedy generates, batch {batch}, {export}: kernel us per step by op (ONNX Runtime's "
-          "profiler, 3 generates; its own overhead included)")
-    for label, (memory, prompt, tokens) in cases.items():
-        gen = load_onnx_generator(export, memory=memory, provider="cpu", intra_op_threads=1)
-        gen.backend._make_greedy_session = profiled_session  # the loop's session, made on its first call
-        prompts = np.random.default_rng(0).integers(0, 256, size=(batch, prompt)).tolist()
-        for _ in range(3):
-            gen.generate(prompts, GenerationConfig(max_new_tokens=tokens, temperature=0.0, stop_token_ids=[]))
-        trace = Path(gen.backend._greedy_session.end_profiling())
-        events = json.loads(trace.read_text())
-        trace.unlink()
-        steps = sum(1 for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
-        by_op = collections.Counter()
-        for e in events:
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                by_op[e["args"]["op_name"]] += e["dur"]
-        top = ", ".join(f"{op} {us / steps:.0f}" for op, us in by_op.most_common(4))
-        print(f"  {label}: {steps} steps, kernels {sum(by_op.values()) / steps:.0f} us a step: {top}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="rows decoding at once")
@@ -153,14 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                              "160: sink 4+124's mean with its 64 slots of slack)")
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; the best is reported")
-    parser.add_argument("--in-situ", metavar="EXPORT", default=None,
-                        help="profile the decode steps of greedy generates on this export instead")
-    parser.add_argument("--window", type=int, default=124, help="--in-situ: the sink window (beside 4 sinks)")
-    parser.add_argument("--sink-tokens", type=int, default=1000, help="--in-situ: tokens generated under sink")
     args = parser.parse_args(argv)
-    if args.in_situ:
-        in_situ(args.in_situ, args.batch, args.window, args.sink_tokens)
-        return 0
     rng = np.random.default_rng(0)
     capacity = max(args.slots) + 1
     print(f"one layer's decode attention, batch {args.batch}, {Q_HEADS} query / {KV_HEADS} key-value heads of "

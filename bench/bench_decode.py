@@ -344,8 +344,6 @@ def targets(rows: list[dict], sink_rows: list[dict]) -> list[str]:
 def profile(args) -> str:
     """Where one decode step goes (batch 1 and 8, 40 cached tokens): ONNX Runtime's per-op profile of
     the fused and the traced fp32 graphs, and session.run's share of a whole generate call."""
-    import collections
-
     import numpy as np
     import onnxruntime as ort
 
@@ -378,14 +376,7 @@ def profile(args) -> str:
             steps = 100
             for _ in range(steps):
                 session.run(None, feed)
-            trace = Path(session.end_profiling())
-            events = json.loads(trace.read_text())
-            trace.unlink()
-            per_op, nodes = collections.Counter(), collections.Counter()
-            for e in events:
-                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                    per_op[e["args"]["op_name"]] += e["dur"]
-                    nodes[e["args"]["op_name"]] += 1
+            per_op, nodes, _ = _kernel_time_by_op(session)
             total = sum(per_op.values())
             lines.append(f"{key} graph, batch {batch}: {sum(nodes.values()) // steps} nodes/step, kernels "
                          f"{total / steps:.0f} us/step (profiled)")
@@ -422,6 +413,47 @@ def profile(args) -> str:
     return "\n".join(lines)
 
 
+def _kernel_time_by_op(session) -> tuple:
+    """Ends ``session``'s ONNX Runtime profile (SessionOptions.enable_profiling) and reads its trace (then
+    removed): kernel microseconds per op type, node runs per op type, and the number of runs."""
+    import collections
+
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    per_op, nodes = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+            nodes[e["args"]["op_name"]] += 1
+    runs = sum(1 for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    return per_op, nodes, runs
+
+
+def _greedy_kernels(export: Path, memory, prompts, config, threads: int) -> str:
+    """One greedy generate with the greedy loop's session (the decode branch as a session of its own)
+    under ONNX Runtime's profiler: its decode steps' kernel time per step, the four largest op types."""
+    import onnxruntime as ort
+
+    from ctxmem.export.runtime import _session_options, decode_branch_model, load_onnx_generator
+
+    def profiled_session():
+        options = _session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(CACHE / "profile-greedy")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(export.resolve()))
+        return ort.InferenceSession(decode_branch_model(export / "model.onnx").SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+
+    gen = load_onnx_generator(export, memory=memory, provider="cpu", intra_op_threads=threads)
+    gen.backend._make_greedy_session = profiled_session  # the loop's session, made on its first call
+    gen.generate(prompts, config)
+    per_op, _, steps = _kernel_time_by_op(gen.backend._greedy_session)
+    top = ", ".join(f"{op} {us / steps:.0f}" for op, us in per_op.most_common(4))
+    return f"{steps} steps, {sum(per_op.values()) / steps:.0f} us a step: {top}"
+
+
 def _adding_time(run, spent: list, clock):
     """``run`` wrapped to add each call's time by ``clock`` to spent[0] (a session method, timed in place)."""
     def call(*a, **k):
@@ -439,7 +471,8 @@ def sink_against_full(paths, args) -> list[str]:
     else (prefill, memory, compactions, sampler, detokenizer), per generated token, CPU time, min of 3:
     how much of the gap is the graph's attention over a full window against a half-full one on average.
     A third generate, full over the window's last quarter (a long prompt first), gives the graph's steps
-    at nearly sink's cache length (its "rest" holds that long prompt's prefill: not comparable)."""
+    at nearly sink's cache length (its "rest" holds that long prompt's prefill: not comparable). Under each,
+    which op types make the graph's steps (ONNX Runtime's per-op profile of the greedy loop's session)."""
     import numpy as np
 
     from ctxmem.export.runtime import load_onnx_generator
@@ -476,6 +509,9 @@ def sink_against_full(paths, args) -> list[str]:
             split[label] = best
             lines.append(f"greedy generate, {label}, batch {batch}: {best[0] * 1e6:.0f} us per token, the graph's steps "
                          f"{best[1] * 1e6:.0f}, the rest {(best[0] - best[1]) * 1e6:.0f}")
+            # then which ops make the graph's steps (a generate of its own: the profiler slows what it times)
+            lines.append(f"    its decode steps' kernels (ONNX Runtime's profiler, one generate): "
+                         f"{_greedy_kernels(paths['fp32'], memory, prompts, config, args.threads)}")
         if len(split) < 3:
             continue
         (sink_all, sink_graph), (full_all, full_graph), (_, late_graph) = split.values()

@@ -40,3 +40,10 @@ def test_the_decode_benchmark_runs_at_a_small_size(tmp_path, monkeypatch, capsys
     assert "fp32 graph, batch 1:" in profile and "traced graph, batch 1:" in profile and "session.run" in profile
     assert "graph only, batch 1: ctxmem fp32" in profile and "Python outside the graph, sink 4+8" in profile
     assert "sink / full tokens/s, batch 1:" in profile and "greedy generate, sink 4+8, 24 tokens, batch 1:" in profile
+    # under sink and full, which ops the greedy loop's decode steps ran (the small model's head size has the
+    # decode branch): a longer run under sink, GroupQueryAttention and MatMul in each
+    kernels = [line for line in profile.splitlines() if line.startswith("    its decode steps' kernels")]
+    assert len(kernels) == 3, profile
+    steps = [int(line.split(": ")[1].split()[0]) for line in kernels]
+    assert steps[0] > steps[1] > 0
+    assert all("GroupQueryAttention" in line and "MatMul" in line for line in kernels)
