@@ -613,10 +613,11 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     name = "bench"
 
-    running: list = []  # [(ServeArgs, affinity)] of the application deployed now
+    running = None  # (ServeArgs, affinity) of the application deployed now
 
     def deploy(replicas: int = 1, affinity: bool = True, colocate: bool = False, env: dict | None = None,
                **engine) -> dict:
+        nonlocal running
         # env: the engine replicas' environment (with colocate, the one replica's)
         engine_actor = {"num_cpus": args.engine_cpus / replicas, **({"runtime_env": {"env_vars": env}} if env else {})}
         config = ServeArgs.model_validate({
@@ -628,9 +629,9 @@ def main(argv=None) -> int:
             "ingress_deployment": {"max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.25}}})
         # serve.run replaces every replica (Serve gives each imperative deploy a new version): ~5 s here,
         # so the configuration already running is not deployed again
-        if running != [(config, affinity)]:
+        if running != (config, affinity):
             serve.run(build_app_with_router(config, session_affinity=affinity), name="ctxmem", route_prefix="/")
-            running[:] = [(config, affinity)]
+            running = (config, affinity)
         for _ in range(600):  # the engine's health reports what it was configured with
             info = httpx.get(url + "/health", timeout=30).json().get("engine", {})
             if all(info.get(k) == v for k, v in engine.items()):

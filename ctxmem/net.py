@@ -16,7 +16,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def unreachable(address: str, timeout: float = 5.0) -> str | None:
     """Why nothing answers at a Ray cluster ``address`` - "host:port" (its GCS) or "ray://host:port" (its
-    client server) - or None when something accepts a TCP connection there, or when the address is not
+    client server) - and what to pass instead (the caller adds its own fallback), or None when something accepts a TCP connection there, or when the address is not
     one to probe ("auto", "local": Ray looks for the cluster itself). Ray's own connect retries without
     end where nothing listens, printing a warning every few seconds; this answers within ``timeout``."""
     target = address[len("ray://"):] if address.startswith("ray://") else address
@@ -27,4 +27,5 @@ def unreachable(address: str, timeout: float = 5.0) -> str | None:
         with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
             return None
     except OSError as err:
-        return f"nothing answers at {address} ({err.strerror or err})"
+        return (f"no Ray cluster: nothing answers at {address} ({err.strerror or err}). Pass the address of a "
+                "running cluster (`ray start --head` prints it)")

@@ -161,8 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         problem = unreachable(address)
         if problem:
-            raise SystemExit(f"ctxmem serve: no Ray cluster: {problem}. Pass the address of a running cluster "
-                             "(`ray start --head` prints it), or drop --address and unset RAY_ADDRESS to let this "
+            raise SystemExit(f"ctxmem serve: {problem}, or drop --address and unset RAY_ADDRESS to let this "
                              "command start a local one")
         ray.init(address=address, log_to_driver=True)
     else:

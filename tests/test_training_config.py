@@ -195,7 +195,6 @@ def test_the_hostfile_example_parses_into_ranks():
     assert cfg.accumulation(16) == 1  # the GPU config splits over the example's 16 ranks
 
 
-
 def test_a_ray_address_where_nothing_listens_is_a_clear_error_not_a_hang(tmp_path):
     """Ray's own connect retries without end where no cluster listens (a warning every few seconds);
     `ctxmem train --ray --ray-address` checks that something answers first and says what to do."""
@@ -213,7 +212,7 @@ def test_a_ray_address_where_nothing_listens_is_a_clear_error_not_a_hang(tmp_pat
 def test_only_host_port_addresses_are_probed_and_a_listener_counts_as_an_answer():
     assert unreachable("auto") is None and unreachable("local") is None  # Ray finds those itself
     port = free_port()
-    assert unreachable(f"ray://127.0.0.1:{port}").startswith(f"nothing answers at ray://127.0.0.1:{port} (")
+    assert unreachable(f"ray://127.0.0.1:{port}").startswith(f"no Ray cluster: nothing answers at ray://127.0.0.1:{port} (")
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()

@@ -164,8 +164,7 @@ def run_ray(cfg: TrainConfig, resume: str | None, num_workers: int, use_gpu: boo
         if address:
             problem = unreachable(address)
             if problem:
-                raise TrainingError(f"no Ray cluster: {problem}. Pass the address of a running cluster (`ray start "
-                                    "--head` prints it), or drop --ray-address and unset RAY_ADDRESS to train on a "
+                raise TrainingError(f"{problem}, or drop --ray-address and unset RAY_ADDRESS to train on a "
                                     "local Ray")
             ray.init(address=address)
         else:
